@@ -1,0 +1,1 @@
+"""Backends: local, Kubernetes (JobSet), Baseten Truss — one protocol."""

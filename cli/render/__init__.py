@@ -1,0 +1,1 @@
+"""Pure renderers: RunSpec -> Kubernetes objects / Truss project files. No I/O."""

@@ -1,0 +1,64 @@
+"""Run ids and run homes.
+
+Every run has an id and a home ``<store>/<run-id>/`` holding::
+
+    spec.yaml        the resolved RunSpec the run was started with
+    metrics.jsonl    one JSON object per logged step (keys in README "Metrics")
+    logs/            rank-0 logs per attempt
+    checkpoints/     step-N/ folders, each published by its manifest.json (written last)
+    adapter/         the LoRA adapter on its own (LoRA runs)
+    merged/          the servable Hugging Face folder
+
+A run id is DNS-1123: ``<name>-<yyyymmdd-hhmmss>-<4 hex>`` (at most 50 characters, so every
+Kubernetes name derived from it stays within 63).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import datetime, timezone
+
+from .errors import GptossError
+from .store import join, open_store
+
+RUN_ID_MAX = 50
+_RUN_ID_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def new_run_id(name: str, now: datetime | None = None) -> str:
+    now = now or datetime.now(timezone.utc)
+    stamp = now.strftime("%Y%m%d-%H%M%S")
+    suffix = secrets.token_hex(2)
+    base = name[: RUN_ID_MAX - len(stamp) - len(suffix) - 2].rstrip("-")
+    rid = f"{base}-{stamp}-{suffix}"
+    assert _RUN_ID_RE.match(rid) and len(rid) <= RUN_ID_MAX, rid
+    return rid
+
+
+def check_run_id(run_id: str) -> str:
+    if len(run_id) > RUN_ID_MAX or not _RUN_ID_RE.match(run_id):
+        raise GptossError(
+            f"invalid run id {run_id!r}: at most {RUN_ID_MAX} lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return run_id
+
+
+def run_home(store_uri: str, run_id: str) -> str:
+    return join(store_uri, check_run_id(run_id))
+
+
+def resolve_run(ref: str, store_uri: str) -> tuple[str, str]:
+    """Accept a run id (looked up in the store) or a full URI/path of a run home; return (run_id, home)."""
+    if "://" in ref or "/" in ref:
+        home = ref.rstrip("/")
+        run_id = home.rsplit("/", 1)[-1]
+    else:
+        run_id, home = ref, run_home(store_uri, ref)
+    if not open_store(home).exists("spec.yaml"):
+        raise GptossError(
+            f"run {ref!r} not found: no spec.yaml under {home}",
+            hint="list runs with `gptoss-cloud runs`, or pass --store / a full run URI",
+        )
+    return run_id, home

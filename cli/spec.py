@@ -1,0 +1,364 @@
+"""RunSpec: the one description of a run.
+
+Loaded from YAML and validated by pydantic; unknown keys are errors. One precedence order everywhere:
+
+    CLI flag  >  environment (GPTOSS_*)  >  spec file  >  user config (~/.config/gptoss-cloud/config.yaml)  >  default
+
+Each section is owned by the component that reads it (data pipeline, trainer, planner, backends);
+later features add fields to their own section. ``version`` is the schema version: a newer CLI reads
+older specs, and a pod refuses a spec newer than it understands.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import SpecError
+
+SPEC_VERSION = 1
+USER_CONFIG_PATH = Path("~/.config/gptoss-cloud/config.yaml")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------------------------- model
+class ModelSection(Section):
+    name: str = Field("tiny", description="20b | 120b | tiny | safeguard-20b | safeguard-120b | local folder | hub id | s3:// prefix")
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained", description="pretrained: the published/given weights; random: random weights at the model's shape (benchmarks, GPU tests). tiny is always random."
+    )
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    layers: int | None = Field(None, ge=1, description="override the depth (reduced-depth benchmarks); random init only")
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    cache_dir: str | None = Field(None, description="where base weights are cached once per node")
+
+    @model_validator(mode="after")
+    def _layers_need_random(self) -> "ModelSection":
+        if self.layers is not None and self.init != "random" and self.name != "tiny":
+            raise ValueError("model.layers changes the architecture and needs model.init: random")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- data
+class DatasetSource(Section):
+    path: str = Field(..., description="local .jsonl/.json/.parquet file, s3:// URI, hub id (hf://org/name or org/name), or 'sample'")
+    split: str = "train"
+    weight: float = Field(1.0, gt=0, description="mixing weight relative to the other datasets")
+    format: Literal["auto", "jsonl", "json", "parquet", "hub"] = "auto"
+    field_messages: str = "messages"
+    field_thinking: str = "thinking"
+    field_tools: str = "tools"
+    field_reasoning_effort: str = "reasoning_effort"
+
+
+class DataSection(Section):
+    datasets: list[DatasetSource] = Field(default_factory=lambda: [DatasetSource(path="sample")])
+    validation: float | DatasetSource | None = Field(None, description="a held-out fraction (0..0.5) or its own source")
+    max_seq_len: int = Field(2048, ge=16, description="packed sequence length (tokens)")
+    train_on: Literal["all", "last"] = "all"
+    thinking_turns: Literal["expand", "last", "drop"] = "expand"
+    reasoning_effort: Literal["low", "medium", "high"] = "medium"
+    knowledge_cutoff: str | None = "2024-06"
+    conversation_date: str | None = Field(None, description="rendered in the system message only when set (never today's date implicitly)")
+    model_identity: str | None = None
+    overlong: Literal["drop", "truncate"] = "drop"
+    on_error: Literal["fail", "skip"] = "fail"
+    max_skip_fraction: float = Field(0.01, ge=0, le=1)
+    shuffle: bool = True
+    seed: int = 0
+    cache_dir: str | None = Field(None, description="tokenized-data cache (default ~/.cache/gptoss-cloud/data)")
+
+    @field_validator("validation")
+    @classmethod
+    def _fraction(cls, v):
+        if isinstance(v, float) and not 0 < v < 0.5:
+            raise ValueError("validation fraction must be between 0 and 0.5")
+        return v
+
+
+# --------------------------------------------------------------------------------------------- method
+class LoraSection(Section):
+    r: int = Field(16, gt=0, description="LoRA rank")
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    experts: bool = Field(False, description="also adapt mlp.experts.gate_up_proj / down_proj")
+    expert_layers: list[int] | None = Field(None, description="layers whose experts get LoRA (default: all)")
+    router: bool = Field(False, description="also adapt the router")
+
+
+class MethodSection(Section):
+    kind: Literal["lora", "full"] = "lora"
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+
+# ---------------------------------------------------------------------------------------------- optim
+class OptimSection(Section):
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    epochs: float | None = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
+    micro_batch_size: int = Field(1, gt=0, description="packed sequences per GPU per micro-step")
+    grad_accum: int = Field(1, gt=0)
+    router_aux_loss_coef: float | None = Field(None, ge=0, description="MoE load-balancing loss weight; off when unset")
+    eval_every: int | None = Field(None, gt=0)
+    log_every: int = Field(1, gt=0)
+    seed: int = 42
+
+
+# ---------------------------------------------------------------------------------------- parallelism
+class ParallelismSection(Section):
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(8, ge=1, le=16)
+    cpu_offload: bool = False
+    activation_checkpointing: bool = True
+    reshard_after_forward: bool = True
+
+
+# -------------------------------------------------------------------------------------------- kernels
+class KernelsSection(Section):
+    experts: Literal["auto", "eager", "grouped_mm"] = "auto"
+    attention: Literal["auto", "eager", "sdpa", "flex"] = "auto"
+    loss_chunk_tokens: int = Field(1024, ge=16, description="tokens per chunk of the fused linear + cross-entropy")
+    compile: bool = False
+
+
+# ---------------------------------------------------------------------------------------- checkpoint
+class CheckpointSection(Section):
+    every_steps: int | None = Field(None, gt=0, description="save every N optimizer steps (and always at the end)")
+    keep_last: int = Field(2, ge=1)
+    async_save: bool = False
+    resume: str = Field("auto", description="auto | never | a checkpoint URI")
+    local_dir: str | None = Field(None, description="local scratch for shards before upload")
+
+
+# -------------------------------------------------------------------------------------------- output
+class OutputSection(Section):
+    store: str = Field("./runs", description="s3://bucket/prefix or a local folder; each run lives at <store>/<run-id>/")
+    merge: bool = Field(False, description="merge into a servable Hugging Face folder at the end of training")
+
+
+# ------------------------------------------------------------------------------------------- cluster
+class SecretRef(Section):
+    name: str
+    key: str | None = None
+
+
+class ClusterSection(Section):
+    backend: Literal["local", "k8s", "truss"] = "local"
+    namespace: str = "default"
+    context: str | None = None
+    image: str | None = Field(None, description="trainer image; default ghcr.io/gptoss-cloud/trainer:<version>")
+    gpu_type: str = "H100"
+    gpu_memory_gib: float = 80.0
+    host_memory_gib: float | None = Field(None, description="host RAM per node (default from gpu_type: 1800 for 8xH100)")
+    local_disk_gib: float | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    priority_class: str | None = None
+    service_account: str | None = None
+    queue: str | None = Field(None, description="Kueue LocalQueue name")
+    rdma: Literal["none", "efa", "infiniband"] = "none"
+    max_restarts: int = Field(3, ge=0)
+    ttl_seconds_after_finished: int | None = 86400
+    store_secret: SecretRef | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the store")
+    hf_token_secret: SecretRef | None = None
+    checkpoint_key_secret: SecretRef | None = None
+    env: dict[str, str] = Field(default_factory=dict, description="extra non-secret environment for the pods")
+    gpu_price_per_hour: float | None = Field(None, ge=0, description="USD per GPU-hour, for plan's cost estimate")
+    truss_project: str | None = None
+
+
+# --------------------------------------------------------------------------------------------- serve
+class ServeSection(Section):
+    tp: int | None = Field(None, ge=1, description="tensor parallel size (default: sized from model and GPU memory)")
+    replicas: int = Field(1, ge=1)
+    max_model_len: int = 32768
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    api_key_secret: SecretRef | None = None
+    allowed_namespaces: list[str] = Field(default_factory=list)
+    image: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------- spec
+class RunSpec(Section):
+    version: int = SPEC_VERSION
+    name: str = Field("gptoss", description="run name (prefix of the run id)")
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    method: MethodSection = Field(default_factory=MethodSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    parallelism: ParallelismSection = Field(default_factory=ParallelismSection)
+    kernels: KernelsSection = Field(default_factory=KernelsSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v > SPEC_VERSION:
+            raise ValueError(
+                f"spec version {v} is newer than this gptoss-cloud understands ({SPEC_VERSION}); upgrade gptoss-cloud"
+            )
+        if v < 1:
+            raise ValueError("spec version must be >= 1")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _dns_name(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,28}[a-z0-9])?", v):
+            raise ValueError(
+                "name must be 1-30 lowercase letters, digits or '-', starting and ending with a letter or digit "
+                "(it prefixes Kubernetes names)"
+            )
+        return v
+
+    # -------------------------------------------------------------------------------- YAML in/out
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @property
+    def world_size(self) -> int:
+        return self.parallelism.nodes * self.parallelism.gpus_per_node
+
+
+# ----------------------------------------------------------------------------------------- loading
+# Environment variables that map to spec fields. Any field is also reachable as
+# GPTOSS_<SECTION>__<FIELD> (double underscore between levels), e.g. GPTOSS_OPTIM__LR=1e-4.
+ENV_ALIASES: dict[str, str] = {
+    "GPTOSS_BACKEND": "cluster.backend",
+    "GPTOSS_NAMESPACE": "cluster.namespace",
+    "GPTOSS_CONTEXT": "cluster.context",
+    "GPTOSS_IMAGE": "cluster.image",
+    "GPTOSS_STORE": "output.store",
+    "GPTOSS_MODEL": "model.name",
+}
+
+
+def set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[k] = nxt
+        node = nxt
+    node[keys[-1]] = value
+
+
+def deep_merge(base: dict, over: Mapping) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict:
+    tree: dict = {}
+    for var, dotted in ENV_ALIASES.items():
+        if environ.get(var):
+            set_path(tree, dotted, environ[var])
+    for var, value in environ.items():
+        if var.startswith("GPTOSS_") and "__" in var:
+            dotted = var[len("GPTOSS_"):].lower().replace("__", ".")
+            set_path(tree, dotted, yaml.safe_load(value) if value else value)
+    return tree
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{what} not found: {path}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise SpecError(f"{what} is not valid YAML at {where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{what} {path} must be a YAML mapping, not {type(data).__name__}")
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid run spec ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `gptoss-cloud init` writes every key with comments)"
+        elif e["type"] == "literal_error":
+            msg = f"{msg}; got {e.get('input')!r}"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_spec(
+    path: str | Path | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    user_config: str | Path | None = None,
+) -> RunSpec:
+    """Resolve a RunSpec: flags (``overrides``, dotted keys) > env > spec file > user config > defaults."""
+    environ = os.environ if environ is None else environ
+    tree: dict = {}
+    sources = []
+    ucfg = Path(user_config) if user_config else Path(environ.get("GPTOSS_CONFIG", str(USER_CONFIG_PATH))).expanduser()
+    if ucfg.is_file():
+        tree = deep_merge(tree, read_yaml_mapping(ucfg, "user config"))
+        sources.append(str(ucfg))
+    if path is not None:
+        tree = deep_merge(tree, read_yaml_mapping(Path(path), "spec file"))
+        sources.append(str(path))
+    env_tree = env_overrides(environ)
+    if env_tree:
+        tree = deep_merge(tree, env_tree)
+        sources.append("environment")
+    flag_tree: dict = {}
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            set_path(flag_tree, dotted, value)
+    if flag_tree:
+        tree = deep_merge(tree, flag_tree)
+        sources.append("flags")
+    # A section whose keys are all commented out parses as null: it means "all defaults".
+    for key, field in RunSpec.model_fields.items():
+        if key in tree and tree[key] is None and isinstance(field.default_factory, type):
+            tree[key] = {}
+    try:
+        return RunSpec.model_validate(tree)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e, " + ".join(sources) or "defaults")) from None
+
+
+def spec_from_yaml_text(text: str, source: str = "<spec>") -> RunSpec:
+    """Parse a resolved spec (as stored in a run home or a ConfigMap); no env or user config applied."""
+    try:
+        data = yaml.safe_load(text) or {}
+        return RunSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e, source)) from None

@@ -1,0 +1,76 @@
+"""The commented starter spec written by `gptoss-cloud init` (tests load it and check every key)."""
+
+STARTER_SPEC = """\
+# gptoss-cloud run spec. Every key is optional; the value shown is the default unless noted.
+# Precedence: CLI flag > environment (GPTOSS_*) > this file > ~/.config/gptoss-cloud/config.yaml > default.
+version: 1
+name: my-finetune            # prefixes the run id: <name>-<yyyymmdd-hhmmss>-<suffix>
+
+model:
+  name: 20b                  # 20b | 120b | tiny | safeguard-20b | safeguard-120b | folder | hub id | s3:// prefix
+  init: pretrained           # pretrained | random (random weights at the real shape: benchmarks)
+  dtype: bfloat16
+
+data:
+  datasets:
+    - path: sample           # .jsonl / .json / .parquet file, s3://bucket/key, hub id, or the built-in 'sample'
+      weight: 1.0            # mixing weight when several datasets are listed
+      # field_messages: messages
+      # field_thinking: thinking   # reasoning_content is also accepted
+  # validation: 0.05         # a held-out fraction, or a source like the entries above
+  max_seq_len: 2048          # packed sequence length
+  train_on: all              # all | last : which responses are trained
+  thinking_turns: expand     # expand | last | drop : how analysis in earlier turns is handled (README)
+  reasoning_effort: medium   # low | medium | high ; a row's own reasoning_effort wins
+  knowledge_cutoff: 2024-06
+  # conversation_date: 2025-06-28   # rendered only when set
+  overlong: drop             # drop | truncate samples longer than max_seq_len
+  on_error: fail             # fail | skip malformed rows
+  max_skip_fraction: 0.01    # with skip: fail when more than this fraction is skipped
+
+method:
+  kind: lora                 # lora | full
+  lora:
+    r: 16
+    alpha: 32
+    target_modules: [q_proj, k_proj, v_proj, o_proj]
+    experts: false           # also adapt the experts (gate_up_proj / down_proj)
+    # expert_layers: [0, 1]  # only these layers' experts
+    router: false
+
+optim:
+  lr: 0.0002
+  schedule: cosine           # cosine | constant
+  warmup_steps: 10
+  epochs: 1
+  # max_steps: 1000          # overrides epochs
+  micro_batch_size: 1        # packed sequences per GPU per micro-step
+  grad_accum: 1
+  max_grad_norm: 1.0
+  # router_aux_loss_coef: 0.01   # MoE load-balancing loss (off unless set)
+  # eval_every: 100
+
+parallelism:
+  nodes: 1
+  gpus_per_node: 8
+  cpu_offload: false
+  activation_checkpointing: true
+
+checkpoint:
+  # every_steps: 200
+  keep_last: 2
+  resume: auto               # auto | never | a checkpoint URI
+
+output:
+  # store: s3://my-bucket/gptoss-runs   # default ./runs ; GPTOSS_STORE or --store override
+  merge: true                # write a servable Hugging Face folder at the end
+
+cluster:
+  # backend: k8s             # local | k8s | truss ; default from the user config, else local
+  # namespace: ml
+  # image: ghcr.io/gptoss-cloud/trainer:0.1.0
+  # store_secret: {name: s3-credentials}
+  # hf_token_secret: {name: hf-token, key: token}
+  # queue: gpu-queue         # Kueue LocalQueue
+  # gpu_price_per_hour: 2.5  # for plan's cost estimate
+"""

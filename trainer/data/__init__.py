@@ -1,0 +1,1 @@
+"""Harmony data pipeline: sources, rendering + label masks, packing. Needs no torch."""
