@@ -1,0 +1,84 @@
+"""The backend protocol: submit, status, logs, cancel (serve joins later).
+
+Public methods own the guards and the user-facing flow; implementations fill the ``_hooks``.
+Every backend writes the resolved spec to the run home first, so ``status``/``runs``/``merge``/
+``--resume`` work the same whatever backend trained.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import GptossError
+from ..spec import RunSpec
+
+
+@dataclass
+class SubmitOptions:
+    dry_run: bool = False
+    out: Path | None = None          # write rendered artifacts here instead of printing/applying
+    output_format: str = "yaml"      # yaml | json (dry-run printing)
+    force: bool = False              # submit even if the plan says it cannot fit
+    resume: bool = False             # continue an existing run id
+
+
+@dataclass
+class SubmitResult:
+    run_id: str
+    home: str
+    backend: str
+    rendered: str | None = None      # what would be / was applied (dry-run prints this)
+    written: list[Path] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunStatus:
+    run_id: str
+    state: str                       # Pending | Running | Succeeded | Failed | Cancelled | Unknown
+    backend: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend:
+    name: str = "base"
+
+    def submit(self, spec: RunSpec, run_id: str, home: str, opts: SubmitOptions) -> SubmitResult:
+        return self._submit(spec, run_id, home, opts)
+
+    def status(self, run_id: str, home: str) -> RunStatus:
+        return self._status(run_id, home)
+
+    def logs(self, run_id: str, home: str, *, follow: bool = False, node: int | None = None) -> Iterator[str]:
+        return self._logs(run_id, home, follow=follow, node=node)
+
+    def cancel(self, run_id: str, home: str) -> None:
+        self._cancel(run_id, home)
+
+    # ---- hooks --------------------------------------------------------------------------------
+    def _submit(self, spec: RunSpec, run_id: str, home: str, opts: SubmitOptions) -> SubmitResult:
+        raise GptossError(f"backend {self.name} cannot submit")
+
+    def _status(self, run_id: str, home: str) -> RunStatus:
+        raise GptossError(f"backend {self.name} does not report status")
+
+    def _logs(self, run_id: str, home: str, *, follow: bool, node: int | None) -> Iterator[str]:
+        raise GptossError(f"backend {self.name} does not stream logs")
+
+    def _cancel(self, run_id: str, home: str) -> None:
+        raise GptossError(f"backend {self.name} cannot cancel runs")
+
+
+_BACKENDS = {"local": "local:LocalBackend", "k8s": "k8s:KubernetesBackend", "truss": "truss:TrussBackend"}
+
+
+def get_backend(name: str, spec: RunSpec | None = None) -> Backend:
+    """Import a backend lazily (the Kubernetes and Truss clients are heavy)."""
+    if name not in _BACKENDS:
+        raise GptossError(f"unknown backend {name!r}: choose one of {', '.join(_BACKENDS)}")
+    module, cls = _BACKENDS[name].split(":")
+    mod = importlib.import_module(f"gptoss_cloud.backends.{module}")
+    return getattr(mod, cls)(spec) if spec is not None else getattr(mod, cls)()
