@@ -75,10 +75,10 @@ class Backend:
 _BACKENDS = {"local": "local:LocalBackend", "k8s": "k8s:KubernetesBackend", "truss": "truss:TrussBackend"}
 
 
-def get_backend(name: str, spec: RunSpec | None = None) -> Backend:
+def get_backend(name: str) -> Backend:
     """Import a backend lazily (the Kubernetes and Truss clients are heavy)."""
     if name not in _BACKENDS:
         raise GptossError(f"unknown backend {name!r}: choose one of {', '.join(_BACKENDS)}")
     module, cls = _BACKENDS[name].split(":")
     mod = importlib.import_module(f"gptoss_cloud.backends.{module}")
-    return getattr(mod, cls)(spec) if spec is not None else getattr(mod, cls)()
+    return getattr(mod, cls)()
