@@ -148,7 +148,7 @@ class CheckpointSection(Section):
 # -------------------------------------------------------------------------------------------- output
 class OutputSection(Section):
     store: str = Field("./runs", description="s3://bucket/prefix or a local folder; each run lives at <store>/<run-id>/")
-    merge: bool = Field(False, description="merge into a servable Hugging Face folder at the end of training")
+    merge: bool = Field(True, description="merge into a servable Hugging Face folder at the end of training")
 
 
 # ------------------------------------------------------------------------------------------- cluster
