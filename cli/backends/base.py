@@ -23,6 +23,7 @@ class SubmitOptions:
     output_format: str = "yaml"      # yaml | json (dry-run printing)
     force: bool = False              # submit even if the plan says it cannot fit
     resume: bool = False             # continue an existing run id
+    detach: bool = False             # local: run in the background (status/logs/cancel find it by pid)
 
 
 @dataclass
@@ -45,6 +46,11 @@ class RunStatus:
 
 class Backend:
     name: str = "base"
+
+    def prepare(self, spec: RunSpec) -> RunSpec:
+        """Adapt the resolved spec to where it will run (e.g. the local machine's GPUs), before it is
+        planned and written to ``<home>/spec.yaml``. Refuse what this backend cannot run. Default: as is."""
+        return spec
 
     def submit(self, spec: RunSpec, run_id: str, home: str, opts: SubmitOptions) -> SubmitResult:
         return self._submit(spec, run_id, home, opts)

@@ -9,6 +9,8 @@ import typer
 # Order here is the order in `--help`.
 MODULES = [
     "spec_cmds",
+    "run",
+    "train",
 ]
 
 

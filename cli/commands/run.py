@@ -1,0 +1,248 @@
+"""`submit` a run to a backend, and control it: `status`, `logs`, `cancel`, `runs`.
+
+Every backend goes through the same flow here: resolve the spec (flags override it), let the backend
+adapt it to where it runs, plan, write ``<home>/spec.yaml``, then hand over. Run control finds the
+backend of an existing run in its ``spec.yaml``, so it works whatever backend trained it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ..errors import GptossError, PlanError, SpecError
+from .common import SpecArg, StoreOpt, resolve
+
+OVERRIDES = "overrides the spec"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("submit")(submit)
+    app.command("status")(status)
+    app.command("logs")(logs)
+    app.command("cancel")(cancel)
+    app.command("runs")(runs)
+
+
+RunArg = Annotated[str, typer.Argument(help="run id (looked up in the store) or the full URI/path of a run home", show_default=False)]
+FormatOpt = Annotated[str, typer.Option("-o", "--output", help="yaml | json")]
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def _store_of(store: str | None) -> str:
+    """The store a RUN argument is looked up in: --store > GPTOSS_STORE > user config > ./runs."""
+    return resolve(None, output__store=store).output.store
+
+
+def _find_run(ref: str, store: str | None) -> tuple[str, str]:
+    from ..runs import resolve_run
+
+    return resolve_run(ref, _store_of(store))
+
+
+# ------------------------------------------------------------------------------------------ submit
+def submit(
+    spec: SpecArg = None,
+    model: Annotated[Optional[str], typer.Option("--model", help=f"20b | 120b | tiny | folder | hub id | s3:// prefix; {OVERRIDES}")] = None,
+    nodes: Annotated[Optional[int], typer.Option("--nodes", min=1, help=f"nodes; {OVERRIDES}")] = None,
+    gpus_per_node: Annotated[Optional[int], typer.Option("--gpus-per-node", min=1, help=f"GPUs per node; {OVERRIDES}")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help=f"lora | full; {OVERRIDES}")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help=f"one dataset (file, s3:// URI, hub id or 'sample') replacing the spec's list; {OVERRIDES}")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help=f"k8s | truss | local; {OVERRIDES} and GPTOSS_BACKEND")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help=f"run name (prefix of the run id); {OVERRIDES}")] = None,
+    store: StoreOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print (or write to --out) what would run; write nothing to the store, start nothing")] = False,
+    output: FormatOpt = "yaml",
+    out: Annotated[Optional[Path], typer.Option("--out", help="with --dry-run: write the rendered artifacts into this folder")] = None,
+    force: Annotated[bool, typer.Option("--force", help="submit even if the memory plan says it cannot fit")] = False,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="continue this run (id or URI) from its last checkpoint: same id and home; its stored spec is the base unless SPEC is given")] = None,
+    detach: Annotated[bool, typer.Option("--detach", help="local backend: run in the background (follow with `logs -f`)")] = False,
+) -> None:
+    """Submit a fine-tuning run. Flags override the spec (CLI flag > GPTOSS_* > SPEC > user config > defaults)."""
+    from ..backends.base import SubmitOptions, get_backend
+    from ..runs import new_run_id, run_home
+
+    if output not in ("yaml", "json"):
+        raise SpecError(f"-o/--output must be yaml or json, not {output!r}")
+    if method is not None and method not in ("lora", "full"):
+        raise SpecError(f"--method must be lora or full, not {method!r}")
+    if out is not None and not dry_run:
+        raise SpecError("--out is for --dry-run (it writes the rendered artifacts instead of applying them)")
+    overrides: dict[str, Any] = {
+        "model.name": model, "parallelism.nodes": nodes, "parallelism.gpus_per_node": gpus_per_node,
+        "method.kind": method, "cluster.backend": backend, "name": name, "output.store": store,
+        "data.datasets": [{"path": dataset}] if dataset else None,
+    }
+
+    if resume:
+        run_id, home, s = _resume_spec(resume, spec, store, overrides)
+    else:
+        s = resolve(spec, **{k.replace(".", "__"): v for k, v in overrides.items()})
+        run_id = new_run_id(s.name)
+        home = None
+    be = get_backend(s.cluster.backend)
+    s = be.prepare(s)
+    if home is None:
+        home = run_home(s.output.store, run_id)
+    _check_plan(s, force)
+
+    opts = SubmitOptions(dry_run=dry_run, out=out, output_format=output, force=force, resume=bool(resume), detach=detach)
+    if dry_run:
+        res = be.submit(s, run_id, home, opts)
+        if res.written:
+            for p in res.written:
+                _console(stderr=True).print(f"wrote {p}")
+        elif res.rendered is not None:
+            typer.echo(res.rendered, nl=False)
+        return
+
+    from ..store import open_store
+
+    open_store(home).write_bytes("spec.yaml", s.to_yaml().encode())
+    err = _console(stderr=True)
+    err.print(f"[bold]{'resuming' if resume else 'run'}[/] {run_id} on {be.name}\n  home: {home}")
+    res = be.submit(s, run_id, home, opts)
+    state = res.details.get("state", "Submitted")
+    if output == "json":
+        typer.echo(json.dumps({"run_id": run_id, "home": home, "backend": be.name, "state": state,
+                               **{k: v for k, v in res.details.items() if k in ("attempt", "log", "pid")}}))
+    else:
+        store_flag = f" --store {store}" if store else ""
+        con = _console()
+        con.print(f"run {run_id}: {state}\n  home: {home}")
+        con.print("next:")
+        con.print(f"  gptoss-cloud status {run_id}{store_flag}")
+        con.print(f"  gptoss-cloud logs {run_id}{store_flag} -f")
+        con.print(f"  gptoss-cloud chat {run_id}{store_flag} --prompt 'Hello'")
+        con.print(f"  gptoss-cloud serve {run_id}{store_flag}")
+
+
+def _resume_spec(ref: str, spec: Path | None, store: str | None, overrides: dict[str, Any]):
+    """Same id and home; the run's stored spec is the base unless a SPEC file is given."""
+    from ..store import open_store
+
+    run_id, home = _find_run(ref, store)
+    overrides = {**overrides, "checkpoint.resume": "auto", "output.store": home.rsplit("/", 1)[0]}
+    flat = {k.replace(".", "__"): v for k, v in overrides.items()}
+    if spec is not None:
+        return run_id, home, resolve(spec, **flat)
+    with tempfile.TemporaryDirectory() as tmp:
+        stored = Path(tmp) / "spec.yaml"
+        stored.write_bytes(open_store(home).read_bytes("spec.yaml"))
+        return run_id, home, resolve(stored, **flat)
+
+
+def _check_plan(spec, force: bool) -> None:
+    try:
+        from ..plan import check_fit
+    except ModuleNotFoundError as e:
+        if e.name and e.name.endswith("plan"):
+            return  # no planner in this build
+        raise
+    try:
+        check_fit(spec)
+    except PlanError as e:
+        if not force:
+            raise
+        _console(stderr=True).print(f"[yellow]warning:[/] {e.message} (submitting anyway: --force)")
+
+
+# ------------------------------------------------------------------------------------- run control
+def status(
+    run: RunArg,
+    store: StoreOpt = None,
+    output: Annotated[str, typer.Option("-o", "--output", help="text | json")] = "text",
+) -> None:
+    """State of a run (from its backend) and its progress (from metrics.jsonl in the store)."""
+    from ..backends.base import get_backend
+    from ..progress import format_progress, progress, read_metrics, read_spec
+
+    run_id, home = _find_run(run, store)
+    spec = read_spec(home)
+    st = get_backend(spec.cluster.backend).status(run_id, home)
+    prog = progress(read_metrics(home), spec)
+    if output == "json":
+        typer.echo(json.dumps({"run_id": run_id, "home": home, "backend": st.backend, "state": st.state,
+                               "progress": prog, "detail": st.detail}, default=str))
+        return
+    con = _console()
+    con.print(f"[bold]{run_id}[/]  {st.state}  ({st.backend})")
+    con.print(f"  home: {home}")
+    con.print(f"  progress: {format_progress(prog)}")
+    for k, v in st.detail.items():
+        if k not in ("command",):
+            con.print(f"  {k}: {v}")
+
+
+def logs(
+    run: RunArg,
+    follow: Annotated[bool, typer.Option("-f", "--follow", help="keep printing while the run runs")] = False,
+    node: Annotated[Optional[int], typer.Option("--node", min=0, help="node index (default: node 0, rank 0)")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Print a run's logs (rank 0 of node 0 unless --node)."""
+    from ..backends.base import get_backend
+    from ..progress import read_spec
+
+    run_id, home = _find_run(run, store)
+    be = get_backend(read_spec(home).cluster.backend)
+    try:
+        for line in be.logs(run_id, home, follow=follow, node=node):
+            sys.stdout.write(line if line.endswith("\n") else line + "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+
+
+def cancel(run: RunArg, store: StoreOpt = None) -> None:
+    """Stop a running run. Its checkpoints stay; `submit --resume RUN` continues it."""
+    from ..backends.base import get_backend
+    from ..progress import read_spec
+
+    run_id, home = _find_run(run, store)
+    be = get_backend(read_spec(home).cluster.backend)
+    be.cancel(run_id, home)
+    typer.echo(f"cancelled {run_id}")
+
+
+def runs(
+    store: StoreOpt = None,
+    output: Annotated[str, typer.Option("-o", "--output", help="table | json")] = "table",
+) -> None:
+    """List the runs in the store with backend, state and progress."""
+    from ..progress import describe_run, format_progress, list_run_ids
+    from ..store import join
+
+    uri = _store_of(store)
+    rows = []
+    for rid in list_run_ids(uri):
+        try:
+            rows.append(describe_run(rid, join(uri, rid)))
+        except GptossError as e:
+            from ..progress import RunRow
+
+            rows.append(RunRow(run_id=rid, home=join(uri, rid), backend="?", state="Unknown", error=e.message))
+    if output == "json":
+        typer.echo(json.dumps([r.to_json() for r in rows], indent=1, default=str))
+        return
+    if not rows:
+        _console().print(f"no runs in {uri}")
+        return
+    from rich.table import Table
+
+    t = Table(title=f"runs in {uri}", title_justify="left")
+    for col in ("RUN", "BACKEND", "STATE", "MODEL", "METHOD", "PROGRESS"):
+        t.add_column(col, no_wrap=col == "RUN")
+    for r in rows:
+        t.add_row(r.run_id, r.backend, r.state, r.model, r.method, format_progress(r.progress))
+    _console().print(t)

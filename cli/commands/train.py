@@ -1,0 +1,72 @@
+"""`train` (what every pod runs under torchrun) and `chat` (ask a trained run one question)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import SpecError
+from .common import StoreOpt, resolve
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("chat")(chat)
+
+
+def train(
+    spec: Annotated[Path, typer.Argument(help="the resolved run spec (what `submit` wrote to <home>/spec.yaml)", show_default=False)],
+    run_id: Annotated[Optional[str], typer.Option("--run-id", help="run id (required under torchrun with several processes, so every rank writes the same home)")] = None,
+) -> None:
+    """Train on this node (run it under torchrun; `submit` does that for you)."""
+    from ..runs import check_run_id, new_run_id, run_home
+
+    s = resolve(spec)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if run_id is None:
+        if world > 1:
+            raise SpecError(f"--run-id is required when WORLD_SIZE={world}: every rank must write the same run home")
+        run_id = new_run_id(s.name)
+    check_run_id(run_id)
+    home = run_home(s.output.store, run_id)
+
+    from gptoss_cloud.trainer.train import run_training  # lazy: torch
+
+    run_training(s, run_id, home)
+
+
+def chat(
+    run: Annotated[str, typer.Argument(help="run id (looked up in the store) or the full URI/path of a run home", show_default=False)],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="the user message")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="stop after this many tokens")] = 256,
+    reasoning_effort: Annotated[Optional[str], typer.Option("--reasoning-effort", help="low | medium | high (default: the spec's data.reasoning_effort)")] = None,
+    show_thinking: Annotated[bool, typer.Option("--show-thinking", help="also print the analysis channel (dimmed)")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """Answer one user message with a trained run's model (greedy decoding through harmony)."""
+    from rich.console import Console
+
+    from ..progress import read_spec
+    from ..runs import resolve_run
+
+    if reasoning_effort is not None and reasoning_effort not in ("low", "medium", "high"):
+        raise SpecError(f"--reasoning-effort must be low, medium or high, not {reasoning_effort!r}")
+    run_id, home = resolve_run(run, resolve(None, output__store=store).output.store)
+    spec = read_spec(home)
+
+    from gptoss_cloud.trainer.chat import chat_once  # lazy: torch, transformers
+
+    reply = chat_once(home, spec, prompt, max_new_tokens=max_new_tokens, reasoning_effort=reasoning_effort)
+    con = Console(highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err.print(f"[dim]{run_id}: {reply.source}[/]")
+    if show_thinking and reply.analysis:
+        con.print(reply.analysis, style="dim", markup=False)
+    if reply.final is not None:
+        con.print(reply.final, markup=False)
+    else:
+        err.print(f"[yellow]warning:[/] the model's output is not a complete harmony message ({reply.problem}); raw text follows")
+        con.print(reply.raw_text, markup=False)

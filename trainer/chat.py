@@ -1,0 +1,164 @@
+"""Ask a trained run one question: load its model, render the prompt with harmony, decode greedily.
+
+Which weights: ``merged/`` when the run wrote one; else the base (``base/`` in the run home, or the
+spec's model) with ``adapter/`` on top. The prompt is rendered the way the data pipeline renders
+training conversations (same system message fields from ``spec.data``), so a trained answer comes back
+for a trained question.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gptoss_cloud.errors import GptossError
+from gptoss_cloud.spec import DataSection, RunSpec
+from gptoss_cloud.store import is_remote, join, open_store
+
+
+@dataclass
+class Reply:
+    final: str | None                 # the final channel; None when the output did not parse
+    analysis: str = ""                # the analysis channel (thinking)
+    raw_text: str = ""                # the decoded completion, special tokens included
+    tokens: list[int] = field(default_factory=list)
+    source: str = ""                  # which weights answered
+    problem: str | None = None        # why parsing failed
+
+
+def encoding():
+    from openai_harmony import HarmonyEncodingName, load_harmony_encoding
+
+    return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
+
+
+def system_content(data: DataSection, reasoning_effort: str | None = None):
+    """The system message fields training used (spec.data), optionally with another reasoning effort."""
+    from openai_harmony import ReasoningEffort, SystemContent
+
+    sc = SystemContent.new().with_reasoning_effort(ReasoningEffort((reasoning_effort or data.reasoning_effort).capitalize()))
+    if data.model_identity:
+        sc = sc.with_model_identity(data.model_identity)
+    if data.knowledge_cutoff:
+        sc = sc.with_knowledge_cutoff(data.knowledge_cutoff)
+    if data.conversation_date:
+        sc = sc.with_conversation_start_date(data.conversation_date)
+    return sc
+
+
+def prompt_tokens(enc, data: DataSection, prompt: str, reasoning_effort: str | None = None) -> list[int]:
+    from openai_harmony import Conversation, Message, Role
+
+    conv = Conversation.from_messages([
+        Message.from_role_and_content(Role.SYSTEM, system_content(data, reasoning_effort)),
+        Message.from_role_and_content(Role.USER, prompt),
+    ])
+    return list(enc.render_conversation_for_completion(conv, Role.ASSISTANT))
+
+
+def parse_reply(enc, tokens: list[int]) -> Reply:
+    """Split a completion into its analysis and final channels (harmony's own parser)."""
+    from openai_harmony import HarmonyError, Role
+
+    raw = enc.decode(tokens)
+    try:
+        messages = enc.parse_messages_from_completion_tokens(tokens, Role.ASSISTANT)
+    except HarmonyError as e:
+        return Reply(final=None, raw_text=raw, tokens=tokens, problem=str(e))
+    analysis, final = [], []
+    for m in messages:
+        text = "".join(getattr(c, "text", "") for c in m.content)
+        (final if m.channel == "final" else analysis if m.channel == "analysis" else []).append(text)
+    if not final:
+        return Reply(final=None, analysis="\n".join(analysis), raw_text=raw, tokens=tokens, problem="no final-channel message")
+    return Reply(final="\n".join(final), analysis="\n".join(analysis), raw_text=raw, tokens=tokens)
+
+
+# ---------------------------------------------------------------------------------------- weights
+def _local_dir(home: str, sub: str, run_id: str) -> Path | None:
+    """A run-home folder on local disk (an S3 one is downloaded once into the cache)."""
+    st = open_store(home)
+    if not is_remote(home):
+        p = Path(home.removeprefix("file://")) / sub
+        return p if p.is_dir() and any(p.iterdir()) else None
+    keys = st.list(sub)
+    if not keys:
+        return None
+    import os
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "gptoss-cloud" / "runs" / run_id
+    for key in keys:
+        dst = cache / key
+        if not dst.exists():
+            st.download_file(key, dst)
+    return cache / sub
+
+
+def load_run_model(home: str, spec: RunSpec, *, device: str | None = None):
+    """(model, source) for a run: merged/, else base (base/ or the spec's model) + adapter/."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run_id = home.rstrip("/").rsplit("/", 1)[-1]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # bf16 on GPUs; fp32 on CPU, where bf16 matmuls are slow and greedy argmax ties are likelier.
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    merged = _local_dir(home, "merged", run_id)
+    if merged is not None:
+        model = AutoModelForCausalLM.from_pretrained(merged, dtype=dtype)
+        return model.to(device).eval(), join(home, "merged")
+    adapter = _local_dir(home, "adapter", run_id)
+    base_dir = _local_dir(home, "base", run_id)
+    if base_dir is not None:
+        base, base_src = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype), join(home, "base")
+    elif adapter is not None:
+        base, base_src = _load_base_from_spec(spec, dtype), f"model {spec.model.name}"
+    else:
+        raise GptossError(
+            f"run {home} has no merged/ or adapter/ yet",
+            hint="wait for the run to finish (status shows it), or merge a checkpoint: gptoss-cloud merge RUN",
+        )
+    if adapter is None:
+        return base.to(device).eval(), base_src
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, str(adapter))
+    return model.to(device).eval(), f"{base_src} + {join(home, 'adapter')}"
+
+
+def _load_base_from_spec(spec: RunSpec, dtype):
+    try:
+        from gptoss_cloud.trainer.model import load_base_model  # type: ignore[attr-defined]
+    except ImportError as e:
+        raise GptossError(
+            f"cannot rebuild the base model {spec.model.name!r} for the adapter: the run home has no base/ ({e})"
+        ) from e
+    return load_base_model(spec.model, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------- decoding
+def greedy(model, tokens: list[int], stop: list[int], max_new_tokens: int) -> list[int]:
+    import torch
+
+    dev = next(model.parameters()).device
+    ids = torch.tensor([tokens], device=dev)
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            do_sample=False, eos_token_id=stop, pad_token_id=stop[0],
+        )
+    return out[0, len(tokens):].tolist()
+
+
+def chat_once(home: str, spec: RunSpec, prompt: str, *, max_new_tokens: int = 256,
+              reasoning_effort: str | None = None, model: Any = None) -> Reply:
+    enc = encoding()
+    source = "given model"
+    if model is None:
+        model, source = load_run_model(home, spec)
+    toks = prompt_tokens(enc, spec.data, prompt, reasoning_effort)
+    completion = greedy(model, toks, enc.stop_tokens_for_assistant_actions(), max_new_tokens)
+    reply = parse_reply(enc, completion)
+    reply.source = source
+    return reply
