@@ -104,15 +104,22 @@ class KubernetesBackend(Backend):
 
     # ---- submit -------------------------------------------------------------------------------
     def _submit(self, spec: RunSpec, run_id: str, home: str, opts: SubmitOptions) -> SubmitResult:
+        from ..errors import SpecError
         from ..plan import check_fit
 
+        plan_note = None
         if not opts.force:
-            check_fit(spec)  # PlanError with the numbers and what would fit
+            try:
+                check_fit(spec)  # PlanError with the numbers and what would fit
+            except SpecError as e:  # a hub id / folder whose shape only the pod can read
+                plan_note = f"not planned: {e.message}"
         objects = rk.render_run(spec, run_id)
         text = render_text(objects, opts.output_format)
         result = SubmitResult(run_id=run_id, home=home, backend=self.name, rendered=text,
                               details={"namespace": spec.cluster.namespace, "jobset": run_id,
                                        "master_addr": rk.master_addr(run_id)})
+        if plan_note:
+            result.details["plan"] = plan_note
         if opts.out is not None:
             result.written = write_manifests(objects, Path(opts.out), opts.output_format)
         if opts.dry_run:

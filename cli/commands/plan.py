@@ -43,7 +43,7 @@ def plan(
         spec, model__name=model, parallelism__nodes=nodes, parallelism__gpus_per_node=gpus_per_node,
         method__kind=method.value if method else None, cluster__gpu_price_per_hour=gpu_price,
     )
-    rp = plan_run(s, dataset_tokens=tokens, gpu_price=gpu_price, mfu=mfu)
+    rp = plan_run(s, local_shape(s.model.name, s.model.layers), dataset_tokens=tokens, gpu_price=gpu_price, mfu=mfu)
     if output is PlanFormat.json:
         typer.echo(json.dumps(rp.to_dict(), indent=2))
     else:
@@ -52,6 +52,22 @@ def plan(
         Console(highlight=False).print(*plan_tables(rp))
     if not rp.fits:
         raise typer.Exit(1)
+
+
+def local_shape(model: str, layers: int | None):
+    """The shape of a local model folder from its config.json (presets need no file)."""
+    from pathlib import Path
+
+    from ..errors import SpecError
+    from ..shapes import shape_for
+
+    cfg = Path(model) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return shape_for(model, layers, config=json.loads(cfg.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise SpecError(f"cannot read the model shape from {cfg}: {e}") from None
 
 
 def plan_tables(rp) -> list:

@@ -265,7 +265,6 @@ def trainer_container(spec: RunSpec, run_id: str, image: str, env: list[dict], e
         {"name": "MASTER_ADDR", "value": master_addr(run_id)},
         {"name": "MASTER_PORT", "value": str(spec.cluster.rendezvous_port)},
         {"name": "HF_HUB_CACHE", "value": HF_CACHE},
-        {"name": "HF_HUB_OFFLINE", "value": "1"},  # the init container fetched the weights
         {"name": "HOME", "value": "/tmp"},
         {"name": "NCCL_DEBUG", "value": "WARN"},
         {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},

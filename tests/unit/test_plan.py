@@ -205,3 +205,16 @@ def test_plan_command_json_and_exit_code():
     ok = CliRunner().invoke(app, ["plan", "--model", "20b", "--gpu-price", "2.5"])
     assert ok.exit_code == 0, ok.output
     assert "GPU memory per GPU" in ok.stdout and "fits" in ok.stdout and "MFU 25%" in ok.stdout
+
+
+def test_plan_command_reads_a_local_model_folder(tmp_path, shared):
+    from typer.testing import CliRunner
+
+    from gptoss_cloud.main import app
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text((shared / "models" / "gpt-oss-20b" / "config.json").read_text())
+    r = CliRunner().invoke(app, ["plan", "--model", str(folder), "--gpus-per-node", "1", "-o", "json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["params"]["total"] == GPT_OSS_20B.total_params
