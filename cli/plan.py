@@ -75,9 +75,9 @@ def gpu_info(spec: RunSpec) -> Gpu:
     """The card: its catalog entry, with the spec's explicit memory figures winning."""
     c = spec.cluster
     base = GPUS.get(c.gpu_type.upper().replace("_", "-"))
-    if base is None:
-        base = Gpu(c.gpu_memory_gib, 989, 225)  # unknown card: trust the spec, assume H100-class compute
-    mem = c.gpu_memory_gib if ("gpu_memory_gib" in c.model_fields_set or c.gpu_type.upper() not in GPUS) else base.memory_gib
+    if base is None:  # unknown card: trust the spec's memory, assume H100-class compute
+        return Gpu(c.gpu_memory_gib, 989, 225)
+    mem = c.gpu_memory_gib if "gpu_memory_gib" in c.model_fields_set else base.memory_gib
     return Gpu(mem, base.bf16_tflops, base.host_gib_per_gpu)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 from ..errors import BackendError, GptossError, StoreError
 from ..render import k8s as rk
 from ..spec import RunSpec, spec_from_yaml_text
-from ..store import is_remote, open_store
+from ..store import is_remote, join, open_store
 from .base import Backend, RunStatus, SubmitOptions, SubmitResult
 
 CONTAINER = "trainer"
@@ -221,13 +221,17 @@ class KubernetesBackend(Backend):
         kube = self.connect(spec)
         items = list_jobsets(kube, "app.kubernetes.io/managed-by=gptoss-cloud")
         items.sort(key=lambda j: j.get("metadata", {}).get("creationTimestamp") or "", reverse=True)
-        return [
-            RunStatus(run_id=j["metadata"]["name"], state=jobset_state(j), backend=self.name,
-                      detail={"namespace": kube.namespace, "restarts": (j.get("status") or {}).get("restarts", 0),
-                              "created": j["metadata"].get("creationTimestamp"),
-                              "name": (j["metadata"].get("labels") or {}).get(rk.NAME_LABEL)})
-            for j in items
-        ]
+        out = []
+        for j in items:
+            run_id = j["metadata"]["name"]
+            detail = {"namespace": kube.namespace, "restarts": (j.get("status") or {}).get("restarts", 0),
+                      "created": j["metadata"].get("creationTimestamp"),
+                      "name": (j["metadata"].get("labels") or {}).get(rk.NAME_LABEL)}
+            metrics = last_metrics(join(spec.output.store, run_id))  # progress, when the store is this spec's
+            if metrics:
+                detail["metrics"] = {k: metrics[k] for k in ("step", "loss", "tokens_per_s", "tokens") if k in metrics}
+            out.append(RunStatus(run_id=run_id, state=jobset_state(j), backend=self.name, detail=detail))
+        return out
 
 
 def write_manifests(objects: list[dict], out: Path, fmt: str = "yaml") -> list[Path]:

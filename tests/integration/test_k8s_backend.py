@@ -328,8 +328,9 @@ def test_logs_by_node_index(api):
 
 def test_cancel_deletes_jobset_and_configmap_and_list_runs(api):
     _submit(api)
+    open_store(_home(api)).write_bytes("metrics.jsonl", b'{"step": 3, "loss": 4.0, "tokens_per_s": 10.0, "tokens": 30}\n')
     runs = get_backend("k8s").list_runs(_spec(api.store))
-    assert [(r.run_id, r.state) for r in runs] == [(RUN, "Pending")]
+    assert [(r.run_id, r.state, r.detail["metrics"]["step"]) for r in runs] == [(RUN, "Pending", 3)]
     get_backend("k8s").cancel(RUN, _home(api))
     assert ("jobsets", "ml", RUN) not in api.objects and ("configmaps", "ml", f"{RUN}-spec") not in api.objects
     deletes = [urlparse(p) for v, p, _ in api.requests if v == "DELETE" and urlparse(p).path.endswith(f"/jobsets/{RUN}")]
