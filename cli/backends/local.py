@@ -50,6 +50,19 @@ def local_gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def local_gpu() -> tuple[str, float]:
+    """(catalogue name or device name, memory GiB) of GPU 0, so the plan checks this card."""
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    name = props.name
+    for known in ("GH200", "H200", "H100", "B200", "A100", "L40S"):
+        if known in name.upper():
+            name = known
+            break
+    return name, round(props.total_memory / 2**30, 1)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -136,6 +149,8 @@ class LocalBackend(Backend):
         spec = spec.model_copy(deep=True)
         spec.parallelism.gpus_per_node = nproc
         spec.cluster.backend = "local"
+        if gpus:
+            spec.cluster.gpu_type, spec.cluster.gpu_memory_gib = local_gpu()
         if not is_remote(spec.output.store):
             # Absolute, so the trainer and later commands find the run from any working directory.
             spec.output.store = str(Path(spec.output.store.removeprefix("file://")).expanduser().resolve())

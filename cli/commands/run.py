@@ -16,6 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import GptossError, PlanError, SpecError
+from ..store import is_remote
 from .common import SpecArg, StoreOpt, resolve
 
 OVERRIDES = "overrides the spec"
@@ -106,12 +107,9 @@ def submit(
             typer.echo(res.rendered, nl=False)
         return
 
-    from ..store import open_store
-
-    open_store(home).write_bytes("spec.yaml", s.to_yaml().encode())
     err = _console(stderr=True)
     err.print(f"[bold]{'resuming' if resume else 'run'}[/] {run_id} on {be.name}\n  home: {home}")
-    res = be.submit(s, run_id, home, opts)
+    res = _launch(be, s, run_id, home, opts, fresh=not resume)
     state = res.details.get("state", "Submitted")
     if output == "json":
         typer.echo(json.dumps({"run_id": run_id, "home": home, "backend": be.name, "state": state,
@@ -143,18 +141,35 @@ def _resume_spec(ref: str, spec: Path | None, store: str | None, overrides: dict
 
 
 def _check_plan(spec, force: bool) -> None:
+    """Refuse a run the memory plan says cannot fit (the numbers and what would fit), unless --force."""
+    from ..plan import check_fit
+    from .plan import local_shape
+
     try:
-        from ..plan import check_fit
-    except ModuleNotFoundError as e:
-        if e.name and e.name.endswith("plan"):
-            return  # no planner in this build
-        raise
-    try:
-        check_fit(spec)
+        check_fit(spec, local_shape(spec.model.name, spec.model.layers))
     except PlanError as e:
         if not force:
             raise
         _console(stderr=True).print(f"[yellow]warning:[/] {e.message} (submitting anyway: --force)")
+    except SpecError as e:  # a hub id or s3:// prefix: only the pod can read its shape
+        _console(stderr=True).print(f"[dim]not planned: {e.message}[/]")
+
+
+def _launch(be, spec, run_id: str, home: str, opts, *, fresh: bool):
+    """Write <home>/spec.yaml, then hand over. A home the backend never got to use is removed again,
+    so a refused submit leaves no run behind."""
+    from ..store import open_store
+
+    st = open_store(home)
+    st.write_bytes("spec.yaml", spec.to_yaml().encode())
+    try:
+        return be.submit(spec, run_id, home, opts)
+    except BaseException:
+        if fresh and st.list("") == ["spec.yaml"]:
+            st.delete("spec.yaml")
+            if not is_remote(home):
+                Path(home).rmdir()
+        raise
 
 
 # ------------------------------------------------------------------------------------- run control

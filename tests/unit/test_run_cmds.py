@@ -140,3 +140,22 @@ def test_console_script_reports_errors_as_one_line(tmp_path):
     assert out.returncode == 1
     assert out.stderr.startswith("error: run 'missing-run' not found: no spec.yaml under")
     assert "Traceback" not in out.stderr
+
+
+def test_plan_refuses_what_cannot_fit_unless_forced(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = invoke("submit", "--backend", "local", "--model", "120b", "--method", "full", "--dry-run")
+    assert isinstance(r.exception, GptossError), r.output
+    assert "run does not fit" in str(r.exception) and "--force" in str(r.exception)
+    r = invoke("submit", "--backend", "local", "--model", "120b", "--method", "full", "--dry-run", "--force")
+    assert r.exit_code == 0, r.output
+    assert split_dry_run(r.stdout)[1].model.name == "120b"
+
+
+def test_a_refused_submit_leaves_no_run_home(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # The Kubernetes backend refuses a local store (the pods cannot reach it) after spec.yaml was written.
+    r = invoke("submit", "--backend", "k8s", "--model", "tiny", "--gpus-per-node", "1", "--store", "runs")
+    assert isinstance(r.exception, GptossError), r.output
+    assert "is a local folder the pods cannot reach" in str(r.exception)
+    assert list((tmp_path / "runs").iterdir()) == []
