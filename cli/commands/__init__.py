@@ -9,6 +9,9 @@ import typer
 # Order here is the order in `--help`.
 MODULES = [
     "spec_cmds",
+    "serve",
+    "render",
+    "lifecycle",
 ]
 
 
