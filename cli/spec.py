@@ -171,7 +171,18 @@ class ClusterSection(Section):
     priority_class: str | None = None
     service_account: str | None = None
     queue: str | None = Field(None, description="Kueue LocalQueue name")
-    rdma: Literal["none", "efa", "infiniband"] = "none"
+    rdma: Literal["none", "efa", "infiniband"] = Field(
+        "none", description="fast interconnect; efa/infiniband relax pod security exactly as needed (IPC_LOCK, devices)"
+    )
+    rdma_resource: str | None = Field(None, description="RDMA device resource (default vpc.amazonaws.com/efa or rdma/rdma_shared_device_a)")
+    rdma_devices: int | None = Field(None, ge=1, description="RDMA devices per pod (default 32 for efa, 1 for infiniband)")
+    affinity: dict[str, Any] | None = Field(None, description="pod affinity (Kubernetes Affinity object)")
+    shm_gib: int = Field(64, ge=1, description="size of /dev/shm (memory emptyDir) per pod")
+    weights_mirror: str | None = Field(None, description="s3:// prefix holding a copy of the base weights (else the hub)")
+    cache_storage_class: str | None = Field(
+        None, description="storage class for the per-node weights cache (generic ephemeral volume); default an emptyDir"
+    )
+    rendezvous_port: int = Field(29500, ge=1024, le=65535)
     max_restarts: int = Field(3, ge=0)
     ttl_seconds_after_finished: int | None = 86400
     store_secret: SecretRef | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the store")
