@@ -151,10 +151,11 @@ def schedule_objects(spec: RunSpec, schedule: str) -> list[dict]:
     sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(spec, n["serviceaccount"], "schedule")}
     role = {
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(spec, n["role"], "schedule"),
-        # Least privilege: start a JobSet and its spec ConfigMap, and read JobSets (status); nothing else.
+        # Least privilege, exactly what `submit --backend k8s` does: create the JobSet and read it back;
+        # create its spec ConfigMap, patch it to be owned by the JobSet, delete it if the JobSet is refused.
         "rules": [
             {"apiGroups": ["jobset.x-k8s.io"], "resources": ["jobsets"], "verbs": ["create", "get", "list", "watch"]},
-            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "delete", "patch"]},
         ],
     }
     binding = {

@@ -14,6 +14,7 @@ from gptoss_cloud.errors import GptossError
 from gptoss_cloud.main import app
 from gptoss_cloud.render import gitops
 from gptoss_cloud.spec import RunSpec
+from k8s_schemas import validate_object
 from test_serve_render import assert_restricted, validate_k8s
 
 SPEC = {"name": "weekly", "model": {"name": "20b"}, "output": {"store": "s3://bucket/runs"},
@@ -71,7 +72,7 @@ def test_schedule_objects_validate_and_are_least_privilege():
     k = {o["kind"]: o for o in objs}
     assert k["Role"]["rules"] == [
         {"apiGroups": ["jobset.x-k8s.io"], "resources": ["jobsets"], "verbs": ["create", "get", "list", "watch"]},
-        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "delete", "patch"]},
     ]
     assert k["RoleBinding"]["subjects"][0]["name"] == k["ServiceAccount"]["metadata"]["name"]
     assert k["RoleBinding"]["roleRef"]["name"] == k["Role"]["metadata"]["name"]
@@ -147,3 +148,21 @@ def test_no_secret_value_in_rendered_tree(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     text = b"".join(read_tree(tmp_path / "o").values()).decode()
     assert "sekrit" not in text and "kind: Secret" not in text
+
+
+def test_render_without_schedule_is_one_deterministic_jobset_run(tmp_path):
+    spec = spec_file(tmp_path)
+    for d in ("a", "b"):
+        r = CliRunner().invoke(app, ["render", str(spec), "--out", str(tmp_path / d)])
+        assert r.exit_code == 0, r.output
+    assert read_tree(tmp_path / "a") == read_tree(tmp_path / "b")
+    name = gitops.run_name(RunSpec.model_validate(SPEC))
+    assert sorted(read_tree(tmp_path / "a")) == sorted([f"configmap-{name}-spec.yaml", f"jobset-{name}.yaml", "kustomization.yaml"])
+    built = subprocess.run([kubectl(), "kustomize", str(tmp_path / "a")], capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    docs = [d for d in yaml.safe_load_all(built.stdout) if d]
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "JobSet"]
+    for d in docs:
+        validate_object(d)   # the JobSet against the v0.12.0 CRD, strict
+    js = next(d for d in docs if d["kind"] == "JobSet")
+    assert js["metadata"]["name"] == name

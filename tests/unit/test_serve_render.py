@@ -6,7 +6,6 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import kubernetes_validate
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -16,15 +15,15 @@ from gptoss_cloud.main import app
 from gptoss_cloud.render import serve as rs
 from gptoss_cloud.serving import render_truss, resolve_target, serve_local
 from gptoss_cloud.spec import RunSpec
+from k8s_schemas import validate_object
 
-K8S_VERSION = "1.33.0"
 RUN = "demo-20250101-000000-abcd"
 
 
 # ------------------------------------------------------------------------------------- helpers
 def validate_k8s(obj: dict) -> None:
-    """Kubernetes 1.33 OpenAPI schema, strict (unknown fields are errors)."""
-    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    """Kubernetes 1.33 OpenAPI schema, strict (unknown fields are errors); JobSets against the CRD."""
+    validate_object(obj)
 
 
 RESTRICTED_VOLUME_KINDS = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
