@@ -43,21 +43,9 @@ class Kube:
     @property
     def api_client(self):
         if self._api_client is None:
-            from kubernetes import client, config
-            from kubernetes.config.config_exception import ConfigException
+            from .kube import connect  # kubeconfig / in-cluster configuration, with its error translation
 
-            try:
-                config.load_kube_config(context=self.context)
-            except (ConfigException, FileNotFoundError, TypeError):
-                try:
-                    config.load_incluster_config()
-                except ConfigException as e:
-                    raise BackendError(
-                        "no Kubernetes configuration: no kubeconfig" + (f" context {self.context!r}" if self.context else "")
-                        + " and not running in a cluster",
-                        hint="set KUBECONFIG or pass --context; or use --dry-run to print the objects",
-                    ) from e
-            self._api_client = client.ApiClient()
+            self._api_client = connect(self.namespace, self.context).core.api_client
         return self._api_client
 
     def _api(self, cls: str):
