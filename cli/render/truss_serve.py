@@ -8,7 +8,6 @@ secret *names*, never values.
 
 from __future__ import annotations
 
-from .. import __version__  # noqa: F401  (image tags follow the package version via serve_image)
 from ..spec import RunSpec
 from ..store import join
 from .serve import ServeTarget, base_model_ref, lora_rank, serve_image
