@@ -10,6 +10,9 @@ import typer
 MODULES = [
     "spec_cmds",
     "plan",
+    "serve",
+    "render",
+    "lifecycle",
 ]
 
 
