@@ -197,11 +197,22 @@ class ClusterSection(Section):
 class ServeSection(Section):
     tp: int | None = Field(None, ge=1, description="tensor parallel size (default: sized from model and GPU memory)")
     replicas: int = Field(1, ge=1)
-    max_model_len: int = 32768
+    checkpoint: str = Field("latest", description="latest (the run's merged/ folder) or a step number to merge and serve")
+    adapter: bool = Field(False, description="serve the base model plus the LoRA adapter (vLLM --enable-lora) instead of merged weights")
+    max_model_len: int = Field(32768, ge=256)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    api_key_secret: SecretRef | None = None
-    allowed_namespaces: list[str] = Field(default_factory=list)
-    image: str | None = None
+    port: int = Field(8000, ge=1024, le=65535, description="container port of the OpenAI-compatible server (non-root: >= 1024)")
+    api_key: bool = Field(True, description="require an API key on /v1 routes (VLLM_API_KEY from a Secret)")
+    api_key_secret: SecretRef | None = Field(None, description="Secret holding the API key (default: <deployment>-api-key, key api-key)")
+    allowed_namespaces: list[str] = Field(default_factory=list, description="namespaces whose pods may reach the server (default: its own)")
+    image: str | None = Field(None, description="vLLM image; default ghcr.io/gptoss-cloud/serve:<version>")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint(cls, v: str) -> str:
+        if v != "latest" and not v.isdigit():
+            raise ValueError("serve.checkpoint must be 'latest' or a step number")
+        return v
 
 
 # ---------------------------------------------------------------------------------------------- spec

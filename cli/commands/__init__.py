@@ -12,6 +12,9 @@ MODULES = [
     "run",
     "plan",
     "train",
+    "serve",
+    "render",
+    "lifecycle",
 ]
 
 
