@@ -38,12 +38,11 @@ def system_content(data: DataSection, reasoning_effort: str | None = None):
     from openai_harmony import ReasoningEffort, SystemContent
 
     sc = SystemContent.new().with_reasoning_effort(ReasoningEffort((reasoning_effort or data.reasoning_effort).capitalize()))
+    # Exactly the fields training rendered: a null cutoff or date is left out, never defaulted.
+    sc.knowledge_cutoff = data.knowledge_cutoff
+    sc.conversation_start_date = data.conversation_date
     if data.model_identity:
-        sc = sc.with_model_identity(data.model_identity)
-    if data.knowledge_cutoff:
-        sc = sc.with_knowledge_cutoff(data.knowledge_cutoff)
-    if data.conversation_date:
-        sc = sc.with_conversation_start_date(data.conversation_date)
+        sc.model_identity = data.model_identity
     return sc
 
 

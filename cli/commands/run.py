@@ -42,7 +42,8 @@ def _console(stderr: bool = False):
 
 def _store_of(store: str | None) -> str:
     """The store a RUN argument is looked up in: --store > GPTOSS_STORE > user config > ./runs."""
-    return resolve(None, output__store=store).output.store
+    uri = resolve(None, output__store=store).output.store
+    return uri if is_remote(uri) else str(Path(uri.removeprefix("file://")).expanduser().resolve())
 
 
 def _find_run(ref: str, store: str | None) -> tuple[str, str]:
@@ -255,9 +256,10 @@ def runs(
         return
     from rich.table import Table
 
-    t = Table(title=f"runs in {uri}", title_justify="left")
-    for col in ("RUN", "BACKEND", "STATE", "MODEL", "METHOD", "PROGRESS"):
-        t.add_column(col, no_wrap=col == "RUN")
+    t = Table(title=f"runs in {uri}", title_justify="left", box=None, pad_edge=False)
+    for col in ("RUN", "BACKEND", "STATE", "MODEL", "PROGRESS"):
+        t.add_column(col, no_wrap=col != "PROGRESS")
     for r in rows:
-        t.add_row(r.run_id, r.backend, r.state, r.model, r.method, format_progress(r.progress))
+        note = format_progress(r.progress) if r.progress or not r.error else r.error.splitlines()[0]
+        t.add_row(r.run_id, r.backend, r.state, f"{r.model} {r.method}".strip(), note)
     _console().print(t)

@@ -42,6 +42,9 @@ def test_prompt_is_the_training_system_message_then_the_user_turn(home):
     assert "Knowledge cutoff: 2024-06\nCurrent date: 2025-06-28\n\nReasoning: low" in text
     assert text.endswith("<|start|>user<|message|>What is 2+2?<|end|><|start|>assistant")
     assert "Reasoning: high" in enc.decode(prompt_tokens(enc, spec.data, "x", reasoning_effort="high"))
+    bare = load_spec(overrides={"data.knowledge_cutoff": None})
+    bare.data.knowledge_cutoff = None
+    assert "Knowledge cutoff" not in enc.decode(prompt_tokens(enc, bare.data, "x"))
 
 
 def test_parse_splits_analysis_and_final():
