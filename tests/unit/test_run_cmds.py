@@ -159,3 +159,13 @@ def test_a_refused_submit_leaves_no_run_home(tmp_path, monkeypatch):
     assert isinstance(r.exception, GptossError), r.output
     assert "is a local folder the pods cannot reach" in str(r.exception)
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_train_needs_a_run_id_under_several_processes(tmp_path, monkeypatch):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("model: {name: tiny}\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = invoke("train", str(spec))
+    assert isinstance(r.exception, GptossError) and "--run-id is required when WORLD_SIZE=2" in str(r.exception)
+    r = invoke("train", str(spec), "--run-id", "Not_A_Run")
+    assert isinstance(r.exception, GptossError) and "invalid run id 'Not_A_Run'" in str(r.exception)
