@@ -142,7 +142,7 @@ class TrussBackend(Backend):
         if not is_remote(spec.output.store):
             raise BackendError(
                 f"a Truss run needs an s3:// store that Baseten can reach; output.store is {spec.output.store!r}",
-                hint="pass --store s3://bucket/prefix (and create the Baseten secrets aws_access_key_id / aws_secret_access_key)",
+                hint="set output.store (or GPTOSS_STORE) to s3://bucket/prefix, and create the Baseten secrets aws_access_key_id / aws_secret_access_key",
             )
         remote = baseten_remote()  # fail on credentials before writing anything
         folder = opts.out or Path(tempfile.mkdtemp(prefix=f"gptoss-truss-{run_id}-"))
