@@ -165,6 +165,7 @@ class TrussBackend(Backend):
             "remote_url": getattr(remote, "remote_url", None),
             "project_dir": str(folder),
         }
+        details["state"] = _STATES.get(resp.get("current_status", ""), "Submitted")
         store.write_bytes(JOB_FILE, json.dumps(job, indent=2).encode())
         details.update(job)
         return SubmitResult(run_id, home, self.name, rendered=rendered, written=written, details=details)

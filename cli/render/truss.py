@@ -154,8 +154,28 @@ class _Code:
     text: str
 
 
+_SCALARS = (type(None), bool, int, float, str)
+_INLINE_WIDTH = 88
+
+
+def _flat(value: Any) -> bool:
+    """A call or list of plain values only: written on one line when it fits."""
+    if isinstance(value, _Call):
+        return all(isinstance(v, _SCALARS) for v in value.kwargs.values())
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, _SCALARS) for v in value)
+    return False
+
+
 def _py(value: Any, indent: int = 0) -> str:
     pad, inner = "    " * indent, "    " * (indent + 1)
+    if _flat(value):
+        if isinstance(value, _Call):
+            one = f"{value.func}({', '.join(f'{k}={v!r}' for k, v in value.kwargs.items())})"
+        else:
+            one = f"[{', '.join(repr(v) for v in value)}]"
+        if len(pad) + len(one) <= _INLINE_WIDTH:
+            return one
     if isinstance(value, _Code):
         return value.text
     if isinstance(value, _Call):

@@ -140,6 +140,7 @@ def test_push_then_follow_the_job(baseten, s3_url, tmp_path):
 
     res = backend.submit(spec, run_id, home, SubmitOptions(out=tmp_path / "project"))
     assert res.details["job_id"] == "job-1" and res.details["project_id"] == "proj-1"
+    assert res.details["state"] == "Pending"
 
     # Every call carried our key; the project and job bodies are what truss_train sends for config.py.
     assert all(auth == f"Api-Key {API_KEY}" for *_, auth in baseten.requests)

@@ -155,3 +155,10 @@ def test_rendering_is_deterministic():
     b = render_truss_project(spec_120b(), RUN_ID).files
     assert a == b
     assert yaml.safe_load(a[SPEC_FILE])["cluster"]["truss"]["cache"] is True
+
+
+def test_values_are_written_as_python_literals_not_code(tmp_path):
+    tricky = "it's \"quoted\"\n'); import os; os.system('echo pwned') #"
+    tp = load(tmp_path, spec_120b(**{"cluster.env": {"NOTE": tricky}, "cluster.truss": {"project": "a'b\"c"}}))
+    assert tp.job.runtime.environment_variables["NOTE"] == tricky
+    assert tp.name == "a'b\"c"
