@@ -157,6 +157,22 @@ class SecretRef(Section):
     key: str | None = None
 
 
+class TrussSection(Section):
+    """Baseten Truss training settings (`--backend truss`)."""
+
+    project: str | None = Field(None, description="Baseten training project name (default: the spec's name)")
+    accelerator: str | None = Field(None, description="Baseten accelerator type, e.g. H100 or H200 (default: cluster.gpu_type); the count is parallelism.gpus_per_node")
+    base_image: str | None = Field(None, description="trainer image for the job (default: cluster.image, then ghcr.io/gptoss-cloud/trainer:<version>)")
+    cache: bool = Field(True, description="keep the project cache (base weights download once per project, shared by the job's nodes)")
+    checkpointing: bool = Field(True, description="give the job Baseten's checkpoint volume as local scratch; checkpoints are published to output.store either way")
+    checkpoint_volume_gib: int | None = Field(None, gt=0, description="size of that volume (default: Baseten's)")
+    secrets: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="environment variable -> Baseten secret name; added to (or, with null, removing) the defaults "
+        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (s3:// store), HF_TOKEN (cluster.hf_token_secret), GPTOSS_CHECKPOINT_KEY (cluster.checkpoint_key_secret)",
+    )
+
+
 class ClusterSection(Section):
     backend: Literal["local", "k8s", "truss"] = "local"
     namespace: str = "default"
@@ -191,6 +207,7 @@ class ClusterSection(Section):
     env: dict[str, str] = Field(default_factory=dict, description="extra non-secret environment for the pods")
     gpu_price_per_hour: float | None = Field(None, ge=0, description="USD per GPU-hour, for plan's cost estimate")
     truss_project: str | None = None
+    truss: TrussSection = Field(default_factory=TrussSection)
 
 
 # --------------------------------------------------------------------------------------------- serve
