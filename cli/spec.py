@@ -206,7 +206,6 @@ class ClusterSection(Section):
     checkpoint_key_secret: SecretRef | None = None
     env: dict[str, str] = Field(default_factory=dict, description="extra non-secret environment for the pods")
     gpu_price_per_hour: float | None = Field(None, ge=0, description="USD per GPU-hour, for plan's cost estimate")
-    truss_project: str | None = None
     truss: TrussSection = Field(default_factory=TrussSection)
 
 

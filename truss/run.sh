@@ -15,7 +15,7 @@ nnodes="${BT_GROUP_SIZE:-1}"
 node_rank="${BT_NODE_RANK:-0}"
 gpus="${BT_NUM_GPUS:-${GPTOSS_GPUS_PER_NODE:-8}}"
 leader="${BT_LEADER_ADDR:-127.0.0.1}"
-port="${GPTOSS_RDZV_PORT:-29400}"
+port="${GPTOSS_RDZV_PORT:-29500}"
 join_timeout="${GPTOSS_RDZV_JOIN_TIMEOUT:-1800}"
 attempt="${BT_RETRY_COUNT:-0}"
 

@@ -22,13 +22,13 @@ from typing import Any
 
 from .. import __version__
 from ..errors import SpecError
+from ..images import trainer_image
 from ..spec import RunSpec
 
 CONFIG_FILE = "config.py"
 SPEC_FILE = "spec.yaml"
 START_SCRIPT = "run.sh"
 TEMPLATE_FILES = (START_SCRIPT,)
-DEFAULT_IMAGE_REPO = "ghcr.io/gptoss-cloud/trainer"
 
 # Baseten secret names used when the spec names no other (`cluster.truss.secrets` overrides each).
 STORE_SECRETS = {"AWS_ACCESS_KEY_ID": "aws_access_key_id", "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key"}
@@ -55,16 +55,11 @@ class TrussProject:
 
 # ------------------------------------------------------------------------------------ the data
 def default_image(spec: RunSpec) -> str:
-    return spec.cluster.truss.base_image or spec.cluster.image or f"{DEFAULT_IMAGE_REPO}:{_image_tag(__version__)}"
-
-
-def _image_tag(version: str) -> str:
-    # A source-tree version ("0.0.0+src") is not a valid tag: '+' is not allowed there.
-    return version.replace("+", "-")
+    return spec.cluster.truss.base_image or trainer_image(spec)
 
 
 def project_name(spec: RunSpec) -> str:
-    return spec.cluster.truss.project or spec.cluster.truss_project or spec.name
+    return spec.cluster.truss.project or spec.name
 
 
 def secret_refs(spec: RunSpec) -> dict[str, str]:
@@ -95,6 +90,7 @@ def plain_env(spec: RunSpec, run_id: str, secret_names: set[str]) -> dict[str, s
         "GPTOSS_RUN_ID": run_id,
         "GPTOSS_NODES": str(spec.parallelism.nodes),
         "GPTOSS_GPUS_PER_NODE": str(spec.parallelism.gpus_per_node),
+        "GPTOSS_RDZV_PORT": str(spec.cluster.rendezvous_port),
     }
     for k, v in spec.cluster.env.items():
         where = f"cluster.env.{k}"

@@ -54,7 +54,8 @@ def test_config_loads_as_one_training_project_with_the_specs_shape(tmp_path):
     env = job.runtime.environment_variables
     plain = {k: v for k, v in env.items() if isinstance(v, str)}
     refs = {k: v.name for k, v in env.items() if isinstance(v, definitions.SecretReference)}
-    assert plain == {"GPTOSS_RUN_ID": RUN_ID, "GPTOSS_NODES": "2", "GPTOSS_GPUS_PER_NODE": "8", "NCCL_DEBUG": "WARN"}
+    assert plain == {"GPTOSS_RUN_ID": RUN_ID, "GPTOSS_NODES": "2", "GPTOSS_GPUS_PER_NODE": "8",
+                     "GPTOSS_RDZV_PORT": "29500", "NCCL_DEBUG": "WARN"}
     assert refs == {
         "AWS_ACCESS_KEY_ID": "aws_access_key_id",
         "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",

@@ -65,7 +65,7 @@ def start(project, tmp_path, node: int, **bt) -> tuple[subprocess.CompletedProce
 def expected_argv(folder: Path, node: int) -> list[str]:
     return [
         "--nnodes", "2", "--nproc-per-node", "8", "--node-rank", str(node),
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", "10.1.2.3:29400", "--rdzv-id", RUN_ID,
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "10.1.2.3:29500", "--rdzv-id", RUN_ID,
         "--rdzv-conf", "join_timeout=1800",
         "-m", "gptoss_cloud.trainer", str(folder / "spec.yaml"), "--run-id", RUN_ID,
     ]
@@ -116,4 +116,4 @@ def test_without_baseten_variables_it_is_one_local_node(project, tmp_path):
     assert proc.returncode == 0, proc.stderr
     argv = json.loads(record.read_text())["argv"]
     assert argv[:6] == ["--nnodes", "1", "--nproc-per-node", "2", "--node-rank", "0"]
-    assert "127.0.0.1:29400" in argv
+    assert "127.0.0.1:29500" in argv
