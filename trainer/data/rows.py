@@ -126,7 +126,17 @@ def _tool_spec(raw: Any, where: str) -> ToolSpec:
             raise _Problem(f"{where} ({name}): parameters are not valid JSON") from None
     if params is not None and not isinstance(params, dict):
         raise _Problem(f"{where} ({name}): parameters must be a JSON-schema object")
-    return ToolSpec(name=name, description=fn.get("description") or "", parameters=params)
+    return ToolSpec(name=name, description=fn.get("description") or "", parameters=_drop_nulls(params))
+
+
+def _drop_nulls(v: Any) -> Any:
+    # Parquet/hub rows unify struct fields across rows, so one tool's schema gains another's keys as
+    # None (e.g. "required": None). A null-valued schema keyword means "absent" here.
+    if isinstance(v, dict):
+        return {k: _drop_nulls(x) for k, x in v.items() if x is not None}
+    if isinstance(v, list):
+        return [_drop_nulls(x) for x in v]
+    return v
 
 
 def _message(raw: Any, i: int, field_thinking: str) -> ChatMessage:

@@ -99,7 +99,10 @@ def _digest(*parts: bytes | str) -> str:
 
 
 def is_hub_id(path: str) -> bool:
-    return path.startswith("hf://") or (HUB_ID.fullmatch(path) is not None and not Path(path).exists())
+    if path.startswith("hf://"):
+        return True
+    looks_like_file = any(path.lower().endswith(ext) for ext in EXTENSIONS)
+    return HUB_ID.fullmatch(path) is not None and not looks_like_file and not Path(path).exists()
 
 
 def load_source(src: "DatasetSource") -> SourceRows:
