@@ -96,3 +96,16 @@ def test_help_says_flags_override_the_spec():
     assert "overrides the spec" in r.output
     r = runner.invoke(app, ["--help"])
     assert "data" in r.output
+
+
+def test_unquoted_yaml_date_is_accepted(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(MULTI) + "\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("data:\n  conversation_date: 2025-06-28\n")
+    out = tmp_path / "o.jsonl"
+    r = runner.invoke(app, ["data", "tokenize", str(data), "--out", str(out), "--spec", str(spec)])
+    assert r.exit_code == 0, r.output
+    from gptoss_cloud.trainer.data.vocab import load_encoding
+
+    assert "Current date: 2025-06-28" in load_encoding().decode(_lines(out)[0]["input_ids"])

@@ -128,3 +128,21 @@ def test_the_data_pipeline_never_imports_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_parallel_tokenization_matches_serial(tmp_path, monkeypatch):
+    from gptoss_cloud.trainer.data import pipeline
+
+    p = tmp_path / "many.jsonl"
+    rows = _rows("gamma", 60) + ["{broken"]
+    p.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    data = DataSection(datasets=[DatasetSource(path=str(p))], max_seq_len=256, on_error="skip", max_skip_fraction=0.05)
+    serial = build_datasets(data, use_cache=False)
+    monkeypatch.setattr(pipeline, "PARALLEL_MIN_ROWS", 10)
+    monkeypatch.setattr(pipeline, "CHUNK_ROWS", 20)
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
+    parallel = build_datasets(data, use_cache=False)
+    assert [p.input_ids for p in parallel.train] == [p.input_ids for p in serial.train]
+    assert parallel.stats == serial.stats and serial.stats.skipped_rows == 1
+    with pytest.raises(DataError, match=r"many.jsonl row 60: line 61 is not valid JSON"):
+        build_datasets(data.model_copy(update={"on_error": "fail"}), use_cache=False)

@@ -214,26 +214,23 @@ def render_with_labels(items: list[_Item], trained: set[int]) -> tuple[list[int]
     keep = RenderConversationConfig(auto_drop_analysis=False)
     msgs = [it.msg for it in items]
     conv = Conversation.from_messages(msgs)
-    ids = enc.render_conversation(conv, keep)
+    # A final answer ending the sequence closes with <|return|>, as the model ends it at inference:
+    # that is the one token where the training render differs from the history render.
+    ends_final = items[-1].kind == "final"
+    ids = (enc.render_conversation_for_training if ends_final else enc.render_conversation)(conv, keep)
 
     has_functions = any(it.kind == "developer" and it.msg.content[0].tools for it in items)
     opts = RenderOptions(conversation_has_function_tools=has_functions)
     spans, pos = [], 0
-    for m in msgs:
+    for k, m in enumerate(msgs):
         t = enc.render(m, opts)
-        if ids[pos : pos + len(t)] != t:
+        n = len(t) - 1 if ends_final and k == len(msgs) - 1 else len(t)
+        if ids[pos : pos + n] != t[:n]:
             raise RuntimeError("internal: a message rendered alone does not match its place in the conversation")
         spans.append((pos, pos + len(t)))
         pos += len(t)
     if pos != len(ids):
         raise RuntimeError("internal: rendered messages do not tile the conversation")
-
-    if items[-1].kind == "final":
-        # A final answer ending the sequence closes with <|return|>, as the model ends it at inference.
-        ids_t = enc.render_conversation_for_training(conv, keep)
-        if len(ids_t) != len(ids) or ids_t[:-1] != ids[:-1]:
-            raise RuntimeError("internal: training render differs from the plain render beyond the last token")
-        ids = ids_t
 
     labels = [IGNORE] * len(ids)
     for k, it in enumerate(items):

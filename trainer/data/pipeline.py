@@ -87,6 +87,54 @@ def check_skipped(errors: list[RowError], total: int, data: "DataSection") -> No
         )
 
 
+# Above this many distinct rows, tokenize in worker processes (rank 0 builds while the others wait).
+PARALLEL_MIN_ROWS = 4000
+CHUNK_ROWS = 1000
+
+Ref = tuple[int, int]  # (source index, row index)
+
+
+def _tokenize_chunk(items: list[tuple[Ref, object]], srcs: list[tuple[str, "DatasetSource"]], data: "DataSection",
+                    fail_fast: bool) -> tuple[dict[Ref, list[TokenizedSequence]], dict[Ref, RowError]]:
+    done: dict[Ref, list[TokenizedSequence]] = {}
+    bad: dict[Ref, RowError] = {}
+    for ref, raw in items:
+        name, src = srcs[ref[0]]
+        try:
+            if isinstance(raw, RowError):
+                raise raw
+            done[ref] = tokenize_row(raw, data, index=ref[1], source=src, source_name=name)
+        except RowError as e:
+            if fail_fast:
+                raise
+            bad[ref], done[ref] = e, []
+    return done, bad
+
+
+def _tokenize_refs(refs: list[Ref], sources: list[tuple[SourceRows, "DatasetSource"]], data: "DataSection"):
+    """Tokenize each distinct row once; in parallel worker processes for large inputs."""
+    srcs = [(s.name, src) for s, src in sources]
+    items = [(ref, sources[ref[0]][0].rows[ref[1]]) for ref in refs]
+    workers = min(os.cpu_count() or 1, 16, len(items) // CHUNK_ROWS)
+    if len(items) < PARALLEL_MIN_ROWS or workers < 2:
+        return _tokenize_chunk(items, srcs, data, fail_fast=data.on_error == "fail")
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    done: dict[Ref, list[TokenizedSequence]] = {}
+    bad: dict[Ref, RowError] = {}
+    chunks = [items[i : i + CHUNK_ROWS] for i in range(0, len(items), CHUNK_ROWS)]
+    # spawn, not fork: the caller may be a trainer process with threads (and CUDA) already running.
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        for d, b in pool.map(_tokenize_chunk, chunks, [srcs] * len(chunks), [data] * len(chunks),
+                             [False] * len(chunks)):
+            done.update(d)
+            bad.update(b)
+    if bad and data.on_error == "fail":
+        raise bad[next(r for r in refs if r in bad)]  # the first malformed row in input order
+    return done, bad
+
+
 # ---------------------------------------------------------------------------------- selection
 def _split(n: int, fraction: float, seed: int, salt: int) -> set[int]:
     """Row indices held out for validation (seeded, per source so weights never leak them)."""
@@ -173,14 +221,10 @@ def _build(data: "DataSection", loaded: list[SourceRows], val_src: SourceRows | 
     if val_src is not None:
         sources.append((val_src, data.validation))
         val_refs = [(len(loaded), r) for r in range(len(val_src.rows))]
-    done: dict[tuple[int, int], list[TokenizedSequence]] = {}
-    bad: set[tuple[int, int]] = set()
-    for ref in dict.fromkeys(train_refs + val_refs):
-        s, src = sources[ref[0]]
-        n_err = len(errors)
-        done[ref] = tokenize_rows([(ref[1], s.rows[ref[1]])], src, s.name, data, errors)
-        if len(errors) > n_err:
-            bad.add(ref)
+    distinct = sorted(set(train_refs + val_refs))  # input order: on_error fail names the first bad row
+    done, bad_errors = _tokenize_refs(distinct, sources, data)
+    bad = set(bad_errors)
+    errors += [bad_errors[r] for r in distinct if r in bad_errors]
     check_skipped(errors, len(done), data)
 
     def assemble(refs: list[tuple[int, int]], shuffle: bool) -> tuple[list[PackedSample], DataStats]:

@@ -24,6 +24,9 @@ class RowError(DataError):
         super().__init__(f"{source} row {row}: {problem}", hint="fix the row, or set data.on_error: skip")
         self.source, self.row, self.problem = source, row, problem
 
+    def __reduce__(self):  # crosses process boundaries (parallel tokenization)
+        return (type(self), (self.source, self.row, self.problem))
+
 
 @dataclass
 class ToolCall:
