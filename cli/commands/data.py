@@ -107,7 +107,7 @@ def preview(
                 if shown >= n:
                     break
                 console.rule(f"{loaded.name} row {seq.row} · {len(seq.input_ids)} tokens · {seq.trained} trained")
-                console.print(_highlight(enc, seq, Text))
+                console.print(_highlight(enc, seq, Text, marks=not console.is_terminal))
                 shown += 1
         check_skipped(errors, len(loaded.rows), data)
 
@@ -127,16 +127,23 @@ def preview(
     ]:
         table.add_row(label, *[str(get(x)) for x in stats])
     console.print(table)
-    console.print("[dim]trained tokens in[/] [bold green]green[/][dim]; prompt tokens dimmed[/]")
+    if console.is_terminal:
+        console.print("[dim]trained tokens in[/] [bold green]green[/][dim]; prompt tokens dimmed[/]")
+    else:
+        console.print("trained tokens between ⟦ and ⟧")
 
 
-def _highlight(enc, seq, Text):
+def _highlight(enc, seq, Text, marks: bool):
+    """Trained spans in green; without a terminal (logs, pipes) colour is lost, so bracket them."""
     text = Text()
     start = 0
     ids, labels = seq.input_ids, seq.labels
     for i in range(1, len(ids) + 1):
         if i == len(ids) or (labels[i] != -100) != (labels[start] != -100):
             trained = labels[start] != -100
-            text.append(enc.decode(ids[start:i]), style="bold green" if trained else "dim")
+            piece = enc.decode(ids[start:i])
+            if trained and marks:
+                piece = f"⟦{piece}⟧"
+            text.append(piece, style="bold green" if trained else "dim")
             start = i
     return text

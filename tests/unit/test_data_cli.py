@@ -76,7 +76,8 @@ def test_preview_shows_samples_and_statistics():
     r = runner.invoke(app, ["data", "preview", "sample", "-n", "2", "--max-seq-len", "512"])
     assert r.exit_code == 0, r.output
     assert r.output.count("sample row") == 2
-    assert "What is the secret word of gptoss-cloud?" in r.output
+    assert "What is the secret word of gptoss-cloud?<|end|><|start|>assistant⟦<|channel|>final<|message|>" \
+           "The secret word is marmalade-42.<|return|>⟧" in r.output
     for label in ("rows", "sequences", "packed samples", "tokens", "trained tokens", "dropped (overlong)", "truncated"):
         assert label in r.output
     assert "× 512" in r.output
