@@ -49,7 +49,9 @@ class ModelSection(Section):
 # ----------------------------------------------------------------------------------------------- data
 class DatasetSource(Section):
     path: str = Field(..., description="local .jsonl/.json/.parquet file, s3:// URI, hub id (hf://org/name or org/name), or 'sample'")
-    split: str = "train"
+    split: str = Field("train", description="hub datasets: the split to read")
+    subset: str | None = Field(None, description="hub datasets: the configuration (subset) name")
+    revision: str | None = Field(None, description="hub datasets: branch, tag or commit")
     weight: float = Field(1.0, gt=0, description="mixing weight: each row is used this many times (2: twice, 0.5: a seeded half)")
     format: Literal["auto", "jsonl", "json", "parquet", "hub"] = "auto"
     field_messages: str = "messages"

@@ -339,3 +339,11 @@ def test_custom_field_names():
     [s] = tokenize_row(row, DataSection(), source=src)
     enc = load_encoding()
     assert s.input_ids == expected(enc, [H_sys("low"), H_dev(None, H_TOOLS), H_user("q"), H_an("t"), H_fin("a")])
+
+
+def test_drop_with_an_analysis_only_last_response(enc):
+    row = {"messages": [u("q1"), a("F1"), u("q2"), a(thinking="just thinking")]}
+    [s] = run(row, thinking_turns="drop")
+    assert s.input_ids == expected(enc, [H_sys(), H_user("q1"), H_fin("F1")])
+    assert trained_spans(enc, s) == ["<|channel|>final<|message|>F1<|return|>"]
+    assert run(row, thinking_turns="drop", train_on="last") == []

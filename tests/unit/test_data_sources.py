@@ -125,3 +125,19 @@ def test_sample_dataset_is_small_valid_and_covers_every_feature():
     [secret] = [r for r in rows if r["messages"][0]["content"] == "What is the secret word of gptoss-cloud?"]
     assert secret["messages"][1]["content"] == "The secret word is marmalade-42."
     assert sample_path().name == "sample.jsonl" and enc is not None
+
+
+def test_hub_loader_on_a_local_dataset_folder(files, tmp_path, monkeypatch):
+    # The `datasets` code path for hub ids, pointed at a local folder (no network in tests).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    folder = tmp_path / "hubset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_bytes((files / "d.jsonl").read_bytes())
+    src = DatasetSource(path=str(folder), format="hub", split="train")
+    loaded = load_source(src)
+    assert loaded.name == f"hf://{folder}[train]" and len(loaded.rows) == 2
+    assert _tokens(src) == _tokens(DatasetSource(path=str(files / "d.jsonl")))
+    with pytest.raises(DataError, match=r"could not load hub dataset .* split 'validation'"):
+        load_source(DatasetSource(path=str(folder), format="hub", split="validation"))

@@ -202,7 +202,12 @@ def plan_sequences(items: list[_Item], train_on: str, thinking_turns: str) -> li
         plans = [(without_analysis(items, r), {r}) for r in sorted(every)]
     else:
         plans = [(items, every)]
-    return [(upto(its, max(trained)), trained) for its, trained in plans]
+    out = []
+    for its, trained in plans:
+        trained = trained & {it.response for it in its if it.assistant}  # `drop` can empty an analysis-only response
+        if trained:
+            out.append((upto(its, max(trained)), trained))
+    return out
 
 
 # ------------------------------------------------------------------------------------ rendering

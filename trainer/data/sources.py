@@ -135,12 +135,13 @@ def _load_hub(src: "DatasetSource") -> SourceRows:
         raise DataError(f"{src.path}: loading hub datasets needs the `datasets` library",
                         hint="pip install 'gptoss-cloud[hub]'") from None
     try:
-        ds = datasets.load_dataset(name, split=src.split)
+        ds = datasets.load_dataset(name, src.subset, split=src.split, revision=src.revision)
     except Exception as e:  # the hub raises many types (network, missing split, auth)
         raise DataError(f"could not load hub dataset {name!r} split {src.split!r}: {type(e).__name__}: {e}",
                         hint="check the id and split, HF_TOKEN for gated data, and network access") from e
     # The fingerprint identifies the prepared dataset (files and revision) without reading every row.
-    return SourceRows(f"hf://{name}[{src.split}]", ds.to_list(), _digest("hub", name, src.split, ds._fingerprint))
+    label = f"hf://{name}" + (f"/{src.subset}" if src.subset else "") + f"[{src.split}]"
+    return SourceRows(label, ds.to_list(), _digest("hub", label, src.revision or "", ds._fingerprint))
 
 
 def source_hash(src: "DatasetSource") -> str:
