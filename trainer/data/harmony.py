@@ -13,7 +13,7 @@ We always render with ``auto_drop_analysis=False`` and decide which analysis to 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .rows import ChatMessage, Row, RowError, parse_row
@@ -105,9 +105,39 @@ def _match_results(msg: ChatMessage, pending: list[ChatMessage], more_follow: bo
     return out
 
 
+def _assistant_items(m: ChatMessage, msgs: list[ChatMessage], i: int, items: list[_Item], err) -> None:
+    """Append one OpenAI assistant message (and the tool results after it, msgs[i:]) as harmony messages."""
+    from openai_harmony import Author, Message, Role
+
+    def add(content: str, kind: str, channel: str):
+        msg = Message.from_role_and_content(Role.ASSISTANT, content).with_channel(channel)
+        items.append(_Item(msg, kind, train=m.train))
+        return msg
+
+    if m.thinking:
+        add(m.thinking, "analysis", "analysis")
+    if not m.tool_calls:
+        if m.content is not None:
+            add(m.content, "final", "final")
+        return
+    if m.content is not None:  # text beside tool calls: a preamble on the commentary channel
+        add(m.content, "commentary", "commentary")
+    j = i
+    while j < len(msgs) and msgs[j].role == "tool":
+        j += 1
+    results = _match_results(m, msgs[i:j], more_follow=j < len(msgs), err=err)
+    # Harmony runs one call at a time (generation stops at <|call|>): interleave call, result.
+    for call, res in zip(m.tool_calls, results):
+        msg = add(call.arguments, "call", "commentary")
+        msg.recipient, msg.content_type = f"functions.{call.name}", "<|constrain|>json"
+        if res is not None:
+            tr = Message.from_author_and_content(Author.new(Role.TOOL, f"functions.{call.name}"), res.content or "")
+            items.append(_Item(tr.with_channel("commentary").with_recipient("assistant"), "tool"))
+
+
 def to_items(row: Row, data: "DataSection", *, source: str, index: int) -> list[_Item]:
     """Convert a parsed row into harmony messages, in render order, with response indices."""
-    from openai_harmony import Author, Message, Role
+    from openai_harmony import Message, Role
 
     def err(problem: str):
         raise RowError(source, index, problem)
@@ -133,34 +163,9 @@ def to_items(row: Row, data: "DataSection", *, source: str, index: int) -> list[
         elif m.role == "tool":
             err(f"message {m.index} (tool): result without a matching call (no assistant tool_calls before it)")
         else:
-            def a(content: str, kind: str):
-                return _Item(Message.from_role_and_content(Role.ASSISTANT, content), kind, train=m.train)
-
-            if m.thinking:
-                items.append(a(m.thinking, "analysis"))
-                items[-1].msg = items[-1].msg.with_channel("analysis")
-            if not m.tool_calls:
-                if m.content is not None:
-                    items.append(a(m.content, "final"))
-                    items[-1].msg = items[-1].msg.with_channel("final")
-                continue
-            if m.content is not None:  # text beside tool calls: a preamble on the commentary channel
-                items.append(a(m.content, "commentary"))
-                items[-1].msg = items[-1].msg.with_channel("commentary")
-            j = i
-            while j < len(msgs) and msgs[j].role == "tool":
-                j += 1
-            results = _match_results(m, msgs[i:j], more_follow=j < len(msgs), err=err)
-            i = j
-            # Harmony runs one call at a time (generation stops at <|call|>): interleave call, result.
-            for call, res in zip(m.tool_calls, results):
-                it = a(call.arguments, "call")
-                it.msg = it.msg.with_channel("commentary").with_recipient(f"functions.{call.name}").with_content_type(
-                    "<|constrain|>json")
-                items.append(it)
-                if res is not None:
-                    tr = Message.from_author_and_content(Author.new(Role.TOOL, f"functions.{call.name}"), res.content or "")
-                    items.append(_Item(tr.with_channel("commentary").with_recipient("assistant"), "tool"))
+            _assistant_items(m, msgs, i, items, err)
+            while m.tool_calls and i < len(msgs) and msgs[i].role == "tool":  # consumed with their calls
+                i += 1
 
     # Responses: from the first assistant message after a user (or system/developer) message up to
     # and including a final answer.
