@@ -49,8 +49,10 @@ class ModelSection(Section):
 # ----------------------------------------------------------------------------------------------- data
 class DatasetSource(Section):
     path: str = Field(..., description="local .jsonl/.json/.parquet file, s3:// URI, hub id (hf://org/name or org/name), or 'sample'")
-    split: str = "train"
-    weight: float = Field(1.0, gt=0, description="mixing weight relative to the other datasets")
+    split: str = Field("train", description="hub datasets: the split to read")
+    subset: str | None = Field(None, description="hub datasets: the configuration (subset) name")
+    revision: str | None = Field(None, description="hub datasets: branch, tag or commit")
+    weight: float = Field(1.0, gt=0, description="mixing weight: each row is used this many times (2: twice, 0.5: a seeded half)")
     format: Literal["auto", "jsonl", "json", "parquet", "hub"] = "auto"
     field_messages: str = "messages"
     field_thinking: str = "thinking"
@@ -74,6 +76,14 @@ class DataSection(Section):
     shuffle: bool = True
     seed: int = 0
     cache_dir: str | None = Field(None, description="tokenized-data cache (default ~/.cache/gptoss-cloud/data)")
+
+    @field_validator("conversation_date", "knowledge_cutoff", mode="before")
+    @classmethod
+    def _date_text(cls, v):
+        # YAML reads an unquoted 2025-06-28 as a date; the system message wants the text.
+        import datetime
+
+        return v.isoformat() if isinstance(v, datetime.date) else v
 
     @field_validator("validation")
     @classmethod
