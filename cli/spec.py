@@ -49,8 +49,10 @@ class ModelSection(Section):
 # ----------------------------------------------------------------------------------------------- data
 class DatasetSource(Section):
     path: str = Field(..., description="local .jsonl/.json/.parquet file, s3:// URI, hub id (hf://org/name or org/name), or 'sample'")
-    split: str = "train"
-    weight: float = Field(1.0, gt=0, description="mixing weight relative to the other datasets")
+    split: str = Field("train", description="hub datasets: the split to read")
+    subset: str | None = Field(None, description="hub datasets: the configuration (subset) name")
+    revision: str | None = Field(None, description="hub datasets: branch, tag or commit")
+    weight: float = Field(1.0, gt=0, description="mixing weight: each row is used this many times (2: twice, 0.5: a seeded half)")
     format: Literal["auto", "jsonl", "json", "parquet", "hub"] = "auto"
     field_messages: str = "messages"
     field_thinking: str = "thinking"
@@ -74,6 +76,14 @@ class DataSection(Section):
     shuffle: bool = True
     seed: int = 0
     cache_dir: str | None = Field(None, description="tokenized-data cache (default ~/.cache/gptoss-cloud/data)")
+
+    @field_validator("conversation_date", "knowledge_cutoff", mode="before")
+    @classmethod
+    def _date_text(cls, v):
+        # YAML reads an unquoted 2025-06-28 as a date; the system message wants the text.
+        import datetime
+
+        return v.isoformat() if isinstance(v, datetime.date) else v
 
     @field_validator("validation")
     @classmethod
@@ -157,6 +167,22 @@ class SecretRef(Section):
     key: str | None = None
 
 
+class TrussSection(Section):
+    """Baseten Truss training settings (`--backend truss`)."""
+
+    project: str | None = Field(None, description="Baseten training project name (default: the spec's name)")
+    accelerator: str | None = Field(None, description="Baseten accelerator type, e.g. H100 or H200 (default: cluster.gpu_type); the count is parallelism.gpus_per_node")
+    base_image: str | None = Field(None, description="trainer image for the job (default: cluster.image, then ghcr.io/gptoss-cloud/trainer:<version>)")
+    cache: bool = Field(True, description="keep the project cache (base weights download once per project, shared by the job's nodes)")
+    checkpointing: bool = Field(True, description="give the job Baseten's checkpoint volume as local scratch; checkpoints are published to output.store either way")
+    checkpoint_volume_gib: int | None = Field(None, gt=0, description="size of that volume (default: Baseten's)")
+    secrets: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="environment variable -> Baseten secret name; added to (or, with null, removing) the defaults "
+        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (s3:// store), HF_TOKEN (cluster.hf_token_secret), GPTOSS_CHECKPOINT_KEY (cluster.checkpoint_key_secret)",
+    )
+
+
 class ClusterSection(Section):
     backend: Literal["local", "k8s", "truss"] = "local"
     namespace: str = "default"
@@ -190,7 +216,7 @@ class ClusterSection(Section):
     checkpoint_key_secret: SecretRef | None = None
     env: dict[str, str] = Field(default_factory=dict, description="extra non-secret environment for the pods")
     gpu_price_per_hour: float | None = Field(None, ge=0, description="USD per GPU-hour, for plan's cost estimate")
-    truss_project: str | None = None
+    truss: TrussSection = Field(default_factory=TrussSection)
 
 
 # --------------------------------------------------------------------------------------------- serve

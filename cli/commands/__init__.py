@@ -10,6 +10,7 @@ import typer
 MODULES = [
     "spec_cmds",
     "run",
+    "data",
     "plan",
     "train",
     "serve",

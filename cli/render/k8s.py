@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .. import __version__
+from ..images import trainer_image
 from ..errors import SpecError
 from ..shapes import HUB_IDS
 from ..spec import RunSpec
@@ -31,7 +31,6 @@ CACHE_DIR = "/cache"
 HF_CACHE = f"{CACHE_DIR}/hf"
 MIRROR_DIR = f"{CACHE_DIR}/weights"
 SCRATCH_DIR = "/scratch"
-IMAGE_REPO = "ghcr.io/gptoss-cloud/trainer"
 RUN_LABEL = "gptoss-cloud.dev/run-id"
 NAME_LABEL = "gptoss-cloud.dev/run-name"
 KIND_LABEL = "gptoss-cloud.dev/kind"
@@ -82,11 +81,6 @@ def configmap_name(run_id: str) -> str:
 def master_addr(run_id: str) -> str:
     """Rank 0's stable DNS name (JobSet headless service; subdomain = JobSet name)."""
     return f"{pod_name_prefix(run_id, 0)}.{run_id}"
-
-
-def trainer_image(spec: RunSpec) -> str:
-    """The image tag follows the package version, so the pod reads the spec version the CLI wrote."""
-    return spec.cluster.image or f"{IMAGE_REPO}:{__version__}"
 
 
 def labels(spec: RunSpec, run_id: str, kind: str = "train") -> dict[str, str]:

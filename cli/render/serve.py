@@ -18,14 +18,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .. import __version__
+from ..images import serve_image, trainer_image
 from ..errors import GptossError
 from ..shapes import HUB_IDS, ModelShape
 from ..spec import RunSpec
 from ..store import join
 
-TRAINER_IMAGE = "ghcr.io/gptoss-cloud/trainer"
-SERVE_IMAGE = "ghcr.io/gptoss-cloud/serve"
 MERGED_MARKER = "model.safetensors.index.json"  # the merge writes the index after every shard
 ADAPTER_MARKER = "adapter_config.json"
 MODELS_DIR = "/models"
@@ -34,14 +32,6 @@ CACHE_DIR = "/cache"
 RUN_AS = 1000
 # vLLM accepts only these LoRA ranks for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def trainer_image(spec: RunSpec) -> str:
-    return spec.cluster.image or f"{TRAINER_IMAGE}:{__version__}"
-
-
-def serve_image(spec: RunSpec) -> str:
-    return spec.serve.image or f"{SERVE_IMAGE}:{__version__}"
 
 
 @dataclass(frozen=True)
