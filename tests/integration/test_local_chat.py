@@ -47,6 +47,26 @@ def test_prompt_is_the_training_system_message_then_the_user_turn(home):
     assert "Knowledge cutoff" not in enc.decode(prompt_tokens(enc, bare.data, "x"))
 
 
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"data.reasoning_effort": "high", "data.conversation_date": "2025-06-28", "data.model_identity": "You are Oona."},
+    {"data.knowledge_cutoff": None},
+])
+def test_prompt_is_exactly_what_training_saw_before_the_answer(overrides):
+    """The trained tokens of a conversation start with chat's prompt, then the answer follows."""
+    from gptoss_cloud.trainer.chat import encoding, prompt_tokens
+    from gptoss_cloud.trainer.data import IGNORE, tokenize_row
+
+    data = load_spec(overrides=overrides).data
+    (seq,) = tokenize_row({"messages": [{"role": "user", "content": "What is 2+2?"},
+                                        {"role": "assistant", "content": "4"}]}, data)
+    enc = encoding()
+    prompt = prompt_tokens(enc, data, "What is 2+2?")
+    assert seq.input_ids[: len(prompt)] == prompt
+    assert all(x == IGNORE for x in seq.labels[: len(prompt)])   # the prompt itself is never trained
+    assert enc.decode(seq.input_ids[len(prompt):]).startswith("<|channel|>final<|message|>4")
+
+
 def test_parse_splits_analysis_and_final():
     from gptoss_cloud.trainer.chat import encoding, parse_reply
 
