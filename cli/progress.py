@@ -122,7 +122,7 @@ class RunRow:
 
 def summary_state(summary: dict[str, Any] | None) -> str | None:
     """The final state a trainer recorded in summary.json, normalised to RunStatus states."""
-    if not summary:
+    if summary is None:
         return None
     raw = str(summary.get("state") or summary.get("status") or "").lower()
     return {"succeeded": "Succeeded", "success": "Succeeded", "completed": "Succeeded", "done": "Succeeded",
