@@ -27,7 +27,8 @@ from gptoss_cloud.spec import MethodSection, OptimSection, ParallelismSection  #
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 SHAPE = replace(TINY, vocab_size=512, sliding_window=4)
-TIMEOUT_S = 60  # a hung rank fails the test fast instead of after torch's 30-minute default
+TIMEOUT_S = 60
+METHODS = ("lora", "full")  # a hung rank fails the test fast instead of after torch's 30-minute default
 
 
 @dataclass
@@ -92,12 +93,13 @@ def _one_step(method: str, distributed: bool, out: Path, rank: int = 0):
                     "params": {k: v.detach().cpu().clone() for k, v in trained.items()}}, out)
 
 
-def _worker(rank: int, world: int, port: int, method: str, out: str):
+def _worker(rank: int, world: int, port: int, out_dir: str):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
-        _one_step(method, True, Path(out), rank)
+        for method in METHODS:  # one spawn for both methods: process start-up is most of the cost
+            _one_step(method, True, Path(out_dir) / f"fsdp-{method}.pt", rank)
     finally:
         import torch.distributed as dist
 
@@ -105,14 +107,22 @@ def _worker(rank: int, world: int, port: int, method: str, out: str):
             dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_fsdp2_two_ranks_match_one_process(tmp_path, method, monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(k, raising=False)
-    ref_path, fsdp_path = tmp_path / "ref.pt", tmp_path / "fsdp.pt"
-    _one_step(method, False, ref_path)
-    tmp.spawn(_worker, args=(2, _free_port(), method, str(fsdp_path)), nprocs=2, join=True)
-    ref, got = torch.load(ref_path), torch.load(fsdp_path)
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE") if k in os.environ}
+    try:
+        for method in METHODS:
+            _one_step(method, False, out / f"ref-{method}.pt")
+        tmp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    finally:
+        os.environ.update(saved)
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fsdp2_two_ranks_match_one_process(results, method):
+    ref, got = torch.load(results / f"ref-{method}.pt"), torch.load(results / f"fsdp-{method}.pt")
     assert got["tokens"] == ref["tokens"] > 0
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
