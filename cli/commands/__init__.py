@@ -9,6 +9,11 @@ import typer
 # Order here is the order in `--help`.
 MODULES = [
     "spec_cmds",
+    "data",
+    "plan",
+    "serve",
+    "render",
+    "lifecycle",
 ]
 
 
