@@ -136,12 +136,15 @@ class ParallelismSection(Section):
     cpu_offload: bool = False
     activation_checkpointing: bool = True
     reshard_after_forward: bool = True
+    collective_timeout_s: float = Field(1800.0, gt=0, description="a hung rank fails after this many seconds")
 
 
 # -------------------------------------------------------------------------------------------- kernels
 class KernelsSection(Section):
+    # auto: the fast path on GPU (grouped_mm experts, flex attention), the eager references on CPU.
+    # No "sdpa": PyTorch's SDPA has no learned attention sinks, which GPT-OSS needs.
     experts: Literal["auto", "eager", "grouped_mm"] = "auto"
-    attention: Literal["auto", "eager", "sdpa", "flex"] = "auto"
+    attention: Literal["auto", "eager", "flex"] = "auto"
     loss_chunk_tokens: int = Field(1024, ge=16, description="tokens per chunk of the fused linear + cross-entropy")
     compile: bool = False
 
