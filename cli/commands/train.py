@@ -31,11 +31,13 @@ def train(
             raise SpecError(f"--run-id is required when WORLD_SIZE={world}: every rank must write the same run home")
         run_id = new_run_id(s.name)
     check_run_id(run_id)
-    home = run_home(s.output.store, run_id)
+    run_home(s.output.store, run_id)  # a store URI that cannot hold runs fails here, before torch loads
 
-    from gptoss_cloud.trainer.train import run_training  # lazy: torch
+    # Exactly what `python -m gptoss_cloud.trainer` does (records spec.yaml, trains via run_training,
+    # tears the process group down, reports errors as one line), so both entry points behave the same.
+    from gptoss_cloud.trainer.__main__ import main as trainer_main  # lazy: torch
 
-    run_training(s, run_id, home)
+    raise typer.Exit(trainer_main([str(spec), "--run-id", run_id]))
 
 
 def chat(
