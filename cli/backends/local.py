@@ -138,12 +138,10 @@ class LocalBackend(Backend):
         if gpus == 0:
             nproc = CPU_PROCESSES
         elif "gpus_per_node" in p.model_fields_set:
-            if p.gpus_per_node > gpus:
-                raise BackendError(
-                    f"parallelism.gpus_per_node is {p.gpus_per_node} but this machine has {gpus} GPU(s)",
-                    hint=f"pass --gpus-per-node {gpus} (or leave it unset to use every local GPU)",
-                )
-            nproc = p.gpus_per_node
+            nproc = min(p.gpus_per_node, gpus)
+            if p.gpus_per_node > gpus:  # a spec written for a bigger box still runs here, on what there is
+                print(f"note: parallelism.gpus_per_node is {p.gpus_per_node} but this machine has {gpus} GPU(s); "
+                      f"using {gpus}", file=sys.stderr)
         else:
             nproc = gpus
         spec = spec.model_copy(deep=True)

@@ -169,3 +169,19 @@ def test_train_needs_a_run_id_under_several_processes(tmp_path, monkeypatch):
     assert isinstance(r.exception, GptossError) and "--run-id is required when WORLD_SIZE=2" in str(r.exception)
     r = invoke("train", str(spec), "--run-id", "Not_A_Run")
     assert isinstance(r.exception, GptossError) and "invalid run id 'Not_A_Run'" in str(r.exception)
+
+
+@pytest.mark.parametrize("flag, expected", [([], 4), (["--gpus-per-node", "2"], 2), (["--gpus-per-node", "8"], 4)])
+def test_local_gpus_default_to_all_and_a_bigger_spec_runs_on_what_there_is(tmp_path, monkeypatch, flag, expected):
+    from gptoss_cloud.backends import local
+
+    # the hardware query is the only thing replaced: this machine has no GPU
+    monkeypatch.setattr(local, "local_gpu_count", lambda: 4)
+    monkeypatch.setattr(local, "local_gpu", lambda: ("H100", 79.1))
+    monkeypatch.chdir(tmp_path)
+    r = invoke("submit", "--dry-run", "--backend", "local", "--model", "tiny", *flag)
+    assert r.exit_code == 0, r.output
+    cmd, spec = split_dry_run(r.stdout)
+    assert f"--nproc-per-node {expected}" in cmd and spec.parallelism.gpus_per_node == expected
+    assert (spec.cluster.gpu_type, spec.cluster.gpu_memory_gib) == ("H100", 79.1)
+    assert ("this machine has 4 GPU(s); using 4" in r.stderr) == (flag == ["--gpus-per-node", "8"])
