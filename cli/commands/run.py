@@ -116,7 +116,9 @@ def submit(
         typer.echo(json.dumps({"run_id": run_id, "home": home, "backend": be.name, "state": state,
                                **{k: v for k, v in res.details.items() if k in ("attempt", "log", "pid")}}))
     else:
-        store_flag = f" --store {store}" if store else ""
+        # Later commands find the run by id only in the store they resolve by default; name it otherwise.
+        run_store = home.rsplit("/", 1)[0]
+        store_flag = "" if run_store == _store_of(None) else f" --store {run_store}"
         con = _console()
         con.print(f"run {run_id}: {state}\n  home: {home}")
         con.print("next:")
