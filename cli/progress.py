@@ -59,7 +59,7 @@ def progress(metrics: list[dict[str, Any]], spec: RunSpec | None = None) -> dict
     train_rows = [m for m in metrics if m.get("loss") is not None]
     if train_rows:
         last = train_rows[-1]
-        for k in ("loss", "lr", "tokens", "tokens_per_s", "mfu"):
+        for k in ("loss", "lr", "tokens", "tokens_per_s", "mfu", "epoch"):
             if last.get(k) is not None:
                 out[k] = last[k]
     evals = [m for m in metrics if m.get("eval_loss") is not None]
@@ -73,7 +73,8 @@ def progress(metrics: list[dict[str, Any]], spec: RunSpec | None = None) -> dict
 def format_progress(p: dict[str, Any]) -> str:
     if "step" not in p:
         return "no metrics yet"
-    parts = [f"step {p['step']}" + (f"/{p['max_steps']}" if p.get("max_steps") else "")]
+    parts = [f"step {p['step']}" + (f"/{p['max_steps']}" if p.get("max_steps") else "")
+             + (f" (epoch {p['epoch']:.2f})" if p.get("epoch") is not None and not p.get("max_steps") else "")]
     if p.get("loss") is not None:
         parts.append(f"loss {p['loss']:.4g}")
     if p.get("eval_loss") is not None:

@@ -334,11 +334,14 @@ def run_attempt(run_id: str, home: str, attempt: int, cmd: list[str], *, echo: b
         with log_path.open("ab") as log:
             assert proc.stdout is not None
             for line in iter(proc.stdout.readline, b""):
+                tail = (tail + [line])[-200:]
+                rank0 = _RANK0_PREFIX.match(line)
+                if rank0:  # rank 0's own words, without torchrun's "[default0]:" tag
+                    line = line[rank0.end():]
                 log.write(line)
                 log.flush()
-                tail = (tail + [line])[-200:]
-                if out is not None and _RANK0_PREFIX.match(line):
-                    out.write(_RANK0_PREFIX.sub(b"", line, count=1))
+                if out is not None and rank0:
+                    out.write(line)
                     out.flush()
         rc = proc.wait()
     finally:

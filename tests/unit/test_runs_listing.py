@@ -102,3 +102,6 @@ def test_metrics_reader_skips_a_half_written_line(tmp_path):
     rows = read_metrics(str(tmp_path))
     assert rows == [{"step": 1, "loss": 2.0}]
     assert progress(rows) == {"step": 1, "loss": 2.0}
+    from gptoss_cloud.progress import format_progress
+
+    assert format_progress(progress([{"step": 3, "loss": 1.25, "epoch": 0.5}])) == "step 3 (epoch 0.50), loss 1.25"
