@@ -10,6 +10,7 @@ import typer
 MODULES = [
     "spec_cmds",
     "plan",
+    "bench",
 ]
 
 
