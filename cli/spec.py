@@ -126,6 +126,7 @@ class ParallelismSection(Section):
     cpu_offload: bool = False
     activation_checkpointing: bool = True
     reshard_after_forward: bool = True
+    collective_timeout_s: float = Field(1800.0, gt=0, description="a hung rank fails after this many seconds")
 
 
 # -------------------------------------------------------------------------------------------- kernels

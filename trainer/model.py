@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +113,12 @@ def init_sharded_weights_(model: nn.Module, std: float, seed: int) -> None:
         for name, p in model.named_parameters():
             local = p.to_local() if isinstance(p, DTensor) else p
             leaf = name.rsplit(".", 1)[-1]
-            if "norm" in name and leaf == "weight":
+            if "lora_B" in name:
+                local.zero_()  # an adapter starts as the identity
+            elif "lora_A" in name:
+                bound = 1.0 / math.sqrt(local.shape[-1]) if local.dim() > 1 else 0.0
+                local.copy_(torch.rand(local.shape, generator=gen, dtype=torch.float32).mul_(2 * bound).sub_(bound))
+            elif "norm" in name and leaf == "weight":
                 local.fill_(1.0)
             elif leaf.endswith("bias") and "router" not in name:
                 local.zero_()
