@@ -68,8 +68,10 @@ class BenchOptions:
             raise ValueError("--gpus must be >= 1")
         if not (self.ours or self.baseline):
             raise ValueError("nothing to measure: pass --ours and/or --baseline")
-        if self.in_process and (self.gpus > 1 or self.offload):
-            raise ValueError("--in-process runs one process: it cannot use --gpus > 1 or --offload")
+        if self.offload and self.gpus < 2:
+            raise ValueError("--offload shards states over FSDP2 ranks: use it with --gpus 2 or more")
+        if self.in_process and self.gpus > 1:
+            raise ValueError("--in-process runs one process: it cannot use --gpus > 1")
         shape_for(self.model, layers=self.layers)  # raises ValueError naming the model
 
     def setup(self) -> Setup:
@@ -102,13 +104,13 @@ def run_in_process(variant: Variant, opts: BenchOptions) -> dict:
     from .bench_variants import join_process_group
     from .bench_worker import measure_variant
 
-    rank = join_process_group(offload=False)
+    rank = join_process_group()
     return merge_ranks([measure_variant(opts.setup(), variant, rank, opts.warmup, opts.steps)])
 
 
 def worker_command(opts: BenchOptions, job: Path, out: Path) -> list[str]:
     module = ["-m", "gptoss_cloud.trainer.bench_worker", "--job", str(job), "--out", str(out)]
-    if opts.gpus > 1 or opts.offload:
+    if opts.gpus > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={opts.gpus}", *module]
     return [sys.executable, *module]
 

@@ -1,23 +1,21 @@
 """What the benchmark times: our training step and the transformers + peft reference, built fresh.
 
-Both stacks get random weights at the real shape, the same random 1-row packed sequence every
-step, gradient checkpointing (non-reentrant, per decoder layer), gradient clipping at 1.0 and AdamW
-(fused on GPU). They differ where our trainer differs:
+Both stacks get random weights at the real shape, the same random 1-row sequence every step,
+gradient checkpointing (non-reentrant, per decoder layer), gradient clipping at 1.0 and AdamW
+(fused on GPU). Each is what its users run:
 
-* ours: the trainer's build (``gptoss_cloud.trainer.model``): CausalLMWithChunkedLoss (chunked
-  linear + cross-entropy, full logits never materialised), packed-segment masks built every step as
-  the loop does, trainable weights in fp32 under bf16 autocast on one GPU;
-* reference: plain GptOssForCausalLM (+ peft LoRA on attention), ``labels`` passed to the model so
-  transformers computes full fp32 logits and its own loss, bf16 autocast like the HF Trainer's
-  ``bf16=True``.
-
-On several GPUs (or with offload) both are sharded with torch FSDP2 ``fully_shard`` per decoder
-layer and at the root, fp32 master weights, bf16 compute and fp32 gradient reduction.
+* ours: the trainer's own pieces — ``model`` (CausalLMWithChunkedLoss: chunked linear +
+  cross-entropy, full logits never materialised), ``parallel`` (accelerate's FSDP2 wrapping),
+  ``loop`` (``make_optimizer`` and ``Loop.train_step``: packed-segment masks, the global
+  trained-token count, clipping, the optimizer and scheduler step);
+* reference: plain GptOssForCausalLM (+ peft LoRA r=16 on q/k/v/o), ``labels`` passed to the model
+  so transformers computes full fp32 logits and its own loss, bf16 autocast on one GPU as the HF
+  Trainer's ``bf16=True`` does; on several GPUs torch FSDP2 ``fully_shard`` per decoder layer and at
+  the root, fp32 master weights, bf16 compute, fp32 gradient reduction.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +23,8 @@ import torch
 from torch import nn
 
 from gptoss_cloud.shapes import ModelShape, shape_for
+
+from .parallel import DistInfo
 
 ATTENTION = {"eager": "eager", "flex": "flex_attention", "sdpa": "sdpa"}
 EXPERTS = ("eager", "grouped_mm")
@@ -67,9 +67,9 @@ class Setup:
 
 @dataclass
 class Prepared:
-    """A built variant: ``step()`` runs one optimizer step and returns the loss (a 0-d tensor)."""
+    """A built variant: ``step()`` runs one optimizer step and returns its loss (float or 0-d tensor)."""
 
-    step: Callable[[], torch.Tensor]
+    step: Callable[[], "torch.Tensor | float"]
     trainable_params: int
     total_params: int
     tokens_per_step: int  # packed positions per rank per step
@@ -77,39 +77,11 @@ class Prepared:
 
 
 # ------------------------------------------------------------------------------------------ devices
-@dataclass(frozen=True)
-class Rank:
-    rank: int
-    world: int
-    device: torch.device
+def join_process_group() -> DistInfo:
+    """The trainer's own join: the rank torchrun started (NCCL on GPU, gloo on CPU) or one process."""
+    from .parallel import init_distributed
 
-    @property
-    def sharded(self) -> bool:
-        return self.world > 1 or dist_initialized()
-
-
-def dist_initialized() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def join_process_group(offload: bool) -> Rank:
-    """The rank torchrun started (NCCL on GPU, gloo on CPU); a plain single process otherwise."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if (world > 1 or offload) and "MASTER_ADDR" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    return Rank(rank, world, device)
+    return init_distributed(timeout_s=900.0)
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -161,26 +133,31 @@ def _optimizer(params: list[nn.Parameter], device: torch.device) -> torch.optim.
     return torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
 
 
-def _fsdp2(module: nn.Module, layers: list[nn.Module], rank: Rank, offload: bool) -> None:
+def _fsdp2(module: nn.Module, layers: list[nn.Module], info: DistInfo, offload: bool) -> None:
     """fully_shard each decoder layer, then the root (embedding, head and what is left)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kw: dict = {}
-    if rank.device.type == "cuda":
+    if info.device.type == "cuda":
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if offload:
-        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=rank.device.type == "cuda")
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=info.device.type == "cuda")
     for layer in layers:
         fully_shard(layer, **kw)
     fully_shard(module, **kw)
 
 
-def _materialise(module: nn.Module, rank: Rank, seed: int, offload: bool) -> None:
+def _materialise(module: nn.Module, info: DistInfo, seed: int, offload: bool) -> None:
     from . import model as M
 
-    module.to_empty(device="cpu" if offload else rank.device)
-    random_fill_(module, seed + rank.rank)
+    module.to_empty(device="cpu" if offload else info.device)
+    random_fill_(module, seed + info.rank)
     M.reset_rotary_buffers_(module)
+    if offload:
+        # FSDP2 offloads parameters only; buffers (rotary frequencies) must live where compute runs.
+        for mod in module.modules():
+            for name, buf in list(mod.named_buffers(recurse=False)):
+                setattr(mod, name, buf.to(info.device))
 
 
 def _counts(module: nn.Module) -> tuple[int, int]:
@@ -193,64 +170,77 @@ def _clip(params: list[nn.Parameter]) -> None:
     torch.nn.utils.clip_grad_norm_(params, 1.0)
 
 
-def build_ours(setup: Setup, variant: Variant, rank: Rank) -> Prepared:
-    """Our trainer's module and step (see the module docstring)."""
+@dataclass
+class _Row:
+    """One packed training row in the loop's PackedSample form (plain int lists)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+    seq_lens: list[int]
+
+
+def build_ours(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
+    """The trainer's module, sharding, optimizer and loop step (see the module docstring).
+
+    Mirrors ``train.build_module`` for random weights, except that the values are drawn on the
+    device (``random_fill_``) rather than on the host, which would take minutes for 20b.
+    """
+    from gptoss_cloud.spec import OptimSection, ParallelismSection
+
     from . import model as M
-    from .kernels.loss import shift_packed_labels
+    from .loop import Loop, make_optimizer
+    from .parallel import make_accelerator, shard_model
 
     shape = setup.shape()
     config = hf_config(shape, variant)
-    dtype = compute_dtype(rank.device)
-    sharded = rank.sharded
-    hf = M.create_model(config, torch.float32 if sharded else dtype, "meta" if sharded else rank.device, seed=setup.seed)
+    dtype = compute_dtype(info.device)
+    sharded = info.distributed
+    hf = M.create_model(config, dtype, "meta" if sharded else info.device, seed=setup.seed)
     hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm = M.apply_method(hf, method_section(setup))
     module = M.CausalLMWithChunkedLoss(lm, setup.loss_chunk_tokens)
     if sharded:
-        _fsdp2(module, list(module.decoder.layers), rank, setup.offload)
-        _materialise(module, rank, setup.seed, setup.offload)
+        par = ParallelismSection(gpus_per_node=info.world_size, cpu_offload=setup.offload)
+        acc = make_accelerator(par, info, bf16=info.device.type == "cuda" and dtype == torch.bfloat16)
+        module = shard_model(module, acc)
+        _materialise(module, info, setup.seed, setup.offload)
     else:
         # Trainable weights in fp32 (bf16 autocast computes); frozen ones stay in the base dtype.
         for p in module.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
-    module.train()
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = _optimizer(params, rank.device)
-    ids = random_batch(shape, setup.seq, setup.seed, rank.device)
-    seq_lens = [[setup.seq]]
-    targets = shift_packed_labels(ids, seq_lens)
-    batch = M.Batch(ids, targets, torch.arange(setup.seq, device=rank.device)[None], seq_lens)
-    autocast = rank.device.type == "cuda" and not sharded and dtype == torch.bfloat16
+    M.reset_rotary_buffers_(module)
+    optim = OptimSection(lr=1e-5, warmup_steps=0, schedule="constant", max_grad_norm=1.0, max_steps=1_000_000,
+                         micro_batch_size=1, grad_accum=1, seed=setup.seed)
+    optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], optim, info.device)
+    ids = random_batch(shape, setup.seq, setup.seed, torch.device("cpu"))[0].tolist()
+    row = _Row(ids, ids, list(range(setup.seq)), [setup.seq])
+    loop = Loop(module=module, config=config, optimizer=optimizer, optim=optim, info=info,
+                samples=[row] * info.world_size, compute_dtype=dtype, shuffle=False, steps=optim.max_steps,
+                autocast=info.device.type == "cuda" and not sharded and dtype == torch.bfloat16)
 
-    def step() -> torch.Tensor:
-        with torch.autocast(rank.device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss_sum, count, _ = M.run_batch(module, batch, config, dtype)
-        loss = loss_sum / count
-        loss.backward()
-        _clip(params)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+    def step() -> float:
+        return loop.train_step().loss
 
     trainable, total = _counts(module)
-    return Prepared(step, trainable, total, setup.seq, keep=[module, opt])
+    return Prepared(step, trainable, total, setup.seq, keep=[module, optimizer, loop])
 
 
-def build_reference(setup: Setup, variant: Variant, rank: Rank) -> Prepared:
+def build_reference(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
     """transformers GptOssForCausalLM + peft LoRA (or full), labels to the model (full logits)."""
     from transformers import GptOssForCausalLM
 
     shape = setup.shape()
     config = hf_config(shape, variant)
-    dtype = compute_dtype(rank.device)
-    sharded = rank.sharded
+    dtype = compute_dtype(info.device)
+    sharded = info.distributed
     torch.manual_seed(setup.seed)
     init_dtype = torch.float32 if sharded else dtype
     prev = torch.get_default_dtype()
     torch.set_default_dtype(init_dtype)
     try:
-        with torch.device("meta" if sharded else rank.device):
+        with torch.device("meta" if sharded else info.device):
             model = GptOssForCausalLM(config)
     finally:
         torch.set_default_dtype(prev)
@@ -267,16 +257,16 @@ def build_reference(setup: Setup, variant: Variant, rank: Rank) -> Prepared:
     if sharded:
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssDecoderLayer
 
-        _fsdp2(model, [m for m in model.modules() if isinstance(m, GptOssDecoderLayer)], rank, setup.offload)
-        _materialise(model, rank, setup.seed, setup.offload)
+        _fsdp2(model, [m for m in model.modules() if isinstance(m, GptOssDecoderLayer)], info, setup.offload)
+        _materialise(model, info, setup.seed, setup.offload)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(params, rank.device)
-    ids = random_batch(shape, setup.seq, setup.seed, rank.device)
-    autocast = rank.device.type == "cuda" and not sharded
+    opt = _optimizer(params, info.device)
+    ids = random_batch(shape, setup.seq, setup.seed, info.device)
+    autocast = info.device.type == "cuda" and not sharded
 
     def step() -> torch.Tensor:
-        with torch.autocast(rank.device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         _clip(params)
@@ -288,8 +278,8 @@ def build_reference(setup: Setup, variant: Variant, rank: Rank) -> Prepared:
     return Prepared(step, trainable, total, setup.seq, keep=[model, opt])
 
 
-BUILDERS: dict[str, Callable[[Setup, Variant, Rank], Prepared]] = {"ours": build_ours, "transformers": build_reference}
+BUILDERS: dict[str, Callable[[Setup, Variant, DistInfo], Prepared]] = {"ours": build_ours, "transformers": build_reference}
 
 
-def build(setup: Setup, variant: Variant, rank: Rank) -> Prepared:
-    return BUILDERS[variant.stack](setup, variant, rank)
+def build(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
+    return BUILDERS[variant.stack](setup, variant, info)

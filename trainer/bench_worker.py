@@ -19,7 +19,8 @@ from typing import Callable
 
 import torch
 
-from .bench_variants import Prepared, Rank, Setup, Variant, build, join_process_group
+from .bench_variants import Prepared, Setup, Variant, build, join_process_group
+from .parallel import DistInfo
 
 GiB = 1024**3
 
@@ -48,8 +49,8 @@ def free_memory(device: torch.device) -> None:
 
 
 def measure_variant(
-    setup: Setup, variant: Variant, rank: Rank, warmup: int, steps: int,
-    prepare: Callable[[Setup, Variant, Rank], Prepared] = build,
+    setup: Setup, variant: Variant, rank: DistInfo, warmup: int, steps: int,
+    prepare: Callable[[Setup, Variant, DistInfo], Prepared] = build,
 ) -> dict:
     """Build ``variant`` and time ``steps`` optimizer steps after ``warmup`` untimed ones.
 
@@ -57,7 +58,7 @@ def measure_variant(
     with the optimizer update). ``prepare`` is the builder; tests pass a double here.
     """
     free_memory(rank.device)
-    result: dict = {"variant": variant.to_dict(), "rank": rank.rank, "world_size": rank.world, "status": "ok",
+    result: dict = {"variant": variant.to_dict(), "rank": rank.rank, "world_size": rank.world_size, "status": "ok",
                     "error": None, "step_times_s": [], "losses": [], "build_s": None,
                     "trainable_params": None, "total_params": None, "tokens_per_step": setup.seq}
     prepared = None
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     job = json.loads(Path(args.job).read_text())
     setup = Setup(**job["setup"])
     variant = Variant.from_dict(job["variant"])
-    rank = join_process_group(setup.offload)
+    rank = join_process_group()
     result = measure_variant(setup, variant, rank, int(job["warmup"]), int(job["steps"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

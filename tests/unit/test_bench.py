@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from gptoss_cloud.main import app
 from gptoss_cloud.trainer import bench as B
-from gptoss_cloud.trainer.bench_variants import Prepared, Rank, Variant, build
+from gptoss_cloud.trainer.bench_variants import Prepared, Variant, build
+from gptoss_cloud.trainer.parallel import DistInfo
 from gptoss_cloud.trainer.bench_worker import measure_variant
 
 ROW_KEYS = {
@@ -86,7 +87,7 @@ def oom_on_second_step(setup, variant, rank) -> Prepared:
 
 def test_oom_in_a_variant_is_recorded_and_the_benchmark_goes_on(tmp_path):
     opts = tiny()
-    rank = Rank(0, 1, torch.device("cpu"))
+    rank = DistInfo(0, 1, 0, 1, torch.device("cpu"))
 
     def runner(variant: Variant, o: B.BenchOptions) -> dict:
         prepare = oom_on_second_step if variant.stack == "transformers" else build
@@ -140,7 +141,8 @@ def test_variants_per_device():
     (dict(ours=False, baseline=False), "nothing to measure"),
     (dict(steps=0), "--steps"),
     (dict(model="7b"), "unknown model shape"),
-    (dict(offload=True), "--offload needs CUDA"),
+    (dict(offload=True), "--offload shards states"),
+    (dict(offload=True, gpus=2), "--offload needs CUDA"),
     (dict(in_process=True, gpus=2), "--in-process"),
 ])
 def test_bad_options_are_refused_before_anything_is_built(kw, msg):
