@@ -14,6 +14,7 @@ MODULES = [
     "serve",
     "render",
     "lifecycle",
+    "bench",
 ]
 
 
