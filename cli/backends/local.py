@@ -211,6 +211,9 @@ class LocalBackend(Backend):
             state = rec["state"]
         elif _alive(rec.get("supervisor_pid")):
             state = "Running"
+        elif _alive(rec.get("torchrun_pid")):
+            state = "Running"  # its launcher was killed, but torchrun and the ranks still run: cancel stops them
+            detail["reason"] = "the launcher is gone; torchrun still runs"
         else:
             state = "Failed"
             detail["reason"] = "the launcher exited without recording a result (killed?)"
@@ -252,8 +255,12 @@ class LocalBackend(Backend):
             pass
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if (_read_json(sd / "run.json") or {}).get("state") or not _alive(rec.get("supervisor_pid")):
-                return
+            if not _alive(rec.get("torchrun_pid")):
+                if (_read_json(sd / "run.json") or {}).get("state"):
+                    return
+                if not _alive(rec.get("supervisor_pid")):  # nobody left to record it
+                    _write_json(sd / "run.json", {**rec, "state": "Cancelled", "finished": _now()})
+                    return
             time.sleep(0.2)
         raise BackendError(f"run {run_id} did not stop within 60 s of SIGTERM (pid {target})",
                            hint=f"kill it by hand: kill -KILL -{target}")

@@ -89,8 +89,16 @@ def test_detached_run_reports_running_then_cancels(run, tmp_path, monkeypatch):
         # the workers (own sessions under torchrun) are gone too
         assert wait_for(lambda: not any(local._alive(p) for p in workers), 30)
     finally:
-        if local._alive(pid):
-            os.killpg(pid, 9)
+        _stop(sd, pid)
+
+
+def _stop(sd: Path, supervisor: int) -> None:
+    """Leave nothing running whatever failed: torchrun has its own session, so stop it first."""
+    tr = json.loads((sd / "run.json").read_text()).get("torchrun_pid") if (sd / "run.json").exists() else None
+    for group in (tr, supervisor):
+        if group and local._alive(group):
+            os.killpg(group, 15)
+    wait_for(lambda: not local._alive(tr) and not local._alive(supervisor), 30)
 
 
 def _worker_pids(sd: Path) -> list[int]:
@@ -105,6 +113,25 @@ def _worker_pids(sd: Path) -> list[int]:
             except (OSError, IndexError, ValueError):
                 pass
     return out
+
+
+def test_a_launcher_killed_hard_leaves_a_run_that_cancel_still_stops(run, tmp_path, monkeypatch):
+    rid, home, script = run
+    monkeypatch.setenv("PAYLOAD_MODE", "wait")
+    sd = local.state_dir(rid, home)
+    pid = local._spawn_detached(rid, home, 1, torchrun(script, sd / "torchrun" / "attempt-1"))
+    try:
+        assert wait_for(lambda: (tmp_path / "ready.0").exists() and (tmp_path / "ready.1").exists())
+        workers = _worker_pids(sd)
+        os.killpg(pid, 9)                                   # the launcher dies without a word
+        assert wait_for(lambda: not local._alive(pid), 10)
+        st = local.LocalBackend().status(rid, home)
+        assert st.state == "Running" and "torchrun still runs" in st.detail["reason"]
+        local.LocalBackend().cancel(rid, home)
+        assert local.LocalBackend().status(rid, home).state == "Cancelled"
+        assert wait_for(lambda: not any(local._alive(p) for p in workers), 30)
+    finally:
+        _stop(sd, pid)
 
 
 def test_foreground_attempt_streams_rank0_and_names_the_failing_rank(run, monkeypatch, capfd):
