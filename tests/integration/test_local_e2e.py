@@ -35,7 +35,7 @@ def test_submit_local_trains_and_chat_answers(tmp_path):
         "optim: {max_steps: 20, warmup_steps: 0, lr: 0.003, schedule: constant, log_every: 5}\n"
         "output: {merge: false}\n"
     )
-    store = tmp_path / "runs"
+    store = tmp_path / "store"                                        # not the default ./runs
     exe = Path(sys.executable).with_name("gptoss-cloud")
     out = subprocess.run([str(exe), "submit", str(spec), "--backend", "local", "--store", str(store)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -44,7 +44,7 @@ def test_submit_local_trains_and_chat_answers(tmp_path):
     assert m, out.stdout
     rid = m.group(1)
     assert "step 20/20" in out.stdout + out.stderr                     # rank 0's progress was streamed
-    assert f"gptoss-cloud status {rid} --store {store}" in out.stdout
+    assert f"gptoss-cloud status {rid} --store {store}" in out.stdout    # the run is not in ./runs
 
     home = store / rid
     for name in ("spec.yaml", "metrics.jsonl", "summary.json", "logs/attempt-1.log", "merged/config.json"):
