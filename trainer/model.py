@@ -127,7 +127,7 @@ def init_sharded_weights_(model: nn.Module, std: float, seed: int) -> None:
     reset_rotary_buffers_(model)
 
 
-def reset_rotary_buffers_(model: nn.Module) -> None:
+def reset_rotary_buffers_(model: nn.Module, device: torch.device | str | None = None) -> None:
     """Recompute the rotary inv_freq buffers (non-persistent: meta/to_empty leaves them garbage)."""
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
 
@@ -135,9 +135,9 @@ def reset_rotary_buffers_(model: nn.Module) -> None:
         if isinstance(mod, GptOssRotaryEmbedding):
             with torch.device("cpu"):
                 fresh = GptOssRotaryEmbedding(mod.config)
-            device = next((b.device for b in mod.buffers() if b.device.type != "meta"), None)
             for bname, buf in fresh.named_buffers():
-                target = device or (torch.device("cpu") if getattr(mod, bname).device.type == "meta" else getattr(mod, bname).device)
+                old = getattr(mod, bname)
+                target = device if device is not None else (old.device if old.device.type != "meta" else "cpu")
                 setattr(mod, bname, buf.to(target))
             mod.attention_scaling = fresh.attention_scaling
 

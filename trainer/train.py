@@ -120,7 +120,7 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
         for p in module.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
-    M.reset_rotary_buffers_(module)
+    M.reset_rotary_buffers_(module, info.device)
     return module, config, dtype, shape
 
 
