@@ -114,8 +114,8 @@ class NoCheckpoints:
 # ---------------------------------------------------------------------------------------- optimizer
 def make_optimizer(params: Sequence[nn.Parameter], optim: OptimSection, device: torch.device) -> torch.optim.Optimizer:
     kw: dict[str, Any] = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
-    if device.type == "cuda":
-        kw["fused"] = True  # one kernel for all parameters instead of a loop per tensor
+    # Fused: one kernel over all parameters instead of a loop per tensor (CUDA and, since torch 2.4, CPU).
+    kw["fused"] = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(list(params), **kw)
 
 

@@ -108,26 +108,30 @@ def init_sharded_weights_(model: nn.Module, std: float, seed: int) -> None:
     """
     from torch.distributed.tensor import DTensor
 
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # Draw on each parameter's own device: drawing 20b's weights on the host would take minutes.
+    gens: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
             local = p.to_local() if isinstance(p, DTensor) else p
+            gen = gens.get(local.device)
+            if gen is None:
+                gen = gens[local.device] = torch.Generator(device=local.device).manual_seed(seed)
             leaf = name.rsplit(".", 1)[-1]
             if "lora_B" in name:
                 local.zero_()  # an adapter starts as the identity
             elif "lora_A" in name:
                 bound = 1.0 / math.sqrt(local.shape[-1]) if local.dim() > 1 else 0.0
-                local.copy_(torch.rand(local.shape, generator=gen, dtype=torch.float32).mul_(2 * bound).sub_(bound))
+                local.copy_(torch.rand(local.shape, generator=gen, dtype=torch.float32, device=local.device).mul_(2 * bound).sub_(bound))
             elif "norm" in name and leaf == "weight":
                 local.fill_(1.0)
             elif leaf.endswith("bias") and "router" not in name:
                 local.zero_()
             else:
-                local.copy_(torch.randn(local.shape, generator=gen, dtype=torch.float32).mul_(std))
+                local.copy_(torch.randn(local.shape, generator=gen, dtype=torch.float32, device=local.device).mul_(std))
     reset_rotary_buffers_(model)
 
 
-def reset_rotary_buffers_(model: nn.Module) -> None:
+def reset_rotary_buffers_(model: nn.Module, device: torch.device | str | None = None) -> None:
     """Recompute the rotary inv_freq buffers (non-persistent: meta/to_empty leaves them garbage)."""
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
 
@@ -135,9 +139,9 @@ def reset_rotary_buffers_(model: nn.Module) -> None:
         if isinstance(mod, GptOssRotaryEmbedding):
             with torch.device("cpu"):
                 fresh = GptOssRotaryEmbedding(mod.config)
-            device = next((b.device for b in mod.buffers() if b.device.type != "meta"), None)
             for bname, buf in fresh.named_buffers():
-                target = device or (torch.device("cpu") if getattr(mod, bname).device.type == "meta" else getattr(mod, bname).device)
+                old = getattr(mod, bname)
+                target = device if device is not None else (old.device if old.device.type != "meta" else "cpu")
                 setattr(mod, bname, buf.to(target))
             mod.attention_scaling = fresh.attention_scaling
 

@@ -120,7 +120,7 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
         for p in module.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
-    M.reset_rotary_buffers_(module)
+    M.reset_rotary_buffers_(module, info.device)
     return module, config, dtype, shape
 
 
@@ -155,7 +155,7 @@ def _oom_report(spec: RunSpec, shape, info: DistInfo) -> str:
         from gptoss_cloud.plan import memory_plan
 
         lines.append("memory plan attempted: " + memory_plan(spec).summary())
-    except Exception:  # the planner is optional here; fall back to the sizes we know
+    except Exception:  # a custom model whose shape the planner cannot read: report what we know
         lines.append(
             f"model {shape.name}: {shape.total_params / 1e9:.2f} B params ({M.bf16_bytes(shape) / 2**30:.1f} GiB bf16), "
             f"method {spec.method.kind}, {info.world_size} GPUs, max_seq_len {spec.data.max_seq_len}, "
@@ -178,12 +178,9 @@ def run_training(spec: RunSpec, run_id: str, home: str, *, datasets: Any = None,
     random.seed(spec.optim.seed)
     torch.manual_seed(spec.optim.seed)
     if info.device.type == "cuda":
-        try:
-            from gptoss_cloud.plan import check_fit
-        except ImportError:
-            check_fit = None
-        if check_fit is not None:
-            check_fit(spec)  # refuse before any model loads
+        from gptoss_cloud.plan import check_fit
+
+        check_fit(spec)  # refuse before any model loads
     ds = datasets if datasets is not None else build_data(spec, info)
     train, val = list(ds.train), list(getattr(ds, "validation", None) or [])
     shape = M.model_shape(spec.model) if M.is_random(spec.model) else None

@@ -65,3 +65,29 @@ def test_bad_shapes_and_dtypes_are_refused():
         dequantize_mxfp4(torch.zeros(1, 1, 16), torch.zeros(1, 1, dtype=torch.uint8))
     with pytest.raises(ValueError, match="do not match"):
         dequantize_mxfp4(torch.zeros(1, 2, 16, dtype=torch.uint8), torch.zeros(1, 3, dtype=torch.uint8))
+
+
+def test_checkpoint_folder_with_mxfp4_experts_loads_as_bf16(tmp_path):
+    """A folder in the released layout (experts as *_blocks/*_scales) and one already in bf16 both
+    come out as transformers' parameter names and shapes."""
+    from safetensors.torch import save_file
+
+    from gptoss_cloud.trainer.weights import load_state_dict
+
+    blocks = torch.randint(0, 256, (2, 6, 1, 16), dtype=torch.uint8)
+    scales = torch.randint(125, 130, (2, 6, 1), dtype=torch.uint8)
+    bias = torch.randn(2, 6)
+    (tmp_path / "q").mkdir()
+    save_file({"model.layers.0.mlp.experts.gate_up_proj_blocks": blocks,
+               "model.layers.0.mlp.experts.gate_up_proj_scales": scales,
+               "model.layers.0.mlp.experts.gate_up_proj_bias": bias}, str(tmp_path / "q" / "model.safetensors"))
+    sd = load_state_dict(tmp_path / "q", torch.bfloat16)
+    assert set(sd) == {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.gate_up_proj_bias"}
+    w = sd["model.layers.0.mlp.experts.gate_up_proj"]
+    assert w.dtype == torch.bfloat16 and w.shape == (2, 32, 6)
+    torch.testing.assert_close(w.double(), _reference(blocks, scales).transpose(1, 2), rtol=0, atol=0)
+
+    (tmp_path / "bf16").mkdir()
+    save_file({"model.layers.0.mlp.experts.gate_up_proj": w.contiguous()}, str(tmp_path / "bf16" / "model.safetensors"))
+    again = load_state_dict(tmp_path / "bf16", torch.bfloat16)
+    torch.testing.assert_close(again["model.layers.0.mlp.experts.gate_up_proj"], w, rtol=0, atol=0)
