@@ -127,13 +127,22 @@ def load_run_model(home: str, spec: RunSpec, *, device: str | None = None):
 
 
 def _load_base_from_spec(spec: RunSpec, dtype):
-    try:
-        from gptoss_cloud.trainer.model import load_base_model  # type: ignore[attr-defined]
-    except ImportError as e:
-        raise GptossError(
-            f"cannot rebuild the base model {spec.model.name!r} for the adapter: the run home has no base/ ({e})"
-        ) from e
-    return load_base_model(spec.model, dtype=dtype)
+    """The published (or given) base weights the adapter was trained on, loaded the way the trainer
+    loads them: fetched once into the cache, MXFP4 experts dequantized."""
+    from gptoss_cloud.trainer import model as M
+    from gptoss_cloud.trainer.weights import fetch_pretrained, load_state_dict, read_config
+
+    if M.is_random(spec.model):
+        raise GptossError(f"run has an adapter on a random {spec.model.name!r} base but no base/ folder to rebuild it from")
+    folder = fetch_pretrained(spec.model.name, revision=spec.model.revision, cache_dir=spec.model.cache_dir)
+    shape = M.model_shape(spec.model, read_config(folder))
+    hf = M.create_model(M.build_config(shape, "eager", "eager"), dtype, "meta")
+    missing, unexpected = hf.load_state_dict(load_state_dict(folder, dtype), strict=False, assign=True)
+    missing = [k for k in missing if k != "lm_head.weight" or not shape.tie_word_embeddings]
+    if missing or unexpected:
+        raise GptossError(f"weights in {folder} do not match GPT-OSS {shape.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    M.reset_rotary_buffers_(hf)
+    return hf
 
 
 # ---------------------------------------------------------------------------------------- decoding

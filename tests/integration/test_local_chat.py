@@ -108,6 +108,23 @@ def test_base_plus_adapter_decodes_like_the_model_that_was_trained(home):
     assert got.source.endswith("/base + " + str(home / "adapter"))
 
 
+def test_adapter_on_a_pretrained_base_loads_the_base_from_the_spec(home, tmp_path):
+    """No base/ in the home: the spec's model (here a local folder) is loaded as the trainer loads it."""
+    from peft import LoraConfig, get_peft_model
+
+    from gptoss_cloud.trainer.chat import chat_once
+
+    tiny_model(seed=2).save_pretrained(tmp_path / "pretrained")
+    trained = get_peft_model(tiny_model(seed=2), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    trained.save_pretrained(home / "adapter")
+    spec = load_spec(overrides={"model.name": str(tmp_path / "pretrained"), "model.init": "pretrained",
+                                "output.store": str(home.parent)})
+    expected = chat_once(str(home), spec, "Hi", max_new_tokens=5, model=trained.eval())
+    got = chat_once(str(home), spec, "Hi", max_new_tokens=5)
+    assert got.tokens == expected.tokens
+    assert got.source == f"model {tmp_path / 'pretrained'} + {home / 'adapter'}"
+
+
 def test_chat_before_any_weights_exist_is_a_clear_error(home):
     r = CliRunner().invoke(app, ["chat", str(home), "--prompt", "Hello"])
     assert isinstance(r.exception, GptossError) and "has no merged/ or adapter/ yet" in str(r.exception)
