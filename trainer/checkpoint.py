@@ -1,0 +1,333 @@
+"""Sharded checkpoints: save with torch.distributed.checkpoint, publish to the run store, resume.
+
+Layout in the run home::
+
+    checkpoints/step-N/
+        .metadata  __R_0.distcp ...   DCP: model (or LoRA adapter) + optimizer, each rank its shards
+        extra/rank-R.json             scheduler, data position, RNG ... per rank, as tagged JSON
+        spec.yaml                     the run spec        adapter_config.json   (LoRA runs)
+        _parts/rank-R.json            what each rank uploaded (rank 0 folds these into the manifest)
+        manifest.json                 written LAST: files + sha256, step, world size, spec hash [+ HMAC]
+
+Every save goes into a new ``step-N`` folder (DCP deletes old metadata first, so overwriting in place
+would leave nothing usable after a crash mid-save). Shards are written to a local folder, uploaded
+(multipart, parallel), then rank 0 writes the manifest once every rank has reported its files. Local
+copies older than the newest are deleted once uploaded; the store keeps the last ``keep_last``.
+
+The training loop calls::
+
+    ckpt = Checkpointer(spec.checkpoint, home, spec=spec)
+    step = ckpt.restore(state)          # 0 when starting fresh
+    ...  ckpt.maybe_save(step, state)   # every step; saves every checkpoint.every_steps
+    ckpt.maybe_save(step, state, last=True); ckpt.close()
+
+where ``state`` maps names to the model (``"model"``), the optimizer (``"optimizer"``) and any other
+objects with ``state_dict()`` / ``load_state_dict()`` (scheduler, data position, ``RNGState``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from gptoss_cloud.store import LocalStore, StoreNotFound, open_store, upload_files
+
+from . import ckpt_state
+from .ckpt_manifest import (
+    MANIFEST, PARTS_DIR, CheckpointError, Manifest, file_entry, list_published, parse_step, prune, publish,
+    read_manifest, read_parts, signing_key, step_dir, write_part,
+)
+from .ckpt_room import check_local_room, checkpoint_bytes  # noqa: F401 (re-exported for the planner)
+from .ckpt_safety import FetchingReader, SafeLoadPlanner, safe_load_metadata
+
+log = logging.getLogger("gptoss_cloud.checkpoint")
+MODEL_KEYS = ("model", "optimizer")
+PUBLISH_TIMEOUT_S = float(os.environ.get("GPTOSS_PUBLISH_TIMEOUT_S", "1800"))
+
+
+def spec_hash(spec_yaml: str) -> str:
+    return hashlib.sha256(spec_yaml.encode()).hexdigest()[:16]
+
+
+def _unwrap_optimizer(opt):
+    # accelerate wraps the optimizer; DCP's state_dict helpers want the torch one.
+    return getattr(opt, "optimizer", opt) if not isinstance(opt, torch.optim.Optimizer) else opt
+
+
+def _has_frozen(model: torch.nn.Module) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
+class Checkpointer:
+    def __init__(self, cfg, home: str, *, spec=None, local_dir: str | None = None, process_group=None):
+        """``cfg`` is the spec's ``checkpoint`` section; ``home`` the run home URI (s3://… or a folder)."""
+        self.cfg = cfg
+        self.home = str(home).rstrip("/")
+        self.store = open_store(self.home)
+        self.ckpts = self.store.child("checkpoints")
+        self.spec_yaml = spec.to_yaml() if spec is not None else None
+        self.spec_hash = spec_hash(self.spec_yaml) if self.spec_yaml else None
+        self.method = spec.method.kind if spec is not None else None
+        self.dist = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.dist else 0
+        self.world = dist.get_world_size() if self.dist else 1
+        self.pg = process_group
+        if self.dist and self.pg is None and dist.get_backend() != "gloo":
+            self.pg = dist.new_group(backend="gloo")  # async save and our small collectives run on CPU
+        self.key = signing_key()
+        local = local_dir or cfg.local_dir
+        if isinstance(self.ckpts, LocalStore) and not local:
+            # A local store is already local disk: write in place, no second copy.
+            self.local_root, self.in_place = Path(self.ckpts.root), True
+        else:
+            run_id = self.home.rsplit("/", 1)[-1]
+            self.local_root = Path(local or Path(tempfile.gettempdir()) / "gptoss-cloud" / run_id / "checkpoints")
+            self.in_place = False
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_saved: int | None = None
+
+    # ------------------------------------------------------------------------------------------ save
+    def maybe_save(self, step: int, state: Mapping[str, Any], *, last: bool = False) -> bool:
+        every = self.cfg.every_steps
+        if last or (every and step % every == 0):
+            if self.last_saved == step:
+                return False
+            self.save(step, state)
+            return True
+        return False
+
+    def save(self, step: int, state: Mapping[str, Any]) -> None:
+        self.wait()  # one checkpoint in flight at a time
+        published = self._bcast(step in list_published(self.ckpts) if self.rank == 0 else None)
+        if published:  # never overwrite a published checkpoint (e.g. the last step of a resumed run)
+            log.info("checkpoint step %d is already published; not saving it again", step)
+            self.last_saved = step
+            return
+        folder = self.local_root / step_dir(step)
+        (folder / "extra").mkdir(parents=True, exist_ok=True)
+        extras = {k: v.state_dict() for k, v in state.items() if k not in MODEL_KEYS}
+        (folder / "extra" / f"rank-{self.rank}.json").write_bytes(ckpt_state.dumps(extras))
+        if self.rank == 0:
+            if self.spec_yaml:
+                (folder / "spec.yaml").write_text(self.spec_yaml)
+            self._write_adapter_config(state.get("model"), folder)
+        sd = self._model_state(state)
+        writer = dcp.FileSystemWriter(str(folder))
+        if self.cfg.async_save:
+            resp = dcp.async_save(sd, storage_writer=writer, process_group=self.pg)
+            fut = getattr(resp, "upload_completion", resp)
+            self._thread = threading.Thread(target=self._background, args=(step, folder, fut), daemon=True,
+                                            name=f"ckpt-publish-{step}")
+            self._thread.start()
+        else:
+            dcp.save(sd, storage_writer=writer, process_group=self.pg)
+            self._publish(step, folder)
+        self.last_saved = step
+
+    def _background(self, step, folder, fut) -> None:
+        try:
+            fut.result()
+            self._publish(step, folder)
+        except BaseException as e:  # surfaced by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until this rank's part of the checkpoint in flight is uploaded (rank 0: published)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointError(f"saving a checkpoint failed: {err}") from err
+
+    def close(self) -> None:
+        self.wait()
+
+    def _own_files(self, folder: Path) -> list[str]:
+        own = [f"extra/rank-{self.rank}.json"]
+        own += sorted(p.name for p in folder.glob(f"__{self.rank}_*.distcp"))
+        if self.rank == 0:
+            own += [n for n in (".metadata", "spec.yaml", "adapter_config.json") if (folder / n).exists()]
+        return own
+
+    def _publish(self, step: int, folder: Path) -> None:
+        t0 = time.time()
+        files = {rel: file_entry(folder / rel) for rel in self._own_files(folder)}
+        if not self.in_place:
+            upload_files(self.ckpts, [(folder / rel, f"{step_dir(step)}/{rel}") for rel in files])
+        write_part(self.ckpts, step, self.rank, files)
+        if not self.in_place:  # the newest local copy stays for a fast resume; older ones go
+            for old in self.local_root.glob("step-*"):
+                s = parse_step(old.name)
+                if s is not None and s < step:
+                    shutil.rmtree(old, ignore_errors=True)
+        if self.rank != 0:
+            return
+        deadline = time.time() + PUBLISH_TIMEOUT_S
+        while (all_files := read_parts(self.ckpts, step, self.world)) is None:
+            if time.time() > deadline:
+                raise CheckpointError(f"step {step}: not every rank uploaded its shards within {PUBLISH_TIMEOUT_S:.0f}s; not published")
+            time.sleep(0.2)
+        manifest = Manifest(step=step, world_size=self.world, files=all_files, spec_hash=self.spec_hash,
+                            method=self.method, extra={"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        publish(self.ckpts, manifest, self.key)
+        dropped = prune(self.ckpts, self.cfg.keep_last, newest=step)
+        size = sum(f["size"] for f in all_files.values())
+        log.info("published checkpoint %s/%s (%.1f MiB, %d files, %.1fs)%s", self.ckpts.uri, step_dir(step), size / 2**20,
+                 len(all_files), time.time() - t0, f"; removed step {dropped}" if dropped else "")
+
+    # --------------------------------------------------------------------------------------- restore
+    def restore(self, state: Mapping[str, Any]) -> int:
+        """Load the newest usable published checkpoint into ``state``; return its step (0: fresh start)."""
+        mode = self.cfg.resume
+        if mode == "never":
+            return 0
+        ckpts = self.ckpts
+        if mode != "auto":  # an explicit checkpoint URI: .../checkpoints/step-N
+            base, _, name = mode.rstrip("/").rpartition("/")
+            if parse_step(name) is None:
+                raise CheckpointError(f"checkpoint.resume {mode!r}: expected auto, never, or a URI ending in /step-N")
+            ckpts, candidates = open_store(base), [parse_step(name)]
+        else:
+            candidates = self._bcast(list_published(ckpts) if self.rank == 0 else None)
+        if not candidates:
+            return 0
+        errors = []
+        for step in candidates:
+            err = self._try_load(ckpts, step, state)
+            if err is None:
+                if errors:
+                    log.warning("resumed from the older checkpoint %s/%s", ckpts.uri, step_dir(step))
+                return step
+            errors.append(f"{step_dir(step)}: {err}")
+            log.warning("WARNING: checkpoint %s/%s is unusable (%s); falling back to the previous one", ckpts.uri, step_dir(step), err)
+        raise CheckpointError(
+            f"no usable checkpoint under {ckpts.uri} ({len(candidates)} published): " + "; ".join(errors),
+            hint="set checkpoint.resume: never to start over (new checkpoints replace these)",
+        )
+
+    def _try_load(self, ckpts, step: int, state: Mapping[str, Any]) -> str | None:
+        where = f"{ckpts.uri.rstrip('/')}/{step_dir(step)}"
+        # A local store is read in place; S3 checkpoints are fetched into the local folder.
+        folder = (Path(ckpts.root) if isinstance(ckpts, LocalStore) else self.local_root) / step_dir(step)
+        manifest = None
+        try:  # phase 1: the manifest, DCP metadata and this rank's small files
+            manifest = read_manifest(ckpts, step, self.key)
+            fetch = self._fetcher(ckpts, step, folder, manifest, where)
+            fetch([".metadata"])
+            safe_load_metadata((folder / ".metadata").read_bytes(), f"{where}/.metadata")
+            src_rank = self.rank if self.rank < manifest.world_size else 0
+            fetch([f"extra/rank-{src_rank}.json"])
+            extras = ckpt_state.loads((folder / "extra" / f"rank-{src_rank}.json").read_bytes())
+            err = None
+        except (CheckpointError, StoreNotFound) as e:
+            err = e.message
+        if (err := self._agree(err)) is not None:
+            return err
+        if manifest.world_size != self.world:
+            log.warning("resharding checkpoint %s from %d to %d processes", where, manifest.world_size, self.world)
+        if self.spec_hash and manifest.spec_hash and manifest.spec_hash != self.spec_hash and self.rank == 0:
+            log.warning("the run spec changed since %s was saved; continuing with the new spec", where)
+        try:  # phase 2: tensors (DCP reports any rank's failure on every rank)
+            sd = self._model_state(state)
+            if sd:
+                dcp.load(sd, storage_reader=FetchingReader(str(folder), fetch, where), planner=SafeLoadPlanner(),
+                         process_group=self.pg)
+                self._set_model_state(state, sd)
+            # Everything else, then RNG last: restoring RNG first would let later restores draw from it.
+            names = [k for k in state if k not in MODEL_KEYS]
+            for k in sorted(names, key=lambda k: bool(getattr(state[k], "restore_last", False))):
+                if k not in extras:
+                    raise CheckpointError(f"{where}: no saved state for {k!r}")
+                state[k].load_state_dict(extras[k])
+            err = None
+        except Exception as e:  # noqa: BLE001 - agreed on below, then reported as a fallback reason
+            err = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+        return self._agree(err)
+
+    def _fetcher(self, ckpts, step: int, folder: Path, manifest: Manifest, where: str):
+        verified: set[str] = set()
+
+        def fetch(paths: Iterable[str]) -> None:
+            for rel in paths:
+                if rel in verified:
+                    continue
+                local = folder / rel
+                if local.exists():  # a local copy (this node wrote it, or an earlier attempt fetched it)
+                    try:
+                        manifest.check_file(rel, local, where)
+                        verified.add(rel)
+                        continue
+                    except CheckpointError:
+                        pass  # stale or damaged: fetch it again (a no-op when the store is this folder)
+                ckpts.download_file(f"{step_dir(step)}/{rel}", local)
+                manifest.check_file(rel, local, where)
+                verified.add(rel)
+
+        return fetch
+
+    # ------------------------------------------------------------------------------- model + optim
+    def _options(self, model) -> StateDictOptions:
+        # LoRA: only the adapter (trainable) weights; the frozen base comes from the base model.
+        return StateDictOptions(ignore_frozen_params=_has_frozen(model), strict=not _has_frozen(model))
+
+    def _model_state(self, state: Mapping[str, Any]) -> dict:
+        model = state.get("model")
+        if model is None:
+            return {}
+        opt = state.get("optimizer")
+        if opt is None:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            return {"model": get_model_state_dict(model, options=self._options(model))}
+        msd, osd = get_state_dict(model, _unwrap_optimizer(opt), options=self._options(model))
+        return {"model": msd, "optimizer": osd}
+
+    def _set_model_state(self, state: Mapping[str, Any], sd: dict) -> None:
+        model, opt = state["model"], state.get("optimizer")
+        if opt is None:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+            set_model_state_dict(model, sd["model"], options=self._options(model))
+        else:
+            set_state_dict(model, _unwrap_optimizer(opt), model_state_dict=sd["model"], optim_state_dict=sd["optimizer"],
+                           options=self._options(model))
+
+    def _write_adapter_config(self, model, folder: Path) -> None:
+        cfg = getattr(model, "peft_config", None)
+        if not cfg:
+            return
+        import json
+
+        d = cfg["default"].to_dict()
+        (folder / "adapter_config.json").write_text(json.dumps(d, indent=1, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+
+    # ------------------------------------------------------------------------------- collectives
+    def _bcast(self, obj):
+        if not self.dist:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.pg)
+        return box[0]
+
+    def _agree(self, err: str | None) -> str | None:
+        """Every rank learns whether any rank failed, so all fall back together."""
+        if not self.dist:
+            return err
+        errs: list = [None] * self.world
+        dist.all_gather_object(errs, err, group=self.pg)
+        bad = [f"rank {r}: {e}" if self.world > 1 else e for r, e in enumerate(errs) if e]
+        return "; ".join(dict.fromkeys(bad)) if bad else None
