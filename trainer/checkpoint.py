@@ -40,6 +40,7 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from gptoss_cloud.store import LocalStore, StoreNotFound, open_store, upload_files
@@ -64,6 +65,14 @@ def spec_hash(spec_yaml: str) -> str:
 def _unwrap_optimizer(opt):
     # accelerate wraps the optimizer; DCP's state_dict helpers want the torch one.
     return getattr(opt, "optimizer", opt) if not isinstance(opt, torch.optim.Optimizer) else opt
+
+
+def _reason(e: BaseException) -> str:
+    # DCP's CheckpointException (a BaseException) carries each failed rank's own exception.
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        e = next(iter(failures.values()))
+    return getattr(e, "message", None) or f"{type(e).__name__}: {e}"
 
 
 def _has_frozen(model: torch.nn.Module) -> bool:
@@ -254,8 +263,8 @@ class Checkpointer:
                     raise CheckpointError(f"{where}: no saved state for {k!r}")
                 state[k].load_state_dict(extras[k])
             err = None
-        except Exception as e:  # noqa: BLE001 - agreed on below, then reported as a fallback reason
-            err = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - agreed on below, then a fallback reason
+            err = _reason(e)
         return self._agree(err)
 
     def _fetcher(self, ckpts, step: int, folder: Path, manifest: Manifest, where: str):
