@@ -75,8 +75,39 @@ def _reason(e: BaseException) -> str:
     return getattr(e, "message", None) or f"{type(e).__name__}: {e}"
 
 
+def model_config(model):
+    """The transformers config of the (possibly peft-wrapped) model, saved with each checkpoint for merging."""
+    if model is None:
+        return None
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, "config", None)
+
+
 def _has_frozen(model: torch.nn.Module) -> bool:
     return any(not p.requires_grad for p in model.parameters())
+
+
+def make_fetcher(ckpts, step: int, folder: Path, manifest: Manifest, where: str):
+    """fetch(paths): make each checkpoint file present under ``folder`` and verified against the manifest."""
+    verified: set[str] = set()
+
+    def fetch(paths: Iterable[str]) -> None:
+        for rel in paths:
+            if rel in verified:
+                continue
+            local = folder / rel
+            if local.exists():  # a local copy (this node wrote it, or an earlier attempt fetched it)
+                try:
+                    manifest.check_file(rel, local, where)
+                    verified.add(rel)
+                    continue
+                except CheckpointError:
+                    pass  # stale or damaged: fetch it again (a no-op when the store is this folder)
+            ckpts.download_file(f"{step_dir(step)}/{rel}", local)
+            manifest.check_file(rel, local, where)
+            verified.add(rel)
+
+    return fetch
 
 
 class Checkpointer:
@@ -89,6 +120,8 @@ class Checkpointer:
         self.spec_yaml = spec.to_yaml() if spec is not None else None
         self.spec_hash = spec_hash(self.spec_yaml) if self.spec_yaml else None
         self.method = spec.method.kind if spec is not None else None
+        # A LoRA run on random weights must keep its base: nothing else could rebuild it for a merge.
+        self.keep_base = spec is not None and spec.method.kind == "lora" and (spec.model.init == "random" or spec.model.name == "tiny")
         self.dist = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.dist else 0
         self.world = dist.get_world_size() if self.dist else 1
@@ -133,6 +166,8 @@ class Checkpointer:
             if self.spec_yaml:
                 (folder / "spec.yaml").write_text(self.spec_yaml)
             self._write_adapter_config(state.get("model"), folder)
+            if (cfg := model_config(state.get("model"))) is not None:
+                (folder / "config.json").write_text(cfg.to_json_string())
         sd = self._model_state(state)
         writer = dcp.FileSystemWriter(str(folder))
         if self.cfg.async_save:
@@ -169,7 +204,7 @@ class Checkpointer:
         own = [f"extra/rank-{self.rank}.json"]
         own += sorted(p.name for p in folder.glob(f"__{self.rank}_*.distcp"))
         if self.rank == 0:
-            own += [n for n in (".metadata", "spec.yaml", "adapter_config.json") if (folder / n).exists()]
+            own += [n for n in (".metadata", "spec.yaml", "adapter_config.json", "config.json") if (folder / n).exists()]
         return own
 
     def _publish(self, step: int, folder: Path) -> None:
@@ -201,6 +236,14 @@ class Checkpointer:
     # --------------------------------------------------------------------------------------- restore
     def restore(self, state: Mapping[str, Any]) -> int:
         """Load the newest usable published checkpoint into ``state``; return its step (0: fresh start)."""
+        step = self._restore(state)
+        if step == 0 and self.keep_base and state.get("model") is not None:
+            has = self._bcast(self.store.exists("base/config.json") if self.rank == 0 else None)
+            if not has:
+                self.save_base(state["model"])
+        return step
+
+    def _restore(self, state: Mapping[str, Any]) -> int:
         mode = self.cfg.resume
         if mode == "never":
             return 0
@@ -268,25 +311,31 @@ class Checkpointer:
         return self._agree(err)
 
     def _fetcher(self, ckpts, step: int, folder: Path, manifest: Manifest, where: str):
-        verified: set[str] = set()
+        return make_fetcher(ckpts, step, folder, manifest, where)
 
-        def fetch(paths: Iterable[str]) -> None:
-            for rel in paths:
-                if rel in verified:
-                    continue
-                local = folder / rel
-                if local.exists():  # a local copy (this node wrote it, or an earlier attempt fetched it)
-                    try:
-                        manifest.check_file(rel, local, where)
-                        verified.add(rel)
-                        continue
-                    except CheckpointError:
-                        pass  # stale or damaged: fetch it again (a no-op when the store is this folder)
-                ckpts.download_file(f"{step_dir(step)}/{rel}", local)
-                manifest.check_file(rel, local, where)
-                verified.add(rel)
+    def save_base(self, model) -> None:
+        """Keep the frozen base of a LoRA run with random weights in ``<home>/base/`` (a merge needs it).
 
-        return fetch
+        Collective: every rank calls it; rank 0 gathers the full weights on CPU and writes a Hugging Face folder.
+        """
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            from safetensors.torch import save_file
+
+            from .merge import hf_name
+
+            tensors = {hf_name(k): v.contiguous() for k, v in full.items() if "lora_" not in k}
+            with tempfile.TemporaryDirectory() as tmp:
+                save_file(tensors, f"{tmp}/model.safetensors", metadata={"format": "pt"})
+                cfg = model_config(model)
+                (Path(tmp) / "config.json").write_text(cfg.to_json_string())
+                base = self.store.child("base")
+                upload_files(base, [(f"{tmp}/model.safetensors", "model.safetensors"), (f"{tmp}/config.json", "config.json")])
+        del full
+        if self.dist:
+            dist.barrier(group=self.pg)
 
     # ------------------------------------------------------------------------------- model + optim
     def _options(self, model) -> StateDictOptions:
