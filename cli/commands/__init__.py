@@ -9,6 +9,7 @@ import typer
 # Order here is the order in `--help`.
 MODULES = [
     "spec_cmds",
+    "merge",
 ]
 
 
