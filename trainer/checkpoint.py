@@ -50,7 +50,7 @@ from .ckpt_manifest import (
     MANIFEST, PARTS_DIR, CheckpointError, Manifest, file_entry, list_published, parse_step, prune, publish,
     read_manifest, read_parts, signing_key, step_dir, write_part,
 )
-from .ckpt_room import check_local_room, checkpoint_bytes  # noqa: F401 (re-exported for the planner)
+from .ckpt_room import check_local_room, checkpoint_bytes, preflight  # noqa: F401 (re-exported for the planner)
 from .ckpt_safety import FetchingReader, SafeLoadPlanner, safe_load_metadata
 
 log = logging.getLogger("gptoss_cloud.checkpoint")
@@ -137,6 +137,10 @@ class Checkpointer:
             run_id = self.home.rsplit("/", 1)[-1]
             self.local_root = Path(local or Path(tempfile.gettempdir()) / "gptoss-cloud" / run_id / "checkpoints")
             self.in_place = False
+        if spec is not None:  # fail before training, with numbers, not after hours at the first save
+            self.store.check_access(write=self.rank == 0)
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                check_local_room(spec, self.local_root)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_saved: int | None = None

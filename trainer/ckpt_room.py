@@ -60,3 +60,27 @@ def check_local_room(spec, folder: str | Path, shape: ModelShape | None = None, 
             hint="point checkpoint.local_dir at a larger volume (or give the pod a bigger ephemeral disk)",
         )
     return need
+
+
+def local_checkpoint_dir(spec, home: str, run_id: str | None = None) -> Path:
+    """Where shards are written before upload: checkpoint.local_dir, the store itself when it is a folder,
+    else a temporary folder per run."""
+    import tempfile
+
+    from gptoss_cloud.store import is_remote, join
+
+    if spec.checkpoint.local_dir:
+        return Path(spec.checkpoint.local_dir)
+    if not is_remote(home):
+        return Path(join(home.removeprefix("file://"), "checkpoints"))
+    run_id = run_id or home.rstrip("/").rsplit("/", 1)[-1]
+    return Path(tempfile.gettempdir()) / "gptoss-cloud" / run_id / "checkpoints"
+
+
+def preflight(spec, home: str, *, write: bool = True) -> None:
+    """Before training (and before submit): the run home is reachable and writable, and the local
+    checkpoint folder can hold two checkpoints. Each failure is one line naming the URI / folder."""
+    from gptoss_cloud.store import open_store
+
+    open_store(home).check_access(write=write)
+    check_local_room(spec, local_checkpoint_dir(spec, home))

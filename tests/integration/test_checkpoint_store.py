@@ -149,3 +149,18 @@ def test_signed_manifest_and_tampering(root, tmp_path):
     assert not cm.read_manifest(ckpts, 6, None).signed
     with pytest.raises(cm.CheckpointError, match="does not verify"):
         cm.read_manifest(open_store(root).child("run2/checkpoints"), 5, b"other-key")
+
+
+def test_preflight_fails_before_training(s3_env, s3_bucket, tmp_path):
+    from gptoss_cloud.errors import PlanError
+    from gptoss_cloud.spec import RunSpec
+    from gptoss_cloud.trainer.ckpt_room import preflight
+
+    tiny = RunSpec.model_validate({"model": {"name": "tiny"}, "checkpoint": {"local_dir": str(tmp_path / "ck")}})
+    preflight(tiny, f"{s3_bucket}/run-ok")
+    with pytest.raises(StoreError, match=r"s3://missing-bucket-q/run: NoSuchBucket"):
+        preflight(tiny, "s3://missing-bucket-q/run")
+    big = RunSpec.model_validate({"model": {"name": "120b"}, "method": {"kind": "full"},
+                                  "checkpoint": {"local_dir": str(tmp_path / "ck")}})
+    with pytest.raises(PlanError, match="GiB free; two checkpoints of this run need"):
+        preflight(big, f"{s3_bucket}/run-big")
