@@ -133,7 +133,8 @@ class BaseWeights:
 
             blocks = self._handles[self.where[name + "_blocks"]].get_tensor(name + "_blocks")
             scales = self._handles[self.where[name + "_scales"]].get_tensor(name + "_scales")
-            return convert_moe_packed_tensors(blocks, scales, dtype=dtype).transpose(1, 2).contiguous()
+            # transformers dequantizes straight into the (experts, in, out) layout its GptOssExperts uses
+            return convert_moe_packed_tensors(blocks, scales, dtype=dtype)
         raise GptossError(f"base weights in {self.folder} have no tensor {name!r}")
 
 
