@@ -126,8 +126,10 @@ class Checkpointer:
         self.rank = dist.get_rank() if self.dist else 0
         self.world = dist.get_world_size() if self.dist else 1
         self.pg = process_group
-        if self.dist and self.pg is None and dist.get_backend() != "gloo":
-            self.pg = dist.new_group(backend="gloo")  # async save and our small collectives run on CPU
+        if self.dist and self.pg is None:
+            # Our own CPU group: an async save's background thread runs DCP collectives on it while the
+            # training thread keeps using the default group; sharing one group would interleave them.
+            self.pg = dist.new_group(backend="gloo")
         self.key = signing_key()
         local = local_dir or cfg.local_dir
         if isinstance(self.ckpts, LocalStore) and not local:
