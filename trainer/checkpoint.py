@@ -75,6 +75,31 @@ def _reason(e: BaseException) -> str:
     return getattr(e, "message", None) or f"{type(e).__name__}: {e}"
 
 
+class _Progress:
+    """Step, token count and extras of the loop's TrainState, as one Stateful."""
+
+    def __init__(self, ts):
+        self.ts = ts
+
+    def state_dict(self) -> dict:
+        return {"step": self.ts.step, "tokens": self.ts.tokens, "extra": dict(self.ts.extra)}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.ts.step, self.ts.tokens = int(st["step"]), int(st["tokens"])
+        self.ts.extra.clear()
+        self.ts.extra.update(st.get("extra") or {})
+
+
+def as_state(state) -> Mapping[str, Any]:
+    """Accept either a mapping of Stateful objects or the loop's TrainState (module, optimizer, scheduler, data, …)."""
+    if isinstance(state, Mapping):
+        return state
+    from .ckpt_state import RNGState
+
+    return {"model": state.module, "optimizer": state.optimizer, "scheduler": state.scheduler, "data": state.data,
+            "progress": _Progress(state), "rng": RNGState()}
+
+
 def model_config(model):
     """The transformers config of the (possibly peft-wrapped) model, saved with each checkpoint for merging."""
     if model is None:
@@ -148,16 +173,20 @@ class Checkpointer:
         self.last_saved: int | None = None
 
     # ------------------------------------------------------------------------------------------ save
-    def maybe_save(self, step: int, state: Mapping[str, Any], *, last: bool = False) -> bool:
+    def maybe_save(self, step: int, state, *, last: bool = False, final: bool = False) -> bool:
+        """Save when ``step`` is a multiple of checkpoint.every_steps, or at the end (``last``/``final``)."""
         every = self.cfg.every_steps
-        if last or (every and step % every == 0):
+        if last or final or (every and step % every == 0):
             if self.last_saved == step:
                 return False
             self.save(step, state)
+            if last or final:  # the run ends here (and may merge next): the checkpoint must be published
+                self.wait()
             return True
         return False
 
-    def save(self, step: int, state: Mapping[str, Any]) -> None:
+    def save(self, step: int, state) -> None:
+        state = as_state(state)
         self.wait()  # one checkpoint in flight at a time
         published = self._bcast(step in list_published(self.ckpts) if self.rank == 0 else None)
         if published:  # never overwrite a published checkpoint (e.g. the last step of a resumed run)
@@ -240,8 +269,9 @@ class Checkpointer:
                  len(all_files), time.time() - t0, f"; removed step {dropped}" if dropped else "")
 
     # --------------------------------------------------------------------------------------- restore
-    def restore(self, state: Mapping[str, Any]) -> int:
+    def restore(self, state) -> int:
         """Load the newest usable published checkpoint into ``state``; return its step (0: fresh start)."""
+        state = as_state(state)
         step = self._restore(state)
         if step == 0 and self.keep_base and state.get("model") is not None:
             has = self._bcast(self.store.exists("base/config.json") if self.rank == 0 else None)

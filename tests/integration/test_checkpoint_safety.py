@@ -162,3 +162,27 @@ def test_local_room_check_fails_early_with_numbers(tmp_path):
     assert "GiB free" in e.value.message and "two checkpoints" in e.value.message and str(tmp_path) in e.value.message
     tiny = RunSpec.model_validate({"model": {"name": "tiny"}})
     assert check_local_room(tiny, tmp_path / "not-yet") > 0
+
+
+def test_loop_trainstate_is_accepted(tmp_path):
+    """The loop hands over a TrainState-like object (module, optimizer, scheduler, data, step, tokens, extra)."""
+    from types import SimpleNamespace
+
+    spec = RunSpec.model_validate({"method": {"kind": "full"}, "checkpoint": {"every_steps": 1}})
+    home = str(tmp_path / "run-t")
+    model = build_model("full")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
+    ts = SimpleNamespace(module=model, optimizer=opt, scheduler=sched, data=DataPosition(1, 0), step=0, tokens=0, extra={})
+    ck = Checkpointer(spec.checkpoint, home, spec=spec)
+    ck.restore(ts)
+    _train_step({"model": model, "optimizer": opt, "data": ts.data})
+    sched.step()
+    ts.step, ts.tokens, ts.extra["note"] = 1, 8, "x"
+    assert ck.maybe_save(1, ts, final=True)
+    ts2 = SimpleNamespace(module=build_model("full"), optimizer=None, scheduler=None, data=DataPosition(1, 0), step=0, tokens=0, extra={})
+    ts2.optimizer = torch.optim.AdamW(ts2.module.parameters(), lr=1e-2)
+    ts2.scheduler = torch.optim.lr_scheduler.LambdaLR(ts2.optimizer, lambda s: 0.5**s)
+    assert Checkpointer(spec.checkpoint, home, spec=spec).restore(ts2) == 1
+    assert (ts2.step, ts2.tokens, ts2.extra, ts2.data.samples) == (1, 8, {"note": "x"}, 1)
+    assert ts2.scheduler.state_dict()["last_epoch"] == 1 and ts2.optimizer.param_groups[0]["lr"] == sched.get_last_lr()[0]
