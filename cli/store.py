@@ -29,6 +29,7 @@ class Store(Protocol):
     def write_bytes(self, key: str, data: bytes) -> None: ...
     def upload_file(self, local: str | Path, key: str) -> None: ...
     def download_file(self, key: str, local: str | Path) -> None: ...
+    def read_range(self, key: str, start: int, length: int) -> bytes: ...
     def list(self, prefix: str = "") -> list[str]: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, prefix: str) -> int: ...
@@ -94,6 +95,14 @@ class LocalStore:
         tmp = p.with_name(p.name + ".tmp")
         shutil.copyfile(local, tmp)
         os.replace(tmp, p)
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        try:
+            with open(self._p(key), "rb") as f:
+                f.seek(start)
+                return f.read(length)
+        except FileNotFoundError:
+            raise StoreNotFound(f"not found: {self._p(key)}") from None
 
     def download_file(self, key: str, local: str | Path) -> None:
         src = self._p(key)
@@ -247,6 +256,13 @@ class S3Store:
 
     def upload_file(self, local: str | Path, key: str) -> None:
         self._call("upload", key, self.client.upload_file, str(local), self.bucket, self._k(key), Config=_transfer_config())
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        r = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._k(key),
+                       Range=f"bytes={start}-{start + length - 1}")
+        return self._call("read", key, r["Body"].read)
 
     def download_file(self, key: str, local: str | Path) -> None:
         Path(local).parent.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,7 @@ def _reason(e: BaseException) -> str:
     failures = getattr(e, "failures", None)
     if isinstance(failures, dict) and failures:
         e = next(iter(failures.values()))
+        e = getattr(e, "exc", e[0] if isinstance(e, tuple) else e)  # (exception, traceback) per rank
     return getattr(e, "message", None) or f"{type(e).__name__}: {e}"
 
 
@@ -113,8 +114,12 @@ def _has_frozen(model: torch.nn.Module) -> bool:
 
 
 def make_fetcher(ckpts, step: int, folder: Path, manifest: Manifest, where: str):
-    """fetch(paths): make each checkpoint file present under ``folder`` and verified against the manifest."""
+    """fetch(paths): make each checkpoint file present under ``folder`` and verified against the manifest.
+
+    ``fetch.downloaded`` lists what came from the store (the rest was a verified local copy).
+    """
     verified: set[str] = set()
+    downloaded: list[str] = []
 
     def fetch(paths: Iterable[str]) -> None:
         for rel in paths:
@@ -128,10 +133,13 @@ def make_fetcher(ckpts, step: int, folder: Path, manifest: Manifest, where: str)
                     continue
                 except CheckpointError:
                     pass  # stale or damaged: fetch it again (a no-op when the store is this folder)
+            if not (isinstance(ckpts, LocalStore) and local.resolve() == (Path(ckpts.root) / step_dir(step) / rel).resolve()):
+                downloaded.append(rel)
             ckpts.download_file(f"{step_dir(step)}/{rel}", local)
             manifest.check_file(rel, local, where)
             verified.add(rel)
 
+    fetch.downloaded = downloaded
     return fetch
 
 
@@ -299,6 +307,8 @@ class Checkpointer:
             if err is None:
                 if errors:
                     log.warning("resumed from the older checkpoint %s/%s", ckpts.uri, step_dir(step))
+                    if self.rank == 0 and mode == "auto":
+                        self._reject([s for s in candidates if s > step], ckpts)
                 return step
             errors.append(f"{step_dir(step)}: {err}")
             log.warning("WARNING: checkpoint %s/%s is unusable (%s); falling back to the previous one", ckpts.uri, step_dir(step), err)
@@ -307,16 +317,34 @@ class Checkpointer:
             hint="set checkpoint.resume: never to start over (new checkpoints replace these)",
         )
 
+    def _reject(self, steps: list[int], ckpts) -> None:
+        """Unpublish checkpoints every rank found unusable, so this run's next saves replace them.
+
+        The manifest is kept aside as manifest.rejected.json (evidence of corruption or tampering)."""
+        for s in steps:
+            key = f"{step_dir(s)}/{MANIFEST}"
+            try:
+                ckpts.write_bytes(f"{step_dir(s)}/manifest.rejected.json", ckpts.read_bytes(key))
+            except StoreNotFound:
+                continue
+            ckpts.delete(key)
+            log.warning("unpublished the unusable checkpoint %s/%s (its manifest is kept as manifest.rejected.json)",
+                        ckpts.uri, step_dir(s))
+
     def _try_load(self, ckpts, step: int, state: Mapping[str, Any]) -> str | None:
         where = f"{ckpts.uri.rstrip('/')}/{step_dir(step)}"
         # A local store is read in place; S3 checkpoints are fetched into the local folder.
         folder = (Path(ckpts.root) if isinstance(ckpts, LocalStore) else self.local_root) / step_dir(step)
         manifest = None
+        fetch = None
         try:  # phase 1: the manifest, DCP metadata and this rank's small files
             manifest = read_manifest(ckpts, step, self.key)
             fetch = self._fetcher(ckpts, step, folder, manifest, where)
             fetch([".metadata"])
             safe_load_metadata((folder / ".metadata").read_bytes(), f"{where}/.metadata")
+            same_world = manifest.world_size == self.world
+            if same_world:  # this rank vouches for its own shards: verified whole, before any rank reads them
+                fetch(sorted(rel for rel in manifest.files if rel.startswith(f"__{self.rank}_") and rel.endswith(".distcp")))
             src_rank = self.rank if self.rank < manifest.world_size else 0
             fetch([f"extra/rank-{src_rank}.json"])
             extras = ckpt_state.loads((folder / "extra" / f"rank-{src_rank}.json").read_bytes())
@@ -332,8 +360,18 @@ class Checkpointer:
         try:  # phase 2: tensors (DCP reports any rank's failure on every rank)
             sd = self._model_state(state)
             if sd:
-                dcp.load(sd, storage_reader=FetchingReader(str(folder), fetch, where), planner=SafeLoadPlanner(),
-                         process_group=self.pg)
+                # Same world size: another rank's shard is only read for the few replicated entries DCP stored
+                # there once; fetch those byte ranges, not the file (its owner verified it whole). Resharding:
+                # whole files, each verified by the rank that reads it.
+                remote = not isinstance(ckpts, LocalStore)
+
+                def ranged(rel: str) -> bool:
+                    return (remote and same_world and rel.endswith(".distcp") and not rel.startswith(f"__{self.rank}_")
+                            and not (folder / rel).exists())
+
+                reader = FetchingReader(str(folder), fetch, where, ranged=ranged,
+                                        read_range=lambda rel, off, n: ckpts.read_range(f"{step_dir(step)}/{rel}", off, n))
+                dcp.load(sd, storage_reader=reader, planner=SafeLoadPlanner(), process_group=self.pg)
                 self._set_model_state(state, sd)
             # Everything else, then RNG last: restoring RNG first would let later restores draw from it.
             names = [k for k in state if k not in MODEL_KEYS]
@@ -344,7 +382,10 @@ class Checkpointer:
             err = None
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - agreed on below, then a fallback reason
             err = _reason(e)
-        return self._agree(err)
+        err = self._agree(err)
+        if err is None:
+            log.info("rank %d restored %s; downloaded %s", self.rank, where, sorted(fetch.downloaded) or "nothing (local copy)")
+        return err
 
     def _fetcher(self, ckpts, step: int, folder: Path, manifest: Manifest, where: str):
         return make_fetcher(ckpts, step, folder, manifest, where)

@@ -87,16 +87,22 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 
 class FetchingReader(FileSystemReader):
-    """A FileSystemReader over a local folder that first fetches (and verifies) the files a plan needs.
+    """A FileSystemReader over a local folder that first fetches (and verifies) what a plan needs.
 
-    ``fetch(paths)`` must make each relative path present and verified under ``path``; it raises
-    CheckpointError on a checksum mismatch, which DCP turns into an error on every rank.
+    ``fetch(paths)`` makes whole files present and verified under ``path``; it raises CheckpointError on
+    a checksum mismatch, which DCP turns into an error on every rank. Files for which ``ranged(path)``
+    is true are not downloaded whole: only the byte ranges the plan reads are fetched with
+    ``read_range(path, offset, length)`` into a sparse copy under ``path/_ranges`` (used for another
+    rank's shard holding a few replicated entries, when that rank verifies the whole file itself).
     """
 
-    def __init__(self, path: str, fetch: Callable[[Iterable[str]], None], where: str):
+    def __init__(self, path: str, fetch: Callable[[Iterable[str]], None], where: str,
+                 ranged: Callable[[str], bool] | None = None, read_range: Callable[[str, int, int], bytes] | None = None):
         super().__init__(path)
         self._fetch = fetch
         self._where = where
+        self._ranged = ranged or (lambda rel: False)
+        self._read_range = read_range
 
     def read_metadata(self, *args, **kwargs):
         self._fetch([".metadata"])
@@ -110,5 +116,33 @@ class FetchingReader(FileSystemReader):
         return md
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner):
-        self._fetch(sorted({self.storage_data[item.storage_index].relative_path for item in plan.items}))
-        return super().read_data(plan, planner)
+        import os
+        from pathlib import Path
+
+        whole, ranged = [], []
+        for item in plan.items:
+            (ranged if self._ranged(self.storage_data[item.storage_index].relative_path) else whole).append(item)
+        self._fetch(sorted({self.storage_data[i.storage_index].relative_path for i in whole}))
+        fut = super().read_data(LoadPlan(whole, plan.storage_data, plan.planner_data), planner)
+        if not ranged:
+            return fut
+        fut.wait()  # a torch.futures.Future
+        root = Path(self.path) / "_ranges"
+        for item in ranged:
+            info = self.storage_data[item.storage_index]
+            dest = root / info.relative_path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(dest, "r+b" if dest.exists() else "wb") as f:  # sparse: only the read ranges hold data
+                f.seek(info.offset)
+                f.write(self._read_range(info.relative_path, info.offset, info.length))
+        base = self.path
+        try:
+            self.path = root
+            return super().read_data(LoadPlan(ranged, plan.storage_data, plan.planner_data), planner)
+        finally:
+            self.path = base
+            for item in ranged:
+                try:
+                    os.remove(root / self.storage_data[item.storage_index].relative_path)
+                except FileNotFoundError:
+                    pass

@@ -13,6 +13,7 @@ import base64
 import functools
 import json
 import os
+import shutil
 from pathlib import Path
 
 # o200k_base's pre-tokenizer pattern (the one tiktoken publishes for this encoding).
@@ -97,16 +98,34 @@ def build_tokenizer():
     )
 
 
+def _cache_dir() -> Path:
+    import hashlib
+
+    h = hashlib.sha256(vocab_path().read_bytes()).hexdigest()[:12]
+    root = Path(os.environ.get("GPTOSS_CACHE_DIR", Path.home() / ".cache" / "gptoss-cloud"))
+    return root / f"harmony-tokenizer-{h}-v1"
+
+
 def write_tokenizer(out_dir: str | Path) -> list[str]:
-    """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja."""
+    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja (built once, then cached on disk)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer()
-    tok.save_pretrained(str(out))
-    if not (out / "chat_template.jinja").exists():
-        (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    cfg_path = out / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    return sorted(p.name for p in out.iterdir() if "token" in p.name or p.name == "chat_template.jinja")
+    cache = _cache_dir()
+    if not (cache / "tokenizer.json").is_file():
+        stage = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        stage.mkdir(parents=True, exist_ok=True)
+        build_tokenizer().save_pretrained(str(stage))
+        if not (stage / "chat_template.jinja").exists():
+            (stage / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        cfg_path = stage / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        try:
+            os.replace(stage, cache)  # atomic: concurrent builders never see half a folder
+        except OSError:  # another process won the race
+            shutil.rmtree(stage, ignore_errors=True)
+    names = sorted(p.name for p in cache.iterdir())
+    for name in names:
+        shutil.copyfile(cache / name, out / name)
+    return names

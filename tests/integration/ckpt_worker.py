@@ -97,6 +97,9 @@ def main() -> None:
     ap.add_argument("--keep", type=int, default=3)
     a = ap.parse_args()
 
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
@@ -106,8 +109,9 @@ def main() -> None:
     from gptoss_cloud.trainer.checkpoint import Checkpointer
     from gptoss_cloud.trainer.ckpt_state import RNGState
 
+    local_dir = a.local_dir.format(rank=rank) if a.local_dir else None  # "{rank}": one folder per simulated node
     spec = RunSpec.model_validate({"method": {"kind": a.method}, "checkpoint": {
-        "every_steps": a.every, "keep_last": a.keep, "async_save": a.async_save, "local_dir": a.local_dir}})
+        "every_steps": a.every, "keep_last": a.keep, "async_save": a.async_save, "local_dir": local_dir}})
     model = build_model(a.method)
     base = model.base_model.model if a.method == "lora" else model
     for layer in base.model.layers:

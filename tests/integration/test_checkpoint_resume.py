@@ -93,12 +93,17 @@ def test_killed_upload_and_corrupted_shard_fall_back(baseline, s3_bucket, s3_env
     data = bytearray(ckpts.read_bytes(shard))
     data[-100] ^= 0x01
     ckpts.write_bytes(shard, bytes(data))
-    # A new node: no local copies, everything comes from the store.
-    rc, out = launch(2, *common, "--attempt", "1", "--local-dir", str(tmp_path / "node-b"), env=s3_env)
+    # New nodes, one per rank: no local copies, everything comes from the store.
+    rc, out = launch(2, *common, "--attempt", "1", "--local-dir", str(tmp_path / "node-b-{rank}"), env=s3_env)
     assert rc == [0, 0], out
     assert "step-4 is unusable" in out and "sha256 mismatch" in out and "falling back" in out
+    assert "unpublished the unusable checkpoint" in out  # so this attempt's own step 4 replaces it
     assert losses(read_log(log), 1) == {s: baseline["losses"][s] for s in (3, 4, 5, 6)}
     assert cm.list_published(ckpts)[0] == 6
+    # Same world size: each rank downloaded only its own shard of step 2 (plus the shared metadata);
+    # the few replicated entries stored in the other rank's shard came as byte ranges.
+    for r in (0, 1):
+        assert f"rank {r} restored {home}/checkpoints/step-2; downloaded ['.metadata', '__{r}_0.distcp', 'extra/rank-{r}.json']" in out
 
 
 def test_reshard_two_processes_to_one(baseline, tmp_path):
@@ -113,3 +118,11 @@ def test_reshard_two_processes_to_one(baseline, tmp_path):
     assert restored["restored"] == 6 and restored["samples"] == 12  # data position survived
     assert restored["fp"] == baseline["saved"][6]["fp"]  # the same weights, gathered from 1 rank instead of 2
     assert sorted(losses(rows)) == [7, 8] and all(v == v for v in losses(rows).values())
+
+
+def test_merge_of_a_two_process_checkpoint(baseline, tmp_path):
+    """The consolidated weights of a sharded (2-rank FSDP2) checkpoint load in transformers and match it."""
+    from gptoss_cloud.trainer.merge import merge
+
+    res = merge(str(baseline["home"]), str(tmp_path / "merged"), verify=True)
+    assert res.step == 6 and res.method == "full" and res.max_abs_logit_diff < 1e-4
