@@ -49,8 +49,10 @@ class ModelSection(Section):
 # ----------------------------------------------------------------------------------------------- data
 class DatasetSource(Section):
     path: str = Field(..., description="local .jsonl/.json/.parquet file, s3:// URI, hub id (hf://org/name or org/name), or 'sample'")
-    split: str = "train"
-    weight: float = Field(1.0, gt=0, description="mixing weight relative to the other datasets")
+    split: str = Field("train", description="hub datasets: the split to read")
+    subset: str | None = Field(None, description="hub datasets: the configuration (subset) name")
+    revision: str | None = Field(None, description="hub datasets: branch, tag or commit")
+    weight: float = Field(1.0, gt=0, description="mixing weight: each row is used this many times (2: twice, 0.5: a seeded half)")
     format: Literal["auto", "jsonl", "json", "parquet", "hub"] = "auto"
     field_messages: str = "messages"
     field_thinking: str = "thinking"
@@ -74,6 +76,14 @@ class DataSection(Section):
     shuffle: bool = True
     seed: int = 0
     cache_dir: str | None = Field(None, description="tokenized-data cache (default ~/.cache/gptoss-cloud/data)")
+
+    @field_validator("conversation_date", "knowledge_cutoff", mode="before")
+    @classmethod
+    def _date_text(cls, v):
+        # YAML reads an unquoted 2025-06-28 as a date; the system message wants the text.
+        import datetime
+
+        return v.isoformat() if isinstance(v, datetime.date) else v
 
     @field_validator("validation")
     @classmethod
@@ -126,12 +136,15 @@ class ParallelismSection(Section):
     cpu_offload: bool = False
     activation_checkpointing: bool = True
     reshard_after_forward: bool = True
+    collective_timeout_s: float = Field(1800.0, gt=0, description="a hung rank fails after this many seconds")
 
 
 # -------------------------------------------------------------------------------------------- kernels
 class KernelsSection(Section):
+    # auto: the fast path on GPU (grouped_mm experts, flex attention), the eager references on CPU.
+    # No "sdpa": PyTorch's SDPA has no learned attention sinks, which GPT-OSS needs.
     experts: Literal["auto", "eager", "grouped_mm"] = "auto"
-    attention: Literal["auto", "eager", "sdpa", "flex"] = "auto"
+    attention: Literal["auto", "eager", "flex"] = "auto"
     loss_chunk_tokens: int = Field(1024, ge=16, description="tokens per chunk of the fused linear + cross-entropy")
     compile: bool = False
 
@@ -157,6 +170,22 @@ class SecretRef(Section):
     key: str | None = None
 
 
+class TrussSection(Section):
+    """Baseten Truss training settings (`--backend truss`)."""
+
+    project: str | None = Field(None, description="Baseten training project name (default: the spec's name)")
+    accelerator: str | None = Field(None, description="Baseten accelerator type, e.g. H100 or H200 (default: cluster.gpu_type); the count is parallelism.gpus_per_node")
+    base_image: str | None = Field(None, description="trainer image for the job (default: cluster.image, then ghcr.io/gptoss-cloud/trainer:<version>)")
+    cache: bool = Field(True, description="keep the project cache (base weights download once per project, shared by the job's nodes)")
+    checkpointing: bool = Field(True, description="give the job Baseten's checkpoint volume as local scratch; checkpoints are published to output.store either way")
+    checkpoint_volume_gib: int | None = Field(None, gt=0, description="size of that volume (default: Baseten's)")
+    secrets: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="environment variable -> Baseten secret name; added to (or, with null, removing) the defaults "
+        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (s3:// store), HF_TOKEN (cluster.hf_token_secret), GPTOSS_CHECKPOINT_KEY (cluster.checkpoint_key_secret)",
+    )
+
+
 class ClusterSection(Section):
     backend: Literal["local", "k8s", "truss"] = "local"
     namespace: str = "default"
@@ -171,7 +200,18 @@ class ClusterSection(Section):
     priority_class: str | None = None
     service_account: str | None = None
     queue: str | None = Field(None, description="Kueue LocalQueue name")
-    rdma: Literal["none", "efa", "infiniband"] = "none"
+    rdma: Literal["none", "efa", "infiniband"] = Field(
+        "none", description="fast interconnect; efa/infiniband relax pod security exactly as needed (IPC_LOCK, devices)"
+    )
+    rdma_resource: str | None = Field(None, description="RDMA device resource (default vpc.amazonaws.com/efa or rdma/rdma_shared_device_a)")
+    rdma_devices: int | None = Field(None, ge=1, description="RDMA devices per pod (default 32 for efa, 1 for infiniband)")
+    affinity: dict[str, Any] | None = Field(None, description="pod affinity (Kubernetes Affinity object)")
+    shm_gib: int = Field(64, ge=1, description="size of /dev/shm (memory emptyDir) per pod")
+    weights_mirror: str | None = Field(None, description="s3:// prefix holding a copy of the base weights (else the hub)")
+    cache_storage_class: str | None = Field(
+        None, description="storage class for the per-node weights cache (generic ephemeral volume); default an emptyDir"
+    )
+    rendezvous_port: int = Field(29500, ge=1024, le=65535)
     max_restarts: int = Field(3, ge=0)
     ttl_seconds_after_finished: int | None = 86400
     store_secret: SecretRef | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the store")
@@ -179,18 +219,29 @@ class ClusterSection(Section):
     checkpoint_key_secret: SecretRef | None = None
     env: dict[str, str] = Field(default_factory=dict, description="extra non-secret environment for the pods")
     gpu_price_per_hour: float | None = Field(None, ge=0, description="USD per GPU-hour, for plan's cost estimate")
-    truss_project: str | None = None
+    truss: TrussSection = Field(default_factory=TrussSection)
 
 
 # --------------------------------------------------------------------------------------------- serve
 class ServeSection(Section):
     tp: int | None = Field(None, ge=1, description="tensor parallel size (default: sized from model and GPU memory)")
     replicas: int = Field(1, ge=1)
-    max_model_len: int = 32768
+    checkpoint: str = Field("latest", description="latest (the run's merged/ folder) or a step number to merge and serve")
+    adapter: bool = Field(False, description="serve the base model plus the LoRA adapter (vLLM --enable-lora) instead of merged weights")
+    max_model_len: int = Field(32768, ge=256)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    api_key_secret: SecretRef | None = None
-    allowed_namespaces: list[str] = Field(default_factory=list)
-    image: str | None = None
+    port: int = Field(8000, ge=1024, le=65535, description="container port of the OpenAI-compatible server (non-root: >= 1024)")
+    api_key: bool = Field(True, description="require an API key on /v1 routes (VLLM_API_KEY from a Secret)")
+    api_key_secret: SecretRef | None = Field(None, description="Secret holding the API key (default: <deployment>-api-key, key api-key)")
+    allowed_namespaces: list[str] = Field(default_factory=list, description="namespaces whose pods may reach the server (default: its own)")
+    image: str | None = Field(None, description="vLLM image; default ghcr.io/gptoss-cloud/serve:<version>")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint(cls, v: str) -> str:
+        if v != "latest" and not v.isdigit():
+            raise ValueError("serve.checkpoint must be 'latest' or a step number")
+        return v
 
 
 # ---------------------------------------------------------------------------------------------- spec

@@ -101,11 +101,17 @@ def as_state(state) -> Mapping[str, Any]:
             "progress": _Progress(state), "rng": RNGState()}
 
 
+def language_model(model):
+    """The (possibly peft-wrapped) GptOssForCausalLM inside the trained module (the loop's wrapper holds it as ``lm``)."""
+    return getattr(model, "lm", model) if model is not None else None
+
+
 def model_config(model):
     """The transformers config of the (possibly peft-wrapped) model, saved with each checkpoint for merging."""
-    if model is None:
+    inner = language_model(model)
+    if inner is None:
         return None
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     return getattr(inner, "config", None)
 
 
@@ -153,18 +159,33 @@ class Checkpointer:
         self.spec_yaml = spec.to_yaml() if spec is not None else None
         self.spec_hash = spec_hash(self.spec_yaml) if self.spec_yaml else None
         self.method = spec.method.kind if spec is not None else None
-        # A LoRA run on random weights must keep its base: nothing else could rebuild it for a merge.
-        self.keep_base = spec is not None and spec.method.kind == "lora" and (spec.model.init == "random" or spec.model.name == "tiny")
+        # A tiny LoRA run (random weights) must keep its base: nothing else could rebuild it for a merge.
+        # (The trainer saves it itself; this covers callers without it. Larger random bases are not kept.)
+        self.keep_base = spec is not None and spec.method.kind == "lora" and spec.model.name == "tiny"
+        self.pg = process_group
+        self.key = signing_key()
+        self._local_dir = local_dir or cfg.local_dir
+        self._spec = spec
+        self._ready = False
+        self.dist, self.rank, self.world = False, 0, 1
+        self.local_root, self.in_place = Path("."), False
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_saved: int | None = None
+
+    def _setup(self) -> None:
+        """Bind to the process group (the loop builds the Checkpointer before torch.distributed starts)."""
+        if self._ready:
+            return
+        self._ready = True
         self.dist = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.dist else 0
         self.world = dist.get_world_size() if self.dist else 1
-        self.pg = process_group
         if self.dist and self.pg is None:
             # Our own CPU group: an async save's background thread runs DCP collectives on it while the
             # training thread keeps using the default group; sharing one group would interleave them.
             self.pg = dist.new_group(backend="gloo")
-        self.key = signing_key()
-        local = local_dir or cfg.local_dir
+        local = self._local_dir
         if isinstance(self.ckpts, LocalStore) and not local:
             # A local store is already local disk: write in place, no second copy.
             self.local_root, self.in_place = Path(self.ckpts.root), True
@@ -172,13 +193,10 @@ class Checkpointer:
             run_id = self.home.rsplit("/", 1)[-1]
             self.local_root = Path(local or Path(tempfile.gettempdir()) / "gptoss-cloud" / run_id / "checkpoints")
             self.in_place = False
-        if spec is not None:  # fail before training, with numbers, not after hours at the first save
+        if self._spec is not None:  # fail before training, with numbers, not after hours at the first save
             self.store.check_access(write=self.rank == 0)
             if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-                check_local_room(spec, self.local_root)
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self.last_saved: int | None = None
+                check_local_room(self._spec, self.local_root)
 
     # ------------------------------------------------------------------------------------------ save
     def maybe_save(self, step: int, state, *, last: bool = False, final: bool = False) -> bool:
@@ -195,6 +213,7 @@ class Checkpointer:
 
     def save(self, step: int, state) -> None:
         state = as_state(state)
+        self._setup()
         self.wait()  # one checkpoint in flight at a time
         published = self._bcast(step in list_published(self.ckpts) if self.rank == 0 else None)
         if published:  # never overwrite a published checkpoint (e.g. the last step of a resumed run)
@@ -280,6 +299,7 @@ class Checkpointer:
     def restore(self, state) -> int:
         """Load the newest usable published checkpoint into ``state``; return its step (0: fresh start)."""
         state = as_state(state)
+        self._setup()
         step = self._restore(state)
         if step == 0 and self.keep_base and state.get("model") is not None:
             has = self._bcast(self.store.exists("base/config.json") if self.rank == 0 else None)
@@ -397,6 +417,7 @@ class Checkpointer:
         """
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+        self._setup()
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
             from safetensors.torch import save_file
@@ -442,7 +463,7 @@ class Checkpointer:
                            options=self._options(model))
 
     def _write_adapter_config(self, model, folder: Path) -> None:
-        cfg = getattr(model, "peft_config", None)
+        cfg = getattr(language_model(model), "peft_config", None)
         if not cfg:
             return
         import json

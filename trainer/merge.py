@@ -88,15 +88,19 @@ class Source:
     def model_entries(self) -> dict[str, tuple[tuple, torch.dtype]]:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        return {k[len("model."):]: (tuple(m.size), m.properties.dtype) for k, m in self.metadata.state_dict_metadata.items()
+        # The loop trains a wrapper holding the model as ``lm``: names are given without that prefix.
+        self._dcp_key = {k[len("model."):].removeprefix("lm."): k[len("model."):]
+                         for k in self.metadata.state_dict_metadata if k.startswith("model.")}
+        return {k[len("model."):].removeprefix("lm."): (tuple(m.size), m.properties.dtype)
+                for k, m in self.metadata.state_dict_metadata.items()
                 if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         ent = self.model_entries()
-        sd = {"model": {n: torch.empty(ent[n][0], dtype=ent[n][1]) for n in names}}
+        sd = {"model": {self._dcp_key[n]: torch.empty(ent[n][0], dtype=ent[n][1]) for n in names}}
         dcp.load(sd, storage_reader=FetchingReader(str(self.folder), self.fetch, self.where),
                  planner=SafeLoadPlanner(allow_partial_load=True), no_dist=True)
-        return sd["model"]
+        return {n: sd["model"][self._dcp_key[n]] for n in names}
 
 
 # ----------------------------------------------------------------------------------------- the base
@@ -168,8 +172,8 @@ def resolve_base(home: str, model_name: str | None, base: str | None, cache: Pat
 
 # ------------------------------------------------------------------------------------------ helpers
 def hf_name(peft_key: str) -> str:
-    """A peft parameter name -> the plain transformers name."""
-    k = peft_key.removeprefix("base_model.model.")
+    """A peft parameter name (or the loop's ``lm.``-prefixed one) -> the plain transformers name."""
+    k = peft_key.removeprefix("lm.").removeprefix("base_model.model.")
     while ".base_layer" in k:
         k = k.replace(".base_layer", "")
     return k

@@ -9,7 +9,13 @@ import typer
 # Order here is the order in `--help`.
 MODULES = [
     "spec_cmds",
+    "data",
+    "plan",
+    "serve",
+    "render",
+    "lifecycle",
     "merge",
+    "bench",
 ]
 
 

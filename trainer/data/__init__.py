@@ -1,1 +1,13 @@
-"""Harmony data pipeline: sources, rendering + label masks, packing. Needs no torch."""
+"""Harmony data pipeline: sources, rendering + label masks, packing. Needs no torch.
+
+The trainer calls ``build_datasets(spec.data)`` (rank 0 first, then a barrier, then the other ranks,
+which read the cache at ``cache_path(spec.data)``).
+"""
+
+from .harmony import IGNORE, TokenizedSequence, tokenize_row
+from .pack import PackedSample, pack
+from .pipeline import Datasets, DataStats, build_datasets, cache_path
+from .vocab import PAD_ID, load_encoding
+
+__all__ = ["IGNORE", "PAD_ID", "DataStats", "Datasets", "PackedSample", "TokenizedSequence", "build_datasets",
+           "cache_path", "load_encoding", "pack", "tokenize_row"]

@@ -1,0 +1,245 @@
+"""Kubernetes backend: apply the rendered ConfigMap + JobSet, then status, logs, cancel, list.
+
+Rendering is pure (render/k8s.py); this module only talks to the API server through kube.py. Run
+control reads the run's spec from its home in the store, so ``status RUN`` finds the namespace and
+context the run was submitted with (GPTOSS_NAMESPACE / GPTOSS_CONTEXT override them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import BackendError, GptossError, StoreError
+from ..render import k8s as rk
+from ..spec import RunSpec, spec_from_yaml_text
+from ..store import is_remote, join, open_store
+from .base import Backend, RunStatus, SubmitOptions, SubmitResult
+
+CONTAINER = "trainer"
+
+
+def render_text(objects: list[dict], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2) + "\n"
+    return rk.to_yaml(objects)
+
+
+def jobset_state(js: dict) -> str:
+    """Pending | Running | Succeeded | Failed | Suspended from a JobSet's status conditions."""
+    status = js.get("status") or {}
+    conds = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    if conds.get("Completed") == "True":
+        return "Succeeded"
+    if conds.get("Failed") == "True":
+        return "Failed"
+    if conds.get("Suspended") == "True" or (js.get("spec") or {}).get("suspend"):
+        return "Suspended"
+    for rj in status.get("replicatedJobsStatus") or []:
+        if rj.get("active", 0) > 0:
+            return "Running"
+    return "Pending"
+
+
+def last_metrics(home: str) -> dict | None:
+    """The last JSON line of the run's metrics.jsonl in the store, if any."""
+    try:
+        text = open_store(home).read_bytes("metrics.jsonl").decode("utf-8", "replace")
+    except StoreError:
+        return None
+    for line in reversed(text.strip().splitlines()):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
+
+
+def _pod_summary(pod: Any) -> dict:
+    ann = pod.metadata.annotations or {}
+    statuses = (pod.status.container_statuses or []) if pod.status else []
+    restarts = sum(cs.restart_count or 0 for cs in statuses)
+    reason = None
+    for cs in statuses:
+        st = cs.state
+        if st and st.waiting and st.waiting.reason:
+            reason = st.waiting.reason
+        elif st and st.terminated and st.terminated.reason:
+            reason = st.terminated.reason
+    return {
+        "name": pod.metadata.name,
+        "node_rank": int(ann.get(rk.COMPLETION_INDEX_ANNOTATION, "-1")),
+        "phase": pod.status.phase if pod.status else None,
+        "reason": reason,
+        "restarts": restarts,
+        "node": pod.spec.node_name if pod.spec else None,
+    }
+
+
+def _created(pod: Any) -> tuple[float, str]:
+    ts = pod.metadata.creation_timestamp
+    return (ts.timestamp() if ts else 0.0, pod.metadata.name)
+
+
+class KubernetesBackend(Backend):
+    name = "k8s"
+
+    # ---- connection ---------------------------------------------------------------------------
+    def connect(self, spec: RunSpec):
+        from ..kube import connect
+
+        ns = os.environ.get("GPTOSS_NAMESPACE") or spec.cluster.namespace
+        ctx = os.environ.get("GPTOSS_CONTEXT") or spec.cluster.context
+        return connect(ns, ctx)
+
+    def run_spec(self, home: str) -> RunSpec:
+        try:
+            text = open_store(home).read_bytes("spec.yaml").decode()
+        except StoreError as e:
+            raise GptossError(f"run home {home} has no spec.yaml: {e.message}",
+                              hint="pass the run id with --store, or the full run URI") from None
+        return spec_from_yaml_text(text, f"{home}/spec.yaml")
+
+    # ---- submit -------------------------------------------------------------------------------
+    def _submit(self, spec: RunSpec, run_id: str, home: str, opts: SubmitOptions) -> SubmitResult:
+        from ..errors import SpecError
+        from ..plan import check_fit
+
+        plan_note = None
+        if not opts.force:
+            try:
+                check_fit(spec)  # PlanError with the numbers and what would fit
+            except SpecError as e:  # a hub id / folder whose shape only the pod can read
+                plan_note = f"not planned: {e.message}"
+        objects = rk.render_run(spec, run_id)
+        text = render_text(objects, opts.output_format)
+        result = SubmitResult(run_id=run_id, home=home, backend=self.name, rendered=text,
+                              details={"namespace": spec.cluster.namespace, "jobset": run_id,
+                                       "master_addr": rk.master_addr(run_id)})
+        if plan_note:
+            result.details["plan"] = plan_note
+        if opts.out is not None:
+            result.written = write_manifests(objects, Path(opts.out), opts.output_format)
+        if opts.dry_run:
+            return result
+        if not is_remote(spec.output.store):
+            raise BackendError(
+                f"output.store {spec.output.store!r} is a local folder the pods cannot reach",
+                hint="set output.store (or --store / GPTOSS_STORE) to s3://bucket/prefix and cluster.store_secret",
+            )
+        from ..kube import create_object, delete_configmap, set_owner
+
+        open_store(home).write_bytes("spec.yaml", spec.to_yaml().encode())
+        kube = self.connect(spec)
+        cm, js = objects
+        create_object(kube, cm)
+        try:
+            created = create_object(kube, js)
+        except GptossError:
+            try:
+                delete_configmap(kube, cm["metadata"]["name"])
+            except GptossError:
+                pass  # best effort: the JobSet error is the one to report
+            raise
+        set_owner(kube, cm["metadata"]["name"], created)
+        result.details["uid"] = created.get("metadata", {}).get("uid")
+        return result
+
+    # ---- status -------------------------------------------------------------------------------
+    def _status(self, run_id: str, home: str) -> RunStatus:
+        from ..kube import get_jobset, is_not_found, list_pods
+
+        spec = self.run_spec(home)
+        kube = self.connect(spec)
+        detail: dict[str, Any] = {"namespace": kube.namespace, "jobset": run_id}
+        try:
+            js = get_jobset(kube, run_id)
+        except BackendError as e:
+            if not is_not_found(e):
+                raise
+            js = None
+        metrics = last_metrics(home)
+        if metrics:
+            detail["metrics"] = {k: metrics[k] for k in ("step", "loss", "tokens_per_s", "tokens", "eval_loss") if k in metrics}
+        if js is None:
+            detail["note"] = "JobSet not found: cancelled, or finished and removed after ttlSecondsAfterFinished"
+            done = open_store(home).exists("merged/config.json") or open_store(home).exists("adapter/adapter_config.json")
+            return RunStatus(run_id=run_id, state="Succeeded" if done else "Unknown", backend=self.name, detail=detail)
+        state = jobset_state(js)
+        st = js.get("status") or {}
+        detail["restarts"] = st.get("restarts", 0)
+        detail["conditions"] = [
+            {k: c.get(k) for k in ("type", "status", "reason", "message")} for c in st.get("conditions") or []
+        ]
+        pods = sorted((_pod_summary(p) for p in list_pods(kube, f"{rk.RUN_LABEL}={run_id}")), key=lambda p: p["node_rank"])
+        detail["pods"] = pods
+        if state == "Pending" and any(p["phase"] == "Running" for p in pods):
+            state = "Running"
+        return RunStatus(run_id=run_id, state=state, backend=self.name, detail=detail)
+
+    # ---- logs ---------------------------------------------------------------------------------
+    def _logs(self, run_id: str, home: str, *, follow: bool, node: int | None) -> Iterator[str]:
+        from ..kube import list_pods, pod_log_lines
+
+        spec = self.run_spec(home)
+        kube = self.connect(spec)
+        node = 0 if node is None else node
+        if not 0 <= node < spec.parallelism.nodes:
+            raise GptossError(f"--node {node} is out of range: run {run_id} has nodes 0..{spec.parallelism.nodes - 1}")
+        pods = [p for p in list_pods(kube, f"{rk.RUN_LABEL}={run_id}")
+                if (p.metadata.annotations or {}).get(rk.COMPLETION_INDEX_ANNOTATION) == str(node)]
+        if not pods:
+            raise BackendError(f"no pod for node {node} of run {run_id} in namespace {kube.namespace!r}",
+                               hint=f"`gptoss-cloud status {run_id}` shows whether it is still pending or was removed")
+        newest = max(pods, key=_created)  # after a JobSet restart, the newest attempt
+        return pod_log_lines(kube, newest.metadata.name, CONTAINER, follow=follow)
+
+    # ---- cancel -------------------------------------------------------------------------------
+    def _cancel(self, run_id: str, home: str) -> None:
+        from ..kube import delete_configmap, delete_jobset, is_not_found
+
+        kube = self.connect(self.run_spec(home))
+        gone = 0
+        for fn, name in ((delete_jobset, run_id), (delete_configmap, rk.configmap_name(run_id))):
+            try:
+                fn(kube, name)
+            except BackendError as e:
+                if not is_not_found(e):
+                    raise
+                gone += 1
+        if gone == 2:
+            raise BackendError(f"run {run_id} has no JobSet or ConfigMap in namespace {kube.namespace!r}",
+                               hint="it already finished and was cleaned up, or lives in another namespace (--namespace)")
+
+    # ---- list ---------------------------------------------------------------------------------
+    def list_runs(self, spec: RunSpec) -> list[RunStatus]:
+        """Runs with a JobSet in the spec's namespace (newest first)."""
+        from ..kube import list_jobsets
+
+        kube = self.connect(spec)
+        items = list_jobsets(kube, "app.kubernetes.io/managed-by=gptoss-cloud")
+        items.sort(key=lambda j: j.get("metadata", {}).get("creationTimestamp") or "", reverse=True)
+        out = []
+        for j in items:
+            run_id = j["metadata"]["name"]
+            detail = {"namespace": kube.namespace, "restarts": (j.get("status") or {}).get("restarts", 0),
+                      "created": j["metadata"].get("creationTimestamp"),
+                      "name": (j["metadata"].get("labels") or {}).get(rk.NAME_LABEL)}
+            metrics = last_metrics(join(spec.output.store, run_id))  # progress, when the store is this spec's
+            if metrics:
+                detail["metrics"] = {k: metrics[k] for k in ("step", "loss", "tokens_per_s", "tokens") if k in metrics}
+            out.append(RunStatus(run_id=run_id, state=jobset_state(j), backend=self.name, detail=detail))
+        return out
+
+
+def write_manifests(objects: list[dict], out: Path, fmt: str = "yaml") -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for obj in objects:
+        ext = "json" if fmt == "json" else "yaml"
+        path = out / f"{obj['kind'].lower()}-{obj['metadata']['name']}.{ext}"
+        path.write_text(json.dumps(obj, indent=2) + "\n" if fmt == "json" else rk.to_yaml([obj]))
+        written.append(path)
+    return written

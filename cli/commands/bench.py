@@ -1,0 +1,89 @@
+"""`bench`: time our training step against the transformers + peft reference on this machine's GPUs."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+class BenchModel(str, Enum):
+    b20 = "20b"
+    b120 = "120b"
+    tiny = "tiny"
+
+
+class Method(str, Enum):
+    lora = "lora"
+    full = "full"
+
+
+class Experts(str, Enum):
+    eager = "eager"
+    grouped_mm = "grouped_mm"
+
+
+class Attention(str, Enum):
+    eager = "eager"
+    sdpa = "sdpa"
+    flex = "flex"
+
+
+class Device(str, Enum):
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)
+
+
+def bench(
+    model: Annotated[BenchModel, typer.Option("--model", help="model shape (random weights)")] = BenchModel.b20,
+    layers: Annotated[Optional[int], typer.Option("--layers", min=1, help="reduced depth (default: the model's)")] = None,
+    method: Annotated[Method, typer.Option("--method", help="LoRA r=16 on attention, or full fine-tuning")] = Method.lora,
+    seq: Annotated[int, typer.Option("--seq", min=16, help="tokens per packed sequence (one per GPU per step)")] = 4096,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="timed steps (the median is reported)")] = 5,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="untimed steps first")] = 3,
+    baseline: Annotated[bool, typer.Option("--baseline", help="also time transformers + peft in its best configuration")] = False,
+    baseline_eager: Annotated[bool, typer.Option("--baseline-eager", help="also time the reference with eager experts and attention")] = False,
+    ours: Annotated[bool, typer.Option("--ours/--no-ours", help="time our trainer's step")] = True,
+    experts: Annotated[Optional[Experts], typer.Option("--experts", help="our experts kernel (default: grouped_mm on GPU, eager on CPU)")] = None,
+    attention: Annotated[Optional[Attention], typer.Option("--attention", help="our attention kernel (default: flex on GPU, eager on CPU)")] = None,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="GPUs (>1: FSDP2 under torchrun, NCCL)")] = 1,
+    offload: Annotated[bool, typer.Option("--offload", help="FSDP2 CPU offload of sharded states")] = False,
+    lora_r: Annotated[int, typer.Option("--lora-r", min=1, help="LoRA rank")] = 16,
+    peak_tflops: Annotated[Optional[float], typer.Option("--peak-tflops", min=1, help="peak bf16 TFLOP/s per GPU for MFU (default: the card's datasheet figure)")] = None,
+    device: Annotated[Optional[Device], typer.Option("--device", help="default: cuda when available")] = None,
+    in_process: Annotated[bool, typer.Option("--in-process", help="measure every variant in this process (one GPU; peaks reset between)")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", min=10, help="seconds per variant before it is recorded as failed")] = 1800.0,
+    out: Annotated[Optional[Path], typer.Option("--out", help="JSON report (default docs/benchmarks/<date>-<card>.json)")] = None,
+) -> None:
+    """Benchmark a training step at the real shapes with random weights; print a table, write JSON."""
+    from rich.console import Console
+
+    from ..errors import GptossError
+    from ..trainer.bench import BenchOptions, default_out, report_table, run_benchmark, write_report
+
+    opts = BenchOptions(
+        model=model.value, layers=layers, method=method.value, seq=seq, steps=steps, warmup=warmup, ours=ours,
+        baseline=baseline, baseline_eager=baseline_eager, experts=experts.value if experts else None,
+        attention=attention.value if attention else None, gpus=gpus, offload=offload, lora_r=lora_r,
+        peak_tflops=peak_tflops, in_process=in_process, timeout_s=timeout,
+        device=device.value if device else None,
+    )
+    console = Console(highlight=False)
+
+    def progress(r: dict) -> None:
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error')}"
+        console.print(f"[dim]measured[/] {r['variant']['name']}: {status}")
+
+    try:
+        report = run_benchmark(opts, on_result=progress)
+    except ValueError as e:
+        raise GptossError(str(e), hint="see `gptoss-cloud bench --help`") from None
+    path = write_report(report, out or default_out(report["environment"], report["date"]))
+    console.print(report_table(report))
+    console.print(f"report: {path}")

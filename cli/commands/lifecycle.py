@@ -1,0 +1,111 @@
+"""`delete RUN` (store contents and cluster objects) and `push RUN --to hf://ORG/NAME`."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import StoreOpt, resolve
+
+# Every object gptoss-cloud creates for a run carries this label (JobSet, ConfigMap, merge Job, serving objects).
+RUN_LABEL = "gptoss-cloud.dev/run-id"
+CLUSTER_KINDS = ["Deployment", "Service", "NetworkPolicy", "Job", "JobSet", "ConfigMap", "Secret"]
+_HF_REPO = re.compile(r"^hf://([A-Za-z0-9][\w.-]*)/([\w.-]+)$")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("delete")(delete)
+    app.command("push")(push)
+
+
+def delete(
+    run: Annotated[str, typer.Argument(help="run id or run home URI")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+    keep_cluster: Annotated[bool, typer.Option("--keep-cluster", help="delete only the store contents")] = False,
+    namespace: Annotated[Optional[str], typer.Option("--namespace", "-n", help="overrides the run's spec")] = None,
+    context: Annotated[Optional[str], typer.Option("--context", help="kubeconfig context; overrides the run's spec")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Delete a run: its cluster objects (JobSet, merge Job, server) and everything under its store home."""
+    from ..runs import resolve_run
+    from ..serving import run_spec_with_overrides
+    from ..store import open_store
+
+    run_id, home = resolve_run(run, resolve(None, output__store=store).output.store)
+    spec = run_spec_with_overrides(home, {"cluster.namespace": namespace, "cluster.context": context})
+    st = open_store(home)
+    n_files = len(st.list())
+    on_cluster = spec.cluster.backend == "k8s" and not keep_cluster
+    what = f"{n_files} file(s) under {home}"
+    if on_cluster:
+        what += f" and objects labelled {RUN_LABEL}={run_id} in namespace {spec.cluster.namespace}"
+    if not yes and not typer.confirm(f"Delete run {run_id}: {what}?", default=False):
+        raise typer.Exit(1)
+    if on_cluster:
+        from ..kube_apply import Kube
+
+        # Cluster first: a running trainer or server would otherwise keep writing to the home.
+        for gone in Kube(spec.cluster.namespace, spec.cluster.context).delete_by_label(f"{RUN_LABEL}={run_id}", CLUSTER_KINDS):
+            typer.echo(f"deleted {gone}", err=True)
+    removed = st.delete("")
+    typer.echo(f"deleted run {run_id}: {removed} file(s) from {home}")
+
+
+def parse_hf_target(uri: str) -> str:
+    from ..errors import GptossError
+
+    m = _HF_REPO.match(uri)
+    if not m:
+        raise GptossError(f"--to must look like hf://ORG/NAME, not {uri!r}")
+    return f"{m.group(1)}/{m.group(2)}"
+
+
+def push(
+    run: Annotated[str, typer.Argument(help="run id or run home URI")],
+    to: Annotated[str, typer.Option("--to", help="hf://ORG/NAME on the Hugging Face Hub")],
+    adapter: Annotated[bool, typer.Option("--adapter", help="push the LoRA adapter instead of the merged folder")] = False,
+    private: Annotated[bool, typer.Option("--private/--public", help="visibility if the repository is created")] = True,
+    store: StoreOpt = None,
+) -> None:
+    """Upload a run's merged folder (or adapter) to the Hugging Face Hub; the token comes from HF_TOKEN."""
+    from ..errors import GptossError
+    from ..runs import resolve_run
+    from ..serve_fetch import fetch
+    from ..store import is_remote, join, open_store
+
+    repo_id = parse_hf_target(to)
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        raise GptossError("HF_TOKEN is not set", hint="export HF_TOKEN=<a write token from huggingface.co/settings/tokens>")
+    run_id, home = resolve_run(run, resolve(None, output__store=store).output.store)
+    key, marker = ("adapter", "adapter_config.json") if adapter else ("merged", "config.json")
+    if not open_store(home).exists(f"{key}/{marker}"):
+        raise GptossError(f"nothing to push: {home}/{key}/{marker} does not exist",
+                          hint=("train a LoRA run" if adapter else f"gptoss-cloud merge {run_id}"))
+    try:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError as e:
+        raise GptossError("huggingface_hub is not installed", hint="pip install 'gptoss-cloud[hub]'") from e
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        if is_remote(home):
+            folder = Path(tmp) / key
+            fetch(join(home, key), folder, log=lambda m: None)
+        else:
+            folder = Path(home) / key
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(folder_path=str(folder), repo_id=repo_id,
+                                     commit_message=f"gptoss-cloud run {run_id} ({key})")
+        except HfHubHTTPError as e:
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            hint = {401: "HF_TOKEN is invalid or expired", 403: f"HF_TOKEN cannot write to {repo_id}",
+                    404: f"organisation of {repo_id} not found"}.get(status)
+            raise GptossError(f"pushing {key} of {run_id} to {repo_id} failed: HTTP {status}", hint=hint) from e
+    typer.echo(f"pushed {home}/{key} to https://huggingface.co/{repo_id} ({getattr(info, 'oid', '') or 'done'})")

@@ -1,0 +1,130 @@
+"""`plan`: GPU/host memory, disk, store, time and cost of a spec; no side effects."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from .common import SpecArg, resolve
+
+
+class PlanFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+class Method(str, Enum):
+    lora = "lora"
+    full = "full"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan")(plan)
+
+
+def plan(
+    spec: SpecArg = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="20b | 120b | …; overrides the spec")] = None,
+    nodes: Annotated[Optional[int], typer.Option("--nodes", min=1, help="overrides the spec")] = None,
+    gpus_per_node: Annotated[Optional[int], typer.Option("--gpus-per-node", min=1, max=16, help="overrides the spec")] = None,
+    method: Annotated[Optional[Method], typer.Option("--method", help="overrides the spec")] = None,
+    gpu_price: Annotated[Optional[float], typer.Option("--gpu-price", min=0, help="USD per GPU-hour; overrides cluster.gpu_price_per_hour")] = None,
+    tokens: Annotated[Optional[float], typer.Option("--tokens", min=1, help="dataset size in tokens (for wall time when optim.max_steps is unset)")] = None,
+    mfu: Annotated[Optional[float], typer.Option("--mfu", min=0.01, max=1.0, help="assumed model FLOPs utilisation (default 0.25)")] = None,
+    output: Annotated[PlanFormat, typer.Option("-o", "--output", help="table | json")] = PlanFormat.table,
+) -> None:
+    """Plan memory, disk, time and cost for a run (exit 1 if it cannot fit). Talks to no server."""
+    from ..plan import plan_run
+
+    s = resolve(
+        spec, model__name=model, parallelism__nodes=nodes, parallelism__gpus_per_node=gpus_per_node,
+        method__kind=method.value if method else None, cluster__gpu_price_per_hour=gpu_price,
+    )
+    rp = plan_run(s, local_shape(s.model.name, s.model.layers), dataset_tokens=tokens, gpu_price=gpu_price, mfu=mfu)
+    if output is PlanFormat.json:
+        typer.echo(json.dumps(rp.to_dict(), indent=2))
+    else:
+        from rich.console import Console
+
+        Console(highlight=False).print(*plan_tables(rp))
+    if not rp.fits:
+        raise typer.Exit(1)
+
+
+def local_shape(model: str, layers: int | None):
+    """The shape of a local model folder from its config.json (presets need no file)."""
+    from pathlib import Path
+
+    from ..errors import SpecError
+    from ..shapes import shape_for
+
+    cfg = Path(model) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return shape_for(model, layers, config=json.loads(cfg.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise SpecError(f"cannot read the model shape from {cfg}: {e}") from None
+
+
+def plan_tables(rp) -> list:
+    """Rich renderables for a RunPlan: memory breakdown, disk/store, time/cost, verdict."""
+    from rich.table import Table
+    from rich.text import Text
+
+    m, d, t = rp.memory, rp.disk, rp.time
+    title = f"{m.model} {m.method} on {m.nodes} node(s) x {m.gpus_per_node} {m.gpu_type}"
+    gpu = Table(title=f"GPU memory per GPU — {title}", show_header=True, title_justify="left")
+    gpu.add_column("component")
+    gpu.add_column("GiB", justify="right")
+    for k, v in m.gpu.items():
+        gpu.add_row(k, f"{v:.2f}")
+    gpu.add_row("torch peak reserved (x allocator overhead)", f"{m.gpu_reserved_gib:.1f}", style="bold")
+    gpu.add_row("+ CUDA context, NCCL", f"{m.gpu_total_gib:.1f}", style="bold")
+    gpu.add_row("usable on this GPU", f"{m.gpu_capacity_gib:.1f}")
+
+    host = Table(title="Host memory per node", title_justify="left")
+    host.add_column("component")
+    host.add_column("GiB", justify="right")
+    for k, v in m.host.items():
+        host.add_row(k, f"{v:.1f}")
+    host.add_row("total / usable", f"{m.host_total_gib:.0f} / {m.host_capacity_gib:.0f}", style="bold")
+
+    disk = Table(title="Disk and store", title_justify="left")
+    disk.add_column("what")
+    disk.add_column("GB", justify="right")
+    disk.add_row("one checkpoint (fp32 trainable + Adam)", f"{d.checkpoint_gb:,.2f}")
+    if d.adapter_gb:
+        disk.add_row("adapter", f"{d.adapter_gb:,.3f}")
+    disk.add_row("merged bf16 model", f"{d.merged_gb:,.1f}")
+    disk.add_row("base weights cache per node", f"{d.base_weights_gb:,.1f}")
+    cap = f" of {d.local_disk_capacity_gb:,.0f}" if d.local_disk_capacity_gb is not None else ""
+    disk.add_row("local disk, node 0 (cache + 2 checkpoints + merge)", f"{d.local_disk_per_node_gb:,.1f}{cap}")
+    disk.add_row("store (keep_last checkpoints + merged + adapter)", f"{d.store_gb:,.1f}", style="bold")
+
+    tt = Table(title=f"Time and cost (assumed MFU {t.mfu:.0%} of {t.peak_tflops_per_gpu:.0f} TFLOPS bf16 per GPU)", title_justify="left")
+    tt.add_column("what")
+    tt.add_column("value", justify="right")
+    tt.add_row("training FLOPs per token", f"{t.flops_per_token / 1e9:.1f} GFLOP")
+    tt.add_row("tokens per step", f"{t.tokens_per_step:,}")
+    tt.add_row("step time", f"{t.step_time_s:.2f} s")
+    tt.add_row("throughput", f"{t.tokens_per_s:,.0f} tokens/s")
+    if t.steps:
+        tt.add_row("steps", f"{t.steps:,}")
+        tt.add_row("wall time", f"{t.wall_time_h:.2f} h")
+        tt.add_row("GPU-hours", f"{t.gpu_hours:,.1f}")
+        tt.add_row("cost", f"${t.cost_usd:,.2f}" if t.cost_usd is not None else "set cluster.gpu_price_per_hour or --gpu-price")
+    if t.note:
+        tt.add_row("note", t.note)
+
+    out: list = [gpu, host, disk, tt]
+    if rp.fits:
+        out.append(Text("fits", style="bold green"))
+    else:
+        lines = ["does not fit: " + "; ".join(m.problems or ["local disk too small"])]
+        lines += [f"  would fit: {s}" for s in m.suggestions]
+        out.append(Text("\n".join(lines), style="bold red"))
+    return out

@@ -1,0 +1,63 @@
+"""`render [SPEC] --out DIR [--schedule CRON]`: deterministic manifests for Argo CD / Flux."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import SpecArg, StoreOpt, resolve
+
+
+def register(app: typer.Typer) -> None:
+    app.command("render")(render)
+
+
+def render(
+    spec: SpecArg = None,
+    out: Annotated[Path, typer.Option("--out", help="folder to write (kustomization.yaml + one file per object)")] = ...,
+    schedule: Annotated[Optional[str], typer.Option("--schedule", help='cron (5 fields, UTC), e.g. "0 3 * * 1": a CronJob submits a fresh run each tick')] = None,
+    namespace: Annotated[Optional[str], typer.Option("--namespace", "-n", help="overrides the spec")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Write deterministic Kubernetes manifests (same spec -> byte-identical files) with a kustomization."""
+    from ..errors import GptossError
+    from ..render import gitops
+    from ..store import is_remote
+
+    s = resolve(spec, output__store=store, cluster__namespace=namespace)
+    if schedule is not None:
+        objects = gitops.schedule_objects(s, schedule)
+    else:
+        from ..render.k8s import render_run  # the training JobSet + its spec ConfigMap
+
+        objects = render_run(s, gitops.run_name(s))
+    files = gitops.tree(objects)
+    _write_tree(out, files, GptossError)
+    if not is_remote(s.output.store):
+        typer.echo(f"warning: output.store {s.output.store!r} is a local folder; pods in a cluster need an s3:// store", err=True)
+    for name in files:
+        typer.echo(f"wrote {out / name}", err=True)
+    what = f"a CronJob that submits a new run on {schedule!r} (UTC)" if schedule else f"run {gitops.run_name(s)}"
+    typer.echo(f"{out}: {what}; check with `kubectl kustomize {out}`, then commit it for Argo CD or Flux")
+
+
+def _write_tree(out: Path, files: dict[str, str], error) -> None:
+    """Replace a folder we rendered before (stale objects removed); refuse to mix into someone else's."""
+    from ..render.gitops import HEADER
+
+    if out.exists():
+        if not out.is_dir():
+            raise error(f"--out {out} exists and is not a folder")
+        existing = sorted(p for p in out.iterdir())
+        ours = out / "kustomization.yaml"
+        if existing and not (ours.is_file() and ours.read_text().startswith(HEADER)):
+            raise error(f"--out {out} is not empty and was not written by `gptoss-cloud render`",
+                        hint="choose an empty or new folder")
+        for p in existing:
+            if p.is_file() and p.suffix == ".yaml" and p.read_text().startswith(HEADER) and p.name not in files:
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out / name).write_text(text)

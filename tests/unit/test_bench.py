@@ -1,0 +1,175 @@
+"""`gptoss-cloud bench` end to end on CPU (tiny shape), and an out-of-memory variant recorded, not fatal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gptoss_cloud.main import app
+from gptoss_cloud.trainer import bench as B
+from gptoss_cloud.trainer.bench_variants import Prepared, Variant, build
+from gptoss_cloud.trainer.parallel import DistInfo
+from gptoss_cloud.trainer.bench_worker import measure_variant
+
+ROW_KEYS = {
+    "variant", "status", "error", "step_times_s", "losses", "world_size", "build_s", "trainable_params",
+    "total_params", "tokens_per_step", "peak_allocated_gib", "peak_reserved_gib", "median_step_s",
+    "tokens_per_s", "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu", "ratio_to_baseline",
+    "planned_reserved_gib", "label",
+}
+TOP_KEYS = {"report_version", "date", "timestamp", "command", "environment", "options", "shape",
+            "tokens_per_step_per_gpu", "flops", "baseline", "results"}
+ENV_KEYS = {"python", "torch", "transformers", "peft", "accelerate", "card", "driver", "cuda", "card_memory_gib", "gpus_visible"}
+
+
+def tiny(**kw) -> B.BenchOptions:
+    base = dict(model="tiny", seq=64, steps=2, warmup=1, baseline=True, device="cpu", timeout_s=300)
+    base.update(kw)
+    return B.BenchOptions(**base)
+
+
+def check_report(report: dict, n_variants: int) -> None:
+    assert TOP_KEYS <= report.keys()
+    assert ENV_KEYS <= report["environment"].keys()
+    assert report["environment"]["card"] == "cpu"
+    assert report["flops"]["multiplier"] in (6, 8)
+    assert len(report["results"]) == n_variants
+    for row in report["results"]:
+        assert ROW_KEYS <= row.keys(), ROW_KEYS - row.keys()
+    json.dumps(report)  # serialisable as written
+
+
+@pytest.mark.slow
+def test_cli_bench_tiny_cpu_ours_and_baseline(tmp_path):
+    out = tmp_path / "report.json"
+    res = CliRunner().invoke(app, ["bench", "--model", "tiny", "--seq", "64", "--steps", "2", "--warmup", "1",
+                                   "--baseline", "--device", "cpu", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    check_report(report, 2)
+    ours, ref = report["results"]
+    assert ours["variant"]["stack"] == "ours" and ref["variant"]["stack"] == "transformers"
+    assert report["baseline"] == ref["variant"]["name"]
+    for row in (ours, ref):
+        assert row["status"] == "ok", row.get("error")
+        assert len(row["step_times_s"]) == 2 and len(row["losses"]) == 3  # 1 warm-up + 2 timed
+        assert all(t > 0 for t in row["step_times_s"])
+        assert row["tokens_per_s"] == pytest.approx(64 / row["median_step_s"])
+        assert row["mfu"] is None  # no peak for a CPU
+        assert row["world_size"] == 1
+    # Both start from the same random weights' distribution and the full vocabulary: loss ~ ln(201088) ~ 12.2.
+    assert 10 < ours["losses"][0] < 14 and 10 < ref["losses"][0] < 14
+    # LoRA r=16 on q,k,v,o of two layers: the same trainable count in both stacks.
+    assert ours["trainable_params"] == ref["trainable_params"] > 0
+    assert ref["ratio_to_baseline"] == pytest.approx(1.0)
+    assert ours["ratio_to_baseline"] == pytest.approx(ours["tokens_per_s"] / ref["tokens_per_s"])
+    assert ours["planned_reserved_gib"] > 0 and ref["planned_reserved_gib"] is None
+    assert report["command"] == ("gptoss-cloud bench --model tiny --method lora --seq 64 --steps 2 --warmup 1 "
+                                 "--ours --baseline --device cpu")
+    assert "tokens/s" in res.output and "ours (eager + eager)" in res.output
+
+
+def oom_on_second_step(setup, variant, rank) -> Prepared:
+    """A step double that runs out of memory: the one place the benchmark is given a fake."""
+    calls = {"n": 0}
+
+    def step():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.56 GiB.")
+        return torch.tensor(1.0)
+
+    return Prepared(step, trainable_params=10, total_params=100, tokens_per_step=setup.seq)
+
+
+def test_oom_in_a_variant_is_recorded_and_the_benchmark_goes_on(tmp_path):
+    opts = tiny()
+    rank = DistInfo(0, 1, 0, 1, torch.device("cpu"))
+
+    def runner(variant: Variant, o: B.BenchOptions) -> dict:
+        prepare = oom_on_second_step if variant.stack == "transformers" else build
+        return B.merge_ranks([measure_variant(o.setup(), variant, rank, o.warmup, o.steps, prepare=prepare)])
+
+    report = B.run_benchmark(opts, runner=runner)
+    check_report(report, 2)
+    ours, ref = report["results"]
+    assert ours["status"] == "ok" and ours["tokens_per_s"] > 0
+    assert ref["status"] == "oom"
+    assert "during step 2" in ref["error"] and "Tried to allocate 24.56 GiB" in ref["error"]
+    assert ref["label"] == "OOM"  # on a GPU: "OOM at <peak reserved> GiB"
+    assert ref["tokens_per_s"] is None and ours["ratio_to_baseline"] is None
+    path = B.write_report(report, tmp_path / "r.json")
+    assert json.loads(path.read_text())["results"][1]["status"] == "oom"
+    from rich.console import Console
+
+    console = Console(record=True, width=250)
+    console.print(B.report_table(report))
+    assert "OOM" in console.export_text()
+
+
+def test_oom_label_carries_the_peak_reserved():
+    opts = tiny()
+    raw = B.failed_result(Variant("transformers (eager + eager)", "transformers", "eager", "eager"), "x")
+    raw.update(status="oom", peak_reserved_gib=77.46, world_size=1)
+    row = B.derive(raw, opts, active_params=1000, peak_tflops=989.0)
+    assert row["label"] == "OOM at 77.5 GiB"
+
+
+def test_merge_ranks_takes_rank0_times_max_peaks_worst_status():
+    v = Variant("ours", "ours", "eager", "eager").to_dict()
+    r0 = {"variant": v, "rank": 0, "status": "ok", "error": None, "step_times_s": [1.0], "peak_allocated_gib": 10.0, "peak_reserved_gib": 12.0}
+    r1 = {"variant": v, "rank": 1, "status": "oom", "error": "CUDA out of memory during build", "step_times_s": [],
+          "peak_allocated_gib": 70.0, "peak_reserved_gib": 79.0}
+    m = B.merge_ranks([r1, r0])
+    assert m["status"] == "oom" and m["error"].startswith("rank 1:")
+    assert m["step_times_s"] == [1.0] and m["peak_reserved_gib"] == 79.0 and m["ranks_reported"] == 2
+
+
+def test_variants_per_device():
+    gpu = [v.name for v in B.variants(B.BenchOptions(baseline=True, baseline_eager=True), on_gpu=True)]
+    assert gpu == ["ours (grouped_mm + flex)", "transformers (grouped_mm + flex)", "transformers (eager + eager)"]
+    cpu = B.variants(B.BenchOptions(baseline=True, baseline_eager=True), on_gpu=False)
+    assert [v.name for v in cpu] == ["ours (eager + eager)", "transformers (eager + eager)"]
+    only_ref = B.variants(B.BenchOptions(ours=False, baseline=True, experts="eager"), on_gpu=True)
+    assert [v.stack for v in only_ref] == ["transformers"]
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(ours=False, baseline=False), "nothing to measure"),
+    (dict(steps=0), "--steps"),
+    (dict(model="7b"), "unknown model shape"),
+    (dict(offload=True), "--offload shards states"),
+    (dict(offload=True, gpus=2), "--offload needs CUDA"),
+    (dict(in_process=True, gpus=2), "--in-process"),
+])
+def test_bad_options_are_refused_before_anything_is_built(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        B.run_benchmark(tiny(**kw), runner=lambda v, o: pytest.fail("must not run"))
+
+
+def test_cli_bad_option_is_one_line_error():
+    from gptoss_cloud.main import main
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "from gptoss_cloud.main import main; main()", "bench", "--model", "tiny",
+                          "--no-ours", "--device", "cpu"], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "error: nothing to measure" in out.stderr and "Traceback" not in out.stderr
+    assert main  # imported for the entry point's existence
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_bench_on_cpu(tmp_path):
+    """--gpus 2 on CPU: each variant is a 2-rank torchrun job (gloo), FSDP2 per decoder layer."""
+    report = B.run_benchmark(tiny(gpus=2, method="full", steps=1, warmup=1))
+    check_report(report, 2)
+    for row in report["results"]:
+        assert row["status"] == "ok", (row.get("error"), row.get("log_tail"))
+        assert row["world_size"] == 2 and row["ranks_reported"] == 2
+        assert row["tokens_per_s"] == pytest.approx(2 * row["tokens_per_s_per_gpu"])
+    ours, ref = report["results"]
+    assert ours["trainable_params"] == ref["trainable_params"] == ours["total_params"]  # full fine-tuning

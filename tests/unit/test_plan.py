@@ -1,0 +1,220 @@
+"""The memory / disk / time planner: calibration points, refusals with numbers, suggestions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gptoss_cloud.errors import PlanError, SpecError
+from gptoss_cloud.plan import (
+    GiB, check_fit, disk_plan, flops_per_token, lora_params, memory_plan, plan_run, time_plan,
+)
+from gptoss_cloud.shapes import GPT_OSS_20B, GPT_OSS_120B
+from gptoss_cloud.spec import RunSpec
+
+
+def spec(model="20b", method="lora", nodes=1, gpus=8, seq=4096, offload=False, attention="auto", chunk=1024, **extra):
+    tree = {
+        "model": {"name": model},
+        "method": {"kind": method},
+        "parallelism": {"nodes": nodes, "gpus_per_node": gpus, "cpu_offload": offload},
+        "data": {"max_seq_len": seq},
+        "kernels": {"attention": attention, "loss_chunk_tokens": chunk},
+    }
+    for dotted, value in extra.items():
+        section, key = dotted.split("__")
+        tree.setdefault(section, {})[key] = value
+    return RunSpec.model_validate(tree)
+
+
+# ---- calibration against the H100 measurements quoted in issue 3 (20b, LoRA r=16, 4096 tokens, AC) ----
+def test_20b_lora_one_h100_matches_transformers_peft_full_logits():
+    # transformers + peft computes the whole 4096 x 201,088 logits at once: measured 51.6 GiB reserved (flex).
+    mp = memory_plan(spec(gpus=1, chunk=4096))
+    assert mp.gpu_reserved_gib == pytest.approx(51.6, rel=0.10)
+
+
+def test_20b_lora_one_h100_eager_attention_matches_measurement():
+    mp = memory_plan(spec(gpus=1, chunk=4096, attention="eager"))
+    assert mp.gpu_reserved_gib == pytest.approx(57.0, rel=0.10)
+
+
+def test_20b_lora_one_h100_chunked_loss_near_axolotl():
+    # Our trainer chunks the loss: close to Axolotl's ~44 GiB and within 15% of the 51.6 GiB run.
+    mp = memory_plan(spec(gpus=1))
+    assert mp.gpu_reserved_gib == pytest.approx(44.0, rel=0.10)
+    assert mp.fits
+    # The frozen bf16 weights dominate: ~20.9 B params x 2 bytes.
+    assert mp.gpu["base weights (bf16, sharded)"] == pytest.approx(GPT_OSS_20B.total_params * 2 / GiB, rel=1e-3)
+
+
+def test_lora_param_count_r16_attention():
+    s = spec()
+    per_layer = 16 * ((2880 + 4096) + 2 * (2880 + 512) + (4096 + 2880))
+    assert lora_params(GPT_OSS_20B, s) == 24 * per_layer
+    with_experts = RunSpec.model_validate({"method": {"lora": {"experts": True}}})
+    assert lora_params(GPT_OSS_20B, with_experts) > lora_params(GPT_OSS_20B, s) * 10
+
+
+# ---- the grid: 20b / 120b x lora / full --------------------------------------------------------
+@pytest.mark.parametrize(
+    "model,method,nodes,fits",
+    [("20b", "lora", 1, True), ("20b", "full", 1, True), ("120b", "lora", 2, True), ("120b", "lora", 1, True),
+     ("120b", "full", 2, False), ("120b", "full", 8, True)],
+)
+def test_grid_on_8xh100_nodes(model, method, nodes, fits):
+    mp = memory_plan(spec(model=model, method=method, nodes=nodes))
+    assert mp.fits is fits, mp.summary()
+    assert 0 < mp.gpu_total_gib
+    assert mp.host_total_gib > 0
+
+
+def test_more_gpus_means_less_memory_per_gpu():
+    a = memory_plan(spec(model="120b", method="full", nodes=2)).gpu_total_gib
+    b = memory_plan(spec(model="120b", method="full", nodes=4)).gpu_total_gib
+    assert b < a
+
+
+def test_120b_full_on_two_nodes_refused_with_numbers_and_fixes():
+    with pytest.raises(PlanError) as ei:
+        check_fit(spec(model="120b", method="full", nodes=2))
+    msg = str(ei.value)
+    assert "120b full on 2x8 H100" in msg
+    assert "GiB per GPU" in msg and "usable" in msg
+    # Concrete settings that fit, each re-planned: offload, more nodes, LoRA.
+    assert "parallelism.cpu_offload: true" in msg
+    assert "--nodes " in msg
+    assert "--method lora" in msg
+
+
+def test_suggested_settings_really_fit():
+    mp = memory_plan(spec(model="120b", method="full", nodes=2))
+    nodes = next(s for s in mp.suggestions if s.startswith("--nodes "))
+    n = int(nodes.split()[1])
+    assert memory_plan(spec(model="120b", method="full", nodes=n)).fits
+    assert not memory_plan(spec(model="120b", method="full", nodes=n - 1)).fits
+    assert memory_plan(spec(model="120b", method="full", nodes=2, offload=True)).fits
+
+
+def test_offload_moves_state_to_host():
+    on = memory_plan(spec(model="120b", method="full", nodes=2, offload=True))
+    off = memory_plan(spec(model="120b", method="full", nodes=2))
+    assert on.gpu_total_gib < off.gpu_total_gib / 3
+    assert on.host["offloaded states (pinned)"] > 500  # 117 B params x 16 bytes / 2 nodes
+
+
+def test_host_memory_refusal():
+    s = spec(model="120b", method="full", nodes=1, offload=True, cluster__host_memory_gib=512)
+    mp = memory_plan(s)
+    assert not mp.fits
+    assert any("host memory per node" in p for p in mp.problems)
+
+
+def test_long_sequence_refused_and_shorter_suggested():
+    s = spec(model="20b", gpus=1, seq=65536, attention="eager")
+    with pytest.raises(PlanError) as ei:
+        check_fit(s)
+    assert "data.max_seq_len:" in str(ei.value) or "kernels.attention: auto" in str(ei.value)
+
+
+def test_bigger_card_from_gpu_type():
+    s = spec(model="120b", method="full", nodes=4, cluster__gpu_type="H200")
+    assert memory_plan(s).gpu_capacity_gib > 130
+    explicit = spec(cluster__gpu_type="H200", cluster__gpu_memory_gib=100)
+    assert memory_plan(explicit).gpu_capacity_gib == pytest.approx(95.0)
+
+
+def test_unknown_model_is_a_spec_error():
+    with pytest.raises(SpecError, match="model.name"):
+        memory_plan(spec(model="my-org/llama"))
+
+
+# ---- disk and store ----------------------------------------------------------------------------
+def test_120b_full_store_needs_about_three_terabytes():
+    d = disk_plan(spec(model="120b", method="full", nodes=8))
+    # keep_last 2 x (fp32 params + Adam) + merged bf16
+    assert d.checkpoint_gb == pytest.approx(GPT_OSS_120B.total_params * 12 / 1e9, rel=1e-3)
+    assert d.merged_gb == pytest.approx(234, rel=0.02)
+    assert 2800 < d.store_gb < 3200
+    assert d.base_weights_gb == pytest.approx(65, rel=0.05)  # the published MXFP4 checkpoint
+
+
+def test_lora_checkpoints_are_small_and_random_init_downloads_nothing():
+    d = disk_plan(spec(model="20b", **{"model__init": "random"}))
+    assert d.checkpoint_gb < 0.2
+    assert d.adapter_gb > 0
+    assert d.base_weights_gb == 0
+
+
+def test_local_disk_capacity_checked():
+    d = disk_plan(spec(model="120b", method="full", nodes=8, cluster__local_disk_gib=100))
+    assert not d.fits
+    assert disk_plan(spec(model="120b", method="full", nodes=8, cluster__local_disk_gib=4000)).fits
+
+
+# ---- time and cost -----------------------------------------------------------------------------
+def test_time_and_cost_from_max_steps_and_price():
+    s = spec(gpus=1, optim__max_steps=100_000, cluster__gpu_price_per_hour=2.0)
+    t = time_plan(s)
+    assert t.mfu == 0.25 and t.steps == 100_000 and t.tokens_per_step == 4096
+    assert t.wall_time_h == pytest.approx(100_000 * t.step_time_s / 3600, rel=1e-2)
+    assert t.cost_usd == pytest.approx(t.gpu_hours * 2.0, rel=1e-2)
+    # The flag wins over the spec's price.
+    assert time_plan(s, gpu_price=4.0).cost_usd == pytest.approx(2 * t.cost_usd, rel=1e-2)
+
+
+def test_lora_20b_rate_near_the_measured_range():
+    # transformers+peft measured 7,690 tokens/s (~18% utilisation); at the assumed 25% the plan says more.
+    t = time_plan(spec(gpus=1))
+    assert 7690 < t.tokens_per_s < 7690 * 25 / 18 * 1.1
+
+
+def test_full_costs_more_flops_than_lora_and_checkpointing_adds_recompute():
+    lora, full = spec(), spec(method="full")
+    assert flops_per_token(GPT_OSS_20B, full) > flops_per_token(GPT_OSS_20B, lora)
+    no_ac = RunSpec.model_validate({"parallelism": {"activation_checkpointing": False}})
+    assert flops_per_token(GPT_OSS_20B, no_ac) < flops_per_token(GPT_OSS_20B, RunSpec())
+
+
+def test_unknown_dataset_size_gives_rates_only():
+    t = time_plan(spec())
+    assert t.steps is None and t.wall_time_h is None and "max_steps" in t.note
+    # one epoch of 100 steps' worth of tokens (4096 tokens x 8 GPUs per step), plus a remainder
+    t2 = time_plan(spec(), dataset_tokens=4096 * 8 * 100 + 1)
+    assert t2.steps == 101 and t2.wall_time_h is not None
+
+
+def test_plan_run_is_json_serialisable():
+    rp = plan_run(spec(model="120b", method="full", nodes=2))
+    d = json.loads(json.dumps(rp.to_dict()))
+    assert d["fits"] is False
+    assert d["params"]["total"] == GPT_OSS_120B.total_params
+    assert d["memory"]["suggestions"]
+
+
+def test_plan_command_json_and_exit_code():
+    from typer.testing import CliRunner
+
+    from gptoss_cloud.main import app
+
+    r = CliRunner().invoke(app, ["plan", "--model", "120b", "--nodes", "2", "--method", "full", "-o", "json"])
+    assert r.exit_code == 1
+    d = json.loads(r.stdout)
+    assert d["memory"]["fits"] is False and d["memory"]["nodes"] == 2
+    ok = CliRunner().invoke(app, ["plan", "--model", "20b", "--gpu-price", "2.5"])
+    assert ok.exit_code == 0, ok.output
+    assert "GPU memory per GPU" in ok.stdout and "fits" in ok.stdout and "MFU 25%" in ok.stdout
+
+
+def test_plan_command_reads_a_local_model_folder(tmp_path, shared):
+    from typer.testing import CliRunner
+
+    from gptoss_cloud.main import app
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text((shared / "models" / "gpt-oss-20b" / "config.json").read_text())
+    r = CliRunner().invoke(app, ["plan", "--model", str(folder), "--gpus-per-node", "1", "-o", "json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["params"]["total"] == GPT_OSS_20B.total_params

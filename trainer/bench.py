@@ -1,0 +1,362 @@
+"""`gptoss-cloud bench`: our training step against the transformers + peft reference, same card, same run.
+
+Flow: options -> the variants to measure -> each variant in its own process (torchrun with NCCL
+for several GPUs, so peaks are clean and a crash stays local) -> per-variant raw measurements ->
+derived numbers (tokens/s, TFLOP/s, MFU, ratio to the best reference, the planner's prediction) ->
+one JSON report + a table. Arithmetic lives in ``bench_metrics``; building and stepping in
+``bench_variants``; measuring one variant in ``bench_worker``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import bench_metrics as BM
+from .bench_variants import Setup, Variant
+
+REPORT_VERSION = 1
+# The reference's best configuration on GPU (issue 8); on CPU flex/grouped_mm are not what a user
+# would run, so the CPU reference (tests) uses the eager kernels.
+BEST_REFERENCE_GPU = ("grouped_mm", "flex")
+
+
+@dataclass
+class BenchOptions:
+    model: str = "20b"
+    layers: int | None = None
+    method: str = "lora"
+    seq: int = 4096
+    steps: int = 5
+    warmup: int = 3
+    ours: bool = True
+    baseline: bool = False
+    baseline_eager: bool = False
+    experts: str | None = None  # ours; None = grouped_mm on GPU, eager on CPU
+    attention: str | None = None  # ours; None = flex on GPU, eager on CPU
+    gpus: int = 1
+    offload: bool = False
+    lora_r: int = 16
+    loss_chunk_tokens: int = 1024
+    seed: int = 0
+    peak_tflops: float | None = None
+    in_process: bool = False
+    timeout_s: float | None = 1800.0
+    device: str | None = None  # "cuda" | "cpu"; default: cuda when available
+
+    def validate(self) -> None:
+        from gptoss_cloud.shapes import shape_for
+
+        if self.method not in ("lora", "full"):
+            raise ValueError(f"--method must be lora or full, got {self.method!r}")
+        if self.steps < 1:
+            raise ValueError("--steps must be >= 1 (the median needs at least one timed step)")
+        if self.warmup < 0:
+            raise ValueError("--warmup must be >= 0")
+        if self.seq < 16:
+            raise ValueError("--seq must be >= 16")
+        if self.gpus < 1:
+            raise ValueError("--gpus must be >= 1")
+        if not (self.ours or self.baseline):
+            raise ValueError("nothing to measure: pass --ours and/or --baseline")
+        if self.offload and self.gpus < 2:
+            raise ValueError("--offload shards states over FSDP2 ranks: use it with --gpus 2 or more")
+        if self.in_process and self.gpus > 1:
+            raise ValueError("--in-process runs one process: it cannot use --gpus > 1")
+        shape_for(self.model, layers=self.layers)  # raises ValueError naming the model
+
+    def setup(self) -> Setup:
+        return Setup(model=self.model, layers=self.layers, method=self.method, seq=self.seq, lora_r=self.lora_r,
+                     loss_chunk_tokens=self.loss_chunk_tokens, offload=self.offload, seed=self.seed)
+
+
+# ------------------------------------------------------------------------------------------ variants
+def variants(opts: BenchOptions, on_gpu: bool) -> list[Variant]:
+    """Ours first, then the reference's best configuration, then (optionally) the eager reference."""
+    out = []
+    if opts.ours:
+        experts = opts.experts or ("grouped_mm" if on_gpu else "eager")
+        attention = opts.attention or ("flex" if on_gpu else "eager")
+        out.append(Variant(f"ours ({experts} + {attention})", "ours", experts, attention))
+    if opts.baseline:
+        experts, attention = BEST_REFERENCE_GPU if on_gpu else ("eager", "eager")
+        out.append(Variant(f"transformers ({experts} + {attention})", "transformers", experts, attention))
+        if opts.baseline_eager and (experts, attention) != ("eager", "eager"):
+            out.append(Variant("transformers (eager + eager)", "transformers", "eager", "eager"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- runners
+Runner = Callable[[Variant, BenchOptions], dict]
+
+
+def run_in_process(variant: Variant, opts: BenchOptions) -> dict:
+    """Measure in this process (memory freed and peaks reset between variants)."""
+    from .bench_variants import join_process_group
+    from .bench_worker import measure_variant
+
+    rank = join_process_group()
+    return merge_ranks([measure_variant(opts.setup(), variant, rank, opts.warmup, opts.steps)])
+
+
+def worker_command(opts: BenchOptions, job: Path, out: Path) -> list[str]:
+    module = ["-m", "gptoss_cloud.trainer.bench_worker", "--job", str(job), "--out", str(out)]
+    if opts.gpus > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={opts.gpus}", *module]
+    return [sys.executable, *module]
+
+
+def run_subprocess(variant: Variant, opts: BenchOptions) -> dict:
+    """Measure in a fresh process (a torchrun job for several GPUs); a crash becomes an error row."""
+    with tempfile.TemporaryDirectory(prefix="gptoss-bench-") as tmp:
+        job, out = Path(tmp) / "job.json", Path(tmp) / "out"
+        job.write_text(json.dumps({"setup": asdict(opts.setup()), "variant": variant.to_dict(),
+                                   "warmup": opts.warmup, "steps": opts.steps}))
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if opts.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        cmd = worker_command(opts, job, out)
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=opts.timeout_s)
+            rc, log = proc.returncode, (proc.stdout or "") + (proc.stderr or "")
+        except subprocess.TimeoutExpired as e:
+            rc, log = None, f"timed out after {opts.timeout_s:.0f} s\n" + _text(e.stdout) + _text(e.stderr)
+        ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+    if ranks:
+        return merge_ranks(ranks)
+    tail = [line for line in log.strip().splitlines() if line.strip()][-1:] or ["no output"]
+    return failed_result(variant, f"worker exited with {rc}: {tail[0][:300]}", log_tail=log[-4000:])
+
+
+def _text(b) -> str:
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+
+def failed_result(variant: Variant, error: str, log_tail: str | None = None) -> dict:
+    return {"variant": variant.to_dict(), "status": "error", "error": error, "step_times_s": [], "losses": [],
+            "world_size": None, "build_s": None, "trainable_params": None, "total_params": None,
+            "tokens_per_step": None, "peak_allocated_gib": None, "peak_reserved_gib": None,
+            "log_tail": log_tail}
+
+
+def merge_ranks(ranks: list[dict]) -> dict:
+    """One result from every rank's: timings from rank 0, peaks as the max over ranks, worst status."""
+    ranks = sorted(ranks, key=lambda r: r.get("rank", 0))
+    first = dict(ranks[0])
+    bad = [r for r in ranks if r["status"] != "ok"]
+    if bad:
+        worst = next((r for r in bad if r["status"] == "oom"), bad[0])
+        first.update(status=worst["status"], error=f"rank {worst.get('rank', 0)}: {worst['error']}")
+    for key in ("peak_allocated_gib", "peak_reserved_gib"):
+        vals = [r[key] for r in ranks if r.get(key) is not None]
+        first[key] = max(vals) if vals else None
+    first["ranks_reported"] = len(ranks)
+    first.pop("rank", None)
+    return first
+
+
+# -------------------------------------------------------------------------------------------- report
+def environment(on_gpu: bool) -> dict:
+    """Card, driver and library versions, host: what a reader needs to trust or reproduce a number."""
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": _version("transformers"),
+           "peft": _version("peft"), "accelerate": _version("accelerate"), "gptoss_cloud": _version("gptoss-cloud"),
+           "host": platform.node(), "cuda": torch.version.cuda, "driver": None, "card": "cpu", "card_memory_gib": None,
+           "gpus_visible": 0}
+    if on_gpu:
+        props = torch.cuda.get_device_properties(0)
+        env.update(card=props.name, card_memory_gib=round(props.total_memory / 1024**3, 1),
+                   gpus_visible=torch.cuda.device_count(), driver=_driver_version())
+    return env
+
+
+def _version(pkg: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return None
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def planned_gib(opts: BenchOptions, variant: Variant, card: str, card_memory_gib: float | None) -> float | None:
+    """The planner's predicted torch peak reserved GiB per GPU for our variant (None for the reference,
+    whose full-logits loss the planner does not model)."""
+    if variant.stack != "ours":
+        return None
+    from gptoss_cloud.plan import memory_plan
+    from gptoss_cloud.spec import RunSpec
+
+    family, _ = BM.card_family(card)
+    spec = RunSpec.model_validate({
+        "model": {"name": opts.model, "init": "random", "layers": opts.layers},
+        "data": {"max_seq_len": opts.seq},
+        "method": {"kind": opts.method, "lora": {"r": opts.lora_r, "alpha": 2 * opts.lora_r}},
+        "optim": {"micro_batch_size": 1, "grad_accum": 1},
+        "parallelism": {"nodes": 1, "gpus_per_node": opts.gpus, "cpu_offload": opts.offload,
+                        "activation_checkpointing": True},
+        "kernels": {"experts": variant.experts, "attention": "eager" if variant.attention == "eager" else "flex",
+                    "loss_chunk_tokens": opts.loss_chunk_tokens},
+        "cluster": {"gpu_type": family or "H100", **({"gpu_memory_gib": card_memory_gib} if card_memory_gib else {})},
+    })
+    return memory_plan(spec, suggest=False).gpu_reserved_gib
+
+
+def derive(result: dict, opts: BenchOptions, active_params: int, peak_tflops: float | None) -> dict:
+    """Throughput, TFLOP/s and MFU of one measured variant (per GPU and total)."""
+    row = dict(result)
+    world = result.get("world_size") or opts.gpus
+    ok = result["status"] == "ok" and result["step_times_s"]
+    if ok:
+        step = BM.median(result["step_times_s"])
+        per_gpu = result["tokens_per_step"] / step
+        tflops = BM.model_tflops(active_params, per_gpu, opts.method)
+        row.update(median_step_s=step, tokens_per_s_per_gpu=per_gpu, tokens_per_s=per_gpu * world,
+                   tflops_per_gpu=tflops, mfu=BM.mfu(tflops, peak_tflops))
+    else:
+        row.update(median_step_s=None, tokens_per_s_per_gpu=None, tokens_per_s=None, tflops_per_gpu=None, mfu=None)
+    row["label"] = (BM.oom_label(result.get("peak_reserved_gib")) if result["status"] == "oom"
+                    else "ok" if ok else f"failed: {result.get('error')}")
+    return row
+
+
+def build_report(results: list[dict], opts: BenchOptions, env: dict) -> dict:
+    """The JSON report: options, environment, formula, one row per variant, ratios to the best reference."""
+    shape = opts.setup().shape()
+    family, catalog_peak = BM.card_family(env["card"])
+    peak = opts.peak_tflops or catalog_peak
+    rows = [derive(r, opts, shape.active_params, peak) for r in results]
+    reference = next((r for r in rows if r["variant"]["stack"] == "transformers"), None)
+    base = reference["tokens_per_s_per_gpu"] if reference else None
+    for r in rows:
+        r["ratio_to_baseline"] = BM.ratio(r["tokens_per_s_per_gpu"], base)
+        v = Variant.from_dict(r["variant"])
+        try:
+            r["planned_reserved_gib"] = planned_gib(opts, v, env["card"], env.get("card_memory_gib"))
+        except Exception as e:  # the planner refusing a shape must not lose the measurements
+            r["planned_reserved_gib"] = None
+            r["plan_error"] = str(e)
+    now = _dt.datetime.now(_dt.timezone.utc)
+    return {
+        "report_version": REPORT_VERSION,
+        "date": now.date().isoformat(),
+        "timestamp": now.isoformat(timespec="seconds"),
+        "command": command_line(opts),
+        "environment": env,
+        "options": asdict(opts),
+        "shape": {"name": shape.name, "layers": shape.num_hidden_layers, "total_params": shape.total_params,
+                  "active_params": shape.active_params, "experts": shape.num_local_experts},
+        "tokens_per_step_per_gpu": opts.seq,
+        "flops": {"formula": BM.flops_formula(opts.method), "multiplier": BM.flops_multiplier(opts.method),
+                  "peak_tflops_per_gpu": peak, "peak_source": "--peak-tflops" if opts.peak_tflops else (family or None)},
+        "baseline": reference["variant"]["name"] if reference else None,
+        "results": rows,
+    }
+
+
+def default_out(env: dict, date: str, root: Path = Path("docs/benchmarks")) -> Path:
+    return root / f"{date}-{BM.card_slug(env['card'])}.json"
+
+
+def write_report(report: dict, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return out
+
+
+def run_benchmark(opts: BenchOptions, runner: Runner | None = None, on_result: Callable[[dict], None] | None = None) -> dict:
+    """Measure every variant of ``opts`` and return the report (nothing written)."""
+    import torch
+
+    opts.validate()
+    on_gpu = (opts.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible")
+    if on_gpu and opts.gpus > torch.cuda.device_count():
+        raise ValueError(f"--gpus {opts.gpus}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if opts.offload and not on_gpu:
+        raise ValueError("--offload needs CUDA devices (it moves sharded states to pinned host memory)")
+    opts.device = "cuda" if on_gpu else "cpu"
+    runner = runner or (run_in_process if opts.in_process else run_subprocess)
+    results = []
+    for v in variants(opts, on_gpu):
+        r = runner(v, opts)
+        results.append(r)
+        if on_result:
+            on_result(r)
+    return build_report(results, opts, environment(on_gpu))
+
+
+def command_line(opts: BenchOptions) -> str:
+    """The one command that reproduces ``opts`` (every setting spelled out, defaults included)."""
+    args = ["gptoss-cloud", "bench", "--model", opts.model]
+    if opts.layers:
+        args += ["--layers", str(opts.layers)]
+    args += ["--method", opts.method, "--seq", str(opts.seq), "--steps", str(opts.steps), "--warmup", str(opts.warmup)]
+    if opts.gpus > 1:
+        args += ["--gpus", str(opts.gpus)]
+    args += ["--ours"] if opts.ours else ["--no-ours"]
+    if opts.baseline:
+        args.append("--baseline")
+    if opts.baseline_eager:
+        args.append("--baseline-eager")
+    for flag, value in (("--experts", opts.experts), ("--attention", opts.attention), ("--peak-tflops", opts.peak_tflops),
+                        ("--device", opts.device)):
+        if value is not None:
+            args += [flag, str(value)]
+    if opts.lora_r != 16:
+        args += ["--lora-r", str(opts.lora_r)]
+    if opts.offload:
+        args.append("--offload")
+    if opts.in_process:
+        args.append("--in-process")
+    return shlex.join(args)
+
+
+# --------------------------------------------------------------------------------------------- table
+def _f(v, fmt: str, none: str = "—") -> str:
+    return none if v is None else format(v, fmt)
+
+
+def report_table(report: dict):
+    """A rich Table: one row per variant."""
+    from rich.table import Table
+
+    env = report["environment"]
+    o = report["options"]
+    shape = report["shape"]
+    title = (f"{shape['name']} {o['method']} · seq {o['seq']} · {o['gpus']} x {env['card']} · "
+             f"torch {env['torch']} · transformers {env['transformers']} · median of {o['steps']} steps after {o['warmup']} warm-up")
+    t = Table(title=title, title_justify="left")
+    for col, just in [("variant", "left"), ("tokens/s", "right"), ("tokens/s/GPU", "right"), ("TFLOP/s/GPU", "right"),
+                      ("MFU", "right"), ("peak alloc GiB", "right"), ("peak reserved GiB", "right"),
+                      ("planned GiB", "right"), ("x baseline", "right"), ("status", "left")]:
+        t.add_column(col, justify=just)
+    for r in report["results"]:
+        t.add_row(
+            r["variant"]["name"], _f(r["tokens_per_s"], ",.0f"), _f(r["tokens_per_s_per_gpu"], ",.0f"),
+            _f(r["tflops_per_gpu"], ".1f"), _f(r["mfu"], ".1%"), _f(r["peak_allocated_gib"], ".1f"),
+            _f(r["peak_reserved_gib"], ".1f"), _f(r.get("planned_reserved_gib"), ".1f"),
+            _f(r["ratio_to_baseline"], ".2f"), r["label"],
+        )
+    t.caption = f"MFU: {report['flops']['formula']}, peak {report['flops']['peak_tflops_per_gpu'] or 'unknown'} TFLOP/s per GPU"
+    return t

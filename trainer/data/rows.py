@@ -1,0 +1,221 @@
+"""Parse and validate one row in the OpenAI messages format into plain dataclasses.
+
+Everything a later stage relies on is checked here, so a malformed row fails with one message
+naming the source, the row index and the problem (RowError), never with a traceback later on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from gptoss_cloud.errors import DataError
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+EFFORTS = ("low", "medium", "high")
+THINKING_ALIASES = ("reasoning_content",)  # the other common name for the assistant's analysis
+
+
+class RowError(DataError):
+    """One malformed row: ``on_error: skip`` counts these, ``fail`` raises them."""
+
+    def __init__(self, source: str, row: int, problem: str):
+        super().__init__(f"{source} row {row}: {problem}", hint="fix the row, or set data.on_error: skip")
+        self.source, self.row, self.problem = source, row, problem
+
+    def __reduce__(self):  # crosses process boundaries (parallel tokenization)
+        return (type(self), (self.source, self.row, self.problem))
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # JSON text, rendered verbatim after the <|constrain|>json header
+    id: str | None = None
+
+
+@dataclass
+class ChatMessage:
+    role: str
+    content: str | None = None
+    thinking: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_call_id: str | None = None  # tool results
+    name: str | None = None  # tool results: the function's name
+    train: bool = True
+    index: int = 0  # position in the row's messages (for error messages)
+
+
+@dataclass
+class ToolSpec:
+    name: str
+    description: str = ""
+    parameters: dict | None = None
+
+
+@dataclass
+class Row:
+    messages: list[ChatMessage]
+    tools: list[ToolSpec] = field(default_factory=list)
+    reasoning_effort: str | None = None
+
+
+class _Problem(Exception):
+    pass
+
+
+def _missing(v: Any) -> bool:
+    # Parquet and hub datasets fill absent struct fields with None.
+    return v is None
+
+
+def _text(content: Any, where: str) -> str | None:
+    if _missing(content):
+        return None
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = []
+        for p in content:
+            if isinstance(p, str):
+                parts.append(p)
+            elif isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text"), str):
+                parts.append(p["text"])
+            else:
+                kind = p.get("type") if isinstance(p, dict) else type(p).__name__
+                raise _Problem(f"{where}: content part of type {kind!r} is not supported (text only)")
+        return "".join(parts)
+    raise _Problem(f"{where}: content must be a string or a list of text parts, not {type(content).__name__}")
+
+
+def _json_text(value: Any, where: str) -> str:
+    if _missing(value):
+        return "{}"
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except json.JSONDecodeError as e:
+            raise _Problem(f"{where}: arguments are not valid JSON ({e.msg} at char {e.pos}): {value[:60]!r}") from None
+        return value
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    raise _Problem(f"{where}: arguments must be a JSON string or an object, not {type(value).__name__}")
+
+
+def _tool_call(raw: Any, where: str) -> ToolCall:
+    if not isinstance(raw, dict):
+        raise _Problem(f"{where}: must be an object, not {type(raw).__name__}")
+    fn = raw.get("function") if isinstance(raw.get("function"), dict) else raw
+    name = fn.get("name")
+    if not isinstance(name, str) or not name:
+        raise _Problem(f"{where}: missing function name")
+    call_id = raw.get("id")
+    return ToolCall(name=name, arguments=_json_text(fn.get("arguments"), f"{where} ({name})"), id=call_id or None)
+
+
+def _tool_spec(raw: Any, where: str) -> ToolSpec:
+    if not isinstance(raw, dict):
+        raise _Problem(f"{where}: must be an object, not {type(raw).__name__}")
+    fn = raw.get("function") if isinstance(raw.get("function"), dict) else raw
+    name = fn.get("name")
+    if not isinstance(name, str) or not name:
+        raise _Problem(f"{where}: missing function name")
+    params = fn.get("parameters")
+    if isinstance(params, str):
+        try:
+            params = json.loads(params)
+        except json.JSONDecodeError:
+            raise _Problem(f"{where} ({name}): parameters are not valid JSON") from None
+    if params is not None and not isinstance(params, dict):
+        raise _Problem(f"{where} ({name}): parameters must be a JSON-schema object")
+    return ToolSpec(name=name, description=fn.get("description") or "", parameters=_drop_nulls(params))
+
+
+def _drop_nulls(v: Any) -> Any:
+    # Parquet/hub rows unify struct fields across rows, so one tool's schema gains another's keys as
+    # None (e.g. "required": None). A null-valued schema keyword means "absent" here.
+    if isinstance(v, dict):
+        return {k: _drop_nulls(x) for k, x in v.items() if x is not None}
+    if isinstance(v, list):
+        return [_drop_nulls(x) for x in v]
+    return v
+
+
+def _message(raw: Any, i: int, field_thinking: str) -> ChatMessage:
+    where = f"message {i}"
+    if not isinstance(raw, dict):
+        raise _Problem(f"{where}: must be an object, not {type(raw).__name__}")
+    role = raw.get("role")
+    if role not in ROLES:
+        raise _Problem(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+    where = f"message {i} ({role})"
+    train = raw.get("train")
+    if not _missing(train) and not isinstance(train, bool):
+        raise _Problem(f"{where}: 'train' must be true or false")
+    if not _missing(train) and role != "assistant":
+        raise _Problem(f"{where}: 'train' applies to assistant messages only")
+    content = raw.get("content")
+    if role == "tool" and isinstance(content, (dict, list)) and not _is_parts(content):
+        content = json.dumps(content, ensure_ascii=False)  # a structured tool result: rendered as JSON text
+    msg = ChatMessage(role=role, content=_text(content, where), index=i, train=train is not False)
+    if role == "assistant":
+        thinking = raw.get(field_thinking)
+        for alias in THINKING_ALIASES:
+            if _missing(thinking):
+                thinking = raw.get(alias)
+        msg.thinking = _text(thinking, f"{where} thinking") or None
+        calls = raw.get("tool_calls")
+        if not _missing(calls):
+            if not isinstance(calls, list):
+                raise _Problem(f"{where}: tool_calls must be a list")
+            msg.tool_calls = [_tool_call(c, f"{where} tool call {j}") for j, c in enumerate(calls)]
+        if not (msg.content or "").strip() and not msg.thinking and not msg.tool_calls:
+            raise _Problem(f"{where}: empty assistant turn (no content, thinking or tool_calls)")
+        if not (msg.content or "").strip():
+            msg.content = None
+    elif role == "tool":
+        if msg.content is None:
+            raise _Problem(f"{where}: missing content")
+        msg.tool_call_id = raw.get("tool_call_id") or None
+        msg.name = raw.get("name") or None
+    elif msg.content is None:
+        raise _Problem(f"{where}: missing content")
+    return msg
+
+
+def _is_parts(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in v)
+
+
+def parse_row(raw: Any, *, source: str, row: int, field_messages: str = "messages", field_thinking: str = "thinking",
+              field_tools: str = "tools", field_reasoning_effort: str = "reasoning_effort") -> Row:
+    """Validate one dataset row. Raises RowError naming source, row and problem."""
+    try:
+        if not isinstance(raw, dict):
+            raise _Problem(f"must be a JSON object, not {type(raw).__name__}")
+        msgs = raw.get(field_messages)
+        if _missing(msgs):
+            raise _Problem(f"missing {field_messages!r} (set the source's field_messages if it is named differently)")
+        if not isinstance(msgs, list) or not msgs:
+            raise _Problem(f"{field_messages!r} must be a non-empty list of messages")
+        messages = [_message(m, i, field_thinking) for i, m in enumerate(msgs)]
+        if not any(m.role == "assistant" for m in messages):
+            raise _Problem("no assistant message to train on")
+        tools_raw = raw.get(field_tools)
+        if isinstance(tools_raw, str):  # some hub datasets store the tool list as JSON text
+            try:
+                tools_raw = json.loads(tools_raw)
+            except json.JSONDecodeError:
+                raise _Problem(f"{field_tools!r} is a string but not valid JSON") from None
+        if not _missing(tools_raw) and not isinstance(tools_raw, list):
+            raise _Problem(f"{field_tools!r} must be a list of function definitions")
+        tools = [_tool_spec(t, f"tool {j}") for j, t in enumerate(tools_raw or [])]
+        effort = raw.get(field_reasoning_effort)
+        if not _missing(effort):
+            if not isinstance(effort, str) or effort.lower() not in EFFORTS:
+                raise _Problem(f"{field_reasoning_effort!r} must be one of {', '.join(EFFORTS)}, got {effort!r}")
+            effort = effort.lower()
+        return Row(messages=messages, tools=tools, reasoning_effort=effort)
+    except _Problem as p:
+        raise RowError(source, row, str(p)) from None

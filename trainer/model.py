@@ -1,0 +1,300 @@
+"""Build GPT-OSS (transformers' GptOssForCausalLM) for training: shape, kernels, weights, LoRA/full.
+
+- Shapes come from ``gptoss_cloud.shapes`` (presets) or the weights folder's config.json.
+- Attention and expert implementations are transformers' own, chosen by ``spec.kernels``:
+  on GPU flex attention (learned sinks, sliding windows and packed segments through one block mask)
+  and grouped_mm experts; on CPU the eager implementations (the references).
+- Packed rows never attend across samples: ``packed_attention_masks`` builds the per-layer-type masks
+  from the segment lengths and the model receives them ready-made.
+- The trained module is ``CausalLMWithChunkedLoss``: decoder -> final hidden states -> chunked
+  linear + cross-entropy, so full logits are never materialised.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gptoss_cloud.shapes import ModelShape, shape_for, shape_from_config
+from gptoss_cloud.spec import KernelsSection, MethodSection, ModelSection
+
+from .kernels.loss import chunked_linear_cross_entropy, shift_packed_labels
+
+log = logging.getLogger(__name__)
+
+GiB = 1024**3
+SMALL_BASE_BYTES = 1 * GiB  # random-init models below this (bf16) save their base weights in the run home
+ATTENTION_IMPLS = {"eager": "eager", "flex": "flex_attention"}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+# ------------------------------------------------------------------------------------------ kernels
+def resolve_implementations(kernels: KernelsSection, device_type: str) -> tuple[str, str]:
+    """(attention, experts) implementation names for transformers, from the spec and the device."""
+    on_gpu = device_type == "cuda"
+    attn = kernels.attention
+    if attn == "auto":
+        attn = "flex" if on_gpu else "eager"
+    experts = kernels.experts
+    if experts == "auto":
+        experts = "grouped_mm" if on_gpu else "eager"
+    return ATTENTION_IMPLS[attn], experts
+
+
+# ------------------------------------------------------------------------------------------- shapes
+def is_random(model: ModelSection) -> bool:
+    return model.init == "random" or model.name == "tiny"
+
+
+def model_shape(model: ModelSection, config: dict | None = None) -> ModelShape:
+    """The shape to build: a preset (random or published) or the given folder's config.json."""
+    if config is not None and model.name not in ("tiny",):
+        shape = shape_from_config(config, name=model.name)
+        return shape.with_layers(model.layers) if model.layers else shape
+    return shape_for(model.name, layers=model.layers)
+
+
+def build_config(shape: ModelShape, attn_impl: str, experts_impl: str, router_aux_loss_coef: float | None = None):
+    from transformers import GptOssConfig
+
+    kw = shape.hf_config_dict()
+    if router_aux_loss_coef is not None:
+        kw["router_aux_loss_coef"] = router_aux_loss_coef
+    for key in ("pad_token_id", "eos_token_id"):  # test shapes with a small vocabulary have no harmony ids
+        if kw[key] >= shape.vocab_size:
+            kw[key] = None
+    config = GptOssConfig(**kw)
+    config.use_cache = False
+    config._attn_implementation = attn_impl
+    config._experts_implementation = experts_impl
+    return config
+
+
+def bf16_bytes(shape: ModelShape) -> int:
+    return 2 * shape.total_params
+
+
+def create_model(config, dtype: torch.dtype, device: str | torch.device = "cpu", seed: int | None = None):
+    """A GptOssForCausalLM with transformers' random init (``device='meta'``: no storage at all).
+
+    With a seed, every rank builds bit-identical weights (the small-model path, where each rank
+    materialises the whole model and FSDP keeps its shard).
+    """
+    from transformers import GptOssForCausalLM
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = GptOssForCausalLM(config)
+    finally:
+        torch.set_default_dtype(prev)
+    # transformers keeps norms in fp32 only when asked at load; here everything is one dtype.
+    return model.to(dtype) if str(device) != "meta" else model
+
+
+def init_sharded_weights_(model: nn.Module, std: float, seed: int) -> None:
+    """Random-initialise a model that was sharded on the meta device and then ``to_empty``'d.
+
+    Each rank fills only its local shard (so 20b/120b never exist whole anywhere); values follow
+    transformers' init for GPT-OSS (normal(0, std) matrices and sinks, zero biases, unit norms).
+    """
+    from torch.distributed.tensor import DTensor
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            leaf = name.rsplit(".", 1)[-1]
+            if "lora_B" in name:
+                local.zero_()  # an adapter starts as the identity
+            elif "lora_A" in name:
+                bound = 1.0 / math.sqrt(local.shape[-1]) if local.dim() > 1 else 0.0
+                local.copy_(torch.rand(local.shape, generator=gen, dtype=torch.float32).mul_(2 * bound).sub_(bound))
+            elif "norm" in name and leaf == "weight":
+                local.fill_(1.0)
+            elif leaf.endswith("bias") and "router" not in name:
+                local.zero_()
+            else:
+                local.copy_(torch.randn(local.shape, generator=gen, dtype=torch.float32).mul_(std))
+    reset_rotary_buffers_(model)
+
+
+def reset_rotary_buffers_(model: nn.Module) -> None:
+    """Recompute the rotary inv_freq buffers (non-persistent: meta/to_empty leaves them garbage)."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
+
+    for mod in model.modules():
+        if isinstance(mod, GptOssRotaryEmbedding):
+            with torch.device("cpu"):
+                fresh = GptOssRotaryEmbedding(mod.config)
+            device = next((b.device for b in mod.buffers() if b.device.type != "meta"), None)
+            for bname, buf in fresh.named_buffers():
+                target = device or (torch.device("cpu") if getattr(mod, bname).device.type == "meta" else getattr(mod, bname).device)
+                setattr(mod, bname, buf.to(target))
+            mod.attention_scaling = fresh.attention_scaling
+
+
+# -------------------------------------------------------------------------------------------- methods
+def lora_config(method: MethodSection, num_layers: int):
+    from peft import LoraConfig
+
+    lo = method.lora
+    params: list[str] = []
+    if lo.experts:
+        layers = lo.expert_layers if lo.expert_layers is not None else range(num_layers)
+        for i in layers:
+            if not 0 <= i < num_layers:
+                raise ValueError(f"method.lora.expert_layers: layer {i} does not exist (the model has {num_layers})")
+            params += [f"layers.{i}.mlp.experts.gate_up_proj", f"layers.{i}.mlp.experts.down_proj"]
+    if lo.router:
+        params.append("mlp.router.weight")
+    return LoraConfig(
+        r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=list(lo.target_modules),
+        target_parameters=params or None, bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def apply_method(model: nn.Module, method: MethodSection) -> nn.Module:
+    """LoRA through peft (returns the PeftModel; base weights frozen) or full fine-tuning (all trainable)."""
+    if method.kind == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(method, model.config.num_hidden_layers))
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The GptOssForCausalLM inside a PeftModel (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+# --------------------------------------------------------------------------------------------- masks
+def segment_ids(seq_lens: list[list[int]], seq_len: int, device: torch.device) -> torch.Tensor:
+    """(batch, seq_len) int tensor: which packed segment each position belongs to."""
+    rows = []
+    for lens in seq_lens:
+        if sum(lens) != seq_len:
+            raise ValueError(f"packed segment lengths {lens} sum to {sum(lens)}, not the row length {seq_len}")
+        rows.append(torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens)))
+    return torch.stack(rows).to(device)
+
+
+def packed_attention_masks(config, seq_lens: list[list[int]], seq_len: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Per-layer-type masks (causal / sliding-window causal) that also forbid attention across segments.
+
+    Returned as the dict GptOssModel accepts in place of a 2-D mask, in the format of the configured
+    attention implementation (a 4-D additive mask for eager, a BlockMask for flex attention). Within a
+    segment positions are contiguous, so the window on row indices equals the window on positions.
+    """
+    from transformers.masking_utils import (
+        create_causal_mask,
+        create_sliding_window_causal_mask,
+        packed_sequence_mask_function,
+    )
+
+    seg = segment_ids(seq_lens, seq_len, device)
+    stub = torch.empty((len(seq_lens), seq_len, 0), dtype=dtype, device=device)  # shape/dtype/device only
+    same_segment = packed_sequence_mask_function(seg)
+    # Positional cache argument (None): its keyword differs between transformers 5.17 and 5.24.
+    return {
+        "full_attention": create_causal_mask(config, stub, None, None, and_mask_function=same_segment),
+        "sliding_attention": create_sliding_window_causal_mask(config, stub, None, None, and_mask_function=same_segment),
+    }
+
+
+# -------------------------------------------------------------------------------------- trained module
+@dataclass
+class Batch:
+    """One micro-batch of packed rows, as tensors on the training device."""
+
+    input_ids: torch.Tensor  # (B, L) int64
+    targets: torch.Tensor  # (B, L) int64, next-token targets, -100 = not trained
+    position_ids: torch.Tensor  # (B, L) int64, restarting per segment
+    seq_lens: list[list[int]]
+
+    @classmethod
+    def from_samples(cls, samples: list[Any], device: torch.device) -> "Batch":
+        """From PackedSample-like objects (input_ids, labels, position_ids, seq_lens: plain int lists)."""
+        ids = torch.tensor([s.input_ids for s in samples], dtype=torch.long)
+        labels = torch.tensor([s.labels for s in samples], dtype=torch.long)
+        pos = torch.tensor([s.position_ids for s in samples], dtype=torch.long)
+        seq_lens = [list(s.seq_lens) for s in samples]
+        targets = shift_packed_labels(labels, seq_lens)
+        return cls(ids.to(device), targets.to(device), pos.to(device), seq_lens)
+
+    @property
+    def trained_tokens(self) -> int:
+        return int((self.targets != -100).sum())
+
+
+class CausalLMWithChunkedLoss(nn.Module):
+    """The module that is trained and sharded: returns (summed loss, trained tokens, router aux loss).
+
+    Holds the (possibly peft-wrapped) GptOssForCausalLM as ``lm``. ``get_input_embeddings`` /
+    ``get_output_embeddings`` / ``base_model_prefix`` let accelerate's FSDP2 wrapping find the
+    embedding and the output head (final norm + lm_head) and shard them as their own units.
+    """
+
+    base_model_prefix = "decoder"
+
+    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024, router_aux: bool = False):
+        super().__init__()
+        self.lm = lm
+        self.chunk_tokens = chunk_tokens
+        self.router_aux = router_aux
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        return hf_model(self.lm)
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.causal_lm.model
+
+    @property
+    def config(self):
+        return self.causal_lm.config
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.causal_lm.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.causal_lm.get_output_embeddings()
+
+    def forward(self, input_ids, position_ids, targets, attention_masks: dict):
+        out = self.decoder(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_masks,
+            use_cache=False, output_router_logits=self.router_aux,
+        )
+        hidden = out.last_hidden_state
+        weight = self.get_output_embeddings().weight
+        loss_sum, count = chunked_linear_cross_entropy(hidden, weight, targets, self.chunk_tokens)
+        aux = None
+        if self.router_aux:
+            from transformers.models.gpt_oss.modeling_gpt_oss import load_balancing_loss_func
+
+            cfg = self.config
+            aux = load_balancing_loss_func(out.router_logits, cfg.num_local_experts, cfg.num_experts_per_tok, None)
+        return loss_sum, count, aux
+
+
+def run_batch(module: nn.Module, batch: Batch, config, dtype: torch.dtype):
+    """Masks for the batch, then the module's forward: (loss_sum, trained_tokens, aux)."""
+    masks = packed_attention_masks(config, batch.seq_lens, batch.input_ids.shape[1], batch.input_ids.device, dtype)
+    return module(batch.input_ids, batch.position_ids, batch.targets, masks)
+
+
+def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,106 @@
+"""Process group and FSDP2 sharding through accelerate.
+
+Only topology and rendezvous come from the environment (torchrun's RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT); every other setting is in the spec. GPUs use NCCL, CPUs gloo (how CI
+runs the 2-process tests). Each GptOssDecoderLayer is its own FSDP unit; accelerate also carves the
+embedding and the output head (final norm + lm_head) into their own units.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gptoss_cloud.spec import ParallelismSection
+
+DECODER_LAYER = "GptOssDecoderLayer"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group torchrun described (a no-op for a single process)."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", "0"))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank, world, local_rank, local_world, device)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def make_accelerator(par: ParallelismSection, info: DistInfo, bf16: bool, ram_efficient_loading: bool = False):
+    """An accelerate Accelerator holding the FSDP2 plugin built from ``parallelism``.
+
+    bf16 compute with fp32 gradient reduction when ``bf16``; plain fp32 otherwise (CPU tests).
+    Activation checkpointing is applied by the model (transformers' non-reentrant checkpointing per
+    decoder layer), not here, so the single-process path uses the same recomputation.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=[DECODER_LAYER],
+        reshard_after_forward=par.reshard_after_forward,
+        cpu_offload=CPUOffloadPolicy(pin_memory=info.device.type == "cuda") if par.cpu_offload else False,
+        mixed_precision_policy=mp,
+        activation_checkpointing=False,
+        cpu_ram_efficient_loading=ram_efficient_loading,
+        state_dict_type="SHARDED_STATE_DICT",
+    )
+    acc = Accelerator(fsdp_plugin=plugin, mixed_precision="bf16" if bf16 else "no", cpu=info.device.type == "cpu")
+    if getattr(acc.state, "fsdp_plugin", None) is None:
+        # accelerate switches to its FSDP mode only for accelerator devices; the FSDP2 wrapping itself
+        # is device-agnostic and is what the 2-process gloo tests exercise on CPU.
+        acc.state.fsdp_plugin = plugin
+    return acc
+
+
+def shard_model(model: nn.Module, accelerator) -> nn.Module:
+    """fully_shard each decoder layer, the embedding, the output head and the root (accelerate's FSDP2 path)."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    return fsdp2_prepare_model(accelerator, model)

@@ -1,0 +1,245 @@
+"""``run_training(spec, run_id, home)``: what every rank runs under torchrun.
+
+Parse nothing here: the spec is already resolved. Join the process group, build the data (rank 0
+first, then the others from its cache), build the model, shard it, train, save the adapter (or the
+fully fine-tuned model) and write ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptoss_cloud.errors import GptossError
+from gptoss_cloud.spec import RunSpec
+from gptoss_cloud.store import is_remote, join, open_store
+
+from . import model as M
+from .loop import Checkpointer, Loop, NoCheckpoints, make_optimizer
+from .metrics import Metrics
+from .parallel import DistInfo, barrier, init_distributed, make_accelerator, shard_model
+
+log = logging.getLogger("gptoss_cloud.trainer")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def build_data(spec: RunSpec, info: DistInfo):
+    """Rank 0 tokenizes and packs first (filling the pipeline's cache); the others then read the cache."""
+    try:
+        from .data import build_datasets  # the harmony pipeline
+    except ImportError as e:
+        raise GptossError("the data pipeline (gptoss_cloud.trainer.data) is not installed in this build") from e
+    if info.is_main:
+        ds = build_datasets(spec.data)
+    barrier(info)
+    if not info.is_main:
+        ds = build_datasets(spec.data)
+    return ds
+
+
+# --------------------------------------------------------------------------------------------- model
+def _put_folder(local: Path, home: str, key: str) -> str:
+    store = open_store(home)
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        store.upload_file(f, f"{key}/{f.relative_to(local)}")
+    return join(home, key)
+
+
+def save_base(hf_model, home: str) -> str:
+    """The random base weights as a Hugging Face folder at ``<home>/base/`` (adapters are merged onto it)."""
+    if not is_remote(home):
+        hf_model.save_pretrained(str(Path(home) / "base"))
+        return join(home, "base")
+    with tempfile.TemporaryDirectory(prefix="gptoss-base-") as tmp:
+        hf_model.save_pretrained(tmp)
+        return _put_folder(Path(tmp), home, "base")
+
+
+def build_module(spec: RunSpec, info: DistInfo, home: str):
+    """The (possibly sharded) CausalLMWithChunkedLoss, its GptOssConfig and the compute dtype."""
+    on_gpu = info.device.type == "cuda"
+    # CPU runs (tests, the local demo) compute in fp32; GPUs keep the spec's dtype (bf16 by default).
+    dtype = M.DTYPES[spec.model.dtype] if on_gpu else torch.float32
+    attn, experts = M.resolve_implementations(spec.kernels, info.device.type)
+    coef = spec.optim.router_aux_loss_coef
+    full_state = None
+    if M.is_random(spec.model):
+        shape = M.model_shape(spec.model)
+        config = M.build_config(shape, attn, experts, coef)
+        small = M.bf16_bytes(shape) < M.SMALL_BASE_BYTES
+        if small:
+            # Every rank builds the same seeded weights; FSDP keeps each rank's shard.
+            hf = M.create_model(config, dtype, "cpu", seed=spec.optim.seed)
+            if info.is_main:
+                save_base(hf, home)
+        else:
+            hf = M.create_model(config, dtype, "meta")
+    else:
+        from .weights import fetch_pretrained, load_state_dict, read_config
+
+        folder = fetch_pretrained(spec.model.name, revision=spec.model.revision, cache_dir=spec.model.cache_dir,
+                                  local_rank=info.local_rank, barrier=lambda: barrier(info))
+        shape = M.model_shape(spec.model, read_config(folder))
+        config = M.build_config(shape, attn, experts, coef)
+        hf = M.create_model(config, dtype, "meta")
+        # One full copy per job (rank 0's host), broadcast shard by shard by accelerate when sharded.
+        if info.is_main or not info.distributed:
+            missing, unexpected = hf.load_state_dict(load_state_dict(folder, dtype), strict=False, assign=True)
+            missing = [k for k in missing if k != "lm_head.weight" or not shape.tie_word_embeddings]
+            if missing or unexpected:
+                raise GptossError(f"weights in {folder} do not match GPT-OSS {shape.name}: "
+                                  f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        M.reset_rotary_buffers_(hf)
+    if spec.parallelism.activation_checkpointing:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm = M.apply_method(hf, spec.method)
+    module = M.CausalLMWithChunkedLoss(lm, spec.kernels.loss_chunk_tokens, router_aux=coef is not None)
+    on_meta = any(p.device.type == "meta" for p in module.parameters())
+    pretrained_meta = on_meta and not M.is_random(spec.model)
+
+    if info.distributed:
+        acc = make_accelerator(spec.parallelism, info, bf16=on_gpu and dtype == torch.bfloat16,
+                               ram_efficient_loading=pretrained_meta or (not M.is_random(spec.model)))
+        module = shard_model(module, acc)
+        if on_meta and M.is_random(spec.model):
+            module.to_empty(device=info.device)
+            M.init_sharded_weights_(module, config.initializer_range, spec.optim.seed + info.rank)
+    else:
+        if on_meta and M.is_random(spec.model):
+            module.to_empty(device=info.device)
+            M.init_sharded_weights_(module, config.initializer_range, spec.optim.seed)
+        module.to(info.device)
+        # Trainable weights in fp32 (bf16 autocast computes); frozen ones stay in the base dtype.
+        for p in module.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    M.reset_rotary_buffers_(module)
+    return module, config, dtype, shape
+
+
+# ---------------------------------------------------------------------------------------------- save
+def save_result(module, spec: RunSpec, info: DistInfo, home: str) -> str | None:
+    """Gather the trained weights on rank 0: the LoRA adapter to ``<home>/adapter/`` (peft format) or,
+    for full fine-tuning, the whole model to ``<home>/merged/`` (it is already the servable model)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if info.distributed:
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        full = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    if not info.is_main:
+        return None
+    sd = {k[len("lm."):]: v for k, v in full.items() if k.startswith("lm.")}
+    lm = module.lm
+    key = "adapter" if spec.method.kind == "lora" else "merged"
+    with tempfile.TemporaryDirectory(prefix=f"gptoss-{key}-") as tmp:
+        target = Path(home) / key if not is_remote(home) else Path(tmp)
+        if spec.method.kind == "lora":
+            lm.save_pretrained(str(target), state_dict=sd)
+        else:
+            M.hf_model(lm).save_pretrained(str(target), state_dict=sd)
+        return _put_folder(target, home, key) if is_remote(home) else join(home, key)
+
+
+# -------------------------------------------------------------------------------------------- entry
+def _oom_report(spec: RunSpec, shape, info: DistInfo) -> str:
+    lines = [f"CUDA out of memory on rank {info.rank} ({torch.cuda.get_device_name(info.device)})"]
+    try:
+        from gptoss_cloud.plan import memory_plan
+
+        lines.append("memory plan attempted: " + memory_plan(spec).summary())
+    except Exception:  # the planner is optional here; fall back to the sizes we know
+        lines.append(
+            f"model {shape.name}: {shape.total_params / 1e9:.2f} B params ({M.bf16_bytes(shape) / 2**30:.1f} GiB bf16), "
+            f"method {spec.method.kind}, {info.world_size} GPUs, max_seq_len {spec.data.max_seq_len}, "
+            f"micro_batch {spec.optim.micro_batch_size}, activation_checkpointing {spec.parallelism.activation_checkpointing}, "
+            f"cpu_offload {spec.parallelism.cpu_offload}"
+        )
+    lines.append(f"peak reserved {torch.cuda.max_memory_reserved(info.device) / 2**30:.1f} GiB")
+    return "\n".join(lines)
+
+
+def run_training(spec: RunSpec, run_id: str, home: str, *, datasets: Any = None,
+                 checkpointer: Checkpointer | None = None, interactive: bool | None = None) -> dict:
+    """Train ``spec`` as run ``run_id`` with its outputs under ``home``; returns the summary (all ranks).
+
+    ``datasets`` (an object with ``train``/``validation`` lists of PackedSample) skips the data
+    pipeline (benchmarks, tests); ``checkpointer`` is called by the loop (default: none).
+    """
+    t_start = time.perf_counter()
+    info = init_distributed(spec.parallelism.collective_timeout_s)
+    random.seed(spec.optim.seed)
+    torch.manual_seed(spec.optim.seed)
+    if info.device.type == "cuda":
+        try:
+            from gptoss_cloud.plan import check_fit
+        except ImportError:
+            check_fit = None
+        if check_fit is not None:
+            check_fit(spec)  # refuse before any model loads
+    ds = datasets if datasets is not None else build_data(spec, info)
+    train, val = list(ds.train), list(getattr(ds, "validation", None) or [])
+    shape = M.model_shape(spec.model) if M.is_random(spec.model) else None
+    try:
+        module, config, dtype, shape = build_module(spec, info, home)
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = make_optimizer(params, spec.optim, info.device)
+        loop = Loop(module=module, config=config, optimizer=optimizer, optim=spec.optim, info=info, samples=train,
+                    val_samples=val, compute_dtype=dtype if info.device.type == "cuda" else torch.float32,
+                    shuffle=spec.data.shuffle, checkpointer=checkpointer or NoCheckpoints(),
+                    autocast=(info.device.type == "cuda" and not info.distributed and dtype == torch.bfloat16))
+        metrics = None
+        if info.is_main:
+            metrics = Metrics(home, total_steps=loop.steps, log_every=spec.optim.log_every, active_params=shape.active_params,
+                              num_gpus=info.world_size if info.device.type == "cuda" else 0, device=info.device,
+                              interactive=interactive)
+            loop.on_step = metrics.on_step
+            loop.on_eval = metrics.on_final_eval
+        try:
+            result = loop.run()
+        finally:
+            if metrics:
+                metrics.close()
+        saved = save_result(module, spec, info, home)
+    except torch.OutOfMemoryError as e:
+        raise GptossError(_oom_report(spec, shape, info),
+                          hint="lower data.max_seq_len or optim.micro_batch_size, or turn on parallelism.activation_checkpointing / cpu_offload") from e
+    trainable, total = M.trainable_parameter_count(module)
+    summary = {
+        "run_id": run_id, "model": spec.model.name, "shape": shape.name, "method": spec.method.kind,
+        "steps": result.steps, "final_loss": result.final_loss, "eval_loss": result.eval_loss,
+        "first_loss": result.history[0].loss if result.history else None,
+        "trained_tokens": result.tokens, "train_seconds": round(result.seconds, 3),
+        "total_seconds": round(time.perf_counter() - t_start, 3),
+        "tokens_per_s": (sum(s.processed_tokens for s in result.history) / result.seconds) if result.seconds else None,
+        "world_size": info.world_size, "device": str(info.device.type), "trainable_params": trainable,
+        "output": saved, "base": join(home, "base") if M.is_random(spec.model) and M.bf16_bytes(shape) < M.SMALL_BASE_BYTES else None,
+        "versions": {"torch": torch.__version__, "transformers": _version("transformers"), "peft": _version("peft")},
+    }
+    if info.is_main:
+        open_store(home).write_bytes("summary.json", json.dumps(summary, indent=2).encode())
+    barrier(info)
+    return summary
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(pkg)
+    except Exception:
+        return None
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,123 @@
+"""Pretrained GPT-OSS weights: fetched once per node into a cache, read with MXFP4 experts dequantised.
+
+A model name is a preset alias (``20b`` -> ``openai/gpt-oss-20b``), a local folder, a hub id or an
+``s3://`` prefix. Local rank 0 of each node downloads into the cache while the node's other ranks wait
+at a barrier, so a node fetches the weights once, never once per rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from gptoss_cloud.errors import GptossError
+from gptoss_cloud.shapes import HUB_IDS
+
+from .kernels.mxfp4 import dequantize_expert_weight
+
+COMPLETE_MARKER = ".gptoss-complete"
+WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.safetensors.index.json")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("GPTOSS_WEIGHTS_CACHE", "~/.cache/gptoss-cloud/weights")).expanduser()
+
+
+def resolve_source(name: str) -> str:
+    """The place the weights of ``name`` come from: a folder, an s3:// prefix or a hub id."""
+    return HUB_IDS.get(name, name)
+
+
+def fetch_pretrained(
+    name: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    local_rank: int = 0,
+    barrier: Callable[[], None] = lambda: None,
+) -> Path:
+    """Make the weights of ``name`` available as a local folder on this node and return it."""
+    source = resolve_source(name)
+    if Path(source).expanduser().is_dir():
+        return Path(source).expanduser()
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    key = hashlib.sha256(f"{source}@{revision or ''}".encode()).hexdigest()[:16]
+    dest = cache / f"{source.replace('://', '_').replace('/', '_')[-60:]}-{key}"
+    if local_rank == 0 and not (dest / COMPLETE_MARKER).exists():
+        if source.startswith("s3://"):
+            _download_s3(source, dest)
+        else:
+            _download_hub(source, revision, dest)
+        (dest / COMPLETE_MARKER).write_text(source)
+    barrier()
+    if not (dest / COMPLETE_MARKER).exists():
+        raise GptossError(f"weights for {name!r} were not fetched into {dest}", hint="see local rank 0's log for the download error")
+    return dest
+
+
+def _download_s3(uri: str, dest: Path) -> None:
+    from gptoss_cloud.store import open_store
+
+    store = open_store(uri)
+    keys = [k for k in store.list("") if k.endswith((".json", ".safetensors"))]
+    if not any(k.endswith(".safetensors") for k in keys):
+        raise GptossError(f"no .safetensors weights under {uri}", hint="point model.name at the folder holding config.json and *.safetensors")
+    for k in keys:
+        store.download_file(k, dest / k)
+
+
+def _download_hub(repo_id: str, revision: str | None, dest: Path) -> None:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise GptossError(
+            f"model {repo_id!r} is a hub id but huggingface_hub is not installed",
+            hint="pip install 'gptoss-cloud[hub]', or point model.name at a local folder or s3:// prefix",
+        ) from e
+    try:
+        # original/ and metal/ hold other formats of the same weights; skip them.
+        snapshot_download(repo_id, revision=revision, local_dir=str(dest), allow_patterns=list(WEIGHT_PATTERNS))
+    except Exception as e:  # network, auth, missing repo: one line naming the model
+        raise GptossError(f"cannot download {repo_id!r} from the Hugging Face hub: {type(e).__name__}: {e}",
+                          hint="check the id, HF_TOKEN, and network access; or use a local folder / s3:// prefix") from e
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GptossError(f"no config.json in {folder}", hint="a model folder needs config.json and *.safetensors") from None
+
+
+def iter_state_dict(folder: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) in transformers' parameter names; MXFP4 ``*_blocks``/``*_scales`` pairs come out as
+    one dequantised bf16/fp32 tensor, already-dequantised checkpoints pass through. One tensor at a time."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise GptossError(f"no *.safetensors in {folder}")
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    where = {k: h for h in handles for k in h.keys()}
+    for k in sorted(where):
+        if k.endswith("_scales"):
+            continue
+        if k.endswith("_blocks"):
+            base = k[: -len("_blocks")]
+            if base + "_scales" not in where:
+                raise GptossError(f"{k} has no matching {base}_scales in {folder}")
+            blocks = where[k].get_tensor(k)
+            scales = where[base + "_scales"].get_tensor(base + "_scales")
+            yield base, dequantize_expert_weight(blocks, scales, dtype)
+        else:
+            yield k, where[k].get_tensor(k).to(dtype)
+
+
+def load_state_dict(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return dict(iter_state_dict(folder, dtype))
