@@ -47,7 +47,7 @@ from gptoss_cloud.store import LocalStore, StoreNotFound, open_store, upload_fil
 
 from . import ckpt_state
 from .ckpt_manifest import (
-    MANIFEST, PARTS_DIR, CheckpointError, Manifest, file_entry, list_published, parse_step, prune, publish,
+    MANIFEST, CheckpointError, Manifest, file_entry, list_published, parse_step, prune, publish,
     read_manifest, read_parts, signing_key, step_dir, write_part,
 )
 from .ckpt_room import check_local_room, checkpoint_bytes, preflight  # noqa: F401 (re-exported for the planner)

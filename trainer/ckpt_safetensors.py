@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
@@ -69,6 +69,3 @@ def write_index(path: str | Path, shards: list[list], names: list[str]) -> None:
     weight_map = {name: fname for shard, fname in zip(shards, names) for name, _, _ in shard}
     Path(path).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
-
-def iter_entries(sd_meta: Iterable[tuple[str, tuple, torch.dtype]]):
-    return list(sd_meta)

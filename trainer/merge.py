@@ -27,7 +27,7 @@ import torch.distributed.checkpoint as dcp
 
 from gptoss_cloud.errors import GptossError
 from gptoss_cloud.shapes import EOS_TOKEN_IDS, HUB_IDS, PAD_TOKEN_ID
-from gptoss_cloud.store import LocalStore, StoreNotFound, is_remote, join, open_store
+from gptoss_cloud.store import LocalStore, is_remote, join, open_store
 
 from . import ckpt_safetensors as st
 from .checkpoint import make_fetcher

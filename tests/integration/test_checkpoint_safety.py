@@ -6,7 +6,6 @@ checkpoint is attacked or damaged and the restore must fall back to the first wi
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
