@@ -18,6 +18,10 @@ from .errors import StoreError
 MiB = 1024 * 1024
 
 
+class StoreNotFound(StoreError):
+    """A key that does not exist (a normal answer for readers that probe, e.g. for a manifest)."""
+
+
 class Store(Protocol):
     uri: str
 
@@ -25,10 +29,12 @@ class Store(Protocol):
     def write_bytes(self, key: str, data: bytes) -> None: ...
     def upload_file(self, local: str | Path, key: str) -> None: ...
     def download_file(self, key: str, local: str | Path) -> None: ...
+    def read_range(self, key: str, start: int, length: int) -> bytes: ...
     def list(self, prefix: str = "") -> list[str]: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, prefix: str) -> int: ...
     def child(self, key: str) -> "Store": ...
+    def check_access(self, write: bool = True) -> None: ...
 
 
 def is_remote(uri: str) -> bool:
@@ -72,7 +78,7 @@ class LocalStore:
         try:
             return self._p(key).read_bytes()
         except FileNotFoundError:
-            raise StoreError(f"not found: {self._p(key)}") from None
+            raise StoreNotFound(f"not found: {self._p(key)}") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
         p = self._p(key)
@@ -90,10 +96,18 @@ class LocalStore:
         shutil.copyfile(local, tmp)
         os.replace(tmp, p)
 
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        try:
+            with open(self._p(key), "rb") as f:
+                f.seek(start)
+                return f.read(length)
+        except FileNotFoundError:
+            raise StoreNotFound(f"not found: {self._p(key)}") from None
+
     def download_file(self, key: str, local: str | Path) -> None:
         src = self._p(key)
         if not src.is_file():
-            raise StoreError(f"not found: {src}")
+            raise StoreNotFound(f"not found: {src}")
         Path(local).parent.mkdir(parents=True, exist_ok=True)
         if src.resolve() != Path(local).resolve():
             shutil.copyfile(src, local)
@@ -124,15 +138,35 @@ class LocalStore:
     def child(self, key: str) -> "LocalStore":
         return LocalStore(str(self._p(key)))
 
+    def check_access(self, write: bool = True) -> None:
+        root = Path(self.root)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if write:
+                probe = root / f".gptoss-write-check-{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+        except OSError as e:
+            raise StoreError(f"access {self.uri}: {e.strerror or e}", hint="check the folder's permissions and free space") from None
+
 
 # ------------------------------------------------------------------------------------------- s3
+_CLIENTS: dict[tuple, object] = {}
+
+
 def _s3_client():
     import boto3  # lazy: the control plane starts without it
     from botocore.config import Config
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    cfg = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=120)
-    return boto3.client("s3", endpoint_url=endpoint, config=cfg)
+    # boto3 clients are thread-safe and slow to build: share one per process and credential source.
+    key = (os.getpid(), endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"), os.environ.get("AWS_SECRET_ACCESS_KEY"))
+    if key not in _CLIENTS:
+        cfg = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=120,
+                     max_pool_connections=32)
+        # A fresh session: boto3's default one caches the credentials it first found.
+        _CLIENTS[key] = boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg)
+    return _CLIENTS[key]
 
 
 def _transfer_config():
@@ -143,10 +177,15 @@ def _transfer_config():
 
 
 def translate_aws_error(e: Exception, uri: str, action: str) -> StoreError:
+    import re
+
     code = None
     resp = getattr(e, "response", None)
     if isinstance(resp, dict):
         code = resp.get("Error", {}).get("Code")
+    if code is None:  # boto3's transfer manager wraps the ClientError into S3UploadFailedError's text
+        m = re.search(r"An error occurred \((\w+)\)", str(e))
+        code = m.group(1) if m else None
     name = type(e).__name__
     hints = {
         "NoSuchBucket": "create the bucket or fix output.store",
@@ -191,22 +230,39 @@ class S3Store:
         return f"s3://{self.bucket}/{self._k(key)}"
 
     def _call(self, action: str, key: str, fn, *a, **kw):
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return fn(*a, **kw)
-        except (ClientError, BotoCoreError) as e:
+        except (ClientError, BotoCoreError, Boto3Error) as e:
             raise translate_aws_error(e, self._uri(key), action) from e
 
     def read_bytes(self, key: str) -> bytes:
-        r = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._k(key))
-        return r["Body"].read()
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=self._k(key))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise StoreNotFound(f"not found: {self._uri(key)}") from None
+            raise translate_aws_error(e, self._uri(key), "read") from e
+        except BotoCoreError as e:  # no credentials, unreachable endpoint
+            raise translate_aws_error(e, self._uri(key), "read") from e
+        return self._call("read", key, r["Body"].read)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._call("write", key, self.client.put_object, Bucket=self.bucket, Key=self._k(key), Body=data)
 
     def upload_file(self, local: str | Path, key: str) -> None:
         self._call("upload", key, self.client.upload_file, str(local), self.bucket, self._k(key), Config=_transfer_config())
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        r = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._k(key),
+                       Range=f"bytes={start}-{start + length - 1}")
+        return self._call("read", key, r["Body"].read)
 
     def download_file(self, key: str, local: str | Path) -> None:
         Path(local).parent.mkdir(parents=True, exist_ok=True)
@@ -216,10 +272,8 @@ class S3Store:
 
     def _iter(self, prefix: str) -> Iterator[str]:
         full = self._k(prefix)
-        if full and not full.endswith("/") and prefix:
-            full_dir = full + "/"
-        else:
-            full_dir = full
+        # A prefix is a folder: "ckpt" must not also list "ckpt-old/...".
+        full_dir = full + "/" if full and not full.endswith("/") else full
         paginator = self.client.get_paginator("list_objects_v2")
         for page in self._call("list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full_dir))):
             for obj in page.get("Contents", []):
@@ -250,6 +304,21 @@ class S3Store:
     def child(self, key: str) -> "S3Store":
         return S3Store(join(self.uri, key))
 
-    def check_access(self) -> None:
-        """Fail early, before training, with one clear line if the bucket is unreachable."""
+    def check_access(self, write: bool = True) -> None:
+        """Fail early, before training, with one clear line if the bucket is unreachable or read-only."""
         self._call("access", "", self.client.list_objects_v2, Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+        if write:
+            probe = f".gptoss-write-check-{os.getpid()}"
+            self._call("write", probe, self.client.put_object, Bucket=self.bucket, Key=self._k(probe), Body=b"")
+            self._call("delete", probe, self.client.delete_object, Bucket=self.bucket, Key=self._k(probe))
+
+
+def upload_files(store: Store, items: list[tuple[str | Path, str]], max_workers: int = 8) -> None:
+    """Upload many (local path, key) pairs in parallel; each file is itself multipart on S3."""
+    if not items:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(items))) as pool:
+        for f in [pool.submit(store.upload_file, local, key) for local, key in items]:
+            f.result()

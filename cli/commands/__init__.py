@@ -16,6 +16,7 @@ MODULES = [
     "serve",
     "render",
     "lifecycle",
+    "merge",
     "bench",
 ]
 

@@ -1,0 +1,44 @@
+"""`merge`: turn a run's newest published checkpoint (or a given one) into a servable Hugging Face folder."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .common import StoreOpt, resolve
+
+
+def register(app: typer.Typer) -> None:
+    app.command("merge")(merge_cmd)
+
+
+def merge_cmd(
+    ref: Annotated[str, typer.Argument(help="run id, run home URI, or a checkpoint URI ending in /checkpoints/step-N")],
+    out: Annotated[Optional[str], typer.Option("--out", help="output folder or s3:// prefix (default: <run>/merged)")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="load the result with transformers and compare logits with the training-time model")] = False,
+    base: Annotated[Optional[str], typer.Option("--base", help="base weights for a LoRA merge (default: <run>/base, else the spec's model.name)")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="bfloat16 | float32 (default: the checkpoint's)")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Merge a checkpoint into safetensors shards + config + tokenizer that vLLM and transformers load as is."""
+    from ..errors import GptossError
+    from ..runs import resolve_run
+
+    if dtype not in (None, "bfloat16", "float32"):
+        raise GptossError(f"--dtype {dtype!r}: use bfloat16 or float32")
+    if "/checkpoints/step-" in ref:
+        source, home = ref, ref.rstrip("/").rsplit("/checkpoints/", 1)[0]
+    else:
+        _, home = resolve_run(ref, resolve(None, output__store=store).output.store)
+        source = home
+    target = out or f"{home.rstrip('/')}/merged"
+    from ..trainer.merge import merge  # heavy (torch, transformers): only when the command runs
+
+    res = merge(source, target, base=base, dtype=dtype, verify=verify)
+    typer.echo(f"merged step {res.step} ({res.method}): {res.tensors} tensors, {res.total_bytes / 2**30:.2f} GiB "
+               f"in {len(res.shards)} shard(s) -> {res.out}")
+    if res.adapter_out:
+        typer.echo(f"adapter kept at {res.adapter_out}")
+    if res.max_abs_logit_diff is not None:
+        typer.echo(f"verified: transformers loads it; max |logit diff| vs the training-time model {res.max_abs_logit_diff:.2e}")

@@ -1,0 +1,489 @@
+"""Sharded checkpoints: save with torch.distributed.checkpoint, publish to the run store, resume.
+
+Layout in the run home::
+
+    checkpoints/step-N/
+        .metadata  __R_0.distcp ...   DCP: model (or LoRA adapter) + optimizer, each rank its shards
+        extra/rank-R.json             scheduler, data position, RNG ... per rank, as tagged JSON
+        spec.yaml                     the run spec        adapter_config.json   (LoRA runs)
+        _parts/rank-R.json            what each rank uploaded (rank 0 folds these into the manifest)
+        manifest.json                 written LAST: files + sha256, step, world size, spec hash [+ HMAC]
+
+Every save goes into a new ``step-N`` folder (DCP deletes old metadata first, so overwriting in place
+would leave nothing usable after a crash mid-save). Shards are written to a local folder, uploaded
+(multipart, parallel), then rank 0 writes the manifest once every rank has reported its files. Local
+copies older than the newest are deleted once uploaded; the store keeps the last ``keep_last``.
+
+The training loop calls::
+
+    ckpt = Checkpointer(spec.checkpoint, home, spec=spec)
+    step = ckpt.restore(state)          # 0 when starting fresh
+    ...  ckpt.maybe_save(step, state)   # every step; saves every checkpoint.every_steps
+    ckpt.maybe_save(step, state, last=True); ckpt.close()
+
+where ``state`` maps names to the model (``"model"``), the optimizer (``"optimizer"``) and any other
+objects with ``state_dict()`` / ``load_state_dict()`` (scheduler, data position, ``RNGState``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from gptoss_cloud.store import LocalStore, StoreNotFound, open_store, upload_files
+
+from . import ckpt_state
+from .ckpt_manifest import (
+    MANIFEST, CheckpointError, Manifest, file_entry, list_published, parse_step, prune, publish,
+    read_manifest, read_parts, signing_key, step_dir, write_part,
+)
+from .ckpt_room import check_local_room, checkpoint_bytes, preflight  # noqa: F401 (re-exported for the planner)
+from .ckpt_safety import FetchingReader, SafeLoadPlanner, safe_load_metadata
+
+log = logging.getLogger("gptoss_cloud.checkpoint")
+MODEL_KEYS = ("model", "optimizer")
+PUBLISH_TIMEOUT_S = float(os.environ.get("GPTOSS_PUBLISH_TIMEOUT_S", "1800"))
+
+
+def spec_hash(spec_yaml: str) -> str:
+    return hashlib.sha256(spec_yaml.encode()).hexdigest()[:16]
+
+
+def _unwrap_optimizer(opt):
+    # accelerate wraps the optimizer; DCP's state_dict helpers want the torch one.
+    return getattr(opt, "optimizer", opt) if not isinstance(opt, torch.optim.Optimizer) else opt
+
+
+def _reason(e: BaseException) -> str:
+    # DCP's CheckpointException (a BaseException) carries each failed rank's own exception.
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        e = next(iter(failures.values()))
+        e = getattr(e, "exc", e[0] if isinstance(e, tuple) else e)  # (exception, traceback) per rank
+    return getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+
+
+class _Progress:
+    """Step, token count and extras of the loop's TrainState, as one Stateful."""
+
+    def __init__(self, ts):
+        self.ts = ts
+
+    def state_dict(self) -> dict:
+        return {"step": self.ts.step, "tokens": self.ts.tokens, "extra": dict(self.ts.extra)}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.ts.step, self.ts.tokens = int(st["step"]), int(st["tokens"])
+        self.ts.extra.clear()
+        self.ts.extra.update(st.get("extra") or {})
+
+
+def as_state(state) -> Mapping[str, Any]:
+    """Accept either a mapping of Stateful objects or the loop's TrainState (module, optimizer, scheduler, data, …)."""
+    if isinstance(state, Mapping):
+        return state
+    from .ckpt_state import RNGState
+
+    return {"model": state.module, "optimizer": state.optimizer, "scheduler": state.scheduler, "data": state.data,
+            "progress": _Progress(state), "rng": RNGState()}
+
+
+def language_model(model):
+    """The (possibly peft-wrapped) GptOssForCausalLM inside the trained module (the loop's wrapper holds it as ``lm``)."""
+    return getattr(model, "lm", model) if model is not None else None
+
+
+def model_config(model):
+    """The transformers config of the (possibly peft-wrapped) model, saved with each checkpoint for merging."""
+    inner = language_model(model)
+    if inner is None:
+        return None
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return getattr(inner, "config", None)
+
+
+def _has_frozen(model: torch.nn.Module) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def make_fetcher(ckpts, step: int, folder: Path, manifest: Manifest, where: str):
+    """fetch(paths): make each checkpoint file present under ``folder`` and verified against the manifest.
+
+    ``fetch.downloaded`` lists what came from the store (the rest was a verified local copy).
+    """
+    verified: set[str] = set()
+    downloaded: list[str] = []
+
+    def fetch(paths: Iterable[str]) -> None:
+        for rel in paths:
+            if rel in verified:
+                continue
+            local = folder / rel
+            if local.exists():  # a local copy (this node wrote it, or an earlier attempt fetched it)
+                try:
+                    manifest.check_file(rel, local, where)
+                    verified.add(rel)
+                    continue
+                except CheckpointError:
+                    pass  # stale or damaged: fetch it again (a no-op when the store is this folder)
+            if not (isinstance(ckpts, LocalStore) and local.resolve() == (Path(ckpts.root) / step_dir(step) / rel).resolve()):
+                downloaded.append(rel)
+            ckpts.download_file(f"{step_dir(step)}/{rel}", local)
+            manifest.check_file(rel, local, where)
+            verified.add(rel)
+
+    fetch.downloaded = downloaded
+    return fetch
+
+
+class Checkpointer:
+    def __init__(self, cfg, home: str, *, spec=None, local_dir: str | None = None, process_group=None):
+        """``cfg`` is the spec's ``checkpoint`` section; ``home`` the run home URI (s3://… or a folder)."""
+        self.cfg = cfg
+        self.home = str(home).rstrip("/")
+        self.store = open_store(self.home)
+        self.ckpts = self.store.child("checkpoints")
+        self.spec_yaml = spec.to_yaml() if spec is not None else None
+        self.spec_hash = spec_hash(self.spec_yaml) if self.spec_yaml else None
+        self.method = spec.method.kind if spec is not None else None
+        # A tiny LoRA run (random weights) must keep its base: nothing else could rebuild it for a merge.
+        # (The trainer saves it itself; this covers callers without it. Larger random bases are not kept.)
+        self.keep_base = spec is not None and spec.method.kind == "lora" and spec.model.name == "tiny"
+        self.pg = process_group
+        self.key = signing_key()
+        self._local_dir = local_dir or cfg.local_dir
+        self._spec = spec
+        self._ready = False
+        self.dist, self.rank, self.world = False, 0, 1
+        self.local_root, self.in_place = Path("."), False
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_saved: int | None = None
+
+    def _setup(self) -> None:
+        """Bind to the process group (the loop builds the Checkpointer before torch.distributed starts)."""
+        if self._ready:
+            return
+        self._ready = True
+        self.dist = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.dist else 0
+        self.world = dist.get_world_size() if self.dist else 1
+        if self.dist and self.pg is None:
+            # Our own CPU group: an async save's background thread runs DCP collectives on it while the
+            # training thread keeps using the default group; sharing one group would interleave them.
+            self.pg = dist.new_group(backend="gloo")
+        local = self._local_dir
+        if isinstance(self.ckpts, LocalStore) and not local:
+            # A local store is already local disk: write in place, no second copy.
+            self.local_root, self.in_place = Path(self.ckpts.root), True
+        else:
+            run_id = self.home.rsplit("/", 1)[-1]
+            self.local_root = Path(local or Path(tempfile.gettempdir()) / "gptoss-cloud" / run_id / "checkpoints")
+            self.in_place = False
+        if self._spec is not None:  # fail before training, with numbers, not after hours at the first save
+            self.store.check_access(write=self.rank == 0)
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                check_local_room(self._spec, self.local_root)
+
+    # ------------------------------------------------------------------------------------------ save
+    def maybe_save(self, step: int, state, *, last: bool = False, final: bool = False) -> bool:
+        """Save when ``step`` is a multiple of checkpoint.every_steps, or at the end (``last``/``final``)."""
+        every = self.cfg.every_steps
+        if last or final or (every and step % every == 0):
+            if self.last_saved == step:
+                return False
+            self.save(step, state)
+            if last or final:  # the run ends here (and may merge next): the checkpoint must be published
+                self.wait()
+            return True
+        return False
+
+    def save(self, step: int, state) -> None:
+        state = as_state(state)
+        self._setup()
+        self.wait()  # one checkpoint in flight at a time
+        published = self._bcast(step in list_published(self.ckpts) if self.rank == 0 else None)
+        if published:  # never overwrite a published checkpoint (e.g. the last step of a resumed run)
+            log.info("checkpoint step %d is already published; not saving it again", step)
+            self.last_saved = step
+            return
+        folder = self.local_root / step_dir(step)
+        (folder / "extra").mkdir(parents=True, exist_ok=True)
+        extras = {k: v.state_dict() for k, v in state.items() if k not in MODEL_KEYS}
+        (folder / "extra" / f"rank-{self.rank}.json").write_bytes(ckpt_state.dumps(extras))
+        if self.rank == 0:
+            if self.spec_yaml:
+                (folder / "spec.yaml").write_text(self.spec_yaml)
+            self._write_adapter_config(state.get("model"), folder)
+            if (cfg := model_config(state.get("model"))) is not None:
+                (folder / "config.json").write_text(cfg.to_json_string())
+        sd = self._model_state(state)
+        writer = dcp.FileSystemWriter(str(folder))
+        if self.cfg.async_save:
+            resp = dcp.async_save(sd, storage_writer=writer, process_group=self.pg)
+            fut = getattr(resp, "upload_completion", resp)
+            self._thread = threading.Thread(target=self._background, args=(step, folder, fut), daemon=True,
+                                            name=f"ckpt-publish-{step}")
+            self._thread.start()
+        else:
+            dcp.save(sd, storage_writer=writer, process_group=self.pg)
+            self._publish(step, folder)
+        self.last_saved = step
+
+    def _background(self, step, folder, fut) -> None:
+        try:
+            fut.result()
+            self._publish(step, folder)
+        except BaseException as e:  # surfaced by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until this rank's part of the checkpoint in flight is uploaded (rank 0: published)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointError(f"saving a checkpoint failed: {err}") from err
+
+    def close(self) -> None:
+        self.wait()
+
+    def _own_files(self, folder: Path) -> list[str]:
+        own = [f"extra/rank-{self.rank}.json"]
+        own += sorted(p.name for p in folder.glob(f"__{self.rank}_*.distcp"))
+        if self.rank == 0:
+            own += [n for n in (".metadata", "spec.yaml", "adapter_config.json", "config.json") if (folder / n).exists()]
+        return own
+
+    def _publish(self, step: int, folder: Path) -> None:
+        t0 = time.time()
+        files = {rel: file_entry(folder / rel) for rel in self._own_files(folder)}
+        if not self.in_place:
+            upload_files(self.ckpts, [(folder / rel, f"{step_dir(step)}/{rel}") for rel in files])
+        write_part(self.ckpts, step, self.rank, files)
+        if not self.in_place:  # the newest local copy stays for a fast resume; older ones go
+            for old in self.local_root.glob("step-*"):
+                s = parse_step(old.name)
+                if s is not None and s < step:
+                    shutil.rmtree(old, ignore_errors=True)
+        if self.rank != 0:
+            return
+        deadline = time.time() + PUBLISH_TIMEOUT_S
+        while (all_files := read_parts(self.ckpts, step, self.world)) is None:
+            if time.time() > deadline:
+                raise CheckpointError(f"step {step}: not every rank uploaded its shards within {PUBLISH_TIMEOUT_S:.0f}s; not published")
+            time.sleep(0.2)
+        manifest = Manifest(step=step, world_size=self.world, files=all_files, spec_hash=self.spec_hash,
+                            method=self.method, extra={"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        publish(self.ckpts, manifest, self.key)
+        dropped = prune(self.ckpts, self.cfg.keep_last, newest=step)
+        size = sum(f["size"] for f in all_files.values())
+        log.info("published checkpoint %s/%s (%.1f MiB, %d files, %.1fs)%s", self.ckpts.uri, step_dir(step), size / 2**20,
+                 len(all_files), time.time() - t0, f"; removed step {dropped}" if dropped else "")
+
+    # --------------------------------------------------------------------------------------- restore
+    def restore(self, state) -> int:
+        """Load the newest usable published checkpoint into ``state``; return its step (0: fresh start)."""
+        state = as_state(state)
+        self._setup()
+        step = self._restore(state)
+        if step == 0 and self.keep_base and state.get("model") is not None:
+            has = self._bcast(self.store.exists("base/config.json") if self.rank == 0 else None)
+            if not has:
+                self.save_base(state["model"])
+        return step
+
+    def _restore(self, state: Mapping[str, Any]) -> int:
+        mode = self.cfg.resume
+        if mode == "never":
+            return 0
+        ckpts = self.ckpts
+        if mode != "auto":  # an explicit checkpoint URI: .../checkpoints/step-N
+            base, _, name = mode.rstrip("/").rpartition("/")
+            if parse_step(name) is None:
+                raise CheckpointError(f"checkpoint.resume {mode!r}: expected auto, never, or a URI ending in /step-N")
+            ckpts, candidates = open_store(base), [parse_step(name)]
+        else:
+            candidates = self._bcast(list_published(ckpts) if self.rank == 0 else None)
+        if not candidates:
+            return 0
+        errors = []
+        for step in candidates:
+            err = self._try_load(ckpts, step, state)
+            if err is None:
+                if errors:
+                    log.warning("resumed from the older checkpoint %s/%s", ckpts.uri, step_dir(step))
+                    if self.rank == 0 and mode == "auto":
+                        self._reject([s for s in candidates if s > step], ckpts)
+                return step
+            errors.append(f"{step_dir(step)}: {err}")
+            log.warning("WARNING: checkpoint %s/%s is unusable (%s); falling back to the previous one", ckpts.uri, step_dir(step), err)
+        raise CheckpointError(
+            f"no usable checkpoint under {ckpts.uri} ({len(candidates)} published): " + "; ".join(errors),
+            hint="set checkpoint.resume: never to start over (new checkpoints replace these)",
+        )
+
+    def _reject(self, steps: list[int], ckpts) -> None:
+        """Unpublish checkpoints every rank found unusable, so this run's next saves replace them.
+
+        The manifest is kept aside as manifest.rejected.json (evidence of corruption or tampering)."""
+        for s in steps:
+            key = f"{step_dir(s)}/{MANIFEST}"
+            try:
+                ckpts.write_bytes(f"{step_dir(s)}/manifest.rejected.json", ckpts.read_bytes(key))
+            except StoreNotFound:
+                continue
+            ckpts.delete(key)
+            log.warning("unpublished the unusable checkpoint %s/%s (its manifest is kept as manifest.rejected.json)",
+                        ckpts.uri, step_dir(s))
+
+    def _try_load(self, ckpts, step: int, state: Mapping[str, Any]) -> str | None:
+        where = f"{ckpts.uri.rstrip('/')}/{step_dir(step)}"
+        # A local store is read in place; S3 checkpoints are fetched into the local folder.
+        folder = (Path(ckpts.root) if isinstance(ckpts, LocalStore) else self.local_root) / step_dir(step)
+        manifest = None
+        fetch = None
+        try:  # phase 1: the manifest, DCP metadata and this rank's small files
+            manifest = read_manifest(ckpts, step, self.key)
+            fetch = self._fetcher(ckpts, step, folder, manifest, where)
+            fetch([".metadata"])
+            safe_load_metadata((folder / ".metadata").read_bytes(), f"{where}/.metadata")
+            same_world = manifest.world_size == self.world
+            if same_world:  # this rank vouches for its own shards: verified whole, before any rank reads them
+                fetch(sorted(rel for rel in manifest.files if rel.startswith(f"__{self.rank}_") and rel.endswith(".distcp")))
+            src_rank = self.rank if self.rank < manifest.world_size else 0
+            fetch([f"extra/rank-{src_rank}.json"])
+            extras = ckpt_state.loads((folder / "extra" / f"rank-{src_rank}.json").read_bytes())
+            err = None
+        except (CheckpointError, StoreNotFound) as e:
+            err = e.message
+        if (err := self._agree(err)) is not None:
+            return err
+        if manifest.world_size != self.world:
+            log.warning("resharding checkpoint %s from %d to %d processes", where, manifest.world_size, self.world)
+        if self.spec_hash and manifest.spec_hash and manifest.spec_hash != self.spec_hash and self.rank == 0:
+            log.warning("the run spec changed since %s was saved; continuing with the new spec", where)
+        try:  # phase 2: tensors (DCP reports any rank's failure on every rank)
+            sd = self._model_state(state)
+            if sd:
+                # Same world size: another rank's shard is only read for the few replicated entries DCP stored
+                # there once; fetch those byte ranges, not the file (its owner verified it whole). Resharding:
+                # whole files, each verified by the rank that reads it.
+                remote = not isinstance(ckpts, LocalStore)
+
+                def ranged(rel: str) -> bool:
+                    return (remote and same_world and rel.endswith(".distcp") and not rel.startswith(f"__{self.rank}_")
+                            and not (folder / rel).exists())
+
+                reader = FetchingReader(str(folder), fetch, where, ranged=ranged,
+                                        read_range=lambda rel, off, n: ckpts.read_range(f"{step_dir(step)}/{rel}", off, n))
+                dcp.load(sd, storage_reader=reader, planner=SafeLoadPlanner(), process_group=self.pg)
+                self._set_model_state(state, sd)
+            # Everything else, then RNG last: restoring RNG first would let later restores draw from it.
+            names = [k for k in state if k not in MODEL_KEYS]
+            for k in sorted(names, key=lambda k: bool(getattr(state[k], "restore_last", False))):
+                if k not in extras:
+                    raise CheckpointError(f"{where}: no saved state for {k!r}")
+                state[k].load_state_dict(extras[k])
+            err = None
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - agreed on below, then a fallback reason
+            err = _reason(e)
+        err = self._agree(err)
+        if err is None:
+            log.info("rank %d restored %s; downloaded %s", self.rank, where, sorted(fetch.downloaded) or "nothing (local copy)")
+        return err
+
+    def _fetcher(self, ckpts, step: int, folder: Path, manifest: Manifest, where: str):
+        return make_fetcher(ckpts, step, folder, manifest, where)
+
+    def save_base(self, model) -> None:
+        """Keep the frozen base of a LoRA run with random weights in ``<home>/base/`` (a merge needs it).
+
+        Collective: every rank calls it; rank 0 gathers the full weights on CPU and writes a Hugging Face folder.
+        """
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        self._setup()
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            from safetensors.torch import save_file
+
+            from .merge import hf_name
+
+            tensors = {hf_name(k): v.contiguous() for k, v in full.items() if "lora_" not in k}
+            with tempfile.TemporaryDirectory() as tmp:
+                save_file(tensors, f"{tmp}/model.safetensors", metadata={"format": "pt"})
+                cfg = model_config(model)
+                (Path(tmp) / "config.json").write_text(cfg.to_json_string())
+                base = self.store.child("base")
+                upload_files(base, [(f"{tmp}/model.safetensors", "model.safetensors"), (f"{tmp}/config.json", "config.json")])
+        del full
+        if self.dist:
+            dist.barrier(group=self.pg)
+
+    # ------------------------------------------------------------------------------- model + optim
+    def _options(self, model) -> StateDictOptions:
+        # LoRA: only the adapter (trainable) weights; the frozen base comes from the base model.
+        return StateDictOptions(ignore_frozen_params=_has_frozen(model), strict=not _has_frozen(model))
+
+    def _model_state(self, state: Mapping[str, Any]) -> dict:
+        model = state.get("model")
+        if model is None:
+            return {}
+        opt = state.get("optimizer")
+        if opt is None:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            return {"model": get_model_state_dict(model, options=self._options(model))}
+        msd, osd = get_state_dict(model, _unwrap_optimizer(opt), options=self._options(model))
+        return {"model": msd, "optimizer": osd}
+
+    def _set_model_state(self, state: Mapping[str, Any], sd: dict) -> None:
+        model, opt = state["model"], state.get("optimizer")
+        if opt is None:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+            set_model_state_dict(model, sd["model"], options=self._options(model))
+        else:
+            set_state_dict(model, _unwrap_optimizer(opt), model_state_dict=sd["model"], optim_state_dict=sd["optimizer"],
+                           options=self._options(model))
+
+    def _write_adapter_config(self, model, folder: Path) -> None:
+        cfg = getattr(language_model(model), "peft_config", None)
+        if not cfg:
+            return
+        import json
+
+        d = cfg["default"].to_dict()
+        (folder / "adapter_config.json").write_text(json.dumps(d, indent=1, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+
+    # ------------------------------------------------------------------------------- collectives
+    def _bcast(self, obj):
+        if not self.dist:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.pg)
+        return box[0]
+
+    def _agree(self, err: str | None) -> str | None:
+        """Every rank learns whether any rank failed, so all fall back together."""
+        if not self.dist:
+            return err
+        errs: list = [None] * self.world
+        dist.all_gather_object(errs, err, group=self.pg)
+        bad = [f"rank {r}: {e}" if self.world > 1 else e for r, e in enumerate(errs) if e]
+        return "; ".join(dict.fromkeys(bad)) if bad else None

@@ -1,0 +1,192 @@
+"""Checkpoint manifests: what makes a checkpoint exist.
+
+A checkpoint folder ``<home>/checkpoints/step-N/`` counts only once its ``manifest.json`` is written,
+and the manifest is written last, after every rank's files are in the store. It lists every file
+with its size and sha256, the step, the world size and the hash of the run spec. Readers ignore
+folders without a manifest and check every file they use against it themselves: S3-compatible
+servers do not reliably reject wrong checksums, so the store is not trusted to.
+
+Checksums alone protect nothing against someone who can write the bucket (they would rewrite the
+manifest too), so when a signing key is set (``GPTOSS_CHECKPOINT_KEY``, usually a mounted Secret)
+the manifest carries an HMAC-SHA256 over its canonical JSON and readers refuse any checkpoint whose
+signature is missing or wrong. No torch here: the CLI lists and checks checkpoints with this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gptoss_cloud.errors import GptossError
+from gptoss_cloud.store import Store, StoreNotFound
+
+FORMAT = "gptoss-cloud-checkpoint/1"
+MANIFEST = "manifest.json"
+PARTS_DIR = "_parts"  # per-rank lists of uploaded files; rank 0 folds them into the manifest
+KEY_ENV = "GPTOSS_CHECKPOINT_KEY"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(GptossError):
+    """A checkpoint is missing, incomplete, corrupted or not trusted."""
+
+
+def step_dir(step: int) -> str:
+    return f"step-{step}"
+
+
+def parse_step(name: str) -> int | None:
+    m = _STEP_RE.match(name.strip("/"))
+    return int(m.group(1)) if m else None
+
+
+def sha256_file(path: str | Path, bufsize: int = 8 * 1024 * 1024) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_entry(path: str | Path) -> dict:
+    return {"size": os.path.getsize(path), "sha256": sha256_file(path)}
+
+
+def signing_key(environ=None) -> bytes | None:
+    environ = os.environ if environ is None else environ
+    key = environ.get(KEY_ENV, "").strip()
+    return key.encode() if key else None
+
+
+def _canonical(body: dict) -> bytes:
+    return json.dumps({k: v for k, v in body.items() if k != "signature"}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign(body: dict, key: bytes) -> dict:
+    out = dict(body)
+    out["signature"] = {"alg": "HMAC-SHA256", "value": hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()}
+    return out
+
+
+@dataclass
+class Manifest:
+    step: int
+    world_size: int
+    files: dict[str, dict] = field(default_factory=dict)  # relative path -> {"size", "sha256"}
+    spec_hash: str | None = None
+    method: str | None = None
+    extra: dict = field(default_factory=dict)
+    signed: bool = False
+
+    def to_json(self, key: bytes | None) -> bytes:
+        body = {
+            "format": FORMAT, "step": self.step, "world_size": self.world_size, "spec_hash": self.spec_hash,
+            "method": self.method, "files": dict(sorted(self.files.items())), "extra": self.extra,
+        }
+        if key:
+            body = sign(body, key)
+        return json.dumps(body, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str, key: bytes | None) -> "Manifest":
+        try:
+            body = json.loads(data)
+            if body.get("format") != FORMAT:
+                raise ValueError(f"unknown format {body.get('format')!r}")
+            files = body["files"]
+            assert isinstance(files, dict) and all({"size", "sha256"} <= set(v) for v in files.values())
+        except (ValueError, KeyError, AssertionError, TypeError) as e:
+            raise CheckpointError(f"{where}: unreadable manifest ({e or type(e).__name__})") from None
+        sig = body.get("signature")
+        if key is not None:
+            if not isinstance(sig, dict) or sig.get("alg") != "HMAC-SHA256":
+                raise CheckpointError(f"{where}: manifest is not signed but {KEY_ENV} is set; refusing it")
+            want = hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()
+            if not hmac.compare_digest(want, str(sig.get("value", ""))):
+                raise CheckpointError(f"{where}: manifest signature does not verify (tampered, or another key); refusing it")
+        return cls(step=int(body["step"]), world_size=int(body["world_size"]), files=files,
+                   spec_hash=body.get("spec_hash"), method=body.get("method"), extra=body.get("extra") or {},
+                   signed=sig is not None)
+
+    def check_file(self, rel: str, path: str | Path, where: str) -> None:
+        """Raise CheckpointError unless the local file matches the manifest's size and sha256."""
+        want = self.files.get(rel)
+        if want is None:
+            raise CheckpointError(f"{where}/{rel}: not listed in the manifest")
+        size = os.path.getsize(path)
+        if size != want["size"]:
+            raise CheckpointError(f"{where}/{rel}: size {size} != {want['size']} in the manifest (corrupted or truncated)")
+        got = sha256_file(path)
+        if got != want["sha256"]:
+            raise CheckpointError(f"{where}/{rel}: sha256 mismatch (corrupted); manifest {want['sha256'][:12]}…, file {got[:12]}…")
+
+
+def list_published(ckpts: Store) -> list[int]:
+    """Steps whose folder has a manifest, newest first. Folders without one are in progress or abandoned."""
+    steps = []
+    for key in ckpts.list(""):
+        parts = key.split("/")
+        if len(parts) == 2 and parts[1] == MANIFEST and (s := parse_step(parts[0])) is not None:
+            steps.append(s)
+    return sorted(set(steps), reverse=True)
+
+
+def list_folders(ckpts: Store) -> set[int]:
+    return {s for key in ckpts.list("") if (s := parse_step(key.split("/")[0])) is not None}
+
+
+def read_manifest(ckpts: Store, step: int, key: bytes | None) -> Manifest:
+    where = f"{ckpts.uri.rstrip('/')}/{step_dir(step)}"
+    try:
+        data = ckpts.read_bytes(f"{step_dir(step)}/{MANIFEST}")
+    except StoreNotFound:
+        raise CheckpointError(f"{where}: no {MANIFEST} (not published)") from None
+    m = Manifest.from_json(data, where, key)
+    if m.step != step:
+        raise CheckpointError(f"{where}: manifest says step {m.step}; refusing a moved checkpoint")
+    return m
+
+
+def write_part(ckpts: Store, step: int, rank: int, files: dict[str, dict]) -> None:
+    ckpts.write_bytes(f"{step_dir(step)}/{PARTS_DIR}/rank-{rank}.json", json.dumps(files, sort_keys=True).encode())
+
+
+def read_parts(ckpts: Store, step: int, world_size: int) -> dict[str, dict] | None:
+    """All ranks' file lists merged, or None while some rank has not finished uploading."""
+    files: dict[str, dict] = {}
+    for r in range(world_size):
+        try:
+            files.update(json.loads(ckpts.read_bytes(f"{step_dir(step)}/{PARTS_DIR}/rank-{r}.json")))
+        except StoreNotFound:
+            return None
+    return files
+
+
+def publish(ckpts: Store, manifest: Manifest, key: bytes | None) -> None:
+    """Write the manifest: the single atomic act that makes the checkpoint exist."""
+    ckpts.write_bytes(f"{step_dir(manifest.step)}/{MANIFEST}", manifest.to_json(key))
+
+
+def unpublish(ckpts: Store, step: int) -> None:
+    """Delete a checkpoint: the manifest first, so no reader can pick a half-deleted folder."""
+    ckpts.delete(f"{step_dir(step)}/{MANIFEST}")
+    ckpts.delete(step_dir(step))
+
+
+def prune(ckpts: Store, keep_last: int, newest: int) -> list[int]:
+    """Keep the newest ``keep_last`` published checkpoints; drop older ones and abandoned folders below ``newest``."""
+    published = list_published(ckpts)
+    dropped = []
+    for s in published[keep_last:]:
+        unpublish(ckpts, s)
+        dropped.append(s)
+    for s in sorted(list_folders(ckpts) - set(published)):
+        if s < newest:  # an attempt that died before publishing; never a folder still being written
+            ckpts.delete(step_dir(s))
+            dropped.append(s)
+    return dropped
