@@ -7,19 +7,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("GPTOSS_SHARED_DIR", REPO.parent / "shared")).resolve()
-
-
-def shared_path(*parts: str) -> Path:
-    p = SHARED.joinpath(*parts)
-    if not p.exists():
-        raise RuntimeError(
-            f"missing reference file {p}: the tests read ../shared beside the repository "
-            "(or set GPTOSS_SHARED_DIR to a folder holding tokenizers/, k8s/, models/)"
-        )
-    return p
-
+from support import REPO, SHARED, shared_path
 
 # openai-harmony downloads its vocabulary on first use unless this points at a folder with it.
 os.environ.setdefault("TIKTOKEN_ENCODINGS_BASE", str(shared_path("tokenizers")))

@@ -18,7 +18,7 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
-from conftest import shared_path
+from support import shared_path
 
 K8S_VERSION = "1.33.0"
 JOBSET_CRD = ("k8s", "jobset.x-k8s.io_jobsets.v0.12.0.yaml")

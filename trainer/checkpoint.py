@@ -161,7 +161,6 @@ class Checkpointer:
         self.method = spec.method.kind if spec is not None else None
         # A tiny LoRA run (random weights) must keep its base: nothing else could rebuild it for a merge.
         # (The trainer saves it itself; this covers callers without it. Larger random bases are not kept.)
-        self.keep_base = spec is not None and spec.method.kind == "lora" and spec.model.name == "tiny"
         self.pg = process_group
         self.key = signing_key()
         self._local_dir = local_dir or cfg.local_dir
@@ -301,10 +300,6 @@ class Checkpointer:
         state = as_state(state)
         self._setup()
         step = self._restore(state)
-        if step == 0 and self.keep_base and state.get("model") is not None:
-            has = self._bcast(self.store.exists("base/config.json") if self.rank == 0 else None)
-            if not has:
-                self.save_base(state["model"])
         return step
 
     def _restore(self, state: Mapping[str, Any]) -> int:
@@ -409,31 +404,6 @@ class Checkpointer:
 
     def _fetcher(self, ckpts, step: int, folder: Path, manifest: Manifest, where: str):
         return make_fetcher(ckpts, step, folder, manifest, where)
-
-    def save_base(self, model) -> None:
-        """Keep the frozen base of a LoRA run with random weights in ``<home>/base/`` (a merge needs it).
-
-        Collective: every rank calls it; rank 0 gathers the full weights on CPU and writes a Hugging Face folder.
-        """
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        self._setup()
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.rank == 0:
-            from safetensors.torch import save_file
-
-            from .merge import hf_name
-
-            tensors = {hf_name(k): v.contiguous() for k, v in full.items() if "lora_" not in k}
-            with tempfile.TemporaryDirectory() as tmp:
-                save_file(tensors, f"{tmp}/model.safetensors", metadata={"format": "pt"})
-                cfg = model_config(model)
-                (Path(tmp) / "config.json").write_text(cfg.to_json_string())
-                base = self.store.child("base")
-                upload_files(base, [(f"{tmp}/model.safetensors", "model.safetensors"), (f"{tmp}/config.json", "config.json")])
-        del full
-        if self.dist:
-            dist.barrier(group=self.pg)
 
     # ------------------------------------------------------------------------------- model + optim
     def _options(self, model) -> StateDictOptions:

@@ -75,9 +75,10 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
         config = M.build_config(shape, attn, experts, coef)
         small = M.bf16_bytes(shape) < M.SMALL_BASE_BYTES
         if small:
-            # Every rank builds the same seeded weights; FSDP keeps each rank's shard.
+            # Every rank builds the same seeded weights; FSDP keeps each rank's shard. A LoRA run keeps
+            # its random base in the run home: merge and chat need it.
             hf = M.create_model(config, dtype, "cpu", seed=spec.optim.seed)
-            if info.is_main:
+            if info.is_main and spec.method.kind == "lora":
                 save_base(hf, home)
         else:
             hf = M.create_model(config, dtype, "meta")
@@ -125,13 +126,20 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
 
 
 # ---------------------------------------------------------------------------------------------- save
-def save_result(module, spec: RunSpec, info: DistInfo, home: str) -> str | None:
-    """Gather the trained weights on rank 0: the LoRA adapter to ``<home>/adapter/`` (peft format) or,
-    for full fine-tuning, the whole model to ``<home>/merged/`` (it is already the servable model)."""
+def save_result(module, spec: RunSpec, info: DistInfo, home: str, *, checkpointed: bool) -> str | None:
+    """The LoRA adapter to ``<home>/adapter/`` (peft format; only the trainable weights are gathered).
+
+    A full fine-tune's weights are the final checkpoint, which the merge streams into ``<home>/merged/``;
+    without checkpoints (benchmarks, tests) rank 0 gathers the whole model there instead.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    lora = spec.method.kind == "lora"
+    if not lora and checkpointed:
+        return None
     if info.distributed:
-        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
+        full = get_model_state_dict(module, options=opts)
     else:
         full = {k: v.detach().cpu() for k, v in module.state_dict().items()}
     if not info.is_main:
@@ -181,6 +189,13 @@ def run_training(spec: RunSpec, run_id: str, home: str, *, datasets: Any = None,
         from gptoss_cloud.plan import check_fit
 
         check_fit(spec)  # refuse before any model loads
+    if checkpointer is None:
+        from .checkpoint import Checkpointer
+        from .ckpt_room import preflight
+
+        if info.local_rank == 0:  # the store is reachable (and writable), and this node has room for two checkpoints
+            preflight(spec, home, write=info.is_main)
+        checkpointer = Checkpointer(spec.checkpoint, home, spec=spec)
     ds = datasets if datasets is not None else build_data(spec, info)
     train, val = list(ds.train), list(getattr(ds, "validation", None) or [])
     shape = M.model_shape(spec.model) if M.is_random(spec.model) else None
@@ -190,7 +205,7 @@ def run_training(spec: RunSpec, run_id: str, home: str, *, datasets: Any = None,
         optimizer = make_optimizer(params, spec.optim, info.device)
         loop = Loop(module=module, config=config, optimizer=optimizer, optim=spec.optim, info=info, samples=train,
                     val_samples=val, compute_dtype=dtype if info.device.type == "cuda" else torch.float32,
-                    shuffle=spec.data.shuffle, checkpointer=checkpointer or NoCheckpoints(),
+                    shuffle=spec.data.shuffle, checkpointer=checkpointer,
                     autocast=(info.device.type == "cuda" and not info.distributed and dtype == torch.bfloat16))
         metrics = None
         if info.is_main:
@@ -204,7 +219,10 @@ def run_training(spec: RunSpec, run_id: str, home: str, *, datasets: Any = None,
         finally:
             if metrics:
                 metrics.close()
-        saved = save_result(module, spec, info, home)
+            close = getattr(checkpointer, "close", None)
+            if close:
+                close()  # an async save still in flight is published before we go on
+        saved = save_result(module, spec, info, home, checkpointed=not isinstance(checkpointer, NoCheckpoints))
     except torch.OutOfMemoryError as e:
         raise GptossError(_oom_report(spec, shape, info),
                           hint="lower data.max_seq_len or optim.micro_batch_size, or turn on parallelism.activation_checkpointing / cpu_offload") from e
@@ -220,6 +238,12 @@ def run_training(spec: RunSpec, run_id: str, home: str, *, datasets: Any = None,
         "output": saved, "base": join(home, "base") if M.is_random(spec.model) and M.bf16_bytes(shape) < M.SMALL_BASE_BYTES else None,
         "versions": {"torch": torch.__version__, "transformers": _version("transformers"), "peft": _version("peft")},
     }
+    if info.is_main and spec.output.merge and not isinstance(checkpointer, NoCheckpoints):
+        # Streams the final published checkpoint tensor by tensor into <home>/merged (host memory bounded
+        # by a few tensors, never the model), so 120b merges where it trained.
+        from .merge import merge
+
+        summary["merged"] = merge(home, join(home, "merged")).out
     if info.is_main:
         open_store(home).write_bytes("summary.json", json.dumps(summary, indent=2).encode())
     barrier(info)

@@ -16,12 +16,7 @@ import time
 import uuid
 
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from support import free_port
 
 
 def _start_moto(extra_env: dict | None = None) -> tuple[subprocess.Popen, str]:

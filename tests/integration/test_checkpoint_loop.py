@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from support import free_port
 
 WORKER = Path(__file__).with_name("ckpt_loop_worker.py")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from support import free_port
 
 WORKER = Path(__file__).with_name("ckpt_worker.py")
 REPO = Path(__file__).resolve().parents[2]

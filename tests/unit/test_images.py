@@ -15,7 +15,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from conftest import REPO, shared_path
+from support import REPO, shared_path
 
 IMAGES = REPO / "images"
 DOCKERFILES = {name: IMAGES / f"{name}.Dockerfile" for name in ("trainer", "serve")}
