@@ -12,7 +12,20 @@ from gptoss_cloud.main import app
 from gptoss_cloud.spec import DataSection
 from gptoss_cloud.trainer.data.harmony import tokenize_row
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "readme" / "20-data.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+class _Section:
+    """The README's `## Data` section, up to the next second-level heading."""
+
+    def read_text(self) -> str:
+        text = README.read_text()
+        start = text.index("\n## Data\n")
+        end = text.find("\n## ", start + 1)
+        return text[start:end if end != -1 else None]
+
+
+DOC = _Section()
 
 
 def test_every_example_row_tokenizes():
