@@ -1,0 +1,40 @@
+"""The planner against the H100 measurements recorded in docs/benchmarks/: the 20b LoRA GPU figure
+must stay within 15% of what the card measured, so a change to the memory model that drifts from
+reality fails here rather than on a user's cluster."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gptoss_cloud.plan import memory_plan
+from gptoss_cloud.spec import RunSpec
+
+REPO = Path(__file__).resolve().parents[2]
+REPORTS = sorted((REPO / "docs" / "benchmarks").glob("*-h100-20b-lora-1gpu.json"))
+
+
+def spec_for(options: dict) -> RunSpec:
+    return RunSpec.model_validate({
+        "model": {"name": options["model"], "init": "random", "layers": options["layers"]},
+        "data": {"max_seq_len": options["seq"]},
+        "method": {"kind": options["method"], "lora": {"r": options["lora_r"], "alpha": 2 * options["lora_r"]}},
+        "parallelism": {"nodes": 1, "gpus_per_node": options["gpus"], "activation_checkpointing": True},
+        "kernels": {"experts": "grouped_mm", "attention": "flex", "loss_chunk_tokens": options["loss_chunk_tokens"]},
+        "cluster": {"gpu_type": "H100"},
+    })
+
+
+def test_there_is_a_recorded_h100_measurement():
+    assert REPORTS, "docs/benchmarks/ has no 20b LoRA H100 report to calibrate the planner against"
+
+
+@pytest.mark.parametrize("report", REPORTS, ids=lambda p: p.name)
+def test_20b_lora_plan_within_15_percent_of_h100(report):
+    r = json.loads(report.read_text())
+    ours = next(x for x in r["results"] if x["variant"]["stack"] == "ours" and x["status"] == "ok")
+    measured = ours["peak_reserved_gib"]
+    planned = memory_plan(spec_for(r["options"]), suggest=False).gpu_reserved_gib
+    assert abs(planned - measured) / measured <= 0.15, f"planned {planned:.1f} GiB vs measured {measured:.1f} GiB"
