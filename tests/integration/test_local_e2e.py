@@ -33,7 +33,7 @@ def test_submit_local_trains_and_chat_answers(tmp_path):
         "name: overfit\nmodel: {name: tiny}\nmethod: {kind: full}\n"
         f"data: {{datasets: [{{path: {data}}}], max_seq_len: 128, shuffle: false}}\n"
         "optim: {max_steps: 20, warmup_steps: 0, lr: 0.003, schedule: constant, log_every: 5}\n"
-        "output: {merge: false}\n"
+        "output: {merge: true}\n"
     )
     store = tmp_path / "store"                                        # not the default ./runs
     exe = Path(sys.executable).with_name("gptoss-cloud")

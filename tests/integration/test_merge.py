@@ -19,6 +19,11 @@ from gptoss_cloud.trainer.merge import harmony_prompts, merge  # noqa: E402
 
 def _trained_run(home: str, method: str):
     spec = RunSpec.model_validate({"method": {"kind": method}})
+    if method == "lora":
+        # The trainer keeps a LoRA run's random base in <home>/base/ before the adapter goes on.
+        from gptoss_cloud.trainer.train import save_base
+
+        save_base(build_model("full"), home)
     model = build_model(method)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     state = {"model": model, "optimizer": opt, "data": DataPosition(1, 0)}
