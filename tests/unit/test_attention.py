@@ -162,6 +162,33 @@ def test_sink_fold_is_the_concatenated_softmax():
     assert torch.equal(empty, torch.zeros_like(empty))  # a query seeing nothing outputs 0, as in eager
 
 
+def test_sink_fold_gradients_gradcheck():
+    g = torch.Generator().manual_seed(4)
+    out = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    lse = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    sinks = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(A.fold_sinks, (out, lse, sinks))
+
+
+def test_bf16_fold_keeps_the_factor_in_fp32():
+    """bf16 activations: the factor comes from the fp32 lse, the sink gradient is reduced in fp32."""
+    g = torch.Generator().manual_seed(6)
+    out = torch.randn(1, 2, 64, 16, generator=g)
+    lse = torch.randn(1, 2, 64, generator=g) + 10  # where bf16 spacing is 1/16
+    sinks = torch.tensor([9.5, 10.5])
+    go = torch.randn(out.shape, generator=g)
+    ref_in = [t.clone().requires_grad_() for t in (out, lse, sinks)]
+    A.fold_sinks(*ref_in).backward(go)
+    bf = [t.clone().requires_grad_() for t in (out.bfloat16(), lse, sinks.bfloat16())]
+    y = A.fold_sinks(*bf)
+    assert y.dtype == torch.bfloat16
+    y.backward(go.bfloat16())
+    ref = A.fold_sinks(out, lse, sinks)
+    assert rel_err(y.float(), ref) < 4e-3  # bf16 rounding of the output, nothing more
+    assert rel_err(bf[2].grad.float(), ref_in[2].grad) < 4e-3
+    assert rel_err(bf[1].grad, ref_in[1].grad) < 4e-3
+
+
 # ------------------------------------------------------------------------------ through transformers
 def _layer(impl, seed=0):
     shape = replace(TINY, vocab_size=512, sliding_window=WINDOW)

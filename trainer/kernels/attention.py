@@ -8,8 +8,8 @@ cannot see that column, but it can return the log-sum-exp of the real scores, ``
     out_with_sink = out * exp(lse) / (exp(lse) + exp(sink)) = out * sigmoid(lse - sink)
 
 is exact, and autograd gives the sink (and, through ``lse``, q and k) their gradients. torch's flex
-attention back-propagates a gradient of ``lse`` in its Triton kernel (since torch 2.5); the fold
-itself runs in fp32 whatever the activation dtype (transformers rounds ``lse`` to bf16 first).
+attention back-propagates a gradient of ``lse`` in its Triton kernel (since torch 2.5); the factor
+is computed from the fp32 ``lse`` (transformers rounds ``lse`` to bf16 first).
 
 Masks: one flex ``BlockMask`` per batch and layer type — causal, same packed segment, and for
 sliding layers ``q - kv < window`` (the window of transformers' ``sliding_window_overlay``) —
@@ -106,13 +106,41 @@ def clear_mask_cache() -> None:
 
 # -------------------------------------------------------------------------------------------- kernel
 def fold_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
-    """Add the sink to each query's softmax denominator: ``out * sigmoid(lse - sink)``, in fp32.
+    """Add the sink to each query's softmax denominator: ``out * sigmoid(lse - sink)``.
 
     ``out``: (B, H, L, D) attention output without sink; ``lse``: (B, H, L) log-sum-exp of the
     visible scores (fp32); ``sinks``: (H,). A query that sees nothing (lse = -inf) gets 0, as in eager.
+    The factor is computed in fp32 (rounding lse to bf16 first would shift it by up to ~3 %).
     """
-    scale = torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1))
-    return (out.float() * scale.unsqueeze(-1)).to(out.dtype)
+    acc = _acc(out.dtype)
+    scale = torch.sigmoid(lse.to(acc) - sinks.to(acc).view(1, -1, 1))
+    return _ScaleRows.apply(out, scale)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 activations, fp64 for fp64 (gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _ScaleRows(torch.autograd.Function):
+    """``out * scale[..., None]`` with ``out`` in the activation dtype and ``scale`` fp32.
+
+    Saves ``out`` as it is (no fp32 copy of the attention output per layer) and reduces the
+    scale's gradient, sum over D of dout * out, in fp32 (in bf16 it doubles the sink-gradient error).
+    """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(out, scale)
+        return (out.to(scale.dtype) * scale.unsqueeze(-1)).to(out.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out, scale = ctx.saved_tensors
+        acc = scale.dtype
+        d_out = (grad.to(acc) * scale.unsqueeze(-1)).to(out.dtype) if ctx.needs_input_grad[0] else None
+        d_scale = (grad.to(acc) * out.to(acc)).sum(-1) if ctx.needs_input_grad[1] else None
+        return d_out, d_scale
 
 
 def _flex():
