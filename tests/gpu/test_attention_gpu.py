@@ -40,6 +40,14 @@ CASES = {  # row length -> packed segment lengths per row (several lengths, none
 }
 
 
+@pytest.fixture(autouse=True)
+def _compiled_kernels_only(monkeypatch):
+    """Many shapes, dtypes and masks in one process: fail rather than let dynamo fall back to the
+    unfused flex path after its recompile limit (the test would then not test the Triton kernel)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+
+
 def rel_err(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 

@@ -151,7 +151,9 @@ def _flex():
     if torch.compiler.is_compiling():  # already inside a compiled region: let that compile it
         return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        # Default dynamic: a fixed packed length compiles once; a new length makes it shape-dynamic
+        # instead of recompiling per length. New segment layouts (new mask closures) do not recompile.
+        _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex
 
 
