@@ -46,6 +46,10 @@ def _compiled_kernels_only(monkeypatch):
     unfused flex path after its recompile limit (the test would then not test the Triton kernel)."""
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # fp32 cases: IEEE fp32 dots, not TF32
+    yield
+    torch.set_float32_matmul_precision(precision)
 
 
 def rel_err(a, b) -> float:
