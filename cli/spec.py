@@ -144,7 +144,8 @@ class KernelsSection(Section):
     # auto: the fast path on GPU (grouped_mm experts, flex attention), the eager references on CPU.
     # No "sdpa": PyTorch's SDPA has no learned attention sinks, which GPT-OSS needs.
     experts: Literal["auto", "eager", "grouped_mm"] = "auto"
-    attention: Literal["auto", "eager", "flex"] = "auto"
+    # flex: ours (learned sinks with exact gradients, cached block masks); hf_flex: transformers' own.
+    attention: Literal["auto", "eager", "flex", "hf_flex"] = "auto"
     loss_chunk_tokens: int = Field(1024, ge=16, description="tokens per chunk of the fused linear + cross-entropy")
     compile: bool = False
 

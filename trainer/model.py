@@ -23,13 +23,15 @@ from torch import nn
 from gptoss_cloud.shapes import ModelShape, shape_for, shape_from_config
 from gptoss_cloud.spec import KernelsSection, MethodSection, ModelSection
 
+from .kernels import attention
 from .kernels.loss import chunked_linear_cross_entropy, shift_packed_labels
 
 log = logging.getLogger(__name__)
 
 GiB = 1024**3
 SMALL_BASE_BYTES = 1 * GiB  # random-init models below this (bf16) save their base weights in the run home
-ATTENTION_IMPLS = {"eager": "eager", "flex": "flex_attention"}
+# flex: ours (kernels/attention.py: exact sink gradients); hf_flex: transformers' own flex path.
+ATTENTION_IMPLS = {"eager": "eager", "flex": attention.NAME, "hf_flex": "flex_attention"}
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -40,6 +42,9 @@ def resolve_implementations(kernels: KernelsSection, device_type: str) -> tuple[
     attn = kernels.attention
     if attn == "auto":
         attn = "flex" if on_gpu else "eager"
+    if attn != "eager" and not on_gpu:
+        raise ValueError(f"kernels.attention: {attn} trains only on a CUDA GPU (torch's flex attention has no "
+                         "backward on CPU); use 'eager' or 'auto' here")
     experts = kernels.experts
     if experts == "auto":
         experts = "grouped_mm" if on_gpu else "eager"
@@ -70,6 +75,8 @@ def build_config(shape: ModelShape, attn_impl: str, experts_impl: str, router_au
             kw[key] = None
     config = GptOssConfig(**kw)
     config.use_cache = False
+    if attn_impl == attention.NAME:
+        attention.register()
     config._attn_implementation = attn_impl
     config._experts_implementation = experts_impl
     return config
@@ -206,6 +213,8 @@ def packed_attention_masks(config, seq_lens: list[list[int]], seq_len: int, devi
         packed_sequence_mask_function,
     )
 
+    if config._attn_implementation == attention.NAME:  # our BlockMasks, cached per batch shape
+        return attention.packed_block_masks(config, seq_lens, seq_len, device)
     seg = segment_ids(seq_lens, seq_len, device)
     stub = torch.empty((len(seq_lens), seq_len, 0), dtype=dtype, device=device)  # shape/dtype/device only
     same_segment = packed_sequence_mask_function(seg)

@@ -51,7 +51,7 @@ def _pack(segs, length):
 
 def test_resolve_implementations():
     assert M.resolve_implementations(KernelsSection(), "cpu") == ("eager", "eager")
-    assert M.resolve_implementations(KernelsSection(), "cuda") == ("flex_attention", "grouped_mm")
+    assert M.resolve_implementations(KernelsSection(), "cuda") == ("gptoss_flex", "grouped_mm")
     assert M.resolve_implementations(KernelsSection(attention="eager", experts="eager"), "cuda") == ("eager", "eager")
 
 
