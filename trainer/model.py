@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 GiB = 1024**3
 SMALL_BASE_BYTES = 1 * GiB  # random-init models below this (bf16) save their base weights in the run home
 ATTENTION_IMPLS = {"eager": "eager", "flex": "flex_attention"}
+EXPERTS_IMPLS = {"eager": "eager", "grouped_mm": "grouped_mm", "fused": "gptoss_fused"}  # spec name -> transformers'
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -43,7 +44,11 @@ def resolve_implementations(kernels: KernelsSection, device_type: str) -> tuple[
     experts = kernels.experts
     if experts == "auto":
         experts = "grouped_mm" if on_gpu else "eager"
-    return ATTENTION_IMPLS[attn], experts
+    if experts == "fused":
+        from .kernels.experts import register
+
+        register()  # transformers validates the name when the model is built
+    return ATTENTION_IMPLS[attn], EXPERTS_IMPLS[experts]
 
 
 # ------------------------------------------------------------------------------------------- shapes
@@ -79,11 +84,14 @@ def bf16_bytes(shape: ModelShape) -> int:
     return 2 * shape.total_params
 
 
-def create_model(config, dtype: torch.dtype, device: str | torch.device = "cpu", seed: int | None = None):
+def create_model(config, dtype: torch.dtype, device: str | torch.device = "cpu", seed: int | None = None,
+                 base_format: str = "bf16"):
     """A GptOssForCausalLM with transformers' random init (``device='meta'``: no storage at all).
 
     With a seed, every rank builds bit-identical weights (the small-model path, where each rank
-    materialises the whole model and FSDP keeps its shard).
+    materialises the whole model and FSDP keeps its shard). ``base_format='mxfp4'`` keeps the experts
+    as frozen MXFP4 (``kernels.experts_mxfp4.Mxfp4Experts``): random weights are quantised here, a
+    meta model gets empty packed buffers that ``init_sharded_weights_`` or a checkpoint fills.
     """
     from transformers import GptOssForCausalLM
 
@@ -97,7 +105,14 @@ def create_model(config, dtype: torch.dtype, device: str | torch.device = "cpu",
     finally:
         torch.set_default_dtype(prev)
     # transformers keeps norms in fp32 only when asked at load; here everything is one dtype.
-    return model.to(dtype) if str(device) != "meta" else model
+    model = model.to(dtype) if str(device) != "meta" else model
+    if base_format == "mxfp4":
+        from .kernels.experts_mxfp4 import quantize_model_experts_
+
+        quantize_model_experts_(model)
+    elif base_format != "bf16":
+        raise ValueError(f"model.base_format must be bf16 or mxfp4, got {base_format!r}")
+    return model
 
 
 def init_sharded_weights_(model: nn.Module, std: float, seed: int) -> None:
@@ -108,6 +123,10 @@ def init_sharded_weights_(model: nn.Module, std: float, seed: int) -> None:
     """
     from torch.distributed.tensor import DTensor
 
+    from .kernels.experts_mxfp4 import init_random_mxfp4_, mxfp4_experts_modules
+
+    for i, (_, experts) in enumerate(mxfp4_experts_modules(model)):
+        init_random_mxfp4_(experts, std, seed * 1009 + i)  # packed buffers: not parameters, filled here
     gen = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -162,8 +181,27 @@ def lora_config(method: MethodSection, num_layers: int):
     )
 
 
+def check_method_fits_base(model: nn.Module, method: MethodSection) -> None:
+    """Frozen MXFP4 experts have no trainable weight: refuse the methods that would train them."""
+    from gptoss_cloud.errors import GptossError
+
+    from .kernels.experts_mxfp4 import mxfp4_experts_modules
+
+    if not mxfp4_experts_modules(model):
+        return
+    if method.kind == "full":
+        raise GptossError("method.kind: full cannot train experts kept in MXFP4 (model.base_format: mxfp4)",
+                          hint="use model.base_format: bf16 for full fine-tuning, or method.kind: lora")
+    if method.lora.experts:
+        raise GptossError("method.lora.experts cannot adapt experts kept in MXFP4 (model.base_format: mxfp4): "
+                          "their weights are frozen packed buffers",
+                          hint="set method.lora.experts: false (LoRA on attention and the router still works), "
+                               "or use model.base_format: bf16")
+
+
 def apply_method(model: nn.Module, method: MethodSection) -> nn.Module:
     """LoRA through peft (returns the PeftModel; base weights frozen) or full fine-tuning (all trainable)."""
+    check_method_fits_base(model, method)
     if method.kind == "full":
         model.requires_grad_(True)
         return model
