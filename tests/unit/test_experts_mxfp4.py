@@ -167,3 +167,27 @@ def test_meta_model_gets_packed_buffers_filled_by_random_init():
     assert float(m.gate_up_proj_bias.abs().sum()) == 0.0
     ids = torch.randint(0, SHAPE.vocab_size, (1, 8))
     assert torch.isfinite(q(ids).logits).all()
+
+
+@pytest.mark.parametrize("released_layout", [True, False])
+def test_pretrained_folder_loads_into_meta_mxfp4_model_like_the_trainer(tmp_path, released_layout):
+    """The trainer's pretrained path: a meta model, then load_state_dict(weights.load_state_dict(folder),
+    strict=False, assign=True). A released-layout folder comes back with the same packed bytes."""
+    from safetensors.torch import save_file
+
+    from gptoss_cloud.trainer.weights import load_state_dict
+
+    cfg, src = _model("mxfp4", seed=5)
+    sd = {k: v.contiguous() for k, v in src.state_dict().items()}
+    if not released_layout:  # a bf16-style folder: dense expert tensors
+        for name, m in mxfp4_experts_modules(src):
+            for w in ("gate_up_proj", "down_proj"):
+                del sd[f"{name}.{w}_blocks"], sd[f"{name}.{w}_scales"]
+                sd[f"{name}.{w}"] = m.dense_weight(w).contiguous()
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    _, dst = _model("mxfp4", device="meta")
+    missing, unexpected = dst.load_state_dict(load_state_dict(tmp_path, torch.float32), strict=False, assign=True)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    for (name, a), (_, b) in zip(mxfp4_experts_modules(src), mxfp4_experts_modules(dst)):
+        for w in ("gate_up_proj", "down_proj"):
+            torch.testing.assert_close(b.dense_weight(w), a.dense_weight(w), rtol=0, atol=0)

@@ -132,7 +132,8 @@ class Mxfp4Experts(nn.Module):
             if dense is not None:
                 if prefix + f"{name}_blocks" in state_dict:
                     raise ValueError(f"{prefix}{name}: checkpoint holds both dense and MXFP4 forms")
-                blocks, scales = quantize_expert_weight(dense)
+                parts = [quantize_expert_weight(dense[e:e + 1]) for e in range(dense.shape[0])]  # bounded scratch
+                blocks, scales = torch.cat([b for b, _ in parts]), torch.cat([s for _, s in parts])
                 state_dict[prefix + f"{name}_blocks"], state_dict[prefix + f"{name}_scales"] = blocks, scales
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
