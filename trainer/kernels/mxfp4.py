@@ -13,6 +13,8 @@ this does the same arithmetic with torch ops, a bounded number of rows at a time
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 # The 16 FP4 e2m1 values, indexed by the 4-bit code (sign bit is the high bit of the nibble).
@@ -52,6 +54,10 @@ def dequantize_mxfp4(
     (applied as an fp32 ``ldexp`` -> ``dtype`` multiplier, so the product never rounds).
     """
     _check_packed(blocks, scales)
+    if blocks.is_cuda and os.environ.get("GPTOSS_MXFP4_DEQUANT", "torch") == "triton":
+        from .mxfp4_triton import dequantize_mxfp4_triton  # one kernel, ~4x less memory traffic
+
+        return dequantize_mxfp4_triton(blocks, scales, dtype)
     *prefix, groups, nbytes = blocks.shape
     rows = blocks.reshape(-1, nbytes)
     exps = scales.reshape(-1, 1).to(torch.int32) - SCALE_BIAS
