@@ -90,29 +90,35 @@ def create_model(config, dtype: torch.dtype, device: str | torch.device = "cpu",
 
     With a seed, every rank builds bit-identical weights (the small-model path, where each rank
     materialises the whole model and FSDP keeps its shard). ``base_format='mxfp4'`` keeps the experts
-    as frozen MXFP4 (``kernels.experts_mxfp4.Mxfp4Experts``): random weights are quantised here, a
-    meta model gets empty packed buffers that ``init_sharded_weights_`` or a checkpoint fills.
+    as frozen MXFP4 (``kernels.experts_mxfp4.Mxfp4Experts``): the model is built on the meta device,
+    experts swapped for empty packed buffers, and (unless ``device='meta'``) materialised on ``device``
+    and filled by ``init_sharded_weights_`` -- the dense bf16 experts never exist, so the build's peak
+    memory is the MXFP4 model's.
     """
     from transformers import GptOssForCausalLM
 
+    if base_format not in ("bf16", "mxfp4"):
+        raise ValueError(f"model.base_format must be bf16 or mxfp4, got {base_format!r}")
+    mxfp4 = base_format == "mxfp4"
     if seed is not None:
         torch.manual_seed(seed)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device("meta" if mxfp4 else device):
             model = GptOssForCausalLM(config)
     finally:
         torch.set_default_dtype(prev)
-    # transformers keeps norms in fp32 only when asked at load; here everything is one dtype.
-    model = model.to(dtype) if str(device) != "meta" else model
-    if base_format == "mxfp4":
+    if mxfp4:
         from .kernels.experts_mxfp4 import quantize_model_experts_
 
         quantize_model_experts_(model)
-    elif base_format != "bf16":
-        raise ValueError(f"model.base_format must be bf16 or mxfp4, got {base_format!r}")
-    return model
+        if str(device) != "meta":
+            model.to_empty(device=device)
+            init_sharded_weights_(model, config.initializer_range, seed if seed is not None else 0)
+        return model
+    # transformers keeps norms in fp32 only when asked at load; here everything is one dtype.
+    return model.to(dtype) if str(device) != "meta" else model
 
 
 def init_sharded_weights_(model: nn.Module, std: float, seed: int) -> None:
