@@ -37,6 +37,10 @@ class ModelSection(Section):
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     layers: int | None = Field(None, ge=1, description="override the depth (reduced-depth benchmarks); random init only")
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    base_format: Literal["bf16", "mxfp4"] = Field(
+        "bf16", description="how the frozen base experts are held: bf16 (dequantised at load), or mxfp4 (the released "
+        "4-bit form, 0.53 byte/weight, dequantised inside the expert GEMMs; LoRA only, not on the experts)"
+    )
     cache_dir: str | None = Field(None, description="where base weights are cached once per node")
 
     @model_validator(mode="after")
@@ -143,7 +147,8 @@ class ParallelismSection(Section):
 class KernelsSection(Section):
     # auto: the fast path on GPU (grouped_mm experts, flex attention), the eager references on CPU.
     # No "sdpa": PyTorch's SDPA has no learned attention sinks, which GPT-OSS needs.
-    experts: Literal["auto", "eager", "grouped_mm"] = "auto"
+    # fused: our grouped GEMMs with device-side routing/permutation and a recomputing SwiGLU (kernels/experts.py).
+    experts: Literal["auto", "eager", "grouped_mm", "fused"] = "auto"
     # flex: ours (learned sinks with exact gradients, cached block masks); hf_flex: transformers' own.
     attention: Literal["auto", "eager", "flex", "hf_flex"] = "auto"
     loss_chunk_tokens: int = Field(1024, ge=16, description="tokens per chunk of the fused linear + cross-entropy")

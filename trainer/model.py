@@ -32,6 +32,7 @@ GiB = 1024**3
 SMALL_BASE_BYTES = 1 * GiB  # random-init models below this (bf16) save their base weights in the run home
 # flex: ours (kernels/attention.py: exact sink gradients); hf_flex: transformers' own flex path.
 ATTENTION_IMPLS = {"eager": "eager", "flex": attention.NAME, "hf_flex": "flex_attention"}
+EXPERTS_IMPLS = {"eager": "eager", "grouped_mm": "grouped_mm", "fused": "gptoss_fused"}  # spec name -> transformers'
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -48,7 +49,11 @@ def resolve_implementations(kernels: KernelsSection, device_type: str) -> tuple[
     experts = kernels.experts
     if experts == "auto":
         experts = "grouped_mm" if on_gpu else "eager"
-    return ATTENTION_IMPLS[attn], experts
+    if experts == "fused":
+        from .kernels.experts import register
+
+        register()  # transformers validates the name when the model is built
+    return ATTENTION_IMPLS[attn], EXPERTS_IMPLS[experts]
 
 
 # ------------------------------------------------------------------------------------------- shapes
@@ -86,23 +91,39 @@ def bf16_bytes(shape: ModelShape) -> int:
     return 2 * shape.total_params
 
 
-def create_model(config, dtype: torch.dtype, device: str | torch.device = "cpu", seed: int | None = None):
+def create_model(config, dtype: torch.dtype, device: str | torch.device = "cpu", seed: int | None = None,
+                 base_format: str = "bf16"):
     """A GptOssForCausalLM with transformers' random init (``device='meta'``: no storage at all).
 
     With a seed, every rank builds bit-identical weights (the small-model path, where each rank
-    materialises the whole model and FSDP keeps its shard).
+    materialises the whole model and FSDP keeps its shard). ``base_format='mxfp4'`` keeps the experts
+    as frozen MXFP4 (``kernels.experts_mxfp4.Mxfp4Experts``): the model is built on the meta device,
+    experts swapped for empty packed buffers, and (unless ``device='meta'``) materialised on ``device``
+    and filled by ``init_sharded_weights_`` -- the dense bf16 experts never exist, so the build's peak
+    memory is the MXFP4 model's.
     """
     from transformers import GptOssForCausalLM
 
+    if base_format not in ("bf16", "mxfp4"):
+        raise ValueError(f"model.base_format must be bf16 or mxfp4, got {base_format!r}")
+    mxfp4 = base_format == "mxfp4"
     if seed is not None:
         torch.manual_seed(seed)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device("meta" if mxfp4 else device):
             model = GptOssForCausalLM(config)
     finally:
         torch.set_default_dtype(prev)
+    if mxfp4:
+        from .kernels.experts_mxfp4 import quantize_model_experts_
+
+        quantize_model_experts_(model)
+        if str(device) != "meta":
+            model.to_empty(device=device)
+            init_sharded_weights_(model, config.initializer_range, seed if seed is not None else 0)
+        return model
     # transformers keeps norms in fp32 only when asked at load; here everything is one dtype.
     return model.to(dtype) if str(device) != "meta" else model
 
@@ -115,6 +136,10 @@ def init_sharded_weights_(model: nn.Module, std: float, seed: int) -> None:
     """
     from torch.distributed.tensor import DTensor
 
+    from .kernels.experts_mxfp4 import init_random_mxfp4_, mxfp4_experts_modules
+
+    for i, (_, experts) in enumerate(mxfp4_experts_modules(model)):
+        init_random_mxfp4_(experts, std, seed * 1009 + i)  # packed buffers: not parameters, filled here
     # Draw on each parameter's own device: drawing 20b's weights on the host would take minutes.
     gens: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
@@ -173,8 +198,27 @@ def lora_config(method: MethodSection, num_layers: int):
     )
 
 
+def check_method_fits_base(model: nn.Module, method: MethodSection) -> None:
+    """Frozen MXFP4 experts have no trainable weight: refuse the methods that would train them."""
+    from gptoss_cloud.errors import GptossError
+
+    from .kernels.experts_mxfp4 import mxfp4_experts_modules
+
+    if not mxfp4_experts_modules(model):
+        return
+    if method.kind == "full":
+        raise GptossError("method.kind: full cannot train experts kept in MXFP4 (model.base_format: mxfp4)",
+                          hint="use model.base_format: bf16 for full fine-tuning, or method.kind: lora")
+    if method.lora.experts:
+        raise GptossError("method.lora.experts cannot adapt experts kept in MXFP4 (model.base_format: mxfp4): "
+                          "their weights are frozen packed buffers",
+                          hint="set method.lora.experts: false (LoRA on attention and the router still works), "
+                               "or use model.base_format: bf16")
+
+
 def apply_method(model: nn.Module, method: MethodSection) -> nn.Module:
     """LoRA through peft (returns the PeftModel; base weights frozen) or full fine-tuning (all trainable)."""
+    check_method_fits_base(model, method)
     if method.kind == "full":
         model.requires_grad_(True)
         return model
