@@ -182,6 +182,14 @@ def _gpu_components(shape: ModelShape, spec: RunSpec) -> dict[str, float]:
     # Sharded state (on the host with offload).
     if full:
         out["params+grads+adam (fp32, sharded)"] = 0.0 if offload else shape.total_params * TRAINABLE_BYTES / world
+    elif spec.model.base_format == "mxfp4":
+        # Frozen experts stay packed (4-bit + scales) and, being buffers, are not sharded by FSDP2;
+        # one chunk of up to 32 experts is dequantised to bf16 at a time inside the expert GEMMs.
+        experts = shape.expert_params_total
+        out["base weights (bf16 non-expert, sharded)"] = 0.0 if offload else (shape.total_params - experts) * BF16 / world
+        out["frozen experts (MXFP4, replicated)"] = experts * MXFP4_BYTES_PER_EXPERT_PARAM
+        out["dequantised expert chunk (bf16)"] = min(32, shape.num_local_experts) * shape.expert_params * BF16
+        out["lora params+grads+adam (fp32)"] = 0.0 if offload else trainable * TRAINABLE_BYTES / world
     else:
         out["base weights (bf16, sharded)"] = 0.0 if offload else shape.total_params * BF16 / world
         out["lora params+grads+adam (fp32)"] = 0.0 if offload else trainable * TRAINABLE_BYTES / world

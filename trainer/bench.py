@@ -46,6 +46,7 @@ class BenchOptions:
     gpus: int = 1
     offload: bool = False
     lora_r: int = 16
+    base_format: str = "bf16"  # ours: frozen experts in bf16 or kept in MXFP4
     loss_chunk_tokens: int = 1024
     seed: int = 0
     peak_tflops: float | None = None
@@ -76,7 +77,8 @@ class BenchOptions:
 
     def setup(self) -> Setup:
         return Setup(model=self.model, layers=self.layers, method=self.method, seq=self.seq, lora_r=self.lora_r,
-                     loss_chunk_tokens=self.loss_chunk_tokens, offload=self.offload, seed=self.seed)
+                     loss_chunk_tokens=self.loss_chunk_tokens, offload=self.offload, seed=self.seed,
+                     base_format=self.base_format)
 
 
 # ------------------------------------------------------------------------------------------ variants
@@ -86,7 +88,8 @@ def variants(opts: BenchOptions, on_gpu: bool) -> list[Variant]:
     if opts.ours:
         experts = opts.experts or ("grouped_mm" if on_gpu else "eager")
         attention = opts.attention or ("flex" if on_gpu else "eager")
-        out.append(Variant(f"ours ({experts} + {attention})", "ours", experts, attention))
+        fmt = " + mxfp4 base" if opts.base_format == "mxfp4" else ""
+        out.append(Variant(f"ours ({experts} + {attention}{fmt})", "ours", experts, attention))
     if opts.baseline:
         experts, attention = BEST_REFERENCE_GPU if on_gpu else ("eager", "eager")
         out.append(Variant(f"transformers ({experts} + {attention})", "transformers", experts, attention))

@@ -26,7 +26,9 @@ from gptoss_cloud.shapes import ModelShape, shape_for
 
 from .parallel import DistInfo
 
-ATTENTION = {"eager": "eager", "flex": "flex_attention", "sdpa": "sdpa"}
+# The reference stack uses transformers' own implementations; ours maps spec names through the
+# trainer's table (flex = our attention with exact sink gradients, fused = our expert GEMMs).
+ATTENTION = {"eager": "eager", "flex": "flex_attention"}
 EXPERTS = ("eager", "grouped_mm")
 INIT_STD = 0.02
 
@@ -38,7 +40,7 @@ class Variant:
     name: str
     stack: str  # "ours" | "transformers"
     experts: str  # eager | grouped_mm
-    attention: str  # eager | flex | sdpa
+    attention: str  # eager | flex | hf_flex (ours) ; eager | flex (transformers)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "stack": self.stack, "experts": self.experts, "attention": self.attention}
@@ -60,6 +62,7 @@ class Setup:
     loss_chunk_tokens: int = 1024
     offload: bool = False
     seed: int = 0
+    base_format: str = "bf16"
 
     def shape(self) -> ModelShape:
         return shape_for(self.model, layers=self.layers)
@@ -90,9 +93,15 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------------------- build
-def hf_config(shape: ModelShape, variant: Variant):
+def hf_config(shape: ModelShape, variant: Variant, device_type: str = "cuda"):
+    from gptoss_cloud.spec import KernelsSection
+
     from . import model as M
 
+    if variant.stack == "ours":
+        attn, experts = M.resolve_implementations(
+            KernelsSection(experts=variant.experts, attention=variant.attention), device_type)
+        return M.build_config(shape, attn, experts)
     if variant.attention not in ATTENTION:
         raise ValueError(f"attention must be one of {sorted(ATTENTION)}, got {variant.attention!r}")
     if variant.experts not in EXPERTS:
@@ -193,10 +202,10 @@ def build_ours(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
     from .parallel import make_accelerator, shard_model
 
     shape = setup.shape()
-    config = hf_config(shape, variant)
+    config = hf_config(shape, variant, info.device.type)
     dtype = compute_dtype(info.device)
     sharded = info.distributed
-    hf = M.create_model(config, dtype, "meta" if sharded else info.device, seed=setup.seed)
+    hf = M.create_model(config, dtype, "meta" if sharded else info.device, seed=setup.seed, base_format=setup.base_format)
     hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm = M.apply_method(hf, method_section(setup))
     module = M.CausalLMWithChunkedLoss(lm, setup.loss_chunk_tokens)
@@ -232,7 +241,7 @@ def build_reference(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
     from transformers import GptOssForCausalLM
 
     shape = setup.shape()
-    config = hf_config(shape, variant)
+    config = hf_config(shape, variant, info.device.type)
     dtype = compute_dtype(info.device)
     sharded = info.distributed
     torch.manual_seed(setup.seed)

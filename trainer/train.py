@@ -77,11 +77,11 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
         if small:
             # Every rank builds the same seeded weights; FSDP keeps each rank's shard. A LoRA run keeps
             # its random base in the run home: merge and chat need it.
-            hf = M.create_model(config, dtype, "cpu", seed=spec.optim.seed)
+            hf = M.create_model(config, dtype, "cpu", seed=spec.optim.seed, base_format=spec.model.base_format)
             if info.is_main and spec.method.kind == "lora":
                 save_base(hf, home)
         else:
-            hf = M.create_model(config, dtype, "meta")
+            hf = M.create_model(config, dtype, "meta", base_format=spec.model.base_format)
     else:
         from .weights import fetch_pretrained, load_state_dict, read_config
 
@@ -89,7 +89,7 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
                                   local_rank=info.local_rank, barrier=lambda: barrier(info))
         shape = M.model_shape(spec.model, read_config(folder))
         config = M.build_config(shape, attn, experts, coef)
-        hf = M.create_model(config, dtype, "meta")
+        hf = M.create_model(config, dtype, "meta", base_format=spec.model.base_format)
         # One full copy per job (rank 0's host), broadcast shard by shard by accelerate when sharded.
         if info.is_main or not info.distributed:
             missing, unexpected = hf.load_state_dict(load_state_dict(folder, dtype), strict=False, assign=True)

@@ -23,12 +23,18 @@ class Method(str, Enum):
 class Experts(str, Enum):
     eager = "eager"
     grouped_mm = "grouped_mm"
+    fused = "fused"
 
 
 class Attention(str, Enum):
     eager = "eager"
-    sdpa = "sdpa"
     flex = "flex"
+    hf_flex = "hf_flex"
+
+
+class BaseFormat(str, Enum):
+    bf16 = "bf16"
+    mxfp4 = "mxfp4"
 
 
 class Device(str, Enum):
@@ -55,6 +61,7 @@ def bench(
     gpus: Annotated[int, typer.Option("--gpus", min=1, help="GPUs (>1: FSDP2 under torchrun, NCCL)")] = 1,
     offload: Annotated[bool, typer.Option("--offload", help="FSDP2 CPU offload of sharded states")] = False,
     lora_r: Annotated[int, typer.Option("--lora-r", min=1, help="LoRA rank")] = 16,
+    base_format: Annotated[BaseFormat, typer.Option("--base-format", help="ours: frozen experts in bf16, or kept in MXFP4 (LoRA only)")] = BaseFormat.bf16,
     peak_tflops: Annotated[Optional[float], typer.Option("--peak-tflops", min=1, help="peak bf16 TFLOP/s per GPU for MFU (default: the card's datasheet figure)")] = None,
     device: Annotated[Optional[Device], typer.Option("--device", help="default: cuda when available")] = None,
     in_process: Annotated[bool, typer.Option("--in-process", help="measure every variant in this process (one GPU; peaks reset between)")] = False,
@@ -71,6 +78,7 @@ def bench(
         model=model.value, layers=layers, method=method.value, seq=seq, steps=steps, warmup=warmup, ours=ours,
         baseline=baseline, baseline_eager=baseline_eager, experts=experts.value if experts else None,
         attention=attention.value if attention else None, gpus=gpus, offload=offload, lora_r=lora_r,
+        base_format=base_format.value,
         peak_tflops=peak_tflops, in_process=in_process, timeout_s=timeout,
         device=device.value if device else None,
     )

@@ -9,7 +9,9 @@ import textwrap
 
 import pytest
 
-pytest.importorskip("triton")  # optional: comes with CUDA builds of torch; tests/gpu covers it on a GPU
+# Triton comes with CUDA builds of torch: this runs with the GPU tests (pytest -m gpu), under Triton's
+# interpreter so it checks the kernel's arithmetic bit for bit against the torch path.
+pytestmark = pytest.mark.gpu
 
 CHECK = textwrap.dedent("""
     import torch
