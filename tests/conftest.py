@@ -10,7 +10,8 @@ import pytest
 from support import REPO, SHARED, shared_path
 
 # openai-harmony downloads its vocabulary on first use unless this points at a folder with it.
-os.environ.setdefault("TIKTOKEN_ENCODINGS_BASE", str(shared_path("tokenizers")))
+if not os.environ.get("TIKTOKEN_ENCODINGS_BASE"):
+    os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(shared_path("tokenizers"))
 # Never let a test touch the developer's real user config.
 os.environ["GPTOSS_CONFIG"] = str(REPO / "tests" / "no-user-config.yaml")
 
