@@ -211,7 +211,7 @@ def planned_gib(opts: BenchOptions, variant: Variant, card: str, card_memory_gib
 
     family, _ = BM.card_family(card)
     spec = RunSpec.model_validate({
-        "model": {"name": opts.model, "init": "random", "layers": opts.layers},
+        "model": {"name": opts.model, "init": "random", "layers": opts.layers, "base_format": opts.base_format},
         "data": {"max_seq_len": opts.seq},
         "method": {"kind": opts.method, "lora": {"r": opts.lora_r, "alpha": 2 * opts.lora_r}},
         "optim": {"micro_batch_size": 1, "grad_accum": 1},
