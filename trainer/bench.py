@@ -330,6 +330,8 @@ def command_line(opts: BenchOptions) -> str:
         args += ["--lora-r", str(opts.lora_r)]
     if opts.offload:
         args.append("--offload")
+    if opts.base_format != "bf16":
+        args += ["--base-format", opts.base_format]
     if opts.in_process:
         args.append("--in-process")
     return shlex.join(args)
