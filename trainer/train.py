@@ -69,7 +69,6 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
     dtype = M.DTYPES[spec.model.dtype] if on_gpu else torch.float32
     attn, experts = M.resolve_implementations(spec.kernels, info.device.type)
     coef = spec.optim.router_aux_loss_coef
-    full_state = None
     if M.is_random(spec.model):
         shape = M.model_shape(spec.model)
         config = M.build_config(shape, attn, experts, coef)

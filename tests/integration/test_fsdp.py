@@ -10,10 +10,9 @@ expert-bias element of 256 off by 5.6e-6, everything else within 1e-7).
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ import torch.multiprocessing as tmp  # noqa: E402
 
 from gptoss_cloud.shapes import TINY  # noqa: E402
 from gptoss_cloud.spec import MethodSection, OptimSection, ParallelismSection  # noqa: E402
+from gptoss_cloud.trainer.data.pack import PackedSample  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -31,12 +31,7 @@ TIMEOUT_S = 60
 METHODS = ("lora", "full")  # a hung rank fails the test fast instead of after torch's 30-minute default
 
 
-@dataclass
-class Sample:
-    input_ids: list
-    labels: list
-    position_ids: list
-    seq_lens: list
+Sample = PackedSample  # the data pipeline's own packed row
 
 
 def _samples(n=4, length=24, seed=0):

@@ -7,7 +7,6 @@ import json
 import os
 import random
 import socket
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -15,18 +14,15 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.multiprocessing as tmp  # noqa: E402
 
+from gptoss_cloud.trainer.data.pack import PackedSample  # noqa: E402
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "tokens_per_s_per_gpu", "mfu",
                "mem_allocated_gib", "mem_reserved_gib"}
 
 
-@dataclass
-class Sample:
-    input_ids: list
-    labels: list
-    position_ids: list
-    seq_lens: list
+Sample = PackedSample  # the data pipeline's own packed row
 
 
 def _sample(length: int, seed: int) -> Sample:

@@ -7,7 +7,7 @@ Gradients need the flex CPU-backward guard lifted (see test_attention.py for why
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 
@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 
 from gptoss_cloud.shapes import TINY  # noqa: E402
 from gptoss_cloud.trainer import model as M  # noqa: E402
+from gptoss_cloud.trainer.data.pack import PackedSample  # noqa: E402
 from gptoss_cloud.trainer.kernels import attention as A  # noqa: E402
 
 from test_attention import flex_backward_on_cpu, rel_err  # noqa: E402,F401  (tests/unit is on sys.path)
@@ -22,12 +23,7 @@ from test_attention import flex_backward_on_cpu, rel_err  # noqa: E402,F401  (te
 SHAPE = replace(TINY, vocab_size=512, sliding_window=4)  # a small window so sliding layers differ from full
 
 
-@dataclass
-class Sample:
-    input_ids: list
-    labels: list
-    position_ids: list
-    seq_lens: list
+Sample = PackedSample  # the data pipeline's own packed row
 
 
 def _segment(n, g):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 
@@ -11,16 +11,12 @@ torch = pytest.importorskip("torch")
 from gptoss_cloud.shapes import TINY  # noqa: E402
 from gptoss_cloud.spec import KernelsSection, MethodSection  # noqa: E402
 from gptoss_cloud.trainer import model as M  # noqa: E402
+from gptoss_cloud.trainer.data.pack import PackedSample  # noqa: E402
 
 SHAPE = replace(TINY, vocab_size=512, sliding_window=4)  # a small window so sliding layers differ from full
 
 
-@dataclass
-class Sample:
-    input_ids: list
-    labels: list
-    position_ids: list
-    seq_lens: list
+Sample = PackedSample  # the data pipeline's own packed row
 
 
 def _model(attn="eager", experts="eager", seed=0):
