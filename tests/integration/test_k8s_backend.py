@@ -165,27 +165,10 @@ class FakeApiServer:
 
 
 # ---- fixtures ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def s3():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def api(tmp_path, monkeypatch, s3):
-    import boto3
-
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "moto-secret-key")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    bucket = f"runs-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=s3).create_bucket(Bucket=bucket)
+def api(tmp_path, monkeypatch, s3_bucket):
+    bucket = s3_bucket[len("s3://"):].split("/", 1)[0]  # a fresh bucket on the session's S3 server
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "moto-secret-key")  # distinctive: no output may contain it
     with FakeApiServer() as server:
         kubeconfig = {
             "apiVersion": "v1", "kind": "Config", "current-context": "test",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
 
 import pytest
 from typer.testing import CliRunner
@@ -20,29 +19,11 @@ pytestmark = pytest.mark.slow
 PAYLOAD = "import os; print(f\"rank {os.environ['RANK']} trained\", flush=True)\n"
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def store(s3_endpoint, monkeypatch, tmp_path):
-    import boto3
-
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+def store(s3_bucket, monkeypatch, tmp_path):
+    """A store on the session's S3 server (tests/integration/conftest.py), one level below the bucket."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    bucket = f"runs-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
-    return f"s3://{bucket}/team/runs"
+    return s3_bucket.rsplit("/", 1)[0] + "/team/runs"
 
 
 def put_run(store: str, rid: str, files: dict[str, str] | None = None) -> str:
