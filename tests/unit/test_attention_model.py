@@ -67,7 +67,8 @@ def test_packed_loss_equals_samples_run_separately():
     assert float(loss) == pytest.approx(sep_loss, rel=1e-5)
 
 
-def test_model_matches_eager_model_loss_and_gradients(flex_backward_on_cpu):
+@pytest.mark.usefixtures("flex_backward_on_cpu")
+def test_model_matches_eager_model_loss_and_gradients():
     ref, cfg_ref = _model("eager")
     ours, cfg = _model(A.NAME)
     ours.load_state_dict(ref.state_dict())

@@ -103,24 +103,25 @@ def _json_text(value: Any, where: str) -> str:
     raise _Problem(f"{where}: arguments must be a JSON string or an object, not {type(value).__name__}")
 
 
-def _tool_call(raw: Any, where: str) -> ToolCall:
+def _function(raw: Any, where: str) -> tuple[dict, str]:
+    """The function object of a tool call or tool definition (OpenAI's nested or flat form) and its name."""
     if not isinstance(raw, dict):
         raise _Problem(f"{where}: must be an object, not {type(raw).__name__}")
     fn = raw.get("function") if isinstance(raw.get("function"), dict) else raw
     name = fn.get("name")
     if not isinstance(name, str) or not name:
         raise _Problem(f"{where}: missing function name")
+    return fn, name
+
+
+def _tool_call(raw: Any, where: str) -> ToolCall:
+    fn, name = _function(raw, where)
     call_id = raw.get("id")
     return ToolCall(name=name, arguments=_json_text(fn.get("arguments"), f"{where} ({name})"), id=call_id or None)
 
 
 def _tool_spec(raw: Any, where: str) -> ToolSpec:
-    if not isinstance(raw, dict):
-        raise _Problem(f"{where}: must be an object, not {type(raw).__name__}")
-    fn = raw.get("function") if isinstance(raw.get("function"), dict) else raw
-    name = fn.get("name")
-    if not isinstance(name, str) or not name:
-        raise _Problem(f"{where}: missing function name")
+    fn, name = _function(raw, where)
     params = fn.get("parameters")
     if isinstance(params, str):
         try:
