@@ -47,6 +47,10 @@ class BenchOptions:
     offload: bool = False
     lora_r: int = 16
     base_format: str = "bf16"  # ours: frozen experts in bf16 or kept in MXFP4
+    recompute: str = "full"  # full | selective | none (activation checkpointing per decoder layer)
+    dequant: str = "torch"  # MXFP4 experts: torch ops or the Triton kernel
+    variant_specs: list[str] | None = None  # --variant KEY=VALUE,...: several of our configurations in one run
+    profile: bool = False  # one extra step under torch.profiler per variant: where the step's time goes
     loss_chunk_tokens: int = 1024
     seed: int = 0
     peak_tflops: float | None = None
@@ -71,6 +75,10 @@ class BenchOptions:
             raise ValueError("nothing to measure: pass --ours and/or --baseline")
         if self.offload and self.gpus < 2:
             raise ValueError("--offload shards states over FSDP2 ranks: use it with --gpus 2 or more")
+        for text in self.variant_specs or []:
+            v = parse_variant(text, self, on_gpu=True)  # raises ValueError naming the bad key or value
+            if v.apply(self.setup()).offload and self.gpus < 2:
+                raise ValueError(f"--variant {text!r}: offload shards states over FSDP2 ranks: use --gpus 2 or more")
         if self.in_process and self.gpus > 1:
             raise ValueError("--in-process runs one process: it cannot use --gpus > 1")
         shape_for(self.model, layers=self.layers)  # raises ValueError naming the model
@@ -78,23 +86,70 @@ class BenchOptions:
     def setup(self) -> Setup:
         return Setup(model=self.model, layers=self.layers, method=self.method, seq=self.seq, lora_r=self.lora_r,
                      loss_chunk_tokens=self.loss_chunk_tokens, offload=self.offload, seed=self.seed,
-                     base_format=self.base_format)
+                     base_format=self.base_format, recompute=self.recompute, dequant=self.dequant)
 
 
 # ------------------------------------------------------------------------------------------ variants
+VARIANT_KEYS = {"experts": ("eager", "grouped_mm", "fused"), "attention": ("eager", "flex", "hf_flex"),
+                "offload": ("yes", "no"), "base": ("bf16", "mxfp4"), "recompute": ("full", "selective", "none"),
+                "dequant": ("torch", "triton")}
+
+
+def parse_variant(text: str, opts: BenchOptions, on_gpu: bool) -> Variant:
+    """``experts=fused,recompute=none,base=mxfp4`` -> one of our variants (unset keys: the options')."""
+    kv: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in VARIANT_KEYS:
+            raise ValueError(f"--variant {text!r}: {item!r} is not KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)}")
+        if value not in VARIANT_KEYS[key]:
+            raise ValueError(f"--variant {text!r}: {key} must be one of {', '.join(VARIANT_KEYS[key])}, got {value!r}")
+        kv[key] = value
+    overrides = {}
+    if "offload" in kv:
+        overrides["offload"] = kv["offload"] == "yes"
+    if "base" in kv:
+        overrides["base_format"] = kv["base"]
+    for key in ("recompute", "dequant"):
+        if key in kv:
+            overrides[key] = kv[key]
+    return ours_variant(opts, on_gpu, kv.get("experts"), kv.get("attention"), overrides)
+
+
+def ours_variant(opts: BenchOptions, on_gpu: bool, experts: str | None = None, attention: str | None = None,
+                 overrides: dict | None = None) -> Variant:
+    experts = experts or opts.experts or ("grouped_mm" if on_gpu else "eager")
+    attention = attention or opts.attention or ("flex" if on_gpu else "eager")
+    eff = {"offload": opts.offload, "base_format": opts.base_format, "recompute": opts.recompute,
+           "dequant": opts.dequant, **(overrides or {})}
+    notes = []
+    if eff["base_format"] == "mxfp4":
+        notes.append(f"mxfp4 base, {eff['dequant']} dequant")
+    if eff["recompute"] != "full":
+        notes.append(f"recompute {eff['recompute']}")
+    if eff["offload"]:
+        notes.append("cpu offload")
+    name = f"ours ({experts} + {attention}{''.join(', ' + n for n in notes)})"
+    return Variant(name, "ours", experts, attention, tuple(sorted((overrides or {}).items())))
+
+
 def variants(opts: BenchOptions, on_gpu: bool) -> list[Variant]:
-    """Ours first, then the reference's best configuration, then (optionally) the eager reference."""
+    """Ours first (one per --variant, else one from the options), then the reference's best
+    configuration, then (optionally) the eager reference."""
     out = []
     if opts.ours:
-        experts = opts.experts or ("grouped_mm" if on_gpu else "eager")
-        attention = opts.attention or ("flex" if on_gpu else "eager")
-        fmt = " + mxfp4 base" if opts.base_format == "mxfp4" else ""
-        out.append(Variant(f"ours ({experts} + {attention}{fmt})", "ours", experts, attention))
+        if opts.variant_specs:
+            out += [parse_variant(t, opts, on_gpu) for t in opts.variant_specs]
+        else:
+            out.append(ours_variant(opts, on_gpu))
     if opts.baseline:
         experts, attention = BEST_REFERENCE_GPU if on_gpu else ("eager", "eager")
-        out.append(Variant(f"transformers ({experts} + {attention})", "transformers", experts, attention))
+        ref_over = (("offload", opts.offload),) if opts.offload else ()
+        out.append(Variant(f"transformers ({experts} + {attention}{', cpu offload' if opts.offload else ''})",
+                           "transformers", experts, attention, ref_over))
         if opts.baseline_eager and (experts, attention) != ("eager", "eager"):
-            out.append(Variant("transformers (eager + eager)", "transformers", "eager", "eager"))
+            out.append(Variant("transformers (eager + eager)", "transformers", "eager", "eager", ref_over))
     return out
 
 
@@ -108,7 +163,7 @@ def run_in_process(variant: Variant, opts: BenchOptions) -> dict:
     from .bench_worker import measure_variant
 
     rank = join_process_group()
-    return merge_ranks([measure_variant(opts.setup(), variant, rank, opts.warmup, opts.steps)])
+    return merge_ranks([measure_variant(opts.setup(), variant, rank, opts.warmup, opts.steps, profile=opts.profile)])
 
 
 def worker_command(opts: BenchOptions, job: Path, out: Path) -> list[str]:
@@ -123,7 +178,7 @@ def run_subprocess(variant: Variant, opts: BenchOptions) -> dict:
     with tempfile.TemporaryDirectory(prefix="gptoss-bench-") as tmp:
         job, out = Path(tmp) / "job.json", Path(tmp) / "out"
         job.write_text(json.dumps({"setup": asdict(opts.setup()), "variant": variant.to_dict(),
-                                   "warmup": opts.warmup, "steps": opts.steps}))
+                                   "warmup": opts.warmup, "steps": opts.steps, "profile": opts.profile}))
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if opts.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
@@ -210,13 +265,16 @@ def planned_gib(opts: BenchOptions, variant: Variant, card: str, card_memory_gib
     from gptoss_cloud.spec import RunSpec
 
     family, _ = BM.card_family(card)
+    eff = variant.apply(opts.setup())
+    if eff.recompute == "selective":  # the planner models full recomputation or none, not this
+        return None
     spec = RunSpec.model_validate({
-        "model": {"name": opts.model, "init": "random", "layers": opts.layers, "base_format": opts.base_format},
+        "model": {"name": opts.model, "init": "random", "layers": opts.layers, "base_format": eff.base_format},
         "data": {"max_seq_len": opts.seq},
         "method": {"kind": opts.method, "lora": {"r": opts.lora_r, "alpha": 2 * opts.lora_r}},
         "optim": {"micro_batch_size": 1, "grad_accum": 1},
-        "parallelism": {"nodes": 1, "gpus_per_node": opts.gpus, "cpu_offload": opts.offload,
-                        "activation_checkpointing": True},
+        "parallelism": {"nodes": 1, "gpus_per_node": opts.gpus, "cpu_offload": eff.offload,
+                        "activation_checkpointing": eff.recompute != "none"},
         "kernels": {"experts": variant.experts, "attention": "eager" if variant.attention == "eager" else "flex",
                     "loss_chunk_tokens": opts.loss_chunk_tokens},
         "cluster": {"gpu_type": family or "H100", **({"gpu_memory_gib": card_memory_gib} if card_memory_gib else {})},
@@ -296,7 +354,7 @@ def run_benchmark(opts: BenchOptions, runner: Runner | None = None, on_result: C
         raise ValueError("--device cuda: no CUDA device is visible")
     if on_gpu and opts.gpus > torch.cuda.device_count():
         raise ValueError(f"--gpus {opts.gpus}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    if opts.offload and not on_gpu:
+    if not on_gpu and any(v.apply(opts.setup()).offload for v in variants(opts, on_gpu)):
         raise ValueError("--offload needs CUDA devices (it moves sharded states to pinned host memory)")
     opts.device = "cuda" if on_gpu else "cpu"
     runner = runner or (run_in_process if opts.in_process else run_subprocess)
@@ -332,12 +390,41 @@ def command_line(opts: BenchOptions) -> str:
         args.append("--offload")
     if opts.base_format != "bf16":
         args += ["--base-format", opts.base_format]
+    if opts.recompute != "full":
+        args += ["--recompute", opts.recompute]
+    if opts.dequant != "torch":
+        args += ["--dequant", opts.dequant]
+    for text in opts.variant_specs or []:
+        args += ["--variant", text]
+    if opts.profile:
+        args.append("--profile")
     if opts.in_process:
         args.append("--in-process")
     return shlex.join(args)
 
 
 # --------------------------------------------------------------------------------------------- table
+def profile_tables(report: dict) -> list:
+    """One rich Table per profiled variant: milliseconds by category, then the top ops."""
+    from rich.table import Table
+
+    tables = []
+    for r in report["results"]:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        t = Table(title=f"{r['variant']['name']}: one profiled step, {prof['wall_ms']:.1f} ms wall, "
+                        f"{prof['busy_ms']:.1f} ms busy ({prof['measure']})", title_justify="left")
+        for col, just in [("category / op", "left"), ("ms", "right"), ("share", "right"), ("calls", "right")]:
+            t.add_column(col, justify=just)
+        for c in prof["by_category"]:
+            t.add_row(c["category"], _f(c["ms"], ".1f"), _f(c["share"], ".1%"), "")
+        t.add_section()
+        for op in prof["top_ops"][:12]:
+            t.add_row(f"[dim]{op['name'][:70]}[/]", _f(op["ms"], ".1f"), "", str(op["calls"]))
+        tables.append(t)
+    return tables
+
 def _f(v, fmt: str, none: str = "—") -> str:
     return none if v is None else format(v, fmt)
 

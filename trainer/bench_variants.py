@@ -33,6 +33,16 @@ EXPERTS = ("eager", "grouped_mm")
 INIT_STD = 0.02
 
 
+# What one variant may set beyond its kernels, overriding the benchmark's shared setup; lets a single
+# invocation compare, e.g., recomputation policies or expert formats on the same card.
+OVERRIDES = {
+    "offload": (True, False),
+    "base_format": ("bf16", "mxfp4"),
+    "recompute": ("full", "none", "selective"),
+    "dequant": ("torch", "triton"),
+}
+
+
 @dataclass(frozen=True)
 class Variant:
     """One measured configuration."""
@@ -41,13 +51,21 @@ class Variant:
     stack: str  # "ours" | "transformers"
     experts: str  # eager | grouped_mm
     attention: str  # eager | flex | hf_flex (ours) ; eager | flex (transformers)
+    overrides: tuple = ()  # ((key, value), ...) with keys from OVERRIDES
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "stack": self.stack, "experts": self.experts, "attention": self.attention}
+        return {"name": self.name, "stack": self.stack, "experts": self.experts, "attention": self.attention,
+                "overrides": dict(self.overrides)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Variant":
-        return cls(d["name"], d["stack"], d["experts"], d["attention"])
+        return cls(d["name"], d["stack"], d["experts"], d["attention"], tuple(sorted((d.get("overrides") or {}).items())))
+
+    def apply(self, setup: "Setup") -> "Setup":
+        """The setup this variant runs with (its overrides on top of the shared one)."""
+        from dataclasses import replace
+
+        return replace(setup, **dict(self.overrides)) if self.overrides else setup
 
 
 @dataclass
@@ -63,6 +81,8 @@ class Setup:
     offload: bool = False
     seed: int = 0
     base_format: str = "bf16"
+    recompute: str = "full"  # full: every decoder layer recomputed; none; selective: GEMM outputs kept
+    dequant: str = "torch"  # MXFP4 experts: torch ops or the Triton kernel
 
     def shape(self) -> ModelShape:
         return shape_for(self.model, layers=self.layers)
@@ -206,7 +226,7 @@ def build_ours(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
     dtype = compute_dtype(info.device)
     sharded = info.distributed
     hf = M.create_model(config, dtype, "meta" if sharded else info.device, seed=setup.seed, base_format=setup.base_format)
-    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    M.enable_recompute(hf, setup.recompute)
     lm = M.apply_method(hf, method_section(setup))
     module = M.CausalLMWithChunkedLoss(lm, setup.loss_chunk_tokens)
     if sharded:
@@ -253,7 +273,8 @@ def build_reference(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
             model = GptOssForCausalLM(config)
     finally:
         torch.set_default_dtype(prev)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if setup.recompute != "none":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if setup.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -291,4 +312,8 @@ BUILDERS: dict[str, Callable[[Setup, Variant, DistInfo], Prepared]] = {"ours": b
 
 
 def build(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
+    import os
+
+    setup = variant.apply(setup)
+    os.environ["GPTOSS_MXFP4_DEQUANT"] = setup.dequant  # read by kernels.mxfp4 at each dequantisation
     return BUILDERS[variant.stack](setup, variant, info)

@@ -50,7 +50,7 @@ def free_memory(device: torch.device) -> None:
 
 def measure_variant(
     setup: Setup, variant: Variant, rank: DistInfo, warmup: int, steps: int,
-    prepare: Callable[[Setup, Variant, DistInfo], Prepared] = build,
+    prepare: Callable[[Setup, Variant, DistInfo], Prepared] = build, profile: bool = False,
 ) -> dict:
     """Build ``variant`` and time ``steps`` optimizer steps after ``warmup`` untimed ones.
 
@@ -80,6 +80,11 @@ def measure_variant(
             if i >= warmup:
                 result["step_times_s"].append(dt)
             result["losses"].append(float(loss))
+        if profile:
+            from .bench_profile import profile_step
+
+            phase = "profiled step"
+            result["profile"] = profile_step(prepared.step, rank.device)
     except torch.OutOfMemoryError as e:
         result.update(status="oom", error=f"CUDA out of memory during {phase}: {_first_line(e)}")
     except Exception as e:  # a variant that cannot run (an unsupported kernel, ...) must not end the benchmark
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = Setup(**job["setup"])
     variant = Variant.from_dict(job["variant"])
     rank = join_process_group()
-    result = measure_variant(setup, variant, rank, int(job["warmup"]), int(job["steps"]))
+    result = measure_variant(setup, variant, rank, int(job["warmup"]), int(job["steps"]), profile=bool(job.get("profile")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank.rank}.json").write_text(json.dumps(result))

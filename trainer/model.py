@@ -227,6 +227,36 @@ def apply_method(model: nn.Module, method: MethodSection) -> nn.Module:
     return get_peft_model(model, lora_config(method, model.config.num_hidden_layers))
 
 
+def recompute_ops() -> list:
+    """What selective recomputation keeps: the outputs of the GEMMs (dense and grouped), the expensive
+    part of a decoder layer's forward; norms, activations, routing and attention are recomputed."""
+    aten = torch.ops.aten
+    ops = [aten.mm.default, aten.addmm.default, aten.bmm.default]
+    if hasattr(aten, "_grouped_mm"):
+        ops.append(aten._grouped_mm.default)
+    return ops
+
+
+def enable_recompute(model: nn.Module, policy: str | bool) -> None:
+    """Activation checkpointing per decoder layer (transformers' non-reentrant checkpointing).
+
+    ``full`` (or True) recomputes each layer's forward in backward; ``selective`` recomputes all but
+    the GEMM outputs (``recompute_ops``); ``none`` (or False) keeps every activation.
+    """
+    if policy in (False, "none"):
+        return
+    if policy not in (True, "full", "selective"):
+        raise ValueError(f"recompute policy must be full, selective or none, got {policy!r}")
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if policy == "selective":
+        from functools import partial
+
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, recompute_ops())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def hf_model(model: nn.Module) -> nn.Module:
     """The GptOssForCausalLM inside a PeftModel (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)

@@ -97,8 +97,7 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
                 raise GptossError(f"weights in {folder} do not match GPT-OSS {shape.name}: "
                                   f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         M.reset_rotary_buffers_(hf)
-    if spec.parallelism.activation_checkpointing:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    M.enable_recompute(hf, spec.parallelism.activation_checkpointing)
     lm = M.apply_method(hf, spec.method)
     module = M.CausalLMWithChunkedLoss(lm, spec.kernels.loss_chunk_tokens, router_aux=coef is not None)
     on_meta = any(p.device.type == "meta" for p in module.parameters())

@@ -37,6 +37,17 @@ class BaseFormat(str, Enum):
     mxfp4 = "mxfp4"
 
 
+class Recompute(str, Enum):
+    full = "full"
+    selective = "selective"
+    none = "none"
+
+
+class Dequant(str, Enum):
+    torch = "torch"
+    triton = "triton"
+
+
 class Device(str, Enum):
     cuda = "cuda"
     cpu = "cpu"
@@ -62,6 +73,10 @@ def bench(
     offload: Annotated[bool, typer.Option("--offload", help="FSDP2 CPU offload of sharded states")] = False,
     lora_r: Annotated[int, typer.Option("--lora-r", min=1, help="LoRA rank")] = 16,
     base_format: Annotated[BaseFormat, typer.Option("--base-format", help="ours: frozen experts in bf16, or kept in MXFP4 (LoRA only)")] = BaseFormat.bf16,
+    recompute: Annotated[Recompute, typer.Option("--recompute", help="activation checkpointing per decoder layer: full, selective (GEMM outputs kept) or none")] = Recompute.full,
+    dequant: Annotated[Dequant, typer.Option("--dequant", help="MXFP4 base: dequantise with torch ops or the Triton kernel")] = Dequant.torch,
+    variant: Annotated[Optional[list[str]], typer.Option("--variant", help="one of our configurations, e.g. 'experts=fused,recompute=none,base=mxfp4,dequant=triton' (repeatable; keys: experts, attention, offload, base, recompute, dequant)")] = None,
+    profile: Annotated[bool, typer.Option("--profile", help="one more step per variant under torch.profiler: device time by kernel category")] = False,
     peak_tflops: Annotated[Optional[float], typer.Option("--peak-tflops", min=1, help="peak bf16 TFLOP/s per GPU for MFU (default: the card's datasheet figure)")] = None,
     device: Annotated[Optional[Device], typer.Option("--device", help="default: cuda when available")] = None,
     in_process: Annotated[bool, typer.Option("--in-process", help="measure every variant in this process (one GPU; peaks reset between)")] = False,
@@ -72,13 +87,14 @@ def bench(
     from rich.console import Console
 
     from ..errors import GptossError
-    from ..trainer.bench import BenchOptions, default_out, report_table, run_benchmark, write_report
+    from ..trainer.bench import BenchOptions, default_out, profile_tables, report_table, run_benchmark, write_report
 
     opts = BenchOptions(
         model=model.value, layers=layers, method=method.value, seq=seq, steps=steps, warmup=warmup, ours=ours,
         baseline=baseline, baseline_eager=baseline_eager, experts=experts.value if experts else None,
         attention=attention.value if attention else None, gpus=gpus, offload=offload, lora_r=lora_r,
-        base_format=base_format.value,
+        base_format=base_format.value, recompute=recompute.value, dequant=dequant.value,
+        variant_specs=list(variant) if variant else None, profile=profile,
         peak_tflops=peak_tflops, in_process=in_process, timeout_s=timeout,
         device=device.value if device else None,
     )
@@ -94,4 +110,6 @@ def bench(
         raise GptossError(str(e), hint="see `gptoss-cloud bench --help`") from None
     path = write_report(report, out or default_out(report["environment"], report["date"]))
     console.print(report_table(report))
+    for table in profile_tables(report):
+        console.print(table)
     console.print(f"report: {path}")

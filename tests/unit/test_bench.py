@@ -137,6 +137,54 @@ def test_variants_per_device():
     assert [v.stack for v in only_ref] == ["transformers"]
 
 
+def test_variant_options_make_one_row_each_with_their_overrides():
+    opts = B.BenchOptions(variant_specs=["experts=fused", "experts=fused,recompute=none,base=mxfp4,dequant=triton"],
+                          baseline=True)
+    vs = B.variants(opts, on_gpu=True)
+    assert [v.name for v in vs] == ["ours (fused + flex)", "ours (fused + flex, mxfp4 base, triton dequant, recompute none)",
+                                    "transformers (grouped_mm + flex)"]
+    eff = vs[1].apply(opts.setup())
+    assert (eff.recompute, eff.base_format, eff.dequant, eff.offload) == ("none", "mxfp4", "triton", False)
+    assert vs[0].apply(opts.setup()) == opts.setup()
+    assert B.Variant.from_dict(vs[1].to_dict()) == vs[1]  # crosses the process boundary intact
+    assert "--variant experts=fused,recompute=none,base=mxfp4,dequant=triton" in B.command_line(opts)
+
+
+def test_profile_categories_attribute_each_op_once():
+    from types import SimpleNamespace as E
+
+    from gptoss_cloud.trainer import bench_profile as P
+
+    assert P.categorise("aten::_grouped_mm") == "expert GEMMs"
+    assert P.categorise("nccl:_all_gather_base") == "communication"
+    assert P.categorise("aten::_fused_adamw_") == "optimizer"
+    assert P.categorise("triton_tem_fused_flex_attention_0") == "attention"
+    assert P.categorise("aten::addmm") == "dense GEMMs"
+    assert P.categorise("aten::index_copy_") == "routing + permutation"
+    assert P.categorise("something_new") == "other"
+    cpu, cuda = "DeviceType.CPU", "DeviceType.CUDA"
+    avgs = [E(key="aten::_grouped_mm", device_type=cpu, self_device_time_total=6000.0, self_cpu_time_total=10.0,
+              cpu_time_total=10.0, count=48),
+            E(key="aten::mm", device_type=cpu, self_device_time_total=2000.0, self_cpu_time_total=5.0, cpu_time_total=5.0, count=9),
+            E(key="Optimizer.step#AdamW.step", device_type=cpu, self_device_time_total=0.0, self_cpu_time_total=1.0,
+              cpu_time_total=3000.0, count=1),
+            E(key="sm90_grouped_kernel", device_type=cuda, self_device_time_total=6000.0, self_cpu_time_total=0.0,
+              cpu_time_total=0.0, count=48)]
+    s = P.summarise(avgs, wall_s=0.01, on_device=True)
+    assert s["busy_ms"] == 8.0  # the kernel row is not counted again
+    assert s["by_category"][0] == {"category": "expert GEMMs", "ms": 6.0, "share": 0.75}
+    assert s["top_kernels"][0]["name"] == "sm90_grouped_kernel"
+    assert s["host_ranges_ms"] == {"Optimizer.step#AdamW.step": 3.0}
+
+
+def test_profiled_cpu_bench_reports_where_the_step_goes(tmp_path):
+    r = B.run_benchmark(tiny(profile=True, variant_specs=["recompute=selective"]), runner=B.run_in_process)
+    prof = r["results"][0]["profile"]
+    cats = {c["category"] for c in prof["by_category"]}
+    assert "dense GEMMs" in cats and prof["busy_ms"] > 0
+    assert abs(sum(c["share"] for c in prof["by_category"]) - 1.0) < 1e-6
+
+
 @pytest.mark.parametrize("kw, msg", [
     (dict(ours=False, baseline=False), "nothing to measure"),
     (dict(steps=0), "--steps"),
@@ -144,6 +192,10 @@ def test_variants_per_device():
     (dict(offload=True), "--offload shards states"),
     (dict(offload=True, gpus=2), "--offload needs CUDA"),
     (dict(in_process=True, gpus=2), "--in-process"),
+    (dict(variant_specs=["experts=fast"]), "experts must be one of eager, grouped_mm, fused, got 'fast'"),
+    (dict(variant_specs=["speed=2"]), "'speed=2' is not KEY=VALUE with KEY one of"),
+    (dict(variant_specs=["recompute"]), "'recompute' is not KEY=VALUE"),
+    (dict(variant_specs=["offload=yes"]), "offload shards states over FSDP2 ranks"),
 ])
 def test_bad_options_are_refused_before_anything_is_built(kw, msg):
     with pytest.raises(ValueError, match=msg):

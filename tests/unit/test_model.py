@@ -138,3 +138,32 @@ def test_sharded_init_on_meta_then_empty():
     out = m(input_ids=torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(out).all()
     assert float(m.model.norm.weight.mean()) == 1.0
+
+
+@pytest.mark.parametrize("experts", ["eager", "fused"])
+@pytest.mark.parametrize("policy", ["full", "selective", "none"])
+def test_recompute_policies_give_the_same_gradients(policy, experts):
+    """Full, selective (GEMM outputs kept) and no recomputation change memory and time, never the result."""
+    attn, impl = M.resolve_implementations(KernelsSection(experts=experts, attention="eager"), "cpu")
+    ref, cfg = _model(attn, impl)
+    other, _ = _model(attn, impl)
+    other.load_state_dict(ref.state_dict())
+    M.enable_recompute(M.hf_model(other.lm), policy)
+    assert M.hf_model(other.lm).is_gradient_checkpointing == (policy != "none")
+    ref.train()
+    other.train()
+    g = torch.Generator().manual_seed(3)
+    b = M.Batch.from_samples([_pack([_segment(12, g), _segment(10, g)], 24)], torch.device("cpu"))
+    l1, _, _ = M.run_batch(ref, b, cfg, torch.float32)
+    l2, _, _ = M.run_batch(other, b, cfg, torch.float32)
+    l1.backward()
+    l2.backward()
+    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-6)
+    for (n, p1), (_, p2) in zip(ref.named_parameters(), other.named_parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_unknown_recompute_policy_is_refused():
+    m, _ = _model()
+    with pytest.raises(ValueError, match="full, selective or none"):
+        M.enable_recompute(M.hf_model(m.lm), "some")
