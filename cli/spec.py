@@ -152,6 +152,8 @@ class KernelsSection(Section):
     # flex: ours (learned sinks with exact gradients, cached block masks); hf_flex: transformers' own.
     attention: Literal["auto", "eager", "flex", "hf_flex"] = "auto"
     loss_chunk_tokens: int = Field(1024, ge=16, description="tokens per chunk of the fused linear + cross-entropy")
+    # torch.compile each decoder layer's forward (norms, rotary, routing, LoRA and residual adds fused
+    # around the GEMMs and attention); the first steps pay the compile.
     compile: bool = False
 
 

@@ -49,6 +49,7 @@ class BenchOptions:
     base_format: str = "bf16"  # ours: frozen experts in bf16 or kept in MXFP4
     recompute: str = "full"  # full | selective | none (activation checkpointing per decoder layer)
     dequant: str = "torch"  # MXFP4 experts: torch ops or the Triton kernel
+    compile: bool = False  # ours: torch.compile each decoder layer's forward
     variant_specs: list[str] | None = None  # --variant KEY=VALUE,...: several of our configurations in one run
     profile: bool = False  # one extra step under torch.profiler per variant: where the step's time goes
     loss_chunk_tokens: int = 1024
@@ -86,13 +87,14 @@ class BenchOptions:
     def setup(self) -> Setup:
         return Setup(model=self.model, layers=self.layers, method=self.method, seq=self.seq, lora_r=self.lora_r,
                      loss_chunk_tokens=self.loss_chunk_tokens, offload=self.offload, seed=self.seed,
-                     base_format=self.base_format, recompute=self.recompute, dequant=self.dequant)
+                     base_format=self.base_format, recompute=self.recompute, dequant=self.dequant,
+                     compile=self.compile)
 
 
 # ------------------------------------------------------------------------------------------ variants
 VARIANT_KEYS = {"experts": ("eager", "grouped_mm", "fused"), "attention": ("eager", "flex", "hf_flex"),
                 "offload": ("yes", "no"), "base": ("bf16", "mxfp4"), "recompute": ("full", "selective", "none"),
-                "dequant": ("torch", "triton")}
+                "dequant": ("torch", "triton"), "compile": ("yes", "no")}
 
 
 def parse_variant(text: str, opts: BenchOptions, on_gpu: bool) -> Variant:
@@ -107,8 +109,9 @@ def parse_variant(text: str, opts: BenchOptions, on_gpu: bool) -> Variant:
             raise ValueError(f"--variant {text!r}: {key} must be one of {', '.join(VARIANT_KEYS[key])}, got {value!r}")
         kv[key] = value
     overrides = {}
-    if "offload" in kv:
-        overrides["offload"] = kv["offload"] == "yes"
+    for key in ("offload", "compile"):
+        if key in kv:
+            overrides[key] = kv[key] == "yes"
     if "base" in kv:
         overrides["base_format"] = kv["base"]
     for key in ("recompute", "dequant"):
@@ -122,12 +125,14 @@ def ours_variant(opts: BenchOptions, on_gpu: bool, experts: str | None = None, a
     experts = experts or opts.experts or ("grouped_mm" if on_gpu else "eager")
     attention = attention or opts.attention or ("flex" if on_gpu else "eager")
     eff = {"offload": opts.offload, "base_format": opts.base_format, "recompute": opts.recompute,
-           "dequant": opts.dequant, **(overrides or {})}
+           "dequant": opts.dequant, "compile": opts.compile, **(overrides or {})}
     notes = []
     if eff["base_format"] == "mxfp4":
         notes.append(f"mxfp4 base, {eff['dequant']} dequant")
     if eff["recompute"] != "full":
         notes.append(f"recompute {eff['recompute']}")
+    if eff["compile"]:
+        notes.append("compiled layers")
     if eff["offload"]:
         notes.append("cpu offload")
     name = f"ours ({experts} + {attention}{''.join(', ' + n for n in notes)})"
@@ -394,6 +399,8 @@ def command_line(opts: BenchOptions) -> str:
         args += ["--recompute", opts.recompute]
     if opts.dequant != "torch":
         args += ["--dequant", opts.dequant]
+    if opts.compile:
+        args.append("--compile")
     for text in opts.variant_specs or []:
         args += ["--variant", text]
     if opts.profile:

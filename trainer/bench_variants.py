@@ -40,6 +40,7 @@ OVERRIDES = {
     "base_format": ("bf16", "mxfp4"),
     "recompute": ("full", "none", "selective"),
     "dequant": ("torch", "triton"),
+    "compile": (True, False),
 }
 
 
@@ -83,6 +84,7 @@ class Setup:
     base_format: str = "bf16"
     recompute: str = "full"  # full: every decoder layer recomputed; none; selective: GEMM outputs kept
     dequant: str = "torch"  # MXFP4 experts: torch ops or the Triton kernel
+    compile: bool = False  # torch.compile each decoder layer's forward
 
     def shape(self) -> ModelShape:
         return shape_for(self.model, layers=self.layers)
@@ -228,6 +230,8 @@ def build_ours(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
     hf = M.create_model(config, dtype, "meta" if sharded else info.device, seed=setup.seed, base_format=setup.base_format)
     M.enable_recompute(hf, setup.recompute)
     lm = M.apply_method(hf, method_section(setup))
+    if setup.compile:
+        M.compile_layers(lm)
     module = M.CausalLMWithChunkedLoss(lm, setup.loss_chunk_tokens)
     if sharded:
         par = ParallelismSection(gpus_per_node=info.world_size, cpu_offload=setup.offload)

@@ -80,6 +80,9 @@ def measure_variant(
             if i >= warmup:
                 result["step_times_s"].append(dt)
             result["losses"].append(float(loss))
+        from torch._dynamo.utils import counters
+
+        result["compiled_graphs"] = int(counters["stats"].get("unique_graphs", 0))
         if profile:
             from .bench_profile import profile_step
 

@@ -99,6 +99,8 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
         M.reset_rotary_buffers_(hf)
     M.enable_recompute(hf, spec.parallelism.activation_checkpointing)
     lm = M.apply_method(hf, spec.method)
+    if spec.kernels.compile:
+        M.compile_layers(lm)
     module = M.CausalLMWithChunkedLoss(lm, spec.kernels.loss_chunk_tokens, router_aux=coef is not None)
     on_meta = any(p.device.type == "meta" for p in module.parameters())
     pretrained_meta = on_meta and not M.is_random(spec.model)

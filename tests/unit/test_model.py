@@ -167,3 +167,35 @@ def test_unknown_recompute_policy_is_refused():
     m, _ = _model()
     with pytest.raises(ValueError, match="full, selective or none"):
         M.enable_recompute(M.hf_model(m.lm), "some")
+
+
+def test_compiled_layers_match_eager_and_share_one_graph_per_layer_kind():
+    """Compiling each decoder layer's forward changes no number, and layers of one kind reuse one graph
+    (so 24 or 36 layers do not compile 24 or 36 times). aot_eager: the graph capture without codegen."""
+    from torch._dynamo.utils import counters
+
+    def run(layers: int, compiled: bool):
+        shape = replace(SHAPE, num_hidden_layers=layers)
+        cfg = M.build_config(shape, "eager", "eager")
+        module = M.CausalLMWithChunkedLoss(M.create_model(cfg, torch.float32, seed=0), chunk_tokens=5)
+        if compiled:
+            assert M.compile_layers(module.lm, backend="aot_eager") == layers
+        g = torch.Generator().manual_seed(4)
+        b = M.Batch.from_samples([_pack([_segment(12, g), _segment(10, g)], 24)], torch.device("cpu"))
+        loss, _, _ = M.run_batch(module, b, cfg, torch.float32)
+        loss.backward()
+        return loss, {n: p.grad for n, p in module.named_parameters()}
+
+    torch._dynamo.reset()
+    counters.clear()
+    l_ref, g_ref = run(2, compiled=False)
+    l_c, g_c = run(2, compiled=True)
+    graphs_2 = counters["stats"]["unique_graphs"]
+    torch.testing.assert_close(l_ref, l_c, rtol=1e-6, atol=1e-6)
+    for n in g_ref:
+        torch.testing.assert_close(g_ref[n], g_c[n], rtol=1e-5, atol=1e-7, msg=n)
+    torch._dynamo.reset()
+    counters.clear()
+    run(4, compiled=True)
+    assert counters["stats"]["unique_graphs"] == graphs_2  # twice the layers, no new graphs
+    torch._dynamo.reset()
