@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from gptoss_cloud.errors import BackendError, SpecError
 from gptoss_cloud.main import app
-from gptoss_cloud.rehearse import (RehearseOptions, base_environ, compare_losses, expand, first_step_logged, plan_groups,
-                                   prepare_spec, read_losses, render)
+from gptoss_cloud.rehearse import RehearseOptions, compare_losses, first_step_logged, prepare_spec, read_losses
+from gptoss_cloud.rehearse_pods import base_environ, expand, plan_groups, render
 from gptoss_cloud.render import k8s as K
 from gptoss_cloud.spec import RunSpec
 
@@ -185,3 +185,28 @@ def test_compare_losses():
 def test_first_step_logged():
     assert first_step_logged("loading\nstep 3/6  loss 1.0  10 tok/s  eta 1s\nstep 4/6 ...") == 3
     assert first_step_logged("no progress here") is None
+
+
+def test_a_group_is_killed_with_every_process_it_started():
+    """torchrun starts its workers in their own sessions: the kill follows the tree, not the process group."""
+    import signal
+    import subprocess
+    import time
+
+    from gptoss_cloud.rehearse_procs import _tree_alive, kill_tree, process_tree
+
+    proc = subprocess.Popen(["sh", "-c", "setsid sleep 60 & sleep 60; wait"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(tree := process_tree(proc.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(tree) == 3  # sh, and both sleeps (one in its own session)
+        kill_tree(tree, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while _tree_alive(tree) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _tree_alive(tree)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
