@@ -210,3 +210,16 @@ def test_a_group_is_killed_with_every_process_it_started():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("per_node", [1, 4])
+def test_the_gpu_rehearsal_spec_is_accepted_as_the_script_runs_it(tmp_path, per_node):
+    """scripts/gpu_rehearse.sh: 2 groups x GPUS_PER_NODE, node 1 killed after step 4's checkpoint."""
+    from gptoss_cloud.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "examples" / "gpu-rehearse-20b-L2-full.yaml", environ={})
+    s = prepare_spec(spec, RehearseOptions(nodes=2, gpus_per_node=per_node, kill_node=1, kill_at_step=4, reference=True))
+    plans, _ = plan_groups(render(s, RID), tmp_path, gpus=8, environ={})
+    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == [",".join(str(g + i * per_node) for g in range(per_node))
+                                                             for i in range(2)]
+    assert (s.model.name, s.model.layers, s.method.kind, s.checkpoint.every_steps) == ("20b", 2, "full", 4)
