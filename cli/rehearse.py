@@ -155,6 +155,11 @@ def rehearse(spec: RunSpec, opts: RehearseOptions, *, environ: Mapping[str, str]
     ref_id = f"{run_id[:K_RUN_ID_ROOM].rstrip('-')}-ref" if opts.reference else None
     rendered = render(spec, run_id)  # refuses bad names / specs before anything starts
     ref_rendered = render(spec, ref_id) if ref_id else None
+    for rid in filter(None, (run_id, ref_id)):
+        used = open_store(run_home(spec.output.store, rid)).list("")
+        if used:  # its checkpoints would be resumed from, and its metrics mixed into the comparison
+            raise SpecError(f"run id {rid} is already used: {run_home(spec.output.store, rid)} holds {len(used)} file(s)",
+                            hint="pick another --run-id (or leave it out for a new one)")
     gpus = gpu_count() if gpus is None else gpus
     out_dir = Path(opts.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -223,3 +223,13 @@ def test_the_gpu_rehearsal_spec_is_accepted_as_the_script_runs_it(tmp_path, per_
     assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == [",".join(str(g + i * per_node) for g in range(per_node))
                                                              for i in range(2)]
     assert (s.model.name, s.model.layers, s.method.kind, s.checkpoint.every_steps) == ("20b", 2, "full", 4)
+
+
+def test_a_used_run_id_is_refused(tmp_path):
+    (tmp_path / RID / "checkpoints" / "step-2").mkdir(parents=True)
+    (tmp_path / RID / "checkpoints" / "step-2" / "manifest.json").write_text("{}")
+    from gptoss_cloud.rehearse import rehearse
+
+    with pytest.raises(SpecError, match=f"run id {RID} is already used"):
+        rehearse(make_spec(**{"output.store": str(tmp_path)}), RehearseOptions(run_id=RID, out_dir=tmp_path / "out"), gpus=0)
+    assert not (tmp_path / "out").exists()
