@@ -18,6 +18,7 @@ MODULES = [
     "lifecycle",
     "merge",
     "bench",
+    "rehearse",
 ]
 
 
