@@ -1,10 +1,12 @@
 """Measurements of checkpoint saves and merges: host memory peaks and the one-line summaries.
 
-Peak host memory is the process's resident-set high-water mark. ``resource.getrusage`` reports it in
-KiB on Linux (bytes on macOS); it covers the whole life of the process, so a merge at the end of a
-training run would report the training peak. Linux lets a process reset its own mark (``5`` into
-``/proc/self/clear_refs``), after which ``VmHWM`` in ``/proc/self/status`` is the peak since then:
-``PeakRss`` uses that when it can, and says which one it reports.
+Peak host memory is the process's resident-set high-water mark: ``VmHWM`` in ``/proc/self/status``
+on Linux, else ``resource.getrusage``'s ``ru_maxrss`` (KiB on Linux, bytes on macOS). ``ru_maxrss``
+alone misleads on Linux: a process inherits, at exec, the peak of the process it was forked from (a
+merge started by a big Python parent reports the parent's size), and it covers the whole life of the
+process, so a merge at the end of a training run would report the training peak. Linux lets a process
+reset its own mark (``5`` into ``/proc/self/clear_refs``), after which ``VmHWM`` is the peak since
+then: ``PeakRss`` does that when it can, and says which peak it reports.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from pathlib import Path
 GiB = 1024**3
 
 
-def maxrss_bytes() -> int:
-    """The process's lifetime peak resident set, in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+def ru_maxrss_bytes() -> int:
+    """getrusage's peak resident set, in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r) if sys.platform == "darwin" else int(r) * 1024
 
@@ -30,6 +32,12 @@ def _status_kib(field: str) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def maxrss_bytes() -> int:
+    """This process's own peak resident set in bytes (VmHWM; ru_maxrss where there is no /proc)."""
+    kib = _status_kib("VmHWM")
+    return kib * 1024 if kib is not None else ru_maxrss_bytes()
 
 
 def rss_bytes() -> int | None:
@@ -59,10 +67,6 @@ class PeakRss:
         return self
 
     def peak(self) -> int:
-        if self.scope == "section":
-            kib = _status_kib("VmHWM")
-            if kib is not None:
-                return kib * 1024
         return maxrss_bytes()
 
 
