@@ -14,6 +14,20 @@ would leave nothing usable after a crash mid-save). Shards are written to a loca
 (multipart, parallel), then rank 0 writes the manifest once every rank has reported its files. Local
 copies older than the newest are deleted once uploaded; the store keeps the last ``keep_last``.
 
+Each save is measured: rank 0 appends one ``{"event": "checkpoint", ...}`` line to the run's
+``metrics.jsonl`` and logs it in one line, when the checkpoint is published (an async save's from its
+background thread). Seconds count from the moment the loop called ``save``:
+
+    step, mode            the step saved; "sync" or "async" (checkpoint.async_save)
+    wait_prev_s           spent waiting for the previous async save to finish (part of blocking_s)
+    blocking_s            until ``save`` returned to the loop (async: once async_save has staged the state)
+    write_s               until this rank's shards were written to local disk (DCP finished)
+    upload_s              until they were uploaded to the store (None when the store is that local folder)
+    total_s               until rank 0 published the manifest (every rank's files uploaded)
+    bytes                 the DCP shard files (``*.distcp``) of all ranks, from the manifest
+    manifest_bytes, files every file the manifest lists (shards, metadata, per-rank state, spec)
+    rank_bytes            this rank's own files
+
 The training loop calls::
 
     ckpt = Checkpointer(spec.checkpoint, home, spec=spec)
@@ -52,6 +66,7 @@ from .ckpt_manifest import (
 )
 from .ckpt_room import check_local_room, checkpoint_bytes, preflight  # noqa: F401 (re-exported for the planner)
 from .ckpt_safety import FetchingReader, SafeLoadPlanner, safe_load_metadata
+from .ckpt_stats import checkpoint_line
 
 log = logging.getLogger("gptoss_cloud.checkpoint")
 MODEL_KEYS = ("model", "optimizer")
@@ -150,8 +165,11 @@ def make_fetcher(ckpts, step: int, folder: Path, manifest: Manifest, where: str)
 
 
 class Checkpointer:
-    def __init__(self, cfg, home: str, *, spec=None, local_dir: str | None = None, process_group=None):
-        """``cfg`` is the spec's ``checkpoint`` section; ``home`` the run home URI (s3://… or a folder)."""
+    def __init__(self, cfg, home: str, *, spec=None, local_dir: str | None = None, process_group=None,
+                 record_metrics: bool = True):
+        """``cfg`` is the spec's ``checkpoint`` section; ``home`` the run home URI (s3://… or a folder).
+
+        ``record_metrics``: rank 0 appends each save's measurements to ``<home>/metrics.jsonl``."""
         self.cfg = cfg
         self.home = str(home).rstrip("/")
         self.store = open_store(self.home)
@@ -171,6 +189,8 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_saved: int | None = None
+        self.record_metrics = record_metrics
+        self.events: list[dict] = []  # this rank's measurements, one per finished save (see the module doc)
 
     def _setup(self) -> None:
         """Bind to the process group (the loop builds the Checkpointer before torch.distributed starts)."""
@@ -211,9 +231,11 @@ class Checkpointer:
         return False
 
     def save(self, step: int, state) -> None:
+        t0 = time.perf_counter()
         state = as_state(state)
         self._setup()
         self.wait()  # one checkpoint in flight at a time
+        waited = time.perf_counter() - t0
         published = self._bcast(step in list_published(self.ckpts) if self.rank == 0 else None)
         if published:  # never overwrite a published checkpoint (e.g. the last step of a resumed run)
             log.info("checkpoint step %d is already published; not saving it again", step)
@@ -231,23 +253,50 @@ class Checkpointer:
                 (folder / "config.json").write_text(cfg.to_json_string())
         sd = self._model_state(state)
         writer = dcp.FileSystemWriter(str(folder))
+        ev: dict[str, Any] = {"event": "checkpoint", "step": step, "mode": "async" if self.cfg.async_save else "sync",
+                              "wait_prev_s": round(waited, 4), "blocking_s": None, "write_s": None, "upload_s": None,
+                              "total_s": None, "bytes": None}
         if self.cfg.async_save:
             resp = dcp.async_save(sd, storage_writer=writer, process_group=self.pg)
+            ev["blocking_s"] = time.perf_counter() - t0  # set before the thread starts: it records the event
             fut = getattr(resp, "upload_completion", resp)
-            self._thread = threading.Thread(target=self._background, args=(step, folder, fut), daemon=True,
+            self._thread = threading.Thread(target=self._background, args=(step, folder, fut, ev, t0), daemon=True,
                                             name=f"ckpt-publish-{step}")
             self._thread.start()
         else:
             dcp.save(sd, storage_writer=writer, process_group=self.pg)
-            self._publish(step, folder)
+            ev["write_s"] = time.perf_counter() - t0
+            self._publish(step, folder, ev, t0)
+            ev["blocking_s"] = time.perf_counter() - t0
+            self._record(ev)
         self.last_saved = step
 
-    def _background(self, step, folder, fut) -> None:
+    def _background(self, step, folder, fut, ev, t0) -> None:
         try:
             fut.result()
-            self._publish(step, folder)
+            ev["write_s"] = time.perf_counter() - t0
+            self._publish(step, folder, ev, t0)
+            self._record(ev)
         except BaseException as e:  # surfaced by wait()
             self._error = e
+
+    def _record(self, ev: dict) -> None:
+        """Keep this save's measurements; rank 0 logs them and appends them to metrics.jsonl."""
+        for k in ("blocking_s", "write_s", "upload_s", "total_s"):
+            if ev.get(k) is not None:
+                ev[k] = round(ev[k], 4)
+        self.events.append(ev)
+        if self.rank != 0:
+            log.debug("rank %d: %s", self.rank, checkpoint_line(ev))
+            return
+        log.info("%s", checkpoint_line(ev))
+        if self.record_metrics:
+            try:
+                from .metrics import writer_for
+
+                writer_for(self.home).write({k: v for k, v in ev.items() if k != "uri"})
+            except Exception as e:  # noqa: BLE001 - a metrics hiccup must not fail a published checkpoint
+                log.warning("could not record checkpoint metrics for step %d: %s", ev["step"], e)
 
     def wait(self) -> None:
         """Block until this rank's part of the checkpoint in flight is uploaded (rank 0: published)."""
@@ -268,11 +317,15 @@ class Checkpointer:
             own += [n for n in (".metadata", "spec.yaml", "adapter_config.json", "config.json") if (folder / n).exists()]
         return own
 
-    def _publish(self, step: int, folder: Path) -> None:
-        t0 = time.time()
+    def _publish(self, step: int, folder: Path, ev: dict | None = None, t0: float | None = None) -> None:
+        ev = {} if ev is None else ev
+        t0 = time.perf_counter() if t0 is None else t0
         files = {rel: file_entry(folder / rel) for rel in self._own_files(folder)}
+        ev["rank_bytes"] = sum(f["size"] for f in files.values())
+        ev["uri"] = f"{self.ckpts.uri}/{step_dir(step)}"
         if not self.in_place:
             upload_files(self.ckpts, [(folder / rel, f"{step_dir(step)}/{rel}") for rel in files])
+            ev["upload_s"] = time.perf_counter() - t0
         write_part(self.ckpts, step, self.rank, files)
         if not self.in_place:  # the newest local copy stays for a fast resume; older ones go
             for old in self.local_root.glob("step-*"):
@@ -289,10 +342,13 @@ class Checkpointer:
         manifest = Manifest(step=step, world_size=self.world, files=all_files, spec_hash=self.spec_hash,
                             method=self.method, extra={"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         publish(self.ckpts, manifest, self.key)
+        ev["total_s"] = time.perf_counter() - t0
+        ev["bytes"] = sum(f["size"] for rel, f in all_files.items() if rel.endswith(".distcp"))
+        ev["manifest_bytes"] = sum(f["size"] for f in all_files.values())
+        ev["files"] = len(all_files)
         dropped = prune(self.ckpts, self.cfg.keep_last, newest=step)
-        size = sum(f["size"] for f in all_files.values())
-        log.info("published checkpoint %s/%s (%.1f MiB, %d files, %.1fs)%s", self.ckpts.uri, step_dir(step), size / 2**20,
-                 len(all_files), time.time() - t0, f"; removed step {dropped}" if dropped else "")
+        if dropped:
+            log.info("published checkpoint %s/%s; removed step %s", self.ckpts.uri, step_dir(step), dropped)
 
     # --------------------------------------------------------------------------------------- restore
     def restore(self, state) -> int:

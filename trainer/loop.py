@@ -13,6 +13,7 @@ hands a checkpointer the whole state at each step (``Checkpointer`` below; a no-
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -154,6 +155,11 @@ class StepStats:
     seconds: float
     aux_loss: float | None = None
     eval_loss: float | None = None
+    # The step split (Loop.step_split): building the micro-batches (+ the token-count all-reduce),
+    # forward+backward of every micro-batch, and clipping + optimizer + scheduler step.
+    data_s: float | None = None
+    fwd_bwd_s: float | None = None
+    optimizer_s: float | None = None
 
 
 @dataclass
@@ -184,6 +190,9 @@ class Loop:
     on_eval: Callable[[int, float], None] | None = None
     steps: int = 0
     autocast: bool = False  # bf16 autocast (single-GPU path without FSDP mixed precision)
+    # Time each step's phases (StepStats.data_s / fwd_bwd_s / optimizer_s). On a GPU this synchronizes
+    # the device before and after the optimizer step, so it is off unless asked for.
+    step_split: bool = field(default_factory=lambda: os.environ.get("GPTOSS_STEP_SPLIT", "") == "1")
 
     def __post_init__(self) -> None:
         self.steps = self.steps or total_steps(self.optim, len(self.samples), self.info.world_size)
@@ -213,6 +222,7 @@ class Loop:
         local = torch.tensor([sum(b.trained_tokens for b in batches), sum(b.input_ids.numel() for b in batches)],
                              dtype=torch.float64, device=self.info.device)
         trained_global, processed_global = (int(x) for x in all_reduce_sum(local, self.info).tolist())
+        t_data = time.perf_counter()  # .tolist() waited for the device: the data phase is done
         scale = self.info.world_size / max(1, trained_global)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.info.device)
         aux_sum = 0.0
@@ -224,10 +234,17 @@ class Loop:
                 aux_sum += float(aux.detach()) / len(batches)
             total.backward()
             loss_sum += ls.detach().double()
+        split = self.step_split
+        if split:
+            self._sync()  # backward's kernels (and FSDP's gradient reduce-scatters) finish here
+        t_bwd = time.perf_counter()
         grad_norm = self._clip()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if split:
+            self._sync()
+        t_opt = time.perf_counter()
         loss_global = float(all_reduce_sum(loss_sum, self.info)) / max(1, trained_global)
         aux_mean = None
         if self.aux_coef:
@@ -235,8 +252,16 @@ class Loop:
             aux_mean = float(a) / self.info.world_size
         self.state.step += 1
         self.state.tokens += trained_global
-        return StepStats(self.state.step, loss_global, self.scheduler.get_last_lr()[0], grad_norm, trained_global,
-                         processed_global, time.perf_counter() - t0, aux_mean)
+        stats = StepStats(self.state.step, loss_global, self.scheduler.get_last_lr()[0], grad_norm, trained_global,
+                          processed_global, time.perf_counter() - t0, aux_mean)
+        if split:
+            stats.data_s, stats.fwd_bwd_s, stats.optimizer_s = (round(t_data - t0, 4), round(t_bwd - t_data, 4),
+                                                                round(t_opt - t_bwd, 4))
+        return stats
+
+    def _sync(self) -> None:
+        if self.info.device.type == "cuda":
+            torch.cuda.synchronize(self.info.device)
 
     def _clip(self) -> float:
         max_norm = self.optim.max_grad_norm or float("inf")

@@ -10,6 +10,10 @@ The output: ``model-0000i-of-0000n.safetensors`` (at most 5 GB each) with
 ``quantization_config``), ``generation_config.json`` and the tokenizer with its chat template (copied
 from the base, or generated from the harmony vocabulary for random/tiny bases). It goes to a local
 folder or straight to S3 (one shard is staged locally at a time).
+
+Every merge is measured (``MergeResult``): ``wall_s``, ``bytes_written`` (every output file) and
+``peak_rss_bytes``, the host memory high-water mark — of the merge itself where Linux lets the process
+reset its mark (``peak_rss_scope == "section"``), else of the whole process (``"process"``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,6 +35,7 @@ from gptoss_cloud.shapes import EOS_TOKEN_IDS, HUB_IDS, PAD_TOKEN_ID
 from gptoss_cloud.store import LocalStore, is_remote, join, open_store
 
 from . import ckpt_safetensors as st
+from .ckpt_stats import GiB, PeakRss
 from .checkpoint import make_fetcher
 from .ckpt_manifest import CheckpointError, list_published, parse_step, read_manifest, signing_key, step_dir
 from .ckpt_safety import FetchingReader, SafeLoadPlanner, safe_load_metadata
@@ -51,6 +57,18 @@ class MergeResult:
     adapter_out: str | None = None
     max_abs_logit_diff: float | None = None
     files: list[str] = field(default_factory=list)
+    wall_s: float | None = None
+    bytes_written: int | None = None  # the merged folder's files (the adapter copy of a LoRA merge not included)
+    peak_rss_bytes: int | None = None
+    peak_rss_scope: str | None = None  # "section": this merge's own peak; "process": the process's lifetime peak
+    rss_start_bytes: int | None = None  # resident set when the merge started
+
+    def stats(self) -> dict:
+        """The measurements, as recorded in metrics.jsonl and summary.json."""
+        gib = lambda b: round(b / GiB, 3) if b is not None else None  # noqa: E731
+        return {"wall_s": self.wall_s, "bytes_written": self.bytes_written, "peak_rss_gib": gib(self.peak_rss_bytes),
+                "peak_rss_scope": self.peak_rss_scope, "rss_start_gib": gib(self.rss_start_bytes),
+                "tensors": self.tensors, "model_bytes": self.total_bytes, "out": self.out, "step": self.step}
 
 
 # ------------------------------------------------------------------------------------- the source
@@ -208,11 +226,13 @@ class _Sink:
         self.dir = stage / "out" if self.remote else Path(out)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.written: list[str] = []
+        self.bytes = 0
 
     def path(self, name: str) -> Path:
         return self.dir / name
 
     def done(self, name: str) -> None:
+        self.bytes += (self.dir / name).stat().st_size
         if self.remote:
             self.store.upload_file(self.dir / name, name)
             (self.dir / name).unlink()
@@ -234,6 +254,8 @@ def _write_model(sink: _Sink, entries, get: Callable[[str], torch.Tensor], shard
 def merge(ref: str, out: str, *, base: str | None = None, dtype: str | None = None, shard_bytes: int = SHARD_BYTES,
           adapter_out: str | None = None, verify: bool = False) -> MergeResult:
     """Merge the checkpoint ``ref`` (a run home or .../checkpoints/step-N) into a servable folder ``out``."""
+    t0 = time.perf_counter()
+    rss = PeakRss().start()
     with tempfile.TemporaryDirectory(prefix="gptoss-merge-") as tmp:
         tmp = Path(tmp)
         src = Source(ref, tmp / "ckpt")
@@ -268,7 +290,13 @@ def merge(ref: str, out: str, *, base: str | None = None, dtype: str | None = No
             sink.done(name)
         _write_tokenizer(sink, base_dir, cfg)
         result = MergeResult(out=out, step=src.step, method=method, tensors=res.tensors, total_bytes=res.total,
-                             shards=res.shards, adapter_out=res.adapter_out, files=list(sink.written))
+                             shards=res.shards, adapter_out=res.adapter_out, files=list(sink.written),
+                             bytes_written=sink.bytes, rss_start_bytes=rss.start_rss)
+        # Measured before --verify, which loads the whole model on purpose.
+        result.wall_s = round(time.perf_counter() - t0, 3)
+        result.peak_rss_bytes, result.peak_rss_scope = rss.peak(), rss.scope
+        log.info("merged step %d into %s: %.2f GiB written in %.1fs, peak host memory %.2f GiB (%s)", src.step, out,
+                 sink.bytes / GiB, result.wall_s, result.peak_rss_bytes / GiB, result.peak_rss_scope)
         if verify:
             result.max_abs_logit_diff = verify_merged(out, src, base_dir, adapter_cfg, tmp)
         return result

@@ -7,6 +7,11 @@ mem_reserved_gib`` (+ ``eval_loss`` when computed, ``aux_loss`` when the router 
 position processed per second, all ranks; ``mfu`` = 6 x active parameters x tokens_per_s / (peak bf16
 FLOP/s x GPUs), None on CPU or an unknown GPU. For an s3:// home the file is kept locally and the
 whole (small) file is uploaded at each log.
+
+With ``GPTOSS_STEP_SPLIT=1`` each record also has that step's ``step_s, data_s, fwd_bwd_s,
+optimizer_s, optimizer_share`` (see ``Loop.step_split``). Other events share the file, told apart by
+an ``event`` key: ``"checkpoint"`` (one per save, see ``trainer/checkpoint.py``) and ``"merge"`` (the
+end-of-run merge: ``wall_s, bytes_written, peak_rss_gib, peak_rss_scope``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -58,15 +64,32 @@ class MetricsWriter:
             self.path = Path(home) / "metrics.jsonl"
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
+        self._lock = threading.Lock()  # step records (loop) and checkpoint events (an async save's thread)
+
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.remote:
-            self.store.upload_file(self.path, "metrics.jsonl")
+        with self._lock:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.remote:
+                self.store.upload_file(self.path, "metrics.jsonl")
 
     @property
     def uri(self) -> str:
         return join(self.home, "metrics.jsonl")
+
+
+_WRITERS: dict[str, MetricsWriter] = {}
+_WRITERS_LOCK = threading.Lock()
+
+
+def writer_for(home: str) -> MetricsWriter:
+    """The one writer of this process for ``home``: an s3:// home keeps a single local copy, so every
+    writer of the run (the loop's metrics, the checkpointer) must append to the same one."""
+    with _WRITERS_LOCK:
+        w = _WRITERS.get(home)
+        if w is None:
+            w = _WRITERS[home] = MetricsWriter(home)
+        return w
 
 
 class Progress:
@@ -104,7 +127,7 @@ class Metrics:
 
     def __init__(self, home: str, *, total_steps: int, log_every: int, active_params: int, num_gpus: int,
                  device: torch.device, interactive: bool | None = None):
-        self.writer = MetricsWriter(home)
+        self.writer = writer_for(home)
         self.progress = Progress(total_steps, interactive)
         self.log_every = log_every
         self.active_params = active_params
@@ -132,7 +155,15 @@ class Metrics:
             rec["aux_loss"] = stats.aux_loss
         if epoch is not None:
             rec["epoch"] = round(epoch, 4)
+        if getattr(stats, "optimizer_s", None) is not None:  # the loop's step split (GPTOSS_STEP_SPLIT=1)
+            rec.update(step_s=round(stats.seconds, 4), data_s=stats.data_s, fwd_bwd_s=stats.fwd_bwd_s,
+                       optimizer_s=stats.optimizer_s,
+                       optimizer_share=round(stats.optimizer_s / stats.seconds, 4) if stats.seconds > 0 else None)
         return rec
+
+    def on_merge(self, stats: dict) -> None:
+        """The end-of-run merge's wall time, bytes written and peak host memory."""
+        self.writer.write({"event": "merge", "step": self.last.get("step"), **stats})
 
     def on_step(self, stats, state) -> None:
         rec = self.record(stats, state.tokens, state.data.epochs_done)

@@ -243,7 +243,12 @@ def run_training(spec: RunSpec, run_id: str, home: str, *, datasets: Any = None,
         # by a few tensors, never the model), so 120b merges where it trained.
         from .merge import merge
 
-        summary["merged"] = merge(home, join(home, "merged")).out
+        res = merge(home, join(home, "merged"))
+        summary["merged"], summary["merge"] = res.out, res.stats()  # wall time, bytes written, peak host memory
+        if metrics:
+            metrics.on_merge(res.stats())
+    if info.is_main and getattr(checkpointer, "events", None):
+        summary["checkpoints"] = checkpointer.events  # each save's timings and bytes (also in metrics.jsonl)
     if info.is_main:
         open_store(home).write_bytes("summary.json", json.dumps(summary, indent=2).encode())
     barrier(info)

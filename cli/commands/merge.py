@@ -38,6 +38,8 @@ def merge_cmd(
     res = merge(source, target, base=base, dtype=dtype, verify=verify)
     typer.echo(f"merged step {res.step} ({res.method}): {res.tensors} tensors, {res.total_bytes / 2**30:.2f} GiB "
                f"in {len(res.shards)} shard(s) -> {res.out}")
+    typer.echo(f"merge took {res.wall_s:.1f}s, wrote {res.bytes_written / 2**30:.2f} GiB; peak host memory "
+               f"{res.peak_rss_bytes / 2**30:.2f} GiB ({'this merge' if res.peak_rss_scope == 'section' else 'whole process'})")
     if res.adapter_out:
         typer.echo(f"adapter kept at {res.adapter_out}")
     if res.max_abs_logit_diff is not None:
