@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}" TORCH_SYMM_MEM_DISABLE_MULTICAST="${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}"
 export PYTHONUNBUFFERED=1 GPTOSS_STEP_SPLIT=1
 STORE="$("$PY" -c 'import sys; from gptoss_cloud.spec import load_spec; print(load_spec(sys.argv[1]).output.store)' "$SPEC")"
-NAME="$(basename "$SPEC" .yaml)"
+NAME="$(basename "$SPEC" .yaml | tr "[:upper:]" "[:lower:]")"  # run ids are lowercase
 status=0
 
 sample_memory() {  # sample_memory RUN_ID FILE: the rank processes' RSS (KiB) every second until killed

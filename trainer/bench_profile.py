@@ -17,7 +17,7 @@ import torch
 
 # (category, substrings of the lower-cased op or kernel name); the first category that matches wins.
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
-    ("communication", ("nccl", "c10d::", "all_gather", "reduce_scatter", "allreduce", "all_reduce", "broadcast")),
+    ("communication", ("nccl", "c10d::", "record_param_comms", "all_gather", "reduce_scatter", "allreduce", "all_reduce", "broadcast")),
     ("optimizer", ("adam", "_foreach", "multi_tensor", "optimizer.")),
     ("expert GEMMs", ("grouped_mm", "groupedmm", "grouped_gemm", "groupproblemshape")),
     ("MXFP4 dequantise", ("dequant", "mxfp4")),

@@ -51,7 +51,9 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # On GPUs, gloo beside NCCL for collectives over host tensors: with CPU offload the gradients
+        # live on the host, and clipping all-reduces their norm there.
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, world, local_rank, local_world, device)
