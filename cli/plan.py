@@ -206,7 +206,7 @@ def _gpu_components(shape: ModelShape, spec: RunSpec) -> dict[str, float]:
 
     # Activations.
     layer = layer_activation_bytes(shape, tokens)
-    if p.activation_checkpointing:
+    if recompute_on(spec, shape):
         out["checkpointed layer inputs"] = shape.num_hidden_layers * tokens * shape.hidden_size * BF16
         out["one layer recomputed + its grads"] = layer * BACKWARD_LAYER_FACTOR
     else:
@@ -244,12 +244,23 @@ def host_capacity_gib(spec: RunSpec) -> float:
     return gpu_info(spec).host_gib_per_gpu * spec.parallelism.gpus_per_node
 
 
-def settings_of(spec: RunSpec) -> dict[str, Any]:
+def recompute_on(spec: RunSpec, shape: ModelShape | None = None) -> bool:
+    """Whether decoder layers are recomputed in backward. ``auto`` keeps every activation when the plan
+    without recomputation fits (a third fewer FLOPs per token for LoRA), and recomputes otherwise."""
+    ac = spec.parallelism.activation_checkpointing
+    if ac != "auto":
+        return bool(ac)
+    return not memory_plan(_with(spec, parallelism__activation_checkpointing=False), shape, suggest=False).fits
+
+
+def settings_of(spec: RunSpec, shape: ModelShape | None = None) -> dict[str, Any]:
     p = spec.parallelism
     return {
         "model": spec.model.name, "method": spec.method.kind, "nodes": p.nodes, "gpus_per_node": p.gpus_per_node,
         "micro_batch_size": spec.optim.micro_batch_size, "max_seq_len": spec.data.max_seq_len,
-        "activation_checkpointing": p.activation_checkpointing, "cpu_offload": p.cpu_offload,
+        "activation_checkpointing": (f"auto ({'on' if recompute_on(spec, shape) else 'off'})"
+                                     if p.activation_checkpointing == "auto" else p.activation_checkpointing),
+        "cpu_offload": p.cpu_offload,
         "reshard_after_forward": p.reshard_after_forward, "attention": spec.kernels.attention,
         "loss_chunk_tokens": spec.kernels.loss_chunk_tokens,
         "lora_r": spec.method.lora.r if spec.method.kind == "lora" else None,
@@ -279,11 +290,16 @@ def memory_plan(spec: RunSpec, shape: ModelShape | None = None, *, suggest: bool
         gpu={k: round(v, 3) for k, v in comps.items()}, gpu_reserved_gib=round(reserved, 2),
         gpu_total_gib=round(total, 2), gpu_capacity_gib=round(cap, 2),
         host={k: round(v, 2) for k, v in host.items()}, host_total_gib=round(host_total, 1),
-        host_capacity_gib=round(host_cap, 1), fits=not problems, problems=problems, settings=settings_of(spec),
+        host_capacity_gib=round(host_cap, 1), fits=not problems, problems=problems, settings=settings_of(spec, shape),
     )
     if problems and suggest:
         plan.suggestions = suggestions(spec, shape)
     return plan
+
+
+def with_settings(spec: RunSpec, **dotted: Any) -> RunSpec:
+    """``spec`` with ``section__field=value`` settings replaced (validated again)."""
+    return _with(spec, **dotted)
 
 
 def _with(spec: RunSpec, **dotted: Any) -> RunSpec:
@@ -306,7 +322,7 @@ def suggestions(spec: RunSpec, shape: ModelShape, max_nodes: int = 64) -> list[s
         out.append(f"{setting} ({mp.gpu_total_gib:.1f} GiB/GPU, {mp.host_total_gib:.0f} GiB host/node)")
 
     p = spec.parallelism
-    if not p.activation_checkpointing and (mp := fits(_with(spec, parallelism__activation_checkpointing=True))):
+    if p.activation_checkpointing is False and (mp := fits(_with(spec, parallelism__activation_checkpointing=True))):
         say("parallelism.activation_checkpointing: true", mp)
     if spec.kernels.attention == "eager" and (mp := fits(_with(spec, kernels__attention="auto"))):
         say("kernels.attention: auto (fused attention)", mp)
@@ -405,7 +421,7 @@ def flops_per_token(shape: ModelShape, spec: RunSpec) -> float:
     layers and the window on sliding ones, times the same pass count.
     """
     n = shape.active_params
-    fwd_passes = 2 if spec.parallelism.activation_checkpointing else 1
+    fwd_passes = 2 if recompute_on(spec, shape) else 1
     bwd = 4 if spec.method.kind == "full" else 2
     dense = (2 * fwd_passes + bwd) * n
     s = spec.data.max_seq_len

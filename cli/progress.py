@@ -19,8 +19,9 @@ def read_spec(home: str) -> RunSpec:
     return spec_from_yaml_text(open_store(home).read_bytes("spec.yaml").decode(), source=join(home, "spec.yaml"))
 
 
-def read_metrics(home: str) -> list[dict[str, Any]]:
-    """Every complete JSON line of ``metrics.jsonl`` (a line being written right now is skipped)."""
+def read_metrics(home: str, events: bool = False) -> list[dict[str, Any]]:
+    """The step records of ``metrics.jsonl`` (a line being written right now is skipped); with
+    ``events``, the event records instead (``"event": "checkpoint" | "merge"``)."""
     st = open_store(home)
     if not st.exists("metrics.jsonl"):
         return []
@@ -33,7 +34,7 @@ def read_metrics(home: str) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict):
+        if isinstance(row, dict) and ("event" in row) == events:
             out.append(row)
     return out
 

@@ -114,7 +114,7 @@ def read_losses(home: str) -> dict[int, float]:
     for line in text.splitlines():
         if line.strip():
             rec = json.loads(line)
-            if rec.get("loss") is not None and "eval_loss" not in rec:
+            if rec.get("loss") is not None and "eval_loss" not in rec and "event" not in rec:
                 out[int(rec["step"])] = float(rec["loss"])
     return out
 

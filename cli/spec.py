@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -138,14 +138,16 @@ class ParallelismSection(Section):
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(8, ge=1, le=16)
     cpu_offload: bool = False
-    activation_checkpointing: bool = True
+    # Recompute each decoder layer's forward in backward (a third more FLOPs, far less memory). auto:
+    # off when the planner finds the run fits the GPU without it, else on (cli/plan.py recompute_on).
+    activation_checkpointing: Union[bool, Literal["auto"]] = "auto"
     reshard_after_forward: bool = True
     collective_timeout_s: float = Field(1800.0, gt=0, description="a hung rank fails after this many seconds")
 
 
 # -------------------------------------------------------------------------------------------- kernels
 class KernelsSection(Section):
-    # auto: the fast path on GPU (grouped_mm experts, flex attention), the eager references on CPU.
+    # auto: the fast path on GPU (fused experts, flex attention, compiled layers), the eager references on CPU.
     # No "sdpa": PyTorch's SDPA has no learned attention sinks, which GPT-OSS needs.
     # fused: our grouped GEMMs with device-side routing/permutation and a recomputing SwiGLU (kernels/experts.py).
     experts: Literal["auto", "eager", "grouped_mm", "fused"] = "auto"
@@ -153,8 +155,8 @@ class KernelsSection(Section):
     attention: Literal["auto", "eager", "flex", "hf_flex"] = "auto"
     loss_chunk_tokens: int = Field(1024, ge=16, description="tokens per chunk of the fused linear + cross-entropy")
     # torch.compile each decoder layer's forward (norms, rotary, routing, LoRA and residual adds fused
-    # around the GEMMs and attention); the first steps pay the compile.
-    compile: bool = False
+    # around the GEMMs and attention); the first steps pay the compile. auto: on GPU, off on CPU.
+    compile: Union[bool, Literal["auto"]] = "auto"
 
 
 # ---------------------------------------------------------------------------------------- checkpoint

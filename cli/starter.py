@@ -54,7 +54,7 @@ parallelism:
   nodes: 1
   gpus_per_node: 8
   cpu_offload: false
-  activation_checkpointing: true
+  activation_checkpointing: auto   # off when the run fits without recomputation (faster), else on
 
 checkpoint:
   # every_steps: 200

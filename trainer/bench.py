@@ -47,9 +47,9 @@ class BenchOptions:
     offload: bool = False
     lora_r: int = 16
     base_format: str = "bf16"  # ours: frozen experts in bf16 or kept in MXFP4
-    recompute: str = "full"  # full | selective | none (activation checkpointing per decoder layer)
-    dequant: str = "torch"  # MXFP4 experts: torch ops or the Triton kernel
-    compile: bool = False  # ours: torch.compile each decoder layer's forward
+    recompute: str = "auto"  # auto (the trainer's default) | full | selective | none
+    dequant: str = "auto"  # MXFP4 experts: auto (Triton when installed) | torch | triton
+    compile: bool | None = None  # ours: torch.compile each decoder layer's forward (None: on GPU, as the trainer)
     variant_specs: list[str] | None = None  # --variant KEY=VALUE,...: several of our configurations in one run
     profile: bool = False  # one extra step under torch.profiler per variant: where the step's time goes
     loss_chunk_tokens: int = 1024
@@ -93,8 +93,8 @@ class BenchOptions:
 
 # ------------------------------------------------------------------------------------------ variants
 VARIANT_KEYS = {"experts": ("eager", "grouped_mm", "fused"), "attention": ("eager", "flex", "hf_flex"),
-                "offload": ("yes", "no"), "base": ("bf16", "mxfp4"), "recompute": ("full", "selective", "none"),
-                "dequant": ("torch", "triton"), "compile": ("yes", "no")}
+                "offload": ("yes", "no"), "base": ("bf16", "mxfp4"), "recompute": ("auto", "full", "selective", "none"),
+                "dequant": ("auto", "torch", "triton"), "compile": ("yes", "no")}
 
 
 def parse_variant(text: str, opts: BenchOptions, on_gpu: bool) -> Variant:
@@ -122,14 +122,14 @@ def parse_variant(text: str, opts: BenchOptions, on_gpu: bool) -> Variant:
 
 def ours_variant(opts: BenchOptions, on_gpu: bool, experts: str | None = None, attention: str | None = None,
                  overrides: dict | None = None) -> Variant:
-    experts = experts or opts.experts or ("grouped_mm" if on_gpu else "eager")
+    experts = experts or opts.experts or ("fused" if on_gpu else "eager")
     attention = attention or opts.attention or ("flex" if on_gpu else "eager")
     eff = {"offload": opts.offload, "base_format": opts.base_format, "recompute": opts.recompute,
-           "dequant": opts.dequant, "compile": opts.compile, **(overrides or {})}
+           "dequant": opts.dequant, "compile": on_gpu if opts.compile is None else opts.compile, **(overrides or {})}
     notes = []
     if eff["base_format"] == "mxfp4":
-        notes.append(f"mxfp4 base, {eff['dequant']} dequant")
-    if eff["recompute"] != "full":
+        notes.append(f"mxfp4 base, {eff['dequant']} dequant" if eff["dequant"] != "auto" else "mxfp4 base")
+    if eff["recompute"] != "auto":
         notes.append(f"recompute {eff['recompute']}")
     if eff["compile"]:
         notes.append("compiled layers")
@@ -267,23 +267,14 @@ def planned_gib(opts: BenchOptions, variant: Variant, card: str, card_memory_gib
     if variant.stack != "ours":
         return None
     from gptoss_cloud.plan import memory_plan
-    from gptoss_cloud.spec import RunSpec
+
+    from .bench_variants import plan_spec
 
     family, _ = BM.card_family(card)
     eff = variant.apply(opts.setup())
     if eff.recompute == "selective":  # the planner models full recomputation or none, not this
         return None
-    spec = RunSpec.model_validate({
-        "model": {"name": opts.model, "init": "random", "layers": opts.layers, "base_format": eff.base_format},
-        "data": {"max_seq_len": opts.seq},
-        "method": {"kind": opts.method, "lora": {"r": opts.lora_r, "alpha": 2 * opts.lora_r}},
-        "optim": {"micro_batch_size": 1, "grad_accum": 1},
-        "parallelism": {"nodes": 1, "gpus_per_node": opts.gpus, "cpu_offload": eff.offload,
-                        "activation_checkpointing": eff.recompute != "none"},
-        "kernels": {"experts": variant.experts, "attention": "eager" if variant.attention == "eager" else "flex",
-                    "loss_chunk_tokens": opts.loss_chunk_tokens},
-        "cluster": {"gpu_type": family or "H100", **({"gpu_memory_gib": card_memory_gib} if card_memory_gib else {})},
-    })
+    spec = plan_spec(eff, variant, opts.gpus, family or "H100", card_memory_gib)
     return memory_plan(spec, suggest=False).gpu_reserved_gib
 
 
@@ -395,12 +386,12 @@ def command_line(opts: BenchOptions) -> str:
         args.append("--offload")
     if opts.base_format != "bf16":
         args += ["--base-format", opts.base_format]
-    if opts.recompute != "full":
+    if opts.recompute != "auto":
         args += ["--recompute", opts.recompute]
-    if opts.dequant != "torch":
+    if opts.dequant != "auto":
         args += ["--dequant", opts.dequant]
-    if opts.compile:
-        args.append("--compile")
+    if opts.compile is not None:
+        args.append("--compile" if opts.compile else "--no-compile")
     for text in opts.variant_specs or []:
         args += ["--variant", text]
     if opts.profile:

@@ -38,8 +38,8 @@ INIT_STD = 0.02
 OVERRIDES = {
     "offload": (True, False),
     "base_format": ("bf16", "mxfp4"),
-    "recompute": ("full", "none", "selective"),
-    "dequant": ("torch", "triton"),
+    "recompute": ("auto", "full", "none", "selective"),
+    "dequant": ("auto", "torch", "triton"),
     "compile": (True, False),
 }
 
@@ -82,9 +82,9 @@ class Setup:
     offload: bool = False
     seed: int = 0
     base_format: str = "bf16"
-    recompute: str = "full"  # full: every decoder layer recomputed; none; selective: GEMM outputs kept
-    dequant: str = "torch"  # MXFP4 experts: torch ops or the Triton kernel
-    compile: bool = False  # torch.compile each decoder layer's forward
+    recompute: str = "auto"  # auto: as the trainer (planner decides); full; none; selective: GEMM outputs kept
+    dequant: str = "auto"  # MXFP4 experts: auto (Triton when installed) | torch ops | the Triton kernel
+    compile: bool | None = None  # torch.compile each decoder layer's forward (None: on GPU)
 
     def shape(self) -> ModelShape:
         return shape_for(self.model, layers=self.layers)
@@ -135,6 +135,35 @@ def method_section(setup: Setup):
     from gptoss_cloud.spec import LoraSection, MethodSection
 
     return MethodSection(kind=setup.method, lora=LoraSection(r=setup.lora_r, alpha=2 * setup.lora_r))
+
+
+def plan_spec(setup: Setup, variant: Variant, gpus: int, gpu_type: str = "H100", gpu_memory_gib: float | None = None):
+    """The RunSpec the planner sees for one variant (random weights at the shape, one row per GPU)."""
+    from gptoss_cloud.spec import RunSpec
+
+    ac = {"full": True, "none": False, "selective": True}.get(setup.recompute, "auto")
+    return RunSpec.model_validate({
+        "model": {"name": setup.model, "init": "random", "layers": setup.layers, "base_format": setup.base_format},
+        "data": {"max_seq_len": setup.seq},
+        "method": {"kind": setup.method, "lora": {"r": setup.lora_r, "alpha": 2 * setup.lora_r}},
+        "optim": {"micro_batch_size": 1, "grad_accum": 1},
+        "parallelism": {"nodes": 1, "gpus_per_node": gpus, "cpu_offload": setup.offload, "activation_checkpointing": ac},
+        "kernels": {"experts": variant.experts, "attention": "eager" if variant.attention == "eager" else "flex",
+                    "loss_chunk_tokens": setup.loss_chunk_tokens},
+        "cluster": {"gpu_type": gpu_type, **({"gpu_memory_gib": gpu_memory_gib} if gpu_memory_gib else {})},
+    })
+
+
+def recompute_policy(setup: Setup, variant: Variant, info: DistInfo) -> str:
+    """``auto`` decided as the trainer decides it (the planner, for this card's memory); CPU: none."""
+    if setup.recompute != "auto":
+        return setup.recompute
+    if info.device.type != "cuda":
+        return "none"
+    from gptoss_cloud.plan import recompute_on
+
+    gib = torch.cuda.get_device_properties(info.device).total_memory / 2**30
+    return "full" if recompute_on(plan_spec(setup, variant, info.world_size, "H100", round(gib, 1))) else "none"
 
 
 def random_fill_(module: nn.Module, seed: int) -> None:
@@ -228,9 +257,9 @@ def build_ours(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
     dtype = compute_dtype(info.device)
     sharded = info.distributed
     hf = M.create_model(config, dtype, "meta" if sharded else info.device, seed=setup.seed, base_format=setup.base_format)
-    M.enable_recompute(hf, setup.recompute)
+    M.enable_recompute(hf, recompute_policy(setup, variant, info))
     lm = M.apply_method(hf, method_section(setup))
-    if setup.compile:
+    if info.device.type == "cuda" if setup.compile is None else setup.compile:
         M.compile_layers(lm)
     module = M.CausalLMWithChunkedLoss(lm, setup.loss_chunk_tokens)
     if sharded:
@@ -277,7 +306,7 @@ def build_reference(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
             model = GptOssForCausalLM(config)
     finally:
         torch.set_default_dtype(prev)
-    if setup.recompute != "none":
+    if setup.recompute != "none":  # the reference recomputes unless told not to (what its users run)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if setup.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -320,4 +349,8 @@ def build(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
 
     setup = variant.apply(setup)
     os.environ["GPTOSS_MXFP4_DEQUANT"] = setup.dequant  # read by kernels.mxfp4 at each dequantisation
+    if setup.offload:
+        from .parallel import offload_host_threads
+
+        offload_host_threads(info)
     return BUILDERS[variant.stack](setup, variant, info)

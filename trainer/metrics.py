@@ -60,6 +60,9 @@ class MetricsWriter:
             self._tmp = tempfile.TemporaryDirectory(prefix="gptoss-metrics-")
             self.path = Path(self._tmp.name) / "metrics.jsonl"
             self.store = open_store(home)
+            if self.store.exists("metrics.jsonl"):
+                # A resumed attempt appends to what earlier attempts logged (each upload replaces the object).
+                self.store.download_file("metrics.jsonl", self.path)
         else:
             self.path = Path(home) / "metrics.jsonl"
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ def resolve_implementations(kernels: KernelsSection, device_type: str) -> tuple[
                          "backward on CPU); use 'eager' or 'auto' here")
     experts = kernels.experts
     if experts == "auto":
-        experts = "grouped_mm" if on_gpu else "eager"
+        experts = "fused" if on_gpu else "eager"
     if experts == "fused":
         from .kernels.experts import register
 
@@ -255,6 +255,11 @@ def enable_recompute(model: nn.Module, policy: str | bool) -> None:
 
         kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, recompute_ops())
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def compile_enabled(kernels: KernelsSection, device_type: str) -> bool:
+    """``kernels.compile``: auto compiles on GPU; CPU runs (tests, the local demo) stay eager."""
+    return device_type == "cuda" if kernels.compile == "auto" else bool(kernels.compile)
 
 
 def compile_layers(model: nn.Module, backend: str | None = None) -> int:

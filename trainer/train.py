@@ -24,7 +24,7 @@ from gptoss_cloud.store import is_remote, join, open_store
 from . import model as M
 from .loop import Checkpointer, Loop, NoCheckpoints, make_optimizer
 from .metrics import Metrics
-from .parallel import DistInfo, barrier, init_distributed, make_accelerator, shard_model
+from .parallel import DistInfo, barrier, init_distributed, make_accelerator, offload_host_threads, shard_model
 
 log = logging.getLogger("gptoss_cloud.trainer")
 
@@ -62,6 +62,24 @@ def save_base(hf_model, home: str) -> str:
         return _put_folder(Path(tmp), home, "base")
 
 
+def recompute_policy(spec: RunSpec, info: DistInfo, shape=None) -> bool:
+    """``parallelism.activation_checkpointing``, with ``auto`` decided by the planner for this GPU's
+    memory: off (a third fewer FLOPs per token) when the run fits without it. CPU runs keep every
+    activation (tiny models, host memory)."""
+    ac = spec.parallelism.activation_checkpointing
+    if ac != "auto":
+        return bool(ac)
+    if info.device.type != "cuda":
+        return False
+    from gptoss_cloud.plan import recompute_on, with_settings
+
+    gib = torch.cuda.get_device_properties(info.device).total_memory / 2**30
+    on = recompute_on(with_settings(spec, cluster__gpu_memory_gib=round(gib, 1)), shape)
+    if info.is_main:
+        log.info("activation checkpointing: auto -> %s (planned for %.0f GiB per GPU)", "on" if on else "off", gib)
+    return on
+
+
 def build_module(spec: RunSpec, info: DistInfo, home: str):
     """The (possibly sharded) CausalLMWithChunkedLoss, its GptOssConfig and the compute dtype."""
     on_gpu = info.device.type == "cuda"
@@ -97,9 +115,11 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
                 raise GptossError(f"weights in {folder} do not match GPT-OSS {shape.name}: "
                                   f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         M.reset_rotary_buffers_(hf)
-    M.enable_recompute(hf, spec.parallelism.activation_checkpointing)
+    M.enable_recompute(hf, recompute_policy(spec, info, shape))
+    if spec.parallelism.cpu_offload:
+        offload_host_threads(info)
     lm = M.apply_method(hf, spec.method)
-    if spec.kernels.compile:
+    if M.compile_enabled(spec.kernels, info.device.type):
         M.compile_layers(lm)
     module = M.CausalLMWithChunkedLoss(lm, spec.kernels.loss_chunk_tokens, router_aux=coef is not None)
     on_meta = any(p.device.type == "meta" for p in module.parameters())
@@ -108,9 +128,14 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
     if info.distributed:
         acc = make_accelerator(spec.parallelism, info, bf16=on_gpu and dtype == torch.bfloat16,
                                ram_efficient_loading=pretrained_meta or (not M.is_random(spec.model)))
+        offload = spec.parallelism.cpu_offload
+        if offload and on_meta and M.is_random(spec.model):
+            # FSDP2's CPU offload takes parameters that already live on the host.
+            module.to_empty(device="cpu")
         module = shard_model(module, acc)
         if on_meta and M.is_random(spec.model):
-            module.to_empty(device=info.device)
+            if not offload:
+                module.to_empty(device=info.device)
             M.init_sharded_weights_(module, config.initializer_range, spec.optim.seed + info.rank)
     else:
         if on_meta and M.is_random(spec.model):

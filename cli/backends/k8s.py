@@ -44,16 +44,18 @@ def jobset_state(js: dict) -> str:
 
 
 def last_metrics(home: str) -> dict | None:
-    """The last JSON line of the run's metrics.jsonl in the store, if any."""
+    """The last step record of the run's metrics.jsonl in the store, if any (event records skipped)."""
     try:
         text = open_store(home).read_bytes("metrics.jsonl").decode("utf-8", "replace")
     except StoreError:
         return None
     for line in reversed(text.strip().splitlines()):
         try:
-            return json.loads(line)
+            row = json.loads(line)
         except ValueError:
             continue
+        if isinstance(row, dict) and "event" not in row:
+            return row
     return None
 
 

@@ -38,12 +38,14 @@ class BaseFormat(str, Enum):
 
 
 class Recompute(str, Enum):
+    auto = "auto"
     full = "full"
     selective = "selective"
     none = "none"
 
 
 class Dequant(str, Enum):
+    auto = "auto"
     torch = "torch"
     triton = "triton"
 
@@ -73,9 +75,9 @@ def bench(
     offload: Annotated[bool, typer.Option("--offload", help="FSDP2 CPU offload of sharded states")] = False,
     lora_r: Annotated[int, typer.Option("--lora-r", min=1, help="LoRA rank")] = 16,
     base_format: Annotated[BaseFormat, typer.Option("--base-format", help="ours: frozen experts in bf16, or kept in MXFP4 (LoRA only)")] = BaseFormat.bf16,
-    recompute: Annotated[Recompute, typer.Option("--recompute", help="activation checkpointing per decoder layer: full, selective (GEMM outputs kept) or none")] = Recompute.full,
-    dequant: Annotated[Dequant, typer.Option("--dequant", help="MXFP4 base: dequantise with torch ops or the Triton kernel")] = Dequant.torch,
-    compile_layers: Annotated[bool, typer.Option("--compile", help="ours: torch.compile each decoder layer's forward")] = False,
+    recompute: Annotated[Recompute, typer.Option("--recompute", help="activation checkpointing per decoder layer: auto (the trainer's default: off when the planner finds it fits this card), full, selective (GEMM outputs kept) or none")] = Recompute.auto,
+    dequant: Annotated[Dequant, typer.Option("--dequant", help="MXFP4 base: dequantise with the Triton kernel when installed (auto), torch ops or Triton")] = Dequant.auto,
+    compile_layers: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="ours: torch.compile each decoder layer's forward (default: on GPU, as the trainer)")] = None,
     variant: Annotated[Optional[list[str]], typer.Option("--variant", help="one of our configurations, e.g. 'experts=fused,recompute=none,base=mxfp4,dequant=triton' (repeatable; keys: experts, attention, offload, base, recompute, dequant, compile)")] = None,
     profile: Annotated[bool, typer.Option("--profile", help="one more step per variant under torch.profiler: device time by kernel category")] = False,
     peak_tflops: Annotated[Optional[float], typer.Option("--peak-tflops", min=1, help="peak bf16 TFLOP/s per GPU for MFU (default: the card's datasheet figure)")] = None,

@@ -159,6 +159,7 @@ def test_triton_dequant_matches_torch_and_timing(monkeypatch):
     from gptoss_cloud.trainer.kernels.mxfp4 import dequantize_mxfp4
     from gptoss_cloud.trainer.kernels.mxfp4_triton import dequantize_mxfp4_triton
 
+    monkeypatch.setenv("GPTOSS_MXFP4_DEQUANT", "torch")  # the reference: the torch path (auto would pick Triton)
     g = torch.Generator(device=DEV).manual_seed(0)
     blocks = torch.randint(0, 256, (E, 2 * I, H // 32, 16), generator=g, device=DEV, dtype=torch.uint8)  # 20b gate_up
     scales = torch.randint(100, 140, (E, 2 * I, H // 32), generator=g, device=DEV, dtype=torch.uint8)

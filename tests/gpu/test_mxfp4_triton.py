@@ -29,6 +29,6 @@ CHECK = textwrap.dedent("""
 
 
 def test_triton_dequant_matches_torch_path_bit_for_bit():
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", GPTOSS_MXFP4_DEQUANT="torch")  # the reference: the torch path
     res = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]

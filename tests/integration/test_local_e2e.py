@@ -49,8 +49,10 @@ def test_submit_local_trains_and_chat_answers(tmp_path):
     home = store / rid
     for name in ("spec.yaml", "metrics.jsonl", "summary.json", "logs/attempt-1.log", "merged/config.json"):
         assert (home / name).is_file(), name
-    rows = [json.loads(line) for line in (home / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (home / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in records if "event" not in r]  # step records; checkpoint and merge events beside them
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert {r["event"] for r in records if "event" in r} == {"checkpoint", "merge"}
     assert all(METRIC_KEYS <= set(r) for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert "step 20/20" in (home / "logs/attempt-1.log").read_text()

@@ -73,3 +73,8 @@ def test_kill_a_node_group_and_resume_like_an_uninterrupted_run(s3_bucket, s3_en
     assert ref_home.exists("metrics.jsonl")
     assert (out_dir / "node-0.log").is_file() and (out_dir / "node-1.log").is_file()
     assert (out_dir / "node-0.log").read_text().count(f"===== {run_id} attempt ") == 2
+    # metrics.jsonl in the store keeps the killed attempt's steps: the resumed attempt appends to them.
+    from gptoss_cloud.progress import read_metrics
+
+    steps = [m["step"] for m in read_metrics(f"{s3_bucket}/{run_id}") if "loss" in m and "eval_loss" not in m]
+    assert steps[0] == 1 and steps[-1] == 4 and set(range(1, 5)) <= set(steps)

@@ -130,7 +130,8 @@ def test_merge_ranks_takes_rank0_times_max_peaks_worst_status():
 
 def test_variants_per_device():
     gpu = [v.name for v in B.variants(B.BenchOptions(baseline=True, baseline_eager=True), on_gpu=True)]
-    assert gpu == ["ours (grouped_mm + flex)", "transformers (grouped_mm + flex)", "transformers (eager + eager)"]
+    # ours is the trainer's GPU default: fused experts, flex attention, compiled layers, recompute as the planner says
+    assert gpu == ["ours (fused + flex, compiled layers)", "transformers (grouped_mm + flex)", "transformers (eager + eager)"]
     cpu = B.variants(B.BenchOptions(baseline=True, baseline_eager=True), on_gpu=False)
     assert [v.name for v in cpu] == ["ours (eager + eager)", "transformers (eager + eager)"]
     only_ref = B.variants(B.BenchOptions(ours=False, baseline=True, experts="eager"), on_gpu=True)
@@ -138,14 +139,15 @@ def test_variants_per_device():
 
 
 def test_variant_options_make_one_row_each_with_their_overrides():
-    opts = B.BenchOptions(variant_specs=["experts=fused", "experts=fused,recompute=none,base=mxfp4,dequant=triton"],
+    opts = B.BenchOptions(variant_specs=["experts=fused,compile=no", "experts=fused,recompute=none,base=mxfp4,dequant=triton"],
                           baseline=True)
     vs = B.variants(opts, on_gpu=True)
-    assert [v.name for v in vs] == ["ours (fused + flex)", "ours (fused + flex, mxfp4 base, triton dequant, recompute none)",
+    assert [v.name for v in vs] == ["ours (fused + flex)",
+                                    "ours (fused + flex, mxfp4 base, triton dequant, recompute none, compiled layers)",
                                     "transformers (grouped_mm + flex)"]
     eff = vs[1].apply(opts.setup())
     assert (eff.recompute, eff.base_format, eff.dequant, eff.offload) == ("none", "mxfp4", "triton", False)
-    assert vs[0].apply(opts.setup()) == opts.setup()
+    assert vs[2].apply(opts.setup()) == opts.setup()  # the reference: no overrides
     assert B.Variant.from_dict(vs[1].to_dict()) == vs[1]  # crosses the process boundary intact
     assert "--variant experts=fused,recompute=none,base=mxfp4,dequant=triton" in B.command_line(opts)
 

@@ -47,7 +47,9 @@ def _pack(segs, length):
 
 def test_resolve_implementations():
     assert M.resolve_implementations(KernelsSection(), "cpu") == ("eager", "eager")
-    assert M.resolve_implementations(KernelsSection(), "cuda") == ("gptoss_flex", "grouped_mm")
+    assert M.resolve_implementations(KernelsSection(), "cuda") == ("gptoss_flex", "gptoss_fused")  # the fast paths
+    assert M.compile_enabled(KernelsSection(), "cuda") and not M.compile_enabled(KernelsSection(), "cpu")
+    assert not M.compile_enabled(KernelsSection(compile=False), "cuda")
     assert M.resolve_implementations(KernelsSection(attention="eager", experts="eager"), "cuda") == ("eager", "eager")
 
 

@@ -45,6 +45,17 @@ def _check_packed(blocks: torch.Tensor, scales: torch.Tensor) -> None:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
 
 
+def _use_triton() -> bool:
+    """``GPTOSS_MXFP4_DEQUANT``: auto (default) = the Triton kernel when Triton is installed (2.2x the
+    torch path end to end for 20b LoRA on an H100), ``triton`` or ``torch`` to choose."""
+    choice = os.environ.get("GPTOSS_MXFP4_DEQUANT", "auto")
+    if choice == "auto":
+        import importlib.util
+
+        return importlib.util.find_spec("triton") is not None
+    return choice == "triton"
+
+
 def dequantize_mxfp4(
     blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, rows_per_chunk: int = 1 << 20
 ) -> torch.Tensor:
@@ -54,7 +65,7 @@ def dequantize_mxfp4(
     (applied as an fp32 ``ldexp`` -> ``dtype`` multiplier, so the product never rounds).
     """
     _check_packed(blocks, scales)
-    if blocks.is_cuda and os.environ.get("GPTOSS_MXFP4_DEQUANT", "torch") == "triton":
+    if blocks.is_cuda and _use_triton():
         from .mxfp4_triton import dequantize_mxfp4_triton  # one kernel, ~4x less memory traffic
 
         return dequantize_mxfp4_triton(blocks, scales, dtype)
