@@ -18,8 +18,9 @@ Model of one GPU (FSDP2 over ``world = nodes x gpus_per_node`` ranks, bf16 compu
   the top-k permuted token copies;
 * the chunked loss: one ``loss_chunk_tokens x vocab`` logits chunk (bf16 logits, fp32 copy, fp32
   gradient);
-* the caching allocator reserves ``ALLOCATOR_OVERHEAD`` more than it hands out, and the CUDA
-  context and NCCL buffers live outside it.
+* the caching allocator reserves more than it hands out (``allocator_overhead``: little for one GPU,
+  a fifth more for sharded full fine-tuning, twice as much with CPU offload, as measured on H100s),
+  and the CUDA context and NCCL buffers live outside it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,13 @@ CKPT_TRAINABLE_BYTES = FP32 + 2 * FP32     # a checkpoint holds the fp32 params 
 LOGITS_BYTES_PER_ELEM = BF16 + FP32 + FP32  # chunk logits, fp32 upcast for the loss, fp32 gradient
 EAGER_ATTN_SCORE_TENSORS = 2.5             # s x s bf16 tensors alive at the peak of an eager layer's backward
 BACKWARD_LAYER_FACTOR = 2.0                # a layer's backward holds its activations and their gradients
-ALLOCATOR_OVERHEAD = 1.05                  # torch caching allocator: reserved / allocated at the peak
+ALLOCATOR_OVERHEAD = 1.05                  # torch caching allocator: reserved / allocated at the peak (1 GPU: 1.02-1.07)
+# FSDP2 full fine-tuning: all-gather and reduce-scatter buffers of many sizes on two streams fragment
+# the cache (2 x H100 measured 1.31-1.32 for 20b at 6 layers, 1.69 for 120b at 1 layer against
+# allocations the component model over-counts by ~10%); CPU offload: host-to-device parameter copies
+# (measured 2.6 for 20b at 6 layers; one measurement so far, so planned a little under it).
+ALLOCATOR_OVERHEAD_SHARDED_FULL = 1.20
+ALLOCATOR_OVERHEAD_OFFLOAD = 2.0
 CUDA_CONTEXT_GIB = 0.6                     # CUDA context + cuBLAS workspaces, outside torch's reserved memory
 NCCL_GIB = 1.0                             # NCCL communicator buffers when world > 1
 GPU_HEADROOM = 0.95                        # plan to use at most this fraction of a GPU's memory
@@ -244,6 +251,15 @@ def host_capacity_gib(spec: RunSpec) -> float:
     return gpu_info(spec).host_gib_per_gpu * spec.parallelism.gpus_per_node
 
 
+def allocator_overhead(spec: RunSpec) -> float:
+    """Reserved / allocated at the peak for this kind of run (see the constants)."""
+    if spec.parallelism.cpu_offload:
+        return ALLOCATOR_OVERHEAD_OFFLOAD
+    if spec.method.kind == "full" and spec.world_size > 1:
+        return ALLOCATOR_OVERHEAD_SHARDED_FULL
+    return ALLOCATOR_OVERHEAD
+
+
 def recompute_on(spec: RunSpec, shape: ModelShape | None = None) -> bool:
     """Whether decoder layers are recomputed in backward. ``auto`` keeps every activation when the plan
     without recomputation fits (a third fewer FLOPs per token for LoRA), and recomputes otherwise."""
@@ -272,7 +288,7 @@ def memory_plan(spec: RunSpec, shape: ModelShape | None = None, *, suggest: bool
     shape = resolve_shape(spec, shape)
     gpu = gpu_info(spec)
     comps = _gpu_components(shape, spec)
-    reserved = sum(comps.values()) * ALLOCATOR_OVERHEAD
+    reserved = sum(comps.values()) * allocator_overhead(spec)
     total = reserved + CUDA_CONTEXT_GIB + (NCCL_GIB if spec.world_size > 1 else 0.0)
     cap = gpu.memory_gib * GPU_HEADROOM
     host = _host_components(shape, spec)

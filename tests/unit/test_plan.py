@@ -101,7 +101,7 @@ def test_suggested_settings_really_fit():
 def test_offload_moves_state_to_host():
     on = memory_plan(spec(model="120b", method="full", nodes=2, offload=True))
     off = memory_plan(spec(model="120b", method="full", nodes=2))
-    assert on.gpu_total_gib < off.gpu_total_gib / 3
+    assert on.gpu_total_gib < off.gpu_total_gib / 2  # offload's cache fragmentation is planned too (x2.0)
     assert on.host["offloaded states (pinned)"] > 500  # 117 B params x 16 bytes / 2 nodes
 
 
