@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The rows performance II still needs beside a reference measured in the same invocation, and 120b
 # LoRA at reduced depth over two GPUs (the 4-GPU full-depth command is printed at the end):
-#   1 GPU:  the MXFP4 base at 4,096 tokens (the <= 24 GiB mode) and 20b LoRA at 16K and 64K tokens,
+#   1 GPU:  the GPU tests, the MXFP4 base at 4,096 tokens (the <= 24 GiB mode, and the grouped GEMM that
+#           decodes MXFP4 itself) and 20b LoRA at 64K tokens,
 #           each with transformers + peft in the same invocation (expected out of memory at 16K+);
 #   2 GPUs: the 20b shape at 6 layers and one 120b layer, full fine-tuning with CPU offload (now with
 #           each rank's share of the cores for the host optimizer step) beside torch FSDP2;
@@ -19,8 +20,10 @@ run() { local name=$1; shift; "${B[@]}" "$@" --out "$OUT/$name.json" > "$OUT/log
 for part in $PARTS; do
   case $part in
     a)  # one GPU each, side by side on a 2-GPU host
+      CUDA_VISIBLE_DEVICES=0 "$PY" -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rA -s > "$OUT/logs/gpu-tests.log" 2>&1
       CUDA_VISIBLE_DEVICES=0 run 20b-lora-4k-mxfp4-ref --model 20b --method lora --seq 4096 \
-        --variant base=mxfp4,recompute=full --variant base=mxfp4,recompute=none & p0=$!
+        --variant base=mxfp4,recompute=full --variant base=mxfp4,recompute=none \
+        --variant base=mxfp4,recompute=none,dequant=gemm & p0=$!
       CUDA_VISIBLE_DEVICES=1 run 20b-lora-long-ref --model 20b --method lora --seq 65536 --steps 2 --warmup 1 \
         --variant base=bf16,recompute=full --variant base=mxfp4,recompute=full & p1=$!
       wait $p0 $p1 ;;

@@ -94,7 +94,7 @@ class BenchOptions:
 # ------------------------------------------------------------------------------------------ variants
 VARIANT_KEYS = {"experts": ("eager", "grouped_mm", "fused"), "attention": ("eager", "flex", "hf_flex"),
                 "offload": ("yes", "no"), "base": ("bf16", "mxfp4"), "recompute": ("auto", "full", "selective", "none"),
-                "dequant": ("auto", "torch", "triton"), "compile": ("yes", "no")}
+                "dequant": ("auto", "torch", "triton", "gemm"), "compile": ("yes", "no")}
 
 
 def parse_variant(text: str, opts: BenchOptions, on_gpu: bool) -> Variant:

@@ -39,7 +39,7 @@ OVERRIDES = {
     "offload": (True, False),
     "base_format": ("bf16", "mxfp4"),
     "recompute": ("auto", "full", "none", "selective"),
-    "dequant": ("auto", "torch", "triton"),
+    "dequant": ("auto", "torch", "triton", "gemm"),
     "compile": (True, False),
 }
 
@@ -348,7 +348,9 @@ def build(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
     import os
 
     setup = variant.apply(setup)
-    os.environ["GPTOSS_MXFP4_DEQUANT"] = setup.dequant  # read by kernels.mxfp4 at each dequantisation
+    # Read by kernels.mxfp4 / experts_mxfp4 at each use; gemm: decoded inside the grouped GEMM.
+    os.environ["GPTOSS_MXFP4_DEQUANT"] = "auto" if setup.dequant == "gemm" else setup.dequant
+    os.environ["GPTOSS_MXFP4_GEMM"] = "triton" if setup.dequant == "gemm" else "off"
     if setup.offload:
         from .parallel import offload_host_threads
 

@@ -48,6 +48,7 @@ class Dequant(str, Enum):
     auto = "auto"
     torch = "torch"
     triton = "triton"
+    gemm = "gemm"
 
 
 class Device(str, Enum):
@@ -76,7 +77,7 @@ def bench(
     lora_r: Annotated[int, typer.Option("--lora-r", min=1, help="LoRA rank")] = 16,
     base_format: Annotated[BaseFormat, typer.Option("--base-format", help="ours: frozen experts in bf16, or kept in MXFP4 (LoRA only)")] = BaseFormat.bf16,
     recompute: Annotated[Recompute, typer.Option("--recompute", help="activation checkpointing per decoder layer: auto (the trainer's default: off when the planner finds it fits this card), full, selective (GEMM outputs kept) or none")] = Recompute.auto,
-    dequant: Annotated[Dequant, typer.Option("--dequant", help="MXFP4 base: dequantise with the Triton kernel when installed (auto), torch ops or Triton")] = Dequant.auto,
+    dequant: Annotated[Dequant, typer.Option("--dequant", help="MXFP4 base: dequantise with the Triton kernel when installed (auto), torch ops or Triton, or decode inside the grouped GEMM (gemm)")] = Dequant.auto,
     compile_layers: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="ours: torch.compile each decoder layer's forward (default: on GPU, as the trainer)")] = None,
     variant: Annotated[Optional[list[str]], typer.Option("--variant", help="one of our configurations, e.g. 'experts=fused,recompute=none,base=mxfp4,dequant=triton' (repeatable; keys: experts, attention, offload, base, recompute, dequant, compile)")] = None,
     profile: Annotated[bool, typer.Option("--profile", help="one more step per variant under torch.profiler: device time by kernel category")] = False,

@@ -18,6 +18,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts  # noqa: 
 
 from gptoss_cloud.trainer.kernels import experts as X  # noqa: E402
 from gptoss_cloud.trainer.kernels.experts_mxfp4 import Mxfp4Experts  # noqa: E402
+from support import cuda_ms  # noqa: E402
 
 DEV = "cuda"
 E, H, I, K = 32, 2880, 2880, 4  # GPT-OSS-20b experts
@@ -123,17 +124,7 @@ def test_mxfp4_layer_memory_at_20b_shape():
     assert transient < 2 * weights * 2 / 3 + 1.5 * 2**30
 
 
-def _time(fn, steps=10, warmup=3):
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(steps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps
+_time = cuda_ms
 
 
 def test_timing_fused_vs_transformers_grouped_mm(monkeypatch):

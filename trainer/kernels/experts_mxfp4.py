@@ -13,6 +13,8 @@ MXFP4, so a dequantised released checkpoint round-trips bit for bit).
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -30,6 +32,10 @@ def mxfp4_grouped_mm(x: torch.Tensor, offsets: torch.Tensor, blocks: torch.Tenso
     """(S, K) rows sorted by expert times each expert's dequantised weight W_e (out, in) from ``blocks``:
     ``x @ W_e.T`` (``transposed``, the forward) or ``x @ W_e`` (the input gradient)."""
     num_experts = blocks.shape[0]
+    if x.is_cuda and os.environ.get("GPTOSS_MXFP4_GEMM") == "triton":
+        from .mxfp4_gemm_triton import mxfp4_grouped_mm_triton  # decoded inside the GEMM; opt-in until measured
+
+        return mxfp4_grouped_mm_triton(x, offsets, blocks, scales, transposed)
     if experts_per_chunk >= num_experts:
         w = dequantize_mxfp4(blocks, scales, x.dtype)  # (E, out, in)
         return grouped_mm(x, w.transpose(1, 2) if transposed else w, offsets)
