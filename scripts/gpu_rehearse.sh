@@ -10,6 +10,9 @@
 #
 # No network. Needs python3 with torch (CUDA) and gptoss-cloud with its [train] and moto[server]
 # installed; WHEELS=/folder installs gptoss-cloud and moto[server] from that folder first (pip --no-index).
+# Or keep the S3 server's packages apart from the trainer's (they must not shadow torch's jinja2 & co.):
+#   pip install --no-index --no-deps --target /tmp/moto-site <moto, flask, werkzeug, ... wheels>
+#   MOTO_SITE=/tmp/moto-site OUT=... bash scripts/gpu_rehearse.sh    # the server alone runs with it
 # Disk and memory: one checkpoint is ~34 GB. The S3 server keeps objects in memory (MOTO_IN_MEMORY=1,
 # the default; host RAM >= 128 GiB) and the node groups' pod folders (local checkpoint copies) go
 # under $WORK (default /tmp). $OUT receives only small files: report.json, node logs, metrics, versions.
@@ -61,7 +64,7 @@ S3_PORT="${S3_PORT:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0
 if [ "${MOTO_IN_MEMORY:-1}" = 1 ]; then
   export MOTO_S3_DEFAULT_KEY_BUFFER_SIZE=$((64 * 1024 * 1024 * 1024))  # objects up to 64 GiB stay in RAM
 fi
-"$PY" -c "from moto.server import main; main()" -H 127.0.0.1 -p "$S3_PORT" > "$OUT/moto.log" 2>&1 &
+PYTHONPATH="${MOTO_SITE:+$MOTO_SITE:}${PYTHONPATH:-}" "$PY" -c "from moto.server import main; main()" -H 127.0.0.1 -p "$S3_PORT" > "$OUT/moto.log" 2>&1 &
 MOTO_PID=$!
 trap 'kill "$MOTO_PID" 2>/dev/null; wait "$MOTO_PID" 2>/dev/null' EXIT
 unset AWS_PROFILE AWS_SESSION_TOKEN AWS_ENDPOINT_URL_S3
