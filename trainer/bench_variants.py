@@ -158,12 +158,9 @@ def recompute_policy(setup: Setup, variant: Variant, info: DistInfo) -> str:
     """``auto`` decided as the trainer decides it (the planner, for this card's memory); CPU: none."""
     if setup.recompute != "auto":
         return setup.recompute
-    if info.device.type != "cuda":
-        return "none"
-    from gptoss_cloud.plan import recompute_on
+    from . import model as M
 
-    gib = torch.cuda.get_device_properties(info.device).total_memory / 2**30
-    return "full" if recompute_on(plan_spec(setup, variant, info.world_size, "H100", round(gib, 1))) else "none"
+    return "full" if M.resolve_recompute(plan_spec(setup, variant, info.world_size), info.device) else "none"
 
 
 def random_fill_(module: nn.Module, seed: int) -> None:

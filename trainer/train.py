@@ -63,20 +63,10 @@ def save_base(hf_model, home: str) -> str:
 
 
 def recompute_policy(spec: RunSpec, info: DistInfo, shape=None) -> bool:
-    """``parallelism.activation_checkpointing``, with ``auto`` decided by the planner for this GPU's
-    memory: off (a third fewer FLOPs per token) when the run fits without it. CPU runs keep every
-    activation (tiny models, host memory)."""
-    ac = spec.parallelism.activation_checkpointing
-    if ac != "auto":
-        return bool(ac)
-    if info.device.type != "cuda":
-        return False
-    from gptoss_cloud.plan import recompute_on, with_settings
-
-    gib = torch.cuda.get_device_properties(info.device).total_memory / 2**30
-    on = recompute_on(with_settings(spec, cluster__gpu_memory_gib=round(gib, 1)), shape)
-    if info.is_main:
-        log.info("activation checkpointing: auto -> %s (planned for %.0f GiB per GPU)", "on" if on else "off", gib)
+    """``parallelism.activation_checkpointing`` resolved for this GPU (``model.resolve_recompute``), logged."""
+    on = M.resolve_recompute(spec, info.device, shape)
+    if info.is_main and spec.parallelism.activation_checkpointing == "auto":
+        log.info("activation checkpointing: auto -> %s for this device", "on" if on else "off")
     return on
 
 

@@ -50,6 +50,11 @@ def test_resolve_implementations():
     assert M.resolve_implementations(KernelsSection(), "cuda") == ("gptoss_flex", "gptoss_fused")  # the fast paths
     assert M.compile_enabled(KernelsSection(), "cuda") and not M.compile_enabled(KernelsSection(), "cpu")
     assert not M.compile_enabled(KernelsSection(compile=False), "cuda")
+    from gptoss_cloud.spec import RunSpec
+
+    cpu = torch.device("cpu")  # auto keeps every activation on CPU; explicit settings are kept as given
+    assert M.resolve_recompute(RunSpec(), cpu) is False
+    assert M.resolve_recompute(RunSpec.model_validate({"parallelism": {"activation_checkpointing": True}}), cpu) is True
     assert M.resolve_implementations(KernelsSection(attention="eager", experts="eager"), "cuda") == ("eager", "eager")
 
 
@@ -81,19 +86,24 @@ def test_packed_loss_equals_samples_run_separately():
     assert float(cross) != pytest.approx(sep_loss, rel=1e-3)
 
 
+def _assert_same_loss_and_grads(ref, cfg, other, other_cfg, seed, loss_tol, rtol, atol):
+    """One packed batch (two segments) through both modules: equal losses and parameter gradients."""
+    g = torch.Generator().manual_seed(seed)
+    b = M.Batch.from_samples([_pack([_segment(12, g), _segment(10, g)], 24)], torch.device("cpu"))
+    l1, _, _ = M.run_batch(ref, b, cfg, torch.float32)
+    l2, _, _ = M.run_batch(other, b, other_cfg, torch.float32)
+    l1.backward()
+    l2.backward()
+    torch.testing.assert_close(l1, l2, rtol=loss_tol, atol=loss_tol)
+    for (n, p1), (_, p2) in zip(ref.named_parameters(), other.named_parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=rtol, atol=atol, msg=n)
+
+
 def test_grouped_mm_experts_match_eager():
     ref, cfg = _model("eager", "eager")
     fast, cfg2 = _model("eager", "grouped_mm")
     fast.load_state_dict(ref.state_dict())
-    g = torch.Generator().manual_seed(2)
-    b = M.Batch.from_samples([_pack([_segment(12, g), _segment(10, g)], 24)], torch.device("cpu"))
-    l1, _, _ = M.run_batch(ref, b, cfg, torch.float32)
-    l2, _, _ = M.run_batch(fast, b, cfg2, torch.float32)
-    l1.backward()
-    l2.backward()
-    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
-    for (n, p1), (_, p2) in zip(ref.named_parameters(), fast.named_parameters()):
-        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-6, msg=n)
+    _assert_same_loss_and_grads(ref, cfg, fast, cfg2, seed=2, loss_tol=1e-5, rtol=1e-4, atol=1e-6)
 
 
 def test_lora_leaves_base_weights_untouched():
@@ -154,15 +164,7 @@ def test_recompute_policies_give_the_same_gradients(policy, experts):
     assert M.hf_model(other.lm).is_gradient_checkpointing == (policy != "none")
     ref.train()
     other.train()
-    g = torch.Generator().manual_seed(3)
-    b = M.Batch.from_samples([_pack([_segment(12, g), _segment(10, g)], 24)], torch.device("cpu"))
-    l1, _, _ = M.run_batch(ref, b, cfg, torch.float32)
-    l2, _, _ = M.run_batch(other, b, cfg, torch.float32)
-    l1.backward()
-    l2.backward()
-    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-6)
-    for (n, p1), (_, p2) in zip(ref.named_parameters(), other.named_parameters()):
-        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-5, atol=1e-7, msg=n)
+    _assert_same_loss_and_grads(ref, cfg, other, cfg, seed=3, loss_tol=1e-6, rtol=1e-5, atol=1e-7)
 
 
 def test_unknown_recompute_policy_is_refused():
