@@ -18,9 +18,13 @@ Model of one GPU (FSDP2 over ``world = nodes x gpus_per_node`` ranks, bf16 compu
   the top-k permuted token copies;
 * the chunked loss: one ``loss_chunk_tokens x vocab`` logits chunk (bf16 logits, fp32 copy, fp32
   gradient);
+* with CPU offload, instead of the all-gather and gradient buffers: one set of host-device copy,
+  all-gather and reduce-scatter buffers for the root unit (embedding + head) and one for a layer;
+* compiled decoder layers (``kernels.compile``) save about 0.7 of eager's activations and recompute
+  a layer in about half its working set;
 * the caching allocator reserves more than it hands out (``allocator_overhead``: little for one GPU,
-  a fifth more for sharded full fine-tuning, twice as much with CPU offload, as measured on H100s),
-  and the CUDA context and NCCL buffers live outside it.
+  about a sixth more for sharded full fine-tuning, as measured on H100s), and the CUDA context and NCCL
+  buffers live outside it.
 """
 
 from __future__ import annotations
@@ -46,11 +50,25 @@ EAGER_ATTN_SCORE_TENSORS = 2.5             # s x s bf16 tensors alive at the pea
 BACKWARD_LAYER_FACTOR = 2.0                # a layer's backward holds its activations and their gradients
 ALLOCATOR_OVERHEAD = 1.05                  # torch caching allocator: reserved / allocated at the peak (1 GPU: 1.02-1.07)
 # FSDP2 full fine-tuning: all-gather and reduce-scatter buffers of many sizes on two streams fragment
-# the cache (2 x H100 measured 1.31-1.32 for 20b at 6 layers, 1.69 for 120b at 1 layer against
-# allocations the component model over-counts by ~10%); CPU offload: host-to-device parameter copies
-# (measured 2.6 for 20b at 6 layers; one measurement so far, so planned a little under it).
-ALLOCATOR_OVERHEAD_SHARDED_FULL = 1.20
-ALLOCATOR_OVERHEAD_OFFLOAD = 2.0
+# the cache (2 x H100 reserved 1.31-1.32x what was allocated for 20b at 6 layers, 1.69x for 120b at
+# 1 layer, against allocations the component model over-counts); with the root unit counted, 1.16
+# plans both 1% above what the cards reserved.
+ALLOCATOR_OVERHEAD_SHARDED_FULL = 1.16
+# CPU offload: each FSDP2 unit's parameters and gradients cross the bus every step, through buffers of
+# that unit's sizes, and the cache keeps one set per size class (the root unit: embedding + head, and a
+# decoder layer). Per parameter of a unit, full fine-tuning: the fp32 shard copied in (4/world), its bf16
+# cast (2/world), the all-gathered bf16 weights (2), the bf16 gradient (2), the fp32 reduce-scatter input
+# (4) and output shard (4/world). Against 2 x H100/H200 this plans 20b at 6 layers at 27.7 GiB (measured
+# 23.3) and one 120b layer at 56.1 (measured 50.8): the allocator reuses a little across classes.
+OFFLOAD_FULL_UNIT_BYTES = (8.0, 10.0)      # bytes per unit parameter: constant + per-1/world term
+OFFLOAD_LORA_UNIT_BYTES = (4.0, 2.0)       # frozen bf16 shard copied in + all-gathered current and prefetched (not measured)
+ALLOCATOR_OVERHEAD_OFFLOAD = 1.0           # the buffers above are what the cache holds
+# Compiled decoder layers (kernels.compile, on by default on GPUs) save fewer tensors than eager ones:
+# the partitioner recomputes cheap elementwise ops in backward instead of saving their outputs, and
+# fused kernels need fewer temporaries. 20b LoRA on H100/H200: the saved activations of all layers
+# 0.61-0.70 of eager's (4,096 tokens), one recomputed layer's working set 0.35-0.64 (4K and 64K).
+COMPILED_SAVED_FACTOR = 0.70
+COMPILED_RECOMPUTE_FACTOR = 0.50
 CUDA_CONTEXT_GIB = 0.6                     # CUDA context + cuBLAS workspaces, outside torch's reserved memory
 NCCL_GIB = 1.0                             # NCCL communicator buffers when world > 1
 GPU_HEADROOM = 0.95                        # plan to use at most this fraction of a GPU's memory
@@ -124,6 +142,11 @@ def layer_activation_bytes(shape: ModelShape, tokens: int) -> float:
 
 def eager_attention_bytes(shape: ModelShape, micro_batch: int, seq: int) -> float:
     return EAGER_ATTN_SCORE_TENSORS * BF16 * micro_batch * shape.num_attention_heads * seq * (seq + 1)
+
+
+def compiled_layers(spec: RunSpec) -> bool:
+    """Whether decoder layers run under torch.compile: ``auto`` compiles on GPUs, which is what plans are for."""
+    return spec.kernels.compile is not False
 
 
 def attention_kind(spec: RunSpec) -> str:
@@ -203,21 +226,29 @@ def _gpu_components(shape: ModelShape, spec: RunSpec) -> dict[str, float]:
 
     # FSDP2 unsharded buffers. One rank without offload has nothing to gather.
     biggest = max(shape.layer_params, shape.embedding_params)
-    if world > 1 or offload:
+    root = shape.total_params - shape.num_hidden_layers * shape.layer_params  # the root unit: embedding, head, final norm
+    if offload:
+        const, per_rank = OFFLOAD_FULL_UNIT_BYTES if full else OFFLOAD_LORA_UNIT_BYTES
+        out["offload copy buffers (root unit + a layer)"] = (root + shape.layer_params) * (const + per_rank / world)
+    elif world > 1:
         if p.reshard_after_forward:
             out["all-gather buffers (2 layers, bf16)"] = 2 * biggest * BF16
+            # FSDP2 does not reshard the root after forward (backward needs it at once): the embedding
+            # and head stay gathered through the step, beside the layers' buffers.
+            out["root unit kept gathered (embedding + head, bf16)"] = root * BF16
         else:
             out["unsharded weights (no reshard, bf16)"] = shape.total_params * BF16
-    if full:
+    if full and not offload:
         out["layer gradient buffers (bf16 + fp32 reduce)"] = biggest * (BF16 + FP32)
 
     # Activations.
     layer = layer_activation_bytes(shape, tokens)
+    compiled = compiled_layers(spec)
     if recompute_on(spec, shape):
         out["checkpointed layer inputs"] = shape.num_hidden_layers * tokens * shape.hidden_size * BF16
-        out["one layer recomputed + its grads"] = layer * BACKWARD_LAYER_FACTOR
-    else:
-        out["activations (all layers)"] = shape.num_hidden_layers * layer + layer  # + the gradient working set
+        out["one layer recomputed + its grads"] = layer * BACKWARD_LAYER_FACTOR * (COMPILED_RECOMPUTE_FACTOR if compiled else 1.0)
+    else:  # + the gradient working set of one layer
+        out["activations (all layers)"] = (shape.num_hidden_layers * layer + layer) * (COMPILED_SAVED_FACTOR if compiled else 1.0)
     if attention_kind(spec) == "eager":
         out["eager attention scores (one layer)"] = eager_attention_bytes(shape, b, s)
     chunk = min(spec.kernels.loss_chunk_tokens, tokens)

@@ -149,7 +149,7 @@ def plan_spec(setup: Setup, variant: Variant, gpus: int, gpu_type: str = "H100",
         "optim": {"micro_batch_size": 1, "grad_accum": 1},
         "parallelism": {"nodes": 1, "gpus_per_node": gpus, "cpu_offload": setup.offload, "activation_checkpointing": ac},
         "kernels": {"experts": variant.experts, "attention": "eager" if variant.attention == "eager" else "flex",
-                    "loss_chunk_tokens": setup.loss_chunk_tokens},
+                    "loss_chunk_tokens": setup.loss_chunk_tokens, "compile": "auto" if setup.compile is None else setup.compile},
         "cluster": {"gpu_type": gpu_type, **({"gpu_memory_gib": gpu_memory_gib} if gpu_memory_gib else {})},
     })
 
