@@ -197,6 +197,13 @@ def hf_name(peft_key: str) -> str:
     return k
 
 
+def declared_dtype(cfg: dict) -> str | None:
+    """The dtype the run computed in, as its config records it (None: unknown, keep the checkpoint's).
+    A full fine-tune checkpoints fp32 master weights; serving them in fp32 would double the model."""
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    return name if name in _DT else None
+
+
 def servable_config(cfg: dict, dtype: torch.dtype) -> dict:
     cfg = dict(cfg)
     cfg["architectures"] = ["GptOssForCausalLM"]  # never an FSDP-prefixed class name
@@ -272,6 +279,7 @@ def merge(ref: str, out: str, *, base: str | None = None, dtype: str | None = No
         if cfg_text is None and base_dir is None:
             raise CheckpointError(f"{src.where}: no config.json in the checkpoint and no base model to take it from")
         cfg = json.loads(cfg_text) if cfg_text else json.loads((base_dir / "config.json").read_text())
+        dtype = dtype or declared_dtype(cfg)
         if method == "full":
             res = _merge_full(src, sink, cfg, dtype, shard_bytes)
         else:

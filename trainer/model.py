@@ -116,6 +116,9 @@ def create_model(config, dtype: torch.dtype, device: str | torch.device = "cpu",
             model = GptOssForCausalLM(config)
     finally:
         torch.set_default_dtype(prev)
+    # The dtype the model computes in, recorded in the config each checkpoint carries: a full fine-tune
+    # keeps fp32 master weights, but its merge is served in this dtype (bf16 on GPUs).
+    model.config.dtype = dtype
     if mxfp4:
         from .kernels.experts_mxfp4 import quantize_model_experts_
 

@@ -18,7 +18,7 @@ def merge_cmd(
     out: Annotated[Optional[str], typer.Option("--out", help="output folder or s3:// prefix (default: <run>/merged)")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="load the result with transformers and compare logits with the training-time model")] = False,
     base: Annotated[Optional[str], typer.Option("--base", help="base weights for a LoRA merge (default: <run>/base, else the spec's model.name)")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="bfloat16 | float32 (default: the checkpoint's)")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="bfloat16 | float32 (default: the dtype the run computed in, from the checkpoint's config.json; else the checkpoint's)")] = None,
     store: StoreOpt = None,
 ) -> None:
     """Merge a checkpoint into safetensors shards + config + tokenizer that vLLM and transformers load as is."""

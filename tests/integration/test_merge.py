@@ -17,7 +17,7 @@ from gptoss_cloud.trainer.checkpoint import Checkpointer  # noqa: E402
 from gptoss_cloud.trainer.merge import harmony_prompts, merge  # noqa: E402
 
 
-def _trained_run(home: str, method: str):
+def _trained_run(home: str, method: str, declared: torch.dtype | None = None):
     spec = RunSpec.model_validate({"method": {"kind": method}})
     if method == "lora":
         # The trainer keeps a LoRA run's random base in <home>/base/ before the adapter goes on.
@@ -25,6 +25,8 @@ def _trained_run(home: str, method: str):
 
         save_base(build_model("full"), home)
     model = build_model(method)
+    if declared is not None:  # as create_model records it: a GPU run computes in bf16 over fp32 masters
+        model.config.dtype = declared
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     state = {"model": model, "optimizer": opt, "data": DataPosition(1, 0)}
     ck = Checkpointer(spec.checkpoint, home, spec=spec)
@@ -98,6 +100,21 @@ def test_merge_writes_straight_to_s3_in_bf16(tmp_path, s3_bucket):
     assert set(res.shards) <= set(keys)
     cfg = json.loads(open_store(out).read_bytes("config.json"))
     assert cfg["dtype"] == "bfloat16" and "quantization_config" not in cfg
+
+
+def test_full_merge_defaults_to_the_dtype_the_run_computed_in(tmp_path):
+    """fp32 master weights of a bf16 run merge to bf16 (half the bytes vLLM loads); --dtype still wins."""
+    from safetensors import safe_open
+
+    home = tmp_path / "run"
+    _trained_run(str(home), "full", declared=torch.bfloat16)
+    res = merge(str(home), str(home / "merged"))
+    _check_servable(home / "merged", "bfloat16")
+    with safe_open(str(home / "merged" / res.shards[0]), framework="pt") as h:
+        assert {h.get_slice(k).get_dtype() for k in h.keys()} == {"BF16"}
+    again = merge(str(home), str(tmp_path / "fp32"), dtype="float32")
+    _check_servable(tmp_path / "fp32", "float32")
+    assert again.total_bytes == 2 * res.total_bytes
 
 
 MEASURE = r"""
