@@ -267,8 +267,13 @@ def _host_components(shape: ModelShape, spec: RunSpec) -> dict[str, float]:
         else:
             state = shape.total_params * BF16 / world + trainable * TRAINABLE_BYTES / world
         out["offloaded states (pinned)"] = state * p.gpus_per_node
-    # Loading: one bf16 copy of the model per node while it is sharded out to the ranks.
-    out["weight loading (one bf16 copy)"] = shape.total_params * BF16
+    # Loading: one copy of the model per node while it is sharded out to the ranks: bf16, or with the
+    # mxfp4 base the experts as published (4-bit + scales), never dequantised on the host.
+    if spec.model.base_format == "mxfp4" and spec.method.kind == "lora":
+        experts = shape.expert_params_total
+        out["weight loading (one copy, MXFP4 experts)"] = experts * MXFP4_BYTES_PER_EXPERT_PARAM + (shape.total_params - experts) * BF16
+    else:
+        out["weight loading (one bf16 copy)"] = shape.total_params * BF16
     if spec.checkpoint.async_save:
         out["async checkpoint staging"] = checkpoint_bytes(shape, spec) / p.nodes
     out["processes"] = HOST_PER_PROCESS_GIB * GiB * p.gpus_per_node

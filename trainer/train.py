@@ -99,7 +99,8 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
         hf = M.create_model(config, dtype, "meta", base_format=spec.model.base_format)
         # One full copy per job (rank 0's host), broadcast shard by shard by accelerate when sharded.
         if info.is_main or not info.distributed:
-            missing, unexpected = hf.load_state_dict(load_state_dict(folder, dtype), strict=False, assign=True)
+            weights = load_state_dict(folder, dtype, keep_mxfp4=spec.model.base_format == "mxfp4")
+            missing, unexpected = hf.load_state_dict(weights, strict=False, assign=True)
             missing = [k for k in missing if k != "lm_head.weight" or not shape.tie_word_embeddings]
             if missing or unexpected:
                 raise GptossError(f"weights in {folder} do not match GPT-OSS {shape.name}: "

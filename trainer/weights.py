@@ -95,9 +95,12 @@ def read_config(folder: Path) -> dict:
         raise GptossError(f"no config.json in {folder}", hint="a model folder needs config.json and *.safetensors") from None
 
 
-def iter_state_dict(folder: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_state_dict(folder: Path, dtype: torch.dtype, *, keep_mxfp4: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) in transformers' parameter names; MXFP4 ``*_blocks``/``*_scales`` pairs come out as
-    one dequantised bf16/fp32 tensor, already-dequantised checkpoints pass through. One tensor at a time."""
+    one dequantised bf16/fp32 tensor, already-dequantised checkpoints pass through. One tensor at a time.
+
+    ``keep_mxfp4`` (the ``mxfp4`` base): the pairs pass through packed, as ``Mxfp4Experts`` holds them,
+    so the host never holds the experts dequantised (120b: ~61 GiB read instead of ~218 GiB built)."""
     from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
@@ -107,17 +110,22 @@ def iter_state_dict(folder: Path, dtype: torch.dtype) -> Iterator[tuple[str, tor
     where = {k: h for h in handles for k in h.keys()}
     for k in sorted(where):
         if k.endswith("_scales"):
+            if keep_mxfp4:
+                yield k, where[k].get_tensor(k)
             continue
         if k.endswith("_blocks"):
             base = k[: -len("_blocks")]
             if base + "_scales" not in where:
                 raise GptossError(f"{k} has no matching {base}_scales in {folder}")
             blocks = where[k].get_tensor(k)
+            if keep_mxfp4:
+                yield k, blocks
+                continue
             scales = where[base + "_scales"].get_tensor(base + "_scales")
             yield base, dequantize_expert_weight(blocks, scales, dtype)
         else:
             yield k, where[k].get_tensor(k).to(dtype)
 
 
-def load_state_dict(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return dict(iter_state_dict(folder, dtype))
+def load_state_dict(folder: Path, dtype: torch.dtype, *, keep_mxfp4: bool = False) -> dict[str, torch.Tensor]:
+    return dict(iter_state_dict(folder, dtype, keep_mxfp4=keep_mxfp4))

@@ -180,9 +180,11 @@ def test_meta_model_gets_packed_buffers_filled_by_random_init():
 
 
 @pytest.mark.parametrize("released_layout", [True, False])
-def test_pretrained_folder_loads_into_meta_mxfp4_model_like_the_trainer(tmp_path, released_layout):
+@pytest.mark.parametrize("keep_mxfp4", [True, False])
+def test_pretrained_folder_loads_into_meta_mxfp4_model_like_the_trainer(tmp_path, released_layout, keep_mxfp4):
     """The trainer's pretrained path: a meta model, then load_state_dict(weights.load_state_dict(folder),
-    strict=False, assign=True). A released-layout folder comes back with the same packed bytes."""
+    strict=False, assign=True). A released-layout folder comes back with the same packed bytes, read
+    packed (keep_mxfp4, what the trainer does for the mxfp4 base) or dequantised and packed again."""
     from safetensors.torch import save_file
 
     from gptoss_cloud.trainer.weights import load_state_dict
@@ -193,7 +195,11 @@ def test_pretrained_folder_loads_into_meta_mxfp4_model_like_the_trainer(tmp_path
         sd = _dense_state_dict(src)
     save_file(sd, str(tmp_path / "model.safetensors"))
     _, dst = _model("mxfp4", device="meta")
-    missing, unexpected = dst.load_state_dict(load_state_dict(tmp_path, torch.float32), strict=False, assign=True)
+    weights = load_state_dict(tmp_path, torch.float32, keep_mxfp4=keep_mxfp4)
+    if keep_mxfp4 and released_layout:  # nothing was dequantised on the way
+        assert all(w.dtype == torch.uint8 for k, w in weights.items() if k.endswith(("_blocks", "_scales")))
+        assert not any(k.endswith(("gate_up_proj", "down_proj")) for k in weights)
+    missing, unexpected = dst.load_state_dict(weights, strict=False, assign=True)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     for (name, a), (_, b) in zip(mxfp4_experts_modules(src), mxfp4_experts_modules(dst)):
         for w in ("gate_up_proj", "down_proj"):
