@@ -19,7 +19,8 @@ import torch
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("communication", ("nccl", "c10d::", "record_param_comms", "all_gather", "reduce_scatter", "allreduce", "all_reduce", "broadcast")),
     ("optimizer", ("adam", "_foreach", "multi_tensor", "optimizer.")),
-    ("expert GEMMs", ("grouped_mm", "groupedmm", "grouped_gemm", "groupproblemshape")),
+    # Our MXFP4-decoding grouped GEMM is an expert GEMM (its decode is inside it), before "MXFP4 dequantise".
+    ("expert GEMMs", ("grouped_mm", "groupedmm", "grouped_gemm", "groupproblemshape", "mxfp4_gmm")),
     ("MXFP4 dequantise", ("dequant", "mxfp4")),
     ("attention", ("flex_attention", "triton_tem", "flash", "sdpa", "attention")),
     ("dense GEMMs", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "gemm", "nvjet", "cublas", "xmma",

@@ -158,6 +158,8 @@ def test_profile_categories_attribute_each_op_once():
     from gptoss_cloud.trainer import bench_profile as P
 
     assert P.categorise("aten::_grouped_mm") == "expert GEMMs"
+    assert P.categorise("_mxfp4_gmm_nt") == "expert GEMMs"  # decodes MXFP4 inside the GEMM
+    assert P.categorise("_dequant_kernel") == "MXFP4 dequantise"
     assert P.categorise("nccl:_all_gather_base") == "communication"
     assert P.categorise("aten::_fused_adamw_") == "optimizer"
     assert P.categorise("triton_tem_fused_flex_attention_0") == "attention"

@@ -57,7 +57,7 @@ def _weight_tile(blocks_ptr, scales_ptr, wrow, wmask, k0, K: tl.constexpr, BC: t
 
 
 @triton.jit
-def _gmm_nt(x_ptr, blocks_ptr, scales_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
+def _mxfp4_gmm_nt(x_ptr, blocks_ptr, scales_ptr, y_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
             N: tl.constexpr, K: tl.constexpr, E: tl.constexpr, stride_x, stride_y,
             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """y[rows of expert e] = x[rows] @ W_e.T, W_e (N, K)."""
@@ -77,7 +77,7 @@ def _gmm_nt(x_ptr, blocks_ptr, scales_ptr, y_ptr, tile_expert_ptr, tile_row_ptr,
 
 
 @triton.jit
-def _gmm_nn(g_ptr, blocks_ptr, scales_ptr, out_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
+def _mxfp4_gmm_nn(g_ptr, blocks_ptr, scales_ptr, out_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
             N: tl.constexpr, K: tl.constexpr, E: tl.constexpr, stride_g, stride_o,
             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """out[rows of expert e] = g[rows] @ W_e, W_e (N, K); the reduction runs over N."""
@@ -127,12 +127,12 @@ def mxfp4_grouped_mm_triton(x: torch.Tensor, offsets: torch.Tensor, blocks: torc
         y = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
         grid = (expert.shape[0], triton.cdiv(n_out, BLOCK_N))
         if rows:
-            _gmm_nt[grid](x, blocks, scales, y, expert, row, offsets, n_out, k_in, num_experts, x.stride(0), y.stride(0),
+            _mxfp4_gmm_nt[grid](x, blocks, scales, y, expert, row, offsets, n_out, k_in, num_experts, x.stride(0), y.stride(0),
                           BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K)
         return y
     out = torch.empty(rows, k_in, dtype=x.dtype, device=x.device)  # (S, N) @ W -> (S, K)
     grid = (expert.shape[0], k_in // BLOCK_K)
     if rows:
-        _gmm_nn[grid](x, blocks, scales, out, expert, row, offsets, n_out, k_in, num_experts, x.stride(0), out.stride(0),
+        _mxfp4_gmm_nn[grid](x, blocks, scales, out, expert, row, offsets, n_out, k_in, num_experts, x.stride(0), out.stride(0),
                       BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K)
     return out
