@@ -19,11 +19,13 @@ store all but the last ``keep_last``. That clean-up runs in a background thread 
 ``close`` joins it and raises its error, as for an async save.
 
 Each save is measured: rank 0 appends one ``{"event": "checkpoint", ...}`` line to the run's
-``metrics.jsonl`` and logs it in one line, when the checkpoint is published (an async save's from its
-background thread). Seconds count from the moment the loop called ``save``:
+``metrics.jsonl`` and logs it in one line, once the checkpoint is published and older ones removed (from
+the background thread; ``wait``/``close`` return after it). Seconds count from the moment the loop called
+``save``, except for the durations marked so:
 
     step, mode            the step saved; "sync" or "async" (checkpoint.async_save)
-    wait_prev_s           spent waiting for the previous async save to finish (part of blocking_s)
+    wait_prev_s           spent waiting for the previous save's background work (an async save's write and
+                          publish, any save's clean-up) to finish (part of blocking_s)
     blocking_s            until ``save`` returned to the loop (async: once async_save has staged the state)
     write_s               until this rank's shards were written to local disk (DCP finished)
     upload_s              until they were uploaded to the store (None when the store is that local folder)
@@ -44,8 +46,6 @@ The training loop calls::
     step = ckpt.restore(state)          # 0 when starting fresh
     ...  ckpt.maybe_save(step, state)   # every step; saves every checkpoint.every_steps
     ckpt.maybe_save(step, state, last=True); ckpt.close()
-
-(A sync save's event is recorded once its clean-up has finished, so by ``wait``/``close`` at the latest.)
 
 where ``state`` maps names to the model (``"model"``), the optimizer (``"optimizer"``) and any other
 objects with ``state_dict()`` / ``load_state_dict()`` (scheduler, data position, ``RNGState``).
