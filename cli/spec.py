@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping, Union
+from typing import Annotated, Any, Literal, Mapping, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -166,6 +166,17 @@ class CheckpointSection(Section):
     async_save: bool = False
     resume: str = Field("auto", description="auto | never | a checkpoint URI")
     local_dir: str | None = Field(None, description="local scratch for shards before upload")
+    writer_threads: Union[Literal["auto"], Annotated[int, Field(ge=1, le=64)]] = Field(
+        "auto", description="files each rank writes its shards into, written and checksummed in parallel (1-64). auto: "
+        "this rank's share of the CPU cores it may run on (cores / LOCAL_WORLD_SIZE), at most 8"
+    )
+
+    @field_validator("writer_threads", mode="before")
+    @classmethod
+    def _no_bool(cls, v):
+        if isinstance(v, bool):  # YAML's yes/no would otherwise pass as 1 or 0
+            raise ValueError("writer_threads must be auto or a whole number from 1 to 64")
+        return v
 
 
 # -------------------------------------------------------------------------------------------- output

@@ -10,20 +10,32 @@ Layout in the run home::
         manifest.json                 written LAST: files + sha256, step, world size, spec hash [+ HMAC]
 
 Every save goes into a new ``step-N`` folder (DCP deletes old metadata first, so overwriting in place
-would leave nothing usable after a crash mid-save). Shards are written to a local folder, uploaded
-(multipart, parallel), then rank 0 writes the manifest once every rank has reported its files. Local
-copies older than the newest are deleted once uploaded; the store keeps the last ``keep_last``.
+would leave nothing usable after a crash mid-save). Each rank writes its shards as several files at once
+(``checkpoint.writer_threads``: ``__R_0.distcp`` … ``__R_{n-1}.distcp``) to a local folder, hashes them
+in parallel, uploads them (multipart, parallel), then rank 0 writes the manifest once every rank has
+reported its files. Then older checkpoints are removed: local copies older than the newest, and in the
+store all but the last ``keep_last``. That clean-up runs in a background thread even for a sync save
+(deleting a 50 GB checkpoint takes seconds the loop need not wait for); the next ``save``, ``wait`` or
+``close`` joins it and raises its error, as for an async save.
 
 Each save is measured: rank 0 appends one ``{"event": "checkpoint", ...}`` line to the run's
-``metrics.jsonl`` and logs it in one line, when the checkpoint is published (an async save's from its
-background thread). Seconds count from the moment the loop called ``save``:
+``metrics.jsonl`` and logs it in one line, once the checkpoint is published and older ones removed (from
+the background thread; ``wait``/``close`` return after it). Seconds count from the moment the loop called
+``save``, except for the durations marked so:
 
     step, mode            the step saved; "sync" or "async" (checkpoint.async_save)
-    wait_prev_s           spent waiting for the previous async save to finish (part of blocking_s)
+    wait_prev_s           spent waiting for the previous save's background work (an async save's write and
+                          publish, any save's clean-up) to finish (part of blocking_s)
     blocking_s            until ``save`` returned to the loop (async: once async_save has staged the state)
     write_s               until this rank's shards were written to local disk (DCP finished)
     upload_s              until they were uploaded to the store (None when the store is that local folder)
     total_s               until rank 0 published the manifest (every rank's files uploaded)
+    hash_s                time (a duration, not since ``save``) this rank spent checksumming its files,
+                          after write_s and before upload_s / total_s
+    prune_s               time (a duration) spent removing older checkpoints after publishing: this rank's
+                          old local copies and, on rank 0, the store's beyond keep_last (a sync save does
+                          it in the background, after blocking_s)
+    writer_threads        files each rank's shards were written into at once (checkpoint.writer_threads)
     bytes                 the DCP shard files (``*.distcp``) of all ranks, from the manifest
     manifest_bytes, files every file the manifest lists (shards, metadata, per-rank state, spec)
     rank_bytes            this rank's own files
@@ -61,7 +73,7 @@ from gptoss_cloud.store import LocalStore, StoreNotFound, open_store, upload_fil
 
 from . import ckpt_state
 from .ckpt_manifest import (
-    MANIFEST, CheckpointError, Manifest, file_entry, list_published, parse_step, prune, publish,
+    MANIFEST, CheckpointError, Manifest, file_entries, list_published, parallel_map, parse_step, prune, publish,
     read_manifest, read_parts, signing_key, step_dir, write_part,
 )
 from .ckpt_room import check_local_room, checkpoint_bytes, preflight  # noqa: F401 (re-exported for the planner)
@@ -71,6 +83,26 @@ from .ckpt_stats import checkpoint_line
 log = logging.getLogger("gptoss_cloud.checkpoint")
 MODEL_KEYS = ("model", "optimizer")
 PUBLISH_TIMEOUT_S = float(os.environ.get("GPTOSS_PUBLISH_TIMEOUT_S", "1800"))
+
+
+MAX_AUTO_WRITER_THREADS = 8  # past this a rank's writes are bound by the disk, not by threads
+
+
+def writer_threads(setting: int | str = "auto", environ=None) -> int:
+    """Files each rank writes (and hashes) at once: ``checkpoint.writer_threads``, or for ``auto`` this
+    rank's share of the cores it may run on (affinity / LOCAL_WORLD_SIZE, the ranks on this node), 1-8."""
+    if setting != "auto":
+        return int(setting)
+    environ = os.environ if environ is None else environ
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity API (macOS)
+        cores = os.cpu_count() or 1
+    try:
+        local = max(1, int(environ.get("LOCAL_WORLD_SIZE") or 1))
+    except ValueError:
+        local = 1
+    return max(1, min(MAX_AUTO_WRITER_THREADS, cores // local))
 
 
 def spec_hash(spec_yaml: str) -> str:
@@ -134,31 +166,34 @@ def _has_frozen(model: torch.nn.Module) -> bool:
     return any(not p.requires_grad for p in model.parameters())
 
 
-def make_fetcher(ckpts, step: int, folder: Path, manifest: Manifest, where: str):
+def make_fetcher(ckpts, step: int, folder: Path, manifest: Manifest, where: str, threads: int = 1):
     """fetch(paths): make each checkpoint file present under ``folder`` and verified against the manifest.
 
-    ``fetch.downloaded`` lists what came from the store (the rest was a verified local copy).
+    Up to ``threads`` files are verified (and downloaded) at once. ``fetch.downloaded`` lists what came
+    from the store (the rest was a verified local copy).
     """
     verified: set[str] = set()
     downloaded: list[str] = []
+    in_place = isinstance(ckpts, LocalStore)
+
+    def one(rel: str) -> None:
+        local = folder / rel
+        if local.exists():  # a local copy (this node wrote it, or an earlier attempt fetched it)
+            try:
+                manifest.check_file(rel, local, where)
+                verified.add(rel)
+                return
+            except CheckpointError:
+                pass  # stale or damaged: fetch it again (a no-op when the store is this folder)
+        if not (in_place and local.resolve() == (Path(ckpts.root) / step_dir(step) / rel).resolve()):
+            downloaded.append(rel)
+        ckpts.download_file(f"{step_dir(step)}/{rel}", local)
+        manifest.check_file(rel, local, where)
+        verified.add(rel)
 
     def fetch(paths: Iterable[str]) -> None:
-        for rel in paths:
-            if rel in verified:
-                continue
-            local = folder / rel
-            if local.exists():  # a local copy (this node wrote it, or an earlier attempt fetched it)
-                try:
-                    manifest.check_file(rel, local, where)
-                    verified.add(rel)
-                    continue
-                except CheckpointError:
-                    pass  # stale or damaged: fetch it again (a no-op when the store is this folder)
-            if not (isinstance(ckpts, LocalStore) and local.resolve() == (Path(ckpts.root) / step_dir(step) / rel).resolve()):
-                downloaded.append(rel)
-            ckpts.download_file(f"{step_dir(step)}/{rel}", local)
-            manifest.check_file(rel, local, where)
-            verified.add(rel)
+        todo = [rel for rel in paths if rel not in verified]
+        parallel_map(one, todo, threads, size=lambda rel: int((manifest.files.get(rel) or {}).get("size", 0)))
 
     fetch.downloaded = downloaded
     return fetch
@@ -188,6 +223,7 @@ class Checkpointer:
         self.local_root, self.in_place = Path("."), False
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.threads = writer_threads(getattr(cfg, "writer_threads", "auto"))
         self.last_saved: int | None = None
         self.record_metrics = record_metrics
         self.events: list[dict] = []  # this rank's measurements, one per finished save (see the module doc)
@@ -252,10 +288,13 @@ class Checkpointer:
             if (cfg := model_config(state.get("model"))) is not None:
                 (folder / "config.json").write_text(cfg.to_json_string())
         sd = self._model_state(state)
-        writer = dcp.FileSystemWriter(str(folder))
+        # Several files per rank, written by as many threads: one file per rank writes (and later hashes)
+        # at one core's speed, which for a 26 GB shard is most of a sync save.
+        writer = dcp.FileSystemWriter(str(folder), thread_count=self.threads)
         ev: dict[str, Any] = {"event": "checkpoint", "step": step, "mode": "async" if self.cfg.async_save else "sync",
-                              "wait_prev_s": round(waited, 4), "blocking_s": None, "write_s": None, "upload_s": None,
-                              "total_s": None, "bytes": None}
+                              "wait_prev_s": round(waited, 4), "blocking_s": None, "write_s": None, "hash_s": None,
+                              "upload_s": None, "total_s": None, "prune_s": None, "bytes": None,
+                              "writer_threads": self.threads}
         if self.cfg.async_save:
             resp = dcp.async_save(sd, storage_writer=writer, process_group=self.pg)
             ev["blocking_s"] = time.perf_counter() - t0  # set before the thread starts: it records the event
@@ -268,7 +307,10 @@ class Checkpointer:
             ev["write_s"] = time.perf_counter() - t0
             self._publish(step, folder, ev, t0)
             ev["blocking_s"] = time.perf_counter() - t0
-            self._record(ev)
+            # Published: the loop goes on while older checkpoints are deleted; wait() joins this.
+            self._thread = threading.Thread(target=self._clean_up_and_record, args=(step, ev), daemon=True,
+                                            name=f"ckpt-prune-{step}")
+            self._thread.start()
         self.last_saved = step
 
     def _background(self, step, folder, fut, ev, t0) -> None:
@@ -276,13 +318,22 @@ class Checkpointer:
             fut.result()
             ev["write_s"] = time.perf_counter() - t0
             self._publish(step, folder, ev, t0)
-            self._record(ev)
         except BaseException as e:  # surfaced by wait()
             self._error = e
+            return
+        self._clean_up_and_record(step, ev)
+
+    def _clean_up_and_record(self, step: int, ev: dict) -> None:
+        """Remove older checkpoints, then record the save (its checkpoint is published either way)."""
+        try:
+            self._clean_up(step, ev)
+        except BaseException as e:  # surfaced by wait()
+            self._error = e
+        self._record(ev)
 
     def _record(self, ev: dict) -> None:
         """Keep this save's measurements; rank 0 logs them and appends them to metrics.jsonl."""
-        for k in ("blocking_s", "write_s", "upload_s", "total_s"):
+        for k in ("blocking_s", "write_s", "hash_s", "upload_s", "total_s", "prune_s"):
             if ev.get(k) is not None:
                 ev[k] = round(ev[k], 4)
         self.events.append(ev)
@@ -320,18 +371,15 @@ class Checkpointer:
     def _publish(self, step: int, folder: Path, ev: dict | None = None, t0: float | None = None) -> None:
         ev = {} if ev is None else ev
         t0 = time.perf_counter() if t0 is None else t0
-        files = {rel: file_entry(folder / rel) for rel in self._own_files(folder)}
+        t_hash = time.perf_counter()
+        files = file_entries(folder, self._own_files(folder), self.threads)
+        ev["hash_s"] = time.perf_counter() - t_hash
         ev["rank_bytes"] = sum(f["size"] for f in files.values())
         ev["uri"] = f"{self.ckpts.uri}/{step_dir(step)}"
         if not self.in_place:
             upload_files(self.ckpts, [(folder / rel, f"{step_dir(step)}/{rel}") for rel in files])
             ev["upload_s"] = time.perf_counter() - t0
         write_part(self.ckpts, step, self.rank, files)
-        if not self.in_place:  # the newest local copy stays for a fast resume; older ones go
-            for old in self.local_root.glob("step-*"):
-                s = parse_step(old.name)
-                if s is not None and s < step:
-                    shutil.rmtree(old, ignore_errors=True)
         if self.rank != 0:
             return
         deadline = time.time() + PUBLISH_TIMEOUT_S
@@ -346,9 +394,26 @@ class Checkpointer:
         ev["bytes"] = sum(f["size"] for rel, f in all_files.items() if rel.endswith(".distcp"))
         ev["manifest_bytes"] = sum(f["size"] for f in all_files.values())
         ev["files"] = len(all_files)
-        dropped = prune(self.ckpts, self.cfg.keep_last, newest=step)
-        if dropped:
-            log.info("published checkpoint %s/%s; removed step %s", self.ckpts.uri, step_dir(step), dropped)
+
+    def _clean_up(self, step: int, ev: dict) -> None:
+        """After ``step`` is published: drop this node's older local copies and (rank 0) the store's beyond keep_last."""
+        if self.in_place and self.rank != 0:
+            return  # nothing of this rank's to remove (prune_s stays None)
+        t = time.perf_counter()
+        if not self.in_place:  # the newest local copy stays for a fast resume; older ones go
+            for old in self.local_root.glob("step-*"):
+                s = parse_step(old.name)
+                if s is not None and s < step:
+                    shutil.rmtree(old, ignore_errors=True)
+        if self.rank == 0:
+            try:
+                dropped = prune(self.ckpts, self.cfg.keep_last, newest=step)
+            except Exception as e:  # noqa: BLE001 - reported with what was and was not done
+                raise CheckpointError(f"step {step} is published, but removing older checkpoints from {self.ckpts.uri} "
+                                      f"failed: {getattr(e, 'message', None) or f'{type(e).__name__}: {e}'}") from e
+            if dropped:
+                log.info("published checkpoint %s/%s; removed step %s", self.ckpts.uri, step_dir(step), dropped)
+        ev["prune_s"] = time.perf_counter() - t
 
     # --------------------------------------------------------------------------------------- restore
     def restore(self, state) -> int:
@@ -459,7 +524,7 @@ class Checkpointer:
         return err
 
     def _fetcher(self, ckpts, step: int, folder: Path, manifest: Manifest, where: str):
-        return make_fetcher(ckpts, step, folder, manifest, where)
+        return make_fetcher(ckpts, step, folder, manifest, where, threads=self.threads)
 
     # ------------------------------------------------------------------------------- model + optim
     def _options(self, model) -> StateDictOptions:

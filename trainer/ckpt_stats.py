@@ -77,6 +77,7 @@ def fmt_s(x: float | None) -> str:
 def checkpoint_line(ev: dict) -> str:
     """One log line for a checkpoint event (see ``Checkpointer`` for the fields)."""
     return (f"checkpoint step {ev['step']} ({ev['mode']}): blocked {fmt_s(ev['blocking_s'])}, written {fmt_s(ev['write_s'])}, "
-            f"uploaded {fmt_s(ev.get('upload_s'))}, published {fmt_s(ev.get('total_s'))}; "
+            f"hashing {fmt_s(ev.get('hash_s'))}, uploaded {fmt_s(ev.get('upload_s'))}, published {fmt_s(ev.get('total_s'))}, "
+            f"pruning {fmt_s(ev.get('prune_s'))}; "
             f"{(ev.get('bytes') or 0) / GiB:.2f} GiB of shards ({(ev.get('manifest_bytes') or 0) / GiB:.2f} GiB, "
-            f"{ev.get('files', 0)} files in all) -> {ev.get('uri', '')}")
+            f"{ev.get('files', 0)} files in all, {ev.get('writer_threads', 1)} writer threads) -> {ev.get('uri', '')}")

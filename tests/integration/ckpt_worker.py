@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--async-save", action="store_true")
     ap.add_argument("--fingerprint", action="store_true")
     ap.add_argument("--keep", type=int, default=3)
+    ap.add_argument("--writer-threads", default="auto", help="checkpoint.writer_threads")
     a = ap.parse_args()
 
     import logging
@@ -111,7 +112,8 @@ def main() -> None:
 
     local_dir = a.local_dir.format(rank=rank) if a.local_dir else None  # "{rank}": one folder per simulated node
     spec = RunSpec.model_validate({"method": {"kind": a.method}, "checkpoint": {
-        "every_steps": a.every, "keep_last": a.keep, "async_save": a.async_save, "local_dir": local_dir}})
+        "every_steps": a.every, "keep_last": a.keep, "async_save": a.async_save, "local_dir": local_dir,
+        "writer_threads": a.writer_threads if a.writer_threads == "auto" else int(a.writer_threads)}})
     model = build_model(a.method)
     base = model.base_model.model if a.method == "lora" else model
     for layer in base.model.layers:

@@ -100,10 +100,36 @@ def test_killed_upload_and_corrupted_shard_fall_back(baseline, s3_bucket, s3_env
     assert "unpublished the unusable checkpoint" in out  # so this attempt's own step 4 replaces it
     assert losses(read_log(log), 1) == {s: baseline["losses"][s] for s in (3, 4, 5, 6)}
     assert cm.list_published(ckpts)[0] == 6
-    # Same world size: each rank downloaded only its own shard of step 2 (plus the shared metadata);
-    # the few replicated entries stored in the other rank's shard came as byte ranges.
+    # Same world size: each rank downloaded only its own shard files of step 2 (plus the shared metadata);
+    # the few replicated entries stored in the other rank's shards came as byte ranges.
+    files = cm.read_manifest(ckpts, 2, None).files
     for r in (0, 1):
-        assert f"rank {r} restored {home}/checkpoints/step-2; downloaded ['.metadata', '__{r}_0.distcp', 'extra/rank-{r}.json']" in out
+        own = sorted(rel for rel in files if rel.startswith(f"__{r}_"))
+        assert own and f"rank {r} restored {home}/checkpoints/step-2; downloaded {['.metadata', *own, f'extra/rank-{r}.json']}" in out
+
+
+def test_several_shard_files_per_rank_resume_bit_exact(baseline, tmp_path):
+    """checkpoint.writer_threads 3: each rank writes three shard files; a run killed at step 5 resumes
+    from them on 2 fresh processes exactly where the uninterrupted (one file per rank) run was."""
+    from gptoss_cloud.store import open_store
+    from gptoss_cloud.trainer import ckpt_manifest as cm
+
+    home, log = tmp_path / "run", tmp_path / "log"
+    common = ["--home", str(home), "--log", str(log), "--steps", "6", "--every", "2", "--fingerprint", "--writer-threads", "3"]
+    rc, out = launch(2, *common, "--die-at", "5")
+    assert -9 in rc, out
+    m = cm.read_manifest(open_store(str(home)).child("checkpoints"), 4, None)
+    shards = sorted(rel for rel in m.files if rel.endswith(".distcp"))
+    assert shards == [f"__{r}_{i}.distcp" for r in (0, 1) for i in range(3)]
+    assert shards == sorted(p.name for p in (home / "checkpoints" / "step-4").glob("*.distcp"))
+    rc, out = launch(2, *common, "--attempt", "1")
+    assert rc == [0, 0], out
+    rows = read_log(log)
+    restored = [r for r in rows if "restored" in r]
+    assert [r["restored"] for r in restored] == [0, 4]
+    assert restored[1]["fp"] == baseline["saved"][4]["fp"] and restored[1]["samples"] == 8
+    assert losses(rows, 1) == {s: baseline["losses"][s] for s in (5, 6)}  # bit-exact
+    assert [r for r in rows if "saved" in r][-1]["fp"] == baseline["saved"][6]["fp"]
 
 
 def test_reshard_two_processes_to_one(baseline, tmp_path):

@@ -17,8 +17,8 @@ from ckpt_worker import DataPosition, build_model  # noqa: E402
 from gptoss_cloud.spec import RunSpec  # noqa: E402
 from gptoss_cloud.trainer.checkpoint import Checkpointer  # noqa: E402
 
-FIELDS = {"event", "step", "mode", "wait_prev_s", "blocking_s", "write_s", "upload_s", "total_s", "bytes",
-          "manifest_bytes", "files", "rank_bytes"}
+FIELDS = {"event", "step", "mode", "wait_prev_s", "blocking_s", "write_s", "hash_s", "upload_s", "total_s", "prune_s",
+          "bytes", "manifest_bytes", "files", "rank_bytes", "writer_threads"}
 
 
 def events(home: pathlib.Path, kind: str) -> list[dict]:
@@ -58,9 +58,11 @@ def test_each_save_is_measured_and_recorded(mode, tmp_path, caplog):
         assert r["files"] == len(manifest["files"])
         # in order: the loop is released, the shards are on local disk, uploaded, then the manifest published
         assert 0 <= r["write_s"] <= r["upload_s"] <= r["total_s"]
+        # checksumming sits between the local write and the upload; pruning is timed on its own
+        assert 0 <= r["hash_s"] and r["write_s"] + r["hash_s"] <= r["upload_s"] and r["prune_s"] >= 0
         assert 0 < r["blocking_s"] and r["wait_prev_s"] <= r["blocking_s"]
         if mode == "sync":
-            assert r["blocking_s"] >= r["total_s"]  # a sync save holds the loop until it is published
+            assert r["blocking_s"] >= r["total_s"]  # a sync save holds the loop until it is published (not pruned)
         else:
             assert r["blocking_s"] <= r["total_s"]
     assert [{k: v for k, v in e.items() if k != "uri"} for e in ck.events] == rows  # kept in memory too
