@@ -52,6 +52,7 @@ done
 "$PY" - "$OUT" $MODES <<'PY'
 import json, sys
 from pathlib import Path
+from gptoss_cloud.trainer.ckpt_stats import checkpoint_line
 out, modes = Path(sys.argv[1]), sys.argv[2:]
 for f in sorted(out.glob("*.metrics.jsonl")):
     rid = f.name[: -len(".metrics.jsonl")]
@@ -70,9 +71,7 @@ for f in sorted(out.glob("*.metrics.jsonl")):
               f"{sum(r['tokens_per_s_per_gpu'] for r in late) / n:.0f} tok/s/GPU")
     for r in rows:
         if r.get("event") == "checkpoint":
-            print(f"checkpoint step {r['step']} ({r['mode']}): blocking {r['blocking_s']}s, written {r['write_s']}s, "
-                  f"uploaded {r['upload_s']}s, published {r['total_s']}s, {r['bytes'] / 1e9:.2f} GB shards "
-                  f"({r['files']} files, {r['manifest_bytes'] / 1e9:.2f} GB)")
+            print(checkpoint_line(r))  # the trainer's own one-line form of the event
         if r.get("event") == "merge":
             print(f"merge: {r['wall_s']}s, {r['bytes_written'] / 1e9:.2f} GB written, peak host memory {r['peak_rss_gib']} GiB "
                   f"({r['peak_rss_scope']}; {r['rss_start_gib']} GiB at start)")
