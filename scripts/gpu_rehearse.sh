@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Two-node rehearsal on one GPU host (issue 12): two torchrun node groups started with exactly the
-# environment the rendered JobSet gives its pods, training the 20b shape at 2 layers (full fine-tune)
+# environment the rendered JobSet gives its pods, training the 20b shape at 1 layer (full fine-tune)
 # together, checkpoints to a local S3-compatible server (moto) started here. Node group 1 is
 # SIGKILLed once step $KILL_AT_STEP's checkpoint is published; all groups restart as JobSet's failure
 # policy would, and the losses after the resume are compared with an uninterrupted run of the same spec.
@@ -13,17 +13,17 @@
 # Or keep the S3 server's packages apart from the trainer's (they must not shadow torch's jinja2 & co.):
 #   pip install --no-index --no-deps --target /tmp/moto-site <moto, flask, werkzeug, ... wheels>
 #   MOTO_SITE=/tmp/moto-site OUT=... bash scripts/gpu_rehearse.sh    # the server alone runs with it
-# Disk and memory: one checkpoint is ~34 GB. The S3 server keeps objects in memory (MOTO_IN_MEMORY=1,
-# the default; host RAM >= 128 GiB) and the node groups' pod folders (local checkpoint copies) go
-# under $WORK (default /tmp). $OUT receives only small files: report.json, node logs, metrics, versions.
+# Disk and memory: one checkpoint is ~24 GB. The S3 server keeps objects in memory (MOTO_IN_MEMORY=1,
+# the default; host RAM >= 128 GiB); the reference run's home (only its metrics are compared) and the
+# node groups' pod folders (local checkpoint copies) go under $WORK (default /tmp). $OUT receives only small files: report.json, node logs, metrics, versions.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-$PWD/rehearse-out}"
 PY="${PYTHON:-python3}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-1}"
-SPEC="${SPEC:-$REPO/examples/gpu-rehearse-20b-L2-full.yaml}"
-KILL_AT_STEP="${KILL_AT_STEP:-4}"
+SPEC="${SPEC:-$REPO/examples/gpu-rehearse-20b-L1-full.yaml}"
+KILL_AT_STEP="${KILL_AT_STEP:-3}"
 TOLERANCE="${TOLERANCE:-5e-3}"   # relative per-step loss difference; bf16 GPU kernels are not bitwise deterministic
 TIMEOUT="${TIMEOUT:-3000}"
 WORK="${WORK:-/tmp/gptoss-rehearse-work}"
@@ -86,9 +86,9 @@ boto3.client("s3").create_bucket(Bucket=sys.argv[1])
 print("bucket", sys.argv[1], "at", os.environ["AWS_ENDPOINT_URL"])
 PY
 
-RUN_ID="${RUN_ID:-rehearse-20b-l2-$(date -u +%Y%m%d-%H%M%S)}"
+RUN_ID="${RUN_ID:-rehearse-20b-l1-$(date -u +%Y%m%d-%H%M%S)}"
 CMD=(gptoss-cloud rehearse "$SPEC" --nodes 2 --gpus-per-node "$GPUS_PER_NODE" --kill-node 1
-     --kill-at-step "$KILL_AT_STEP" --reference --store "s3://$BUCKET/runs" --run-id "$RUN_ID"
+     --kill-at-step "$KILL_AT_STEP" --reference --reference-store "$WORK/reference-runs" --store "s3://$BUCKET/runs" --run-id "$RUN_ID"
      --out "$OUT/report.json" --out-dir "$OUT/logs" --tolerance "$TOLERANCE" --timeout "$TIMEOUT" --grace 30)
 echo "== ${CMD[*]}" | tee "$OUT/command.txt"
 "$PY" -m gptoss_cloud.main "${CMD[@]:1}" 2>&1 | tee "$OUT/rehearse.log"

@@ -31,6 +31,7 @@ def rehearse(
     grace: Annotated[float, typer.Option("--grace", min=0, help="seconds between SIGTERM and SIGKILL when groups are torn down")] = 10.0,
     tolerance: Annotated[float, typer.Option("--tolerance", min=0, help="largest relative per-step loss difference from the reference")] = 1e-4,
     keep_reference: Annotated[bool, typer.Option("--keep-reference", help="keep the reference run's checkpoints (default: removed once it ends; only its metrics are compared)")] = False,
+    reference_store: Annotated[Optional[str], typer.Option("--reference-store", help="store (folder or s3://) for the reference run's home (default: the run's store); only its metrics are read, so a local folder keeps its checkpoints off a slow S3 server")] = None,
 ) -> None:
     """Rehearse a multi-node run on this host with exactly the environment the rendered JobSet gives its pods."""
     from rich.console import Console
@@ -43,7 +44,7 @@ def rehearse(
     out_dir = out_dir or Path(f"rehearse-{rid}")
     opts = RehearseOptions(nodes=nodes, gpus_per_node=gpus_per_node, kill_node=kill_node, kill_at_step=kill_at_step,
                            reference=reference, run_id=rid, out_dir=out_dir, timeout_s=timeout, grace_s=grace,
-                           tolerance=tolerance, keep_reference=keep_reference)
+                           tolerance=tolerance, keep_reference=keep_reference, reference_store=reference_store)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     report = run_rehearsal(s, opts, echo=lambda line: err.print(f"[dim]rehearse:[/] {line}"))
     report["spec"] = str(spec)

@@ -1,7 +1,7 @@
 """`gptoss-cloud rehearse` for real on CPU: the rendered JobSet's pods as 2 torchrun node groups of one
 gloo process each, checkpoints to the S3 test server, node group 1 SIGKILLed after step 2's checkpoint
 is published, every group restarted with the same run id, and the resumed losses compared with an
-uninterrupted run of the same groups. About a minute on 2 cores."""
+uninterrupted run of the same groups (its home in a local folder, as the GPU rehearsal keeps it). About a minute on 2 cores."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def test_kill_a_node_group_and_resume_like_an_uninterrupted_run(s3_bucket, s3_en
     exe = Path(sys.executable).with_name("gptoss-cloud")
     run_id = "rehearse-tiny-1"
     r = subprocess.run([str(exe), "rehearse", str(spec), "--nodes", "2", "--gpus-per-node", "1", "--kill-node", "1",
-                        "--kill-at-step", "2", "--reference", "--run-id", run_id, "--out-dir", str(out_dir),
+                        "--kill-at-step", "2", "--reference", "--reference-store", str(tmp_path / "ref-runs"),
+                        "--run-id", run_id, "--out-dir", str(out_dir),
                         "--out", str(report_path), "--grace", "5", "--timeout", "300"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=360)
     logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(out_dir.rglob("node-*.log")))
@@ -65,10 +66,12 @@ def test_kill_a_node_group_and_resume_like_an_uninterrupted_run(s3_bucket, s3_en
     cmd = rep["group_commands"][1]
     assert "--node-rank=1" in cmd and "--nnodes=2" in cmd and "--nproc-per-node=1" in cmd and cmd[-1] == run_id
 
-    # The rehearsed run ends with its final checkpoint published; the reference's checkpoints were removed
-    # once it ended (only its metrics are compared), which frees the store for the rehearsed run.
+    # The rehearsed run ends with its final checkpoint published; the reference ran in its own store
+    # (--reference-store: only its metrics are compared) and its checkpoints were removed once it ended.
     assert list_published(open_store(f"{s3_bucket}/{run_id}").child("checkpoints"))[0] == 4
-    ref_home = open_store(f"{s3_bucket}/{rep['reference']['run_id']}")
+    assert rep["reference"]["home"] == str(tmp_path / "ref-runs" / rep["reference"]["run_id"])
+    assert not open_store(f"{s3_bucket}/{rep['reference']['run_id']}").list("")
+    ref_home = open_store(rep["reference"]["home"])
     assert rep["reference"]["checkpoints_removed"] > 0 and ref_home.list("checkpoints") == []
     assert ref_home.exists("metrics.jsonl")
     assert (out_dir / "node-0.log").is_file() and (out_dir / "node-1.log").is_file()

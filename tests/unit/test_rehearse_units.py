@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 
 from gptoss_cloud.errors import BackendError, SpecError
 from gptoss_cloud.main import app
-from gptoss_cloud.rehearse import RehearseOptions, compare_losses, first_step_logged, prepare_spec, read_losses
+from gptoss_cloud.rehearse import (
+    RehearseOptions, compare_losses, first_step_logged, prepare_spec, read_losses, reference_spec, rehearse,
+)
 from gptoss_cloud.rehearse_pods import base_environ, expand, plan_groups, render
 from gptoss_cloud.render import k8s as K
 from gptoss_cloud.spec import RunSpec
@@ -129,6 +131,25 @@ def test_relative_local_store_becomes_absolute(tmp_path, monkeypatch):
     assert s.output.store == str(tmp_path / "runs")
 
 
+def test_reference_run_can_keep_its_home_elsewhere(tmp_path, monkeypatch):
+    """--reference-store: the reference's checkpoints go to a local folder, the rehearsed run keeps its store."""
+    monkeypatch.chdir(tmp_path)
+    s = prepare_spec(make_spec(**{"output.store": "s3://bucket/runs"}), RehearseOptions())
+    assert reference_spec(s, RehearseOptions()) is s
+    ref = reference_spec(s, RehearseOptions(reference_store="./ref-runs"))
+    assert ref.output.store == str(tmp_path / "ref-runs") and s.output.store == "s3://bucket/runs"
+    assert ref.model_dump(exclude={"output"}) == s.model_dump(exclude={"output"})
+    # A reference home already in use there is refused before anything starts, naming where.
+    used = tmp_path / "ref-runs" / f"{RID}-ref"
+    used.mkdir(parents=True)
+    (used / "metrics.jsonl").write_text("{}\n")
+    spec = make_spec(**{"output.store": str(tmp_path / "runs")})
+    opts = RehearseOptions(reference=True, run_id=RID, reference_store=str(tmp_path / "ref-runs"), out_dir=tmp_path / "out")
+    with pytest.raises(SpecError, match=f"{RID}-ref is already used: {used}"):
+        rehearse(spec, opts, gpus=0)
+    assert not (tmp_path / "out").exists()
+
+
 def test_weights_fetching_init_containers_are_refused():
     with pytest.raises(BackendError, match="init containers \\(fetch-weights\\)"):
         render(make_spec(**{"model.name": "20b", "model.init": "pretrained"}), RID)
@@ -214,15 +235,16 @@ def test_a_group_is_killed_with_every_process_it_started():
 
 @pytest.mark.parametrize("per_node", [1, 4])
 def test_the_gpu_rehearsal_spec_is_accepted_as_the_script_runs_it(tmp_path, per_node):
-    """scripts/gpu_rehearse.sh: 2 groups x GPUS_PER_NODE, node 1 killed after step 4's checkpoint."""
+    """scripts/gpu_rehearse.sh: 2 groups x GPUS_PER_NODE, node 1 killed after step 3's checkpoint."""
     from gptoss_cloud.spec import load_spec
 
-    spec = load_spec(Path(__file__).resolve().parents[2] / "examples" / "gpu-rehearse-20b-L2-full.yaml", environ={})
-    s = prepare_spec(spec, RehearseOptions(nodes=2, gpus_per_node=per_node, kill_node=1, kill_at_step=4, reference=True))
+    spec = load_spec(Path(__file__).resolve().parents[2] / "examples" / "gpu-rehearse-20b-L1-full.yaml", environ={})
+    s = prepare_spec(spec, RehearseOptions(nodes=2, gpus_per_node=per_node, kill_node=1, kill_at_step=3, reference=True,
+                                                   reference_store=str(tmp_path / "ref")))
     plans, _ = plan_groups(render(s, RID), tmp_path, gpus=8, environ={})
     assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == [",".join(str(g + i * per_node) for g in range(per_node))
                                                              for i in range(2)]
-    assert (s.model.name, s.model.layers, s.method.kind, s.checkpoint.every_steps) == ("20b", 2, "full", 4)
+    assert (s.model.name, s.model.layers, s.method.kind, s.checkpoint.every_steps) == ("20b", 1, "full", 3)
 
 
 def test_a_used_run_id_is_refused(tmp_path):
