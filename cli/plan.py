@@ -67,6 +67,7 @@ ALLOCATOR_OVERHEAD_OFFLOAD = 1.0           # the buffers above are what the cach
 # the partitioner recomputes cheap elementwise ops in backward instead of saving their outputs, and
 # fused kernels need fewer temporaries. 20b LoRA on H100/H200: the saved activations of all layers
 # 0.61-0.70 of eager's (4,096 tokens), one recomputed layer's working set 0.35-0.64 (4K and 64K).
+LORA_EXPERT_WORKING_COPIES = 3             # LoRA on experts: W + B·A, B·A and the gradient of W + B·A, per layer
 COMPILED_SAVED_FACTOR = 0.70
 COMPILED_RECOMPUTE_FACTOR = 0.50
 CUDA_CONTEXT_GIB = 0.6                     # CUDA context + cuBLAS workspaces, outside torch's reserved memory
@@ -249,6 +250,18 @@ def _gpu_components(shape: ModelShape, spec: RunSpec) -> dict[str, float]:
         out["one layer recomputed + its grads"] = layer * BACKWARD_LAYER_FACTOR * (COMPILED_RECOMPUTE_FACTOR if compiled else 1.0)
     else:  # + the gradient working set of one layer
         out["activations (all layers)"] = (shape.num_hidden_layers * layer + layer) * (COMPILED_SAVED_FACTOR if compiled else 1.0)
+    lora = spec.method.lora
+    if not full and lora.experts:
+        # peft adapts the 3-D expert weights through a parametrization: every access builds W + B·A
+        # whole (the layer's gathered bf16 experts), backward builds its gradient too. Recomputed
+        # layers hold that for one layer at a time; otherwise each adapted layer keeps its W + B·A.
+        # From the mechanism, not yet measured on a GPU.
+        w = shape.num_local_experts * shape.expert_params * BF16
+        adapted = len(lora.expert_layers) if lora.expert_layers is not None else shape.num_hidden_layers
+        if recompute_on(spec, shape):
+            out["LoRA experts: W + B·A, B·A and its gradient (one layer)"] = LORA_EXPERT_WORKING_COPIES * w
+        else:
+            out["LoRA experts: W + B·A kept per adapted layer"] = adapted * w + (LORA_EXPERT_WORKING_COPIES - 1) * w
     if attention_kind(spec) == "eager":
         out["eager attention scores (one layer)"] = eager_attention_bytes(shape, b, s)
     chunk = min(spec.kernels.loss_chunk_tokens, tokens)

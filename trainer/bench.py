@@ -94,7 +94,9 @@ class BenchOptions:
 # ------------------------------------------------------------------------------------------ variants
 VARIANT_KEYS = {"experts": ("eager", "grouped_mm", "fused"), "attention": ("eager", "flex", "hf_flex"),
                 "offload": ("yes", "no"), "base": ("bf16", "mxfp4"), "recompute": ("auto", "full", "selective", "none"),
-                "dequant": ("auto", "torch", "triton", "gemm"), "compile": ("yes", "no")}
+                "dequant": ("auto", "torch", "triton", "gemm"), "compile": ("yes", "no"),
+                # LoRA r on the experts too (method.lora.experts): of every layer, or of the layers named.
+                "lora_experts": ("no", "all", "N+N+...")}
 
 
 def parse_variant(text: str, opts: BenchOptions, on_gpu: bool) -> Variant:
@@ -105,7 +107,10 @@ def parse_variant(text: str, opts: BenchOptions, on_gpu: bool) -> Variant:
         key, value = key.strip(), value.strip()
         if not sep or key not in VARIANT_KEYS:
             raise ValueError(f"--variant {text!r}: {item!r} is not KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)}")
-        if value not in VARIANT_KEYS[key]:
+        if key == "lora_experts" and value not in ("no", "all") and expert_layers(value) is None:
+            raise ValueError(f"--variant {text!r}: lora_experts must be no, all or layer numbers joined by '+' "
+                             f"(e.g. 0+12+24), got {value!r}")
+        if key != "lora_experts" and value not in VARIANT_KEYS[key]:
             raise ValueError(f"--variant {text!r}: {key} must be one of {', '.join(VARIANT_KEYS[key])}, got {value!r}")
         kv[key] = value
     overrides = {}
@@ -114,10 +119,21 @@ def parse_variant(text: str, opts: BenchOptions, on_gpu: bool) -> Variant:
             overrides[key] = kv[key] == "yes"
     if "base" in kv:
         overrides["base_format"] = kv["base"]
-    for key in ("recompute", "dequant"):
+    for key in ("recompute", "dequant", "lora_experts"):
         if key in kv:
             overrides[key] = kv[key]
+    if overrides.get("lora_experts", "no") != "no":
+        if opts.method != "lora":
+            raise ValueError(f"--variant {text!r}: lora_experts needs --method lora")
+        if overrides.get("base_format", opts.base_format) == "mxfp4":
+            raise ValueError(f"--variant {text!r}: lora_experts cannot adapt experts kept in MXFP4 (base=mxfp4)")
     return ours_variant(opts, on_gpu, kv.get("experts"), kv.get("attention"), overrides)
+
+
+def expert_layers(value: str) -> list[int] | None:
+    """``0+12+24`` -> [0, 12, 24]; None when it is not that form."""
+    parts = value.split("+")
+    return [int(p) for p in parts] if all(p.isdigit() for p in parts) else None
 
 
 def ours_variant(opts: BenchOptions, on_gpu: bool, experts: str | None = None, attention: str | None = None,
@@ -135,6 +151,8 @@ def ours_variant(opts: BenchOptions, on_gpu: bool, experts: str | None = None, a
         notes.append("compiled layers")
     if eff["offload"]:
         notes.append("cpu offload")
+    if (le := (overrides or {}).get("lora_experts", "no")) != "no":
+        notes.append("LoRA on experts" + ("" if le == "all" else f" of layers {le.replace('+', ', ')}"))
     name = f"ours ({experts} + {attention}{''.join(', ' + n for n in notes)})"
     return Variant(name, "ours", experts, attention, tuple(sorted((overrides or {}).items())))
 

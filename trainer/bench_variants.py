@@ -41,6 +41,7 @@ OVERRIDES = {
     "recompute": ("auto", "full", "none", "selective"),
     "dequant": ("auto", "torch", "triton", "gemm"),
     "compile": (True, False),
+    "lora_experts": ("no", "all", "N+N+..."),  # LoRA on the experts of every layer / of the layers named
 }
 
 
@@ -85,6 +86,7 @@ class Setup:
     recompute: str = "auto"  # auto: as the trainer (planner decides); full; none; selective: GEMM outputs kept
     dequant: str = "auto"  # MXFP4 experts: auto (Triton when installed) | torch ops | the Triton kernel
     compile: bool | None = None  # torch.compile each decoder layer's forward (None: on GPU)
+    lora_experts: str = "no"  # LoRA on experts too: "no", "all", or layer numbers joined by "+"
 
     def shape(self) -> ModelShape:
         return shape_for(self.model, layers=self.layers)
@@ -131,10 +133,19 @@ def hf_config(shape: ModelShape, variant: Variant, device_type: str = "cuda"):
     return M.build_config(shape, ATTENTION[variant.attention], variant.experts)
 
 
+def lora_dict(setup: Setup) -> dict:
+    """The run spec's ``method.lora`` for this setup (attention always; experts as ``lora_experts`` says)."""
+    out = {"r": setup.lora_r, "alpha": 2 * setup.lora_r}
+    if setup.lora_experts != "no":
+        out["experts"] = True
+        out["expert_layers"] = None if setup.lora_experts == "all" else [int(x) for x in setup.lora_experts.split("+")]
+    return out
+
+
 def method_section(setup: Setup):
     from gptoss_cloud.spec import LoraSection, MethodSection
 
-    return MethodSection(kind=setup.method, lora=LoraSection(r=setup.lora_r, alpha=2 * setup.lora_r))
+    return MethodSection(kind=setup.method, lora=LoraSection(**lora_dict(setup)))
 
 
 def plan_spec(setup: Setup, variant: Variant, gpus: int, gpu_type: str = "H100", gpu_memory_gib: float | None = None):
@@ -145,7 +156,7 @@ def plan_spec(setup: Setup, variant: Variant, gpus: int, gpu_type: str = "H100",
     return RunSpec.model_validate({
         "model": {"name": setup.model, "init": "random", "layers": setup.layers, "base_format": setup.base_format},
         "data": {"max_seq_len": setup.seq},
-        "method": {"kind": setup.method, "lora": {"r": setup.lora_r, "alpha": 2 * setup.lora_r}},
+        "method": {"kind": setup.method, "lora": lora_dict(setup)},
         "optim": {"micro_batch_size": 1, "grad_accum": 1},
         "parallelism": {"nodes": 1, "gpus_per_node": gpus, "cpu_offload": setup.offload, "activation_checkpointing": ac},
         "kernels": {"experts": variant.experts, "attention": "eager" if variant.attention == "eager" else "flex",

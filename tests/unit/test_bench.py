@@ -181,6 +181,24 @@ def test_profile_categories_attribute_each_op_once():
     assert s["host_ranges_ms"] == {"Optimizer.step#AdamW.step": 3.0}
 
 
+def test_lora_on_experts_is_a_variant_of_ours(tmp_path):
+    """lora_experts=all|0+12: method.lora.experts for the build and the planner; trains on CPU."""
+    from gptoss_cloud.trainer.bench_variants import method_section, plan_spec
+
+    opts = tiny(variant_specs=["lora_experts=no", "lora_experts=1"], baseline=False)
+    vs = B.variants(opts, on_gpu=False)
+    assert [v.name for v in vs] == ["ours (eager + eager)", "ours (eager + eager, LoRA on experts of layers 1)"]
+    eff = vs[1].apply(opts.setup())
+    lora = method_section(eff).lora
+    assert (lora.experts, lora.expert_layers) == (True, [1])
+    assert plan_spec(eff, vs[1], 1).method.lora.expert_layers == [1]
+    assert method_section(B.parse_variant("lora_experts=all", opts, False).apply(opts.setup())).lora.expert_layers is None
+    r = B.run_benchmark(opts, runner=B.run_in_process)
+    plain, experts = r["results"]
+    assert plain["status"] == experts["status"] == "ok"
+    assert experts["trainable_params"] > plain["trainable_params"]  # layer 1's experts carry adapters too
+
+
 def test_profiled_cpu_bench_reports_where_the_step_goes(tmp_path):
     r = B.run_benchmark(tiny(profile=True, variant_specs=["recompute=selective"]), runner=B.run_in_process)
     prof = r["results"][0]["profile"]
@@ -200,6 +218,9 @@ def test_profiled_cpu_bench_reports_where_the_step_goes(tmp_path):
     (dict(variant_specs=["speed=2"]), "'speed=2' is not KEY=VALUE with KEY one of"),
     (dict(variant_specs=["recompute"]), "'recompute' is not KEY=VALUE"),
     (dict(variant_specs=["offload=yes"]), "offload shards states over FSDP2 ranks"),
+    (dict(variant_specs=["lora_experts=some"]), "lora_experts must be no, all or layer numbers joined by"),
+    (dict(variant_specs=["lora_experts=all,base=mxfp4"]), "cannot adapt experts kept in MXFP4"),
+    (dict(method="full", variant_specs=["lora_experts=0"]), "lora_experts needs --method lora"),
 ])
 def test_bad_options_are_refused_before_anything_is_built(kw, msg):
     with pytest.raises(ValueError, match=msg):

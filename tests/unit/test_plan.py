@@ -234,3 +234,20 @@ def test_auto_recompute_keeps_activations_when_they_fit_and_recomputes_when_not(
     assert long.gpu_total_gib == memory_plan(spec(gpus=1, seq=65536, ac=True)).gpu_total_gib
     # Without recomputation a token costs a third fewer FLOPs (LoRA: 4N instead of 6N on the dense part).
     assert flops_per_token(GPT_OSS_20B, spec(gpus=1, ac="auto")) < flops_per_token(GPT_OSS_20B, spec(gpus=1, ac=True))
+
+
+def test_lora_on_experts_plans_the_parametrized_weights():
+    """peft builds W + B·A for a layer's experts whole: with recomputation one layer's worth (x3), without
+    it one per adapted layer; the LoRA parameters themselves are small."""
+    def plan_of(experts, layers, ac):
+        return memory_plan(RunSpec.model_validate({
+            "model": {"name": "20b"}, "method": {"kind": "lora", "lora": {"experts": experts, "expert_layers": layers}},
+            "parallelism": {"nodes": 1, "gpus_per_node": 1, "activation_checkpointing": ac}}), suggest=False)
+
+    layer = GPT_OSS_20B.num_local_experts * GPT_OSS_20B.expert_params * 2 / GiB
+    base = plan_of(False, None, True).gpu
+    on = plan_of(True, [0, 12], True).gpu
+    assert on["LoRA experts: W + B·A, B·A and its gradient (one layer)"] == pytest.approx(3 * layer, rel=1e-3)
+    off = plan_of(True, [0, 12], False).gpu
+    assert off["LoRA experts: W + B·A kept per adapted layer"] == pytest.approx((2 + 2) * layer, rel=1e-3)
+    assert not any("LoRA experts" in k for k in base)
