@@ -37,6 +37,8 @@ for part in $PARTS; do
       run 120b-L4-lora-2gpu --model 120b --layers 4 --method lora --seq 4096 --gpus 2 ;;
   esac
 done
-echo "4-GPU (issue 11, full depth, bf16 base): gptoss-cloud bench --model 120b --method lora --seq 4096 --gpus 4 --baseline --profile"
+echo "4-GPU (issue 11, full depth, bf16 base; planned 77.2 GiB/GPU on H100, fits H200):"
+echo "  gptoss-cloud bench --model 120b --method lora --seq 4096 --gpus 4 --baseline --profile"
+echo "  LoRA on experts of 3 layers too (planned +19 GiB: 8 x H100 or 4 x H200): add --variant lora_experts=no --variant lora_experts=0+18+35"
 echo "1-GPU (MXFP4 base, full depth):          gptoss-cloud bench --model 120b --method lora --seq 4096 --base-format mxfp4 --profile"
 tar -C "$OUT" -czf "$OUT/logs.tar.gz" logs && rm -rf "$OUT/logs"
