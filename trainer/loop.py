@@ -24,6 +24,7 @@ from torch import nn
 
 from gptoss_cloud.spec import OptimSection
 
+from .kernels.loss import IGNORE_INDEX, shift_packed_labels
 from .model import Batch, run_batch
 from .parallel import DistInfo, all_reduce_sum
 
@@ -200,15 +201,30 @@ class Loop:
         self.state = TrainState(self.module, self.optimizer, self.scheduler, DataPosition(len(self.samples), self.optim.seed, self.shuffle))
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.aux_coef = self.optim.router_aux_loss_coef
+        self._token_counts: dict[int, tuple[int, int]] = {}
 
     # ------------------------------------------------------------------------------------ one step
-    def _micro_batches(self) -> list[Batch]:
+    def _micro_batches(self) -> tuple[list[Batch], list[int]]:
+        """This rank's micro-batches, and the sample indices every rank trains on this step."""
         mb, W, r = self.optim.micro_batch_size, self.info.world_size, self.info.rank
-        out = []
+        out, everyone = [], []
         for _ in range(self.optim.grad_accum):
-            idx = self.state.data.take(mb * W)[r * mb:(r + 1) * mb]
+            step_idx = self.state.data.take(mb * W)
+            idx = step_idx[r * mb:(r + 1) * mb]
             out.append(Batch.from_samples([self.samples[i] for i in idx], self.info.device))
-        return out
+            everyone += step_idx
+        return out, everyone
+
+    def _tokens(self, i: int) -> tuple[int, int]:
+        """(trained, processed) positions of sample ``i``, counted on the host once. Every rank holds every
+        sample, so each rank sums the whole step's counts itself: no collective and no device sync
+        before the forward."""
+        got = self._token_counts.get(i)
+        if got is None:
+            s = self.samples[i]
+            targets = shift_packed_labels(torch.tensor([s.labels], dtype=torch.long), [list(s.seq_lens)])
+            got = self._token_counts[i] = (int((targets != IGNORE_INDEX).sum()), len(s.input_ids))
+        return got
 
     def _forward(self, batch: Batch):
         ctx = torch.autocast(self.info.device.type, dtype=torch.bfloat16) if self.autocast else _null()
@@ -218,38 +234,37 @@ class Loop:
     def train_step(self) -> StepStats:
         t0 = time.perf_counter()
         self.module.train()
-        batches = self._micro_batches()
-        local = torch.tensor([sum(b.trained_tokens for b in batches), sum(b.input_ids.numel() for b in batches)],
-                             dtype=torch.float64, device=self.info.device)
-        trained_global, processed_global = (int(x) for x in all_reduce_sum(local, self.info).tolist())
-        t_data = time.perf_counter()  # .tolist() waited for the device: the data phase is done
+        batches, everyone = self._micro_batches()
+        counts = [self._tokens(i) for i in everyone]
+        trained_global, processed_global = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        t_data = time.perf_counter()
         scale = self.info.world_size / max(1, trained_global)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.info.device)
-        aux_sum = 0.0
+        aux_sum = torch.zeros((), dtype=torch.float64, device=self.info.device)
         for b in batches:
             ls, _, aux = self._forward(b)
             total = ls * scale
             if self.aux_coef and aux is not None:
                 total = total + self.aux_coef * aux / len(batches)
-                aux_sum += float(aux.detach()) / len(batches)
+                aux_sum += aux.detach().double() / len(batches)
             total.backward()
             loss_sum += ls.detach().double()
         split = self.step_split
         if split:
             self._sync()  # backward's kernels (and FSDP's gradient reduce-scatters) finish here
         t_bwd = time.perf_counter()
-        grad_norm = self._clip()
+        norm = self._clip()  # a device tensor: reading it here would stall the launch of the optimizer step
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if split:
             self._sync()
         t_opt = time.perf_counter()
+        grad_norm = float(norm)
         loss_global = float(all_reduce_sum(loss_sum, self.info)) / max(1, trained_global)
         aux_mean = None
         if self.aux_coef:
-            a = all_reduce_sum(torch.tensor(aux_sum, dtype=torch.float64, device=self.info.device), self.info)
-            aux_mean = float(a) / self.info.world_size
+            aux_mean = float(all_reduce_sum(aux_sum, self.info)) / self.info.world_size
         self.state.step += 1
         self.state.tokens += trained_global
         stats = StepStats(self.state.step, loss_global, self.scheduler.get_last_lr()[0], grad_norm, trained_global,
@@ -263,11 +278,11 @@ class Loop:
         if self.info.device.type == "cuda":
             torch.cuda.synchronize(self.info.device)
 
-    def _clip(self) -> float:
+    def _clip(self) -> torch.Tensor:
         max_norm = self.optim.max_grad_norm or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         full = getattr(norm, "full_tensor", None)
-        return float(full() if callable(full) else norm)
+        return full() if callable(full) else norm
 
     # ------------------------------------------------------------------------------------------ eval
     @torch.no_grad()
