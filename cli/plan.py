@@ -368,10 +368,12 @@ def with_settings(spec: RunSpec, **dotted: Any) -> RunSpec:
 
 
 def _with(spec: RunSpec, **dotted: Any) -> RunSpec:
-    data = spec.model_dump()
+    # Only what was set travels: a dumped default would count as set (cluster.gpu_memory_gib's 80 GiB
+    # would then override an H200's 141).
+    data = spec.model_dump(exclude_unset=True)
     for key, value in dotted.items():
         section, name = key.split("__")
-        data[section][name] = value
+        data.setdefault(section, {})[name] = value
     return RunSpec.model_validate(data)
 
 
@@ -567,6 +569,45 @@ class RunPlan:
 
     def to_dict(self) -> dict:
         return {"fits": self.fits, "params": self.params, "memory": asdict(self.memory), "disk": asdict(self.disk), "time": asdict(self.time)}
+
+
+@dataclass
+class LongestSeq:
+    tokens: int | None          # the longest data.max_seq_len that fits the GPUs (None: not even `step`)
+    gpu_total_gib: float | None  # what the plan needs per GPU at that length
+    gpu_capacity_gib: float
+    recompute: bool | None       # whether layers are recomputed at that length
+    step: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def longest_seq(spec: RunSpec, shape: ModelShape | None = None, *, step: int = 1024, limit: int = 1 << 21) -> LongestSeq:
+    """The longest ``data.max_seq_len`` (a multiple of ``step``, at most ``limit``) whose GPU memory plan
+    fits, with everything else as the spec says (``activation_checkpointing: auto`` switches on as the
+    sequence grows). A planner projection: measured long-context rows are in docs/benchmarks.md."""
+    shape = resolve_shape(spec, shape)
+
+    def plan_at(n: int) -> MemoryPlan:
+        return memory_plan(_with(spec, data__max_seq_len=n * step), shape, suggest=False)
+
+    def fits(n: int) -> bool:
+        mp = plan_at(n)
+        return mp.gpu_total_gib <= mp.gpu_capacity_gib
+
+    cap = plan_at(1).gpu_capacity_gib
+    if not fits(1):
+        return LongestSeq(None, None, cap, None, step)
+    # Memory grows with the length whether layers are recomputed or not, so "fits" flips once: bisect.
+    lo, hi = 1, limit // step
+    if fits(hi):
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    at = _with(spec, data__max_seq_len=lo * step)
+    return LongestSeq(lo * step, plan_at(lo).gpu_total_gib, cap, recompute_on(at, shape), step)
 
 
 def plan_run(

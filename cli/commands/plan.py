@@ -35,23 +35,36 @@ def plan(
     tokens: Annotated[Optional[float], typer.Option("--tokens", min=1, help="dataset size in tokens (for wall time when optim.max_steps is unset)")] = None,
     mfu: Annotated[Optional[float], typer.Option("--mfu", min=0.01, max=1.0, help="assumed model FLOPs utilisation (default 0.25)")] = None,
     output: Annotated[PlanFormat, typer.Option("-o", "--output", help="table | json")] = PlanFormat.table,
+    longest: Annotated[bool, typer.Option("--longest", help="also find the longest data.max_seq_len (a multiple of 1024) that fits these GPUs, all else as the spec says")] = False,
 ) -> None:
     """Plan memory, disk, time and cost for a run (exit 1 if it cannot fit). Talks to no server."""
-    from ..plan import plan_run
+    from ..plan import longest_seq, plan_run
 
     s = resolve(
         spec, model__name=model, parallelism__nodes=nodes, parallelism__gpus_per_node=gpus_per_node,
         method__kind=method.value if method else None, cluster__gpu_price_per_hour=gpu_price,
     )
-    rp = plan_run(s, local_shape(s.model.name, s.model.layers), dataset_tokens=tokens, gpu_price=gpu_price, mfu=mfu)
+    shape = local_shape(s.model.name, s.model.layers)
+    rp = plan_run(s, shape, dataset_tokens=tokens, gpu_price=gpu_price, mfu=mfu)
+    ls = longest_seq(s, shape) if longest else None
     if output is PlanFormat.json:
-        typer.echo(json.dumps(rp.to_dict(), indent=2))
+        typer.echo(json.dumps(rp.to_dict() | ({"longest_seq": ls.to_dict()} if ls else {}), indent=2))
     else:
         from rich.console import Console
 
         Console(highlight=False).print(*plan_tables(rp))
+        if ls:
+            Console(highlight=False).print(longest_line(ls))
     if not rp.fits:
         raise typer.Exit(1)
+
+
+def longest_line(ls) -> str:
+    if ls.tokens is None:
+        return f"longest data.max_seq_len: not even {ls.step:,} tokens fit {ls.gpu_capacity_gib:.1f} GiB per GPU"
+    return (f"longest data.max_seq_len that fits: {ls.tokens:,} tokens ({ls.gpu_total_gib:.1f} of "
+            f"{ls.gpu_capacity_gib:.1f} GiB per GPU, layers {'recomputed' if ls.recompute else 'not recomputed'}; "
+            f"a projection)")
 
 
 def local_shape(model: str, layers: int | None):

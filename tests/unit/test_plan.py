@@ -8,7 +8,7 @@ import pytest
 
 from gptoss_cloud.errors import PlanError, SpecError
 from gptoss_cloud.plan import (
-    GiB, check_fit, disk_plan, flops_per_token, lora_params, memory_plan, plan_run, time_plan,
+    GiB, check_fit, disk_plan, flops_per_token, longest_seq, lora_params, memory_plan, plan_run, time_plan,
 )
 from gptoss_cloud.shapes import GPT_OSS_20B, GPT_OSS_120B
 from gptoss_cloud.spec import RunSpec
@@ -251,3 +251,46 @@ def test_lora_on_experts_plans_the_parametrized_weights():
     off = plan_of(True, [0, 12], False).gpu
     assert off["LoRA experts: W + B·A kept per adapted layer"] == pytest.approx((2 + 2) * layer, rel=1e-3)
     assert not any("LoRA experts" in k for k in base)
+
+
+def _one_gpu(model: str, base: str = "bf16", gpu: str = "H100") -> RunSpec:
+    return RunSpec.model_validate({"model": {"name": model, "base_format": base}, "method": {"kind": "lora"},
+                                   "parallelism": {"nodes": 1, "gpus_per_node": 1}, "cluster": {"gpu_type": gpu}})
+
+
+def test_longest_sequence_is_the_edge_of_the_plan():
+    from gptoss_cloud.plan import _with
+
+    ls = longest_seq(_one_gpu("20b"))
+    assert ls.tokens % 1024 == 0 and ls.recompute  # auto turns recomputation on long before the edge
+    at = memory_plan(_with(_one_gpu("20b"), data__max_seq_len=ls.tokens), suggest=False)
+    past = memory_plan(_with(_one_gpu("20b"), data__max_seq_len=ls.tokens + 1024), suggest=False)
+    assert at.gpu_total_gib <= at.gpu_capacity_gib < past.gpu_total_gib
+    assert ls.gpu_total_gib == at.gpu_total_gib
+    # 64K trained on one H100 (docs/benchmarks.md); the MXFP4 base and a larger card go further.
+    assert 65536 < ls.tokens < longest_seq(_one_gpu("20b", "mxfp4")).tokens < longest_seq(_one_gpu("20b", "mxfp4", "H200")).tokens
+    none = longest_seq(_one_gpu("120b"))  # 120b's bf16 weights alone exceed one H100
+    assert none.tokens is None and none.gpu_total_gib is None
+
+
+def test_plan_longest_flag():
+    from typer.testing import CliRunner
+
+    from gptoss_cloud.main import app
+
+    r = CliRunner().invoke(app, ["plan", "--model", "20b", "--method", "lora", "--nodes", "1", "--gpus-per-node", "1",
+                                 "--longest", "-o", "json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)["longest_seq"]
+    assert got["tokens"] >= 65536 and got["step"] == 1024
+
+
+def test_changed_settings_keep_the_cards_memory():
+    """Trying other settings (recompute auto, suggestions, --longest) keeps an H200's 141 GB, not the 80 GB default."""
+    from gptoss_cloud.plan import _with, recompute_on
+
+    h200 = _one_gpu("20b", gpu="H200")
+    assert memory_plan(_with(h200, data__max_seq_len=8192), suggest=False).gpu_capacity_gib == pytest.approx(141 * 0.95)
+    # 20b LoRA at 16K tokens keeps every activation on an H200 but must recompute on an H100.
+    assert not recompute_on(_with(h200, data__max_seq_len=16384))
+    assert recompute_on(_with(_one_gpu("20b"), data__max_seq_len=16384))
