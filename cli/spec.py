@@ -168,7 +168,7 @@ class CheckpointSection(Section):
     local_dir: str | None = Field(None, description="local scratch for shards before upload")
     writer_threads: Union[Literal["auto"], Annotated[int, Field(ge=1, le=64)]] = Field(
         "auto", description="files each rank writes its shards into, written and checksummed in parallel (1-64). auto: "
-        "this rank's share of the CPU cores it may run on (cores / LOCAL_WORLD_SIZE), at most 8"
+        "this rank's share of the CPU cores it may use (affinity capped by a container's CPU limit, / LOCAL_WORLD_SIZE), at most 8"
     )
 
     @field_validator("writer_threads", mode="before")

@@ -93,11 +93,10 @@ def writer_threads(setting: int | str = "auto", environ=None) -> int:
     rank's share of the cores it may run on (affinity / LOCAL_WORLD_SIZE, the ranks on this node), 1-8."""
     if setting != "auto":
         return int(setting)
+    from gptoss_cloud.hostinfo import usable_cpus
+
     environ = os.environ if environ is None else environ
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # no affinity API (macOS)
-        cores = os.cpu_count() or 1
+    cores = usable_cpus()  # affinity, capped by a container's CPU limit
     try:
         local = max(1, int(environ.get("LOCAL_WORLD_SIZE") or 1))
     except ValueError:

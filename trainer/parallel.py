@@ -62,8 +62,11 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
 def offload_host_threads(info: DistInfo) -> int:
     """With CPU offload the optimizer step runs on the host: give each rank its share of the cores.
     torchrun sets OMP_NUM_THREADS=1 per worker, which left the offloaded Adam step single-threaded
-    (3.4 s of a 6.3 s step for the 20b shape at 6 layers on two H100s). ``GPTOSS_CPU_THREADS`` overrides."""
-    n = int(os.environ.get("GPTOSS_CPU_THREADS") or max(1, (os.cpu_count() or 1) // max(1, info.local_world_size)))
+    (3.4 s of a 6.3 s step for the 20b shape at 6 layers on two H100s). The cores are those the process
+    may use within its container's CPU limit. ``GPTOSS_CPU_THREADS`` overrides."""
+    from gptoss_cloud.hostinfo import usable_cpus
+
+    n = int(os.environ.get("GPTOSS_CPU_THREADS") or max(1, usable_cpus() // max(1, info.local_world_size)))
     torch.set_num_threads(n)
     return n
 

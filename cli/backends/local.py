@@ -319,8 +319,10 @@ def run_attempt(run_id: str, home: str, attempt: int, cmd: list[str], *, echo: b
     _write_json(sd / "run.json", rec)
 
     env = dict(os.environ)
-    # Share the cores between the ranks instead of torchrun's default of one thread each.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // rec["nproc"])))
+    # Share the cores (within a container's CPU limit) between the ranks instead of torchrun's one thread each.
+    from ..hostinfo import usable_cpus
+
+    env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // rec["nproc"])))
     env.setdefault("PYTHONUNBUFFERED", "1")
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=env, start_new_session=True)
