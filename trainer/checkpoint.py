@@ -26,7 +26,11 @@ the background thread; ``wait``/``close`` return after it). Seconds count from t
     step, mode            the step saved; "sync" or "async" (checkpoint.async_save)
     wait_prev_s           spent waiting for the previous save's background work (an async save's write and
                           publish, any save's clean-up) to finish (part of blocking_s)
-    blocking_s            until ``save`` returned to the loop (async: once async_save has staged the state)
+    blocking_s            until ``save`` returned to the loop (async: once async_save has staged the state, or
+                          with ``overlap_staging`` once the copy has started)
+    staged_s              (async with ``overlap_staging``) until the state was copied to host memory, in the
+                          background while the next step computes; the loop waits for it before the
+                          optimizer step changes the state (``before_update``)
     write_s               until this rank's shards were written to local disk (DCP finished)
     upload_s              until they were uploaded to the store (None when the store is that local folder)
     total_s               until rank 0 published the manifest (every rank's files uploaded)
@@ -200,10 +204,13 @@ def make_fetcher(ckpts, step: int, folder: Path, manifest: Manifest, where: str,
 
 class Checkpointer:
     def __init__(self, cfg, home: str, *, spec=None, local_dir: str | None = None, process_group=None,
-                 record_metrics: bool = True):
+                 record_metrics: bool = True, overlap_staging: bool = False):
         """``cfg`` is the spec's ``checkpoint`` section; ``home`` the run home URI (s3://… or a folder).
 
-        ``record_metrics``: rank 0 appends each save's measurements to ``<home>/metrics.jsonl``."""
+        ``record_metrics``: rank 0 appends each save's measurements to ``<home>/metrics.jsonl``.
+        ``overlap_staging``: an async save copies the state to host memory in the background instead of
+        before ``save`` returns; the caller promises to call :meth:`before_update` before it next changes
+        the state (the loop does, before each optimizer step)."""
         self.cfg = cfg
         self.home = str(home).rstrip("/")
         self.store = open_store(self.home)
@@ -223,6 +230,9 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.threads = writer_threads(getattr(cfg, "writer_threads", "auto"))
+        self.overlap_staging = overlap_staging
+        self._stager = None  # one DefaultStager per run: its pinned host buffers are reused by every save
+        self._staging = None  # the in-flight async save's staging future, until before_update()
         self.last_saved: int | None = None
         self.record_metrics = record_metrics
         self.events: list[dict] = []  # this rank's measurements, one per finished save (see the module doc)
@@ -295,8 +305,16 @@ class Checkpointer:
                               "upload_s": None, "total_s": None, "prune_s": None, "bytes": None,
                               "writer_threads": self.threads}
         if self.cfg.async_save:
-            resp = dcp.async_save(sd, storage_writer=writer, process_group=self.pg)
+            stager = self._async_stager() if self.overlap_staging else None
+            kw = {"async_stager": stager} if stager is not None else {}
+            resp = dcp.async_save(sd, storage_writer=writer, process_group=self.pg, **kw)
             ev["blocking_s"] = time.perf_counter() - t0  # set before the thread starts: it records the event
+            staging = getattr(resp, "staging_completion", None)
+            if self.overlap_staging and staging is not None:
+                # Staged (copied to host memory) while the next step computes; its upload follows.
+                ev["staged_s"] = None
+                staging.add_done_callback(lambda _f, ev=ev, t0=t0: ev.__setitem__("staged_s", time.perf_counter() - t0))
+                self._staging = staging
             fut = getattr(resp, "upload_completion", resp)
             self._thread = threading.Thread(target=self._background, args=(step, folder, fut, ev, t0), daemon=True,
                                             name=f"ckpt-publish-{step}")
@@ -332,7 +350,7 @@ class Checkpointer:
 
     def _record(self, ev: dict) -> None:
         """Keep this save's measurements; rank 0 logs them and appends them to metrics.jsonl."""
-        for k in ("blocking_s", "write_s", "hash_s", "upload_s", "total_s", "prune_s"):
+        for k in ("blocking_s", "staged_s", "write_s", "hash_s", "upload_s", "total_s", "prune_s"):
             if ev.get(k) is not None:
                 ev[k] = round(ev[k], 4)
         self.events.append(ev)
@@ -348,8 +366,32 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - a metrics hiccup must not fail a published checkpoint
                 log.warning("could not record checkpoint metrics for step %d: %s", ev["step"], e)
 
+    def before_update(self) -> None:
+        """Called before the saved state changes (each optimizer step): an async save still copying the
+        state to host memory in the background finishes that copy first. A no-op otherwise."""
+        staging, self._staging = self._staging, None
+        if staging is not None:
+            try:
+                staging.result()
+            except BaseException as e:
+                raise CheckpointError(f"staging a checkpoint for its async save failed: {e}") from e
+
+    def _async_stager(self):
+        """DCP's DefaultStager, copying in the background (None where this torch has no such stager:
+        async_save then stages before it returns, as without overlap_staging)."""
+        if self._stager is None:
+            try:
+                from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+            except ImportError:
+                return None
+            cuda = torch.cuda.is_available()  # pinned buffers and non-blocking copies only with a GPU
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                        use_async_staging=True, use_non_blocking_copy=cuda))
+        return self._stager
+
     def wait(self) -> None:
         """Block until this rank's part of the checkpoint in flight is uploaded (rank 0: published)."""
+        self.before_update()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -358,7 +400,12 @@ class Checkpointer:
             raise CheckpointError(f"saving a checkpoint failed: {err}") from err
 
     def close(self) -> None:
-        self.wait()
+        try:
+            self.wait()
+        finally:
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
 
     def _own_files(self, folder: Path) -> list[str]:
         own = [f"extra/rank-{self.rank}.json"]

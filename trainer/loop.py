@@ -104,6 +104,8 @@ class Checkpointer(Protocol):
     def maybe_save(self, step: int, state: TrainState, *, final: bool = False) -> None:
         """Called after every optimizer step, and once more with ``final=True`` at the end."""
 
+    # Optional: ``before_update()``, called before each optimizer step changes the state.
+
 
 class NoCheckpoints:
     def restore(self, state: TrainState) -> None:
@@ -254,6 +256,9 @@ class Loop:
             self._sync()  # backward's kernels (and FSDP's gradient reduce-scatters) finish here
         t_bwd = time.perf_counter()
         norm = self._clip()  # a device tensor: reading it here would stall the launch of the optimizer step
+        before_update = getattr(self.checkpointer, "before_update", None)
+        if before_update is not None:  # an async save may still be copying the state this step changes
+            before_update()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

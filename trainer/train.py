@@ -211,7 +211,8 @@ def run_training(spec: RunSpec, run_id: str, home: str, *, datasets: Any = None,
 
         if info.local_rank == 0:  # the store is reachable (and writable), and this node has room for two checkpoints
             preflight(spec, home, write=info.is_main)
-        checkpointer = Checkpointer(spec.checkpoint, home, spec=spec)
+        # The loop calls before_update() before each optimizer step, so async saves may stage in the background.
+        checkpointer = Checkpointer(spec.checkpoint, home, spec=spec, overlap_staging=True)
     ds = datasets if datasets is not None else build_data(spec, info)
     train, val = list(ds.train), list(getattr(ds, "validation", None) or [])
     shape = M.model_shape(spec.model) if M.is_random(spec.model) else None

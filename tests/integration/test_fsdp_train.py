@@ -52,6 +52,8 @@ def _spec():
         "method": {"kind": "lora", "lora": {"r": 4, "alpha": 8}},
         "optim": {"max_steps": 3, "lr": 5e-3, "warmup_steps": 1, "eval_every": 2, "log_every": 1},
         "parallelism": {"collective_timeout_s": 60},
+        # Async saves staged in the background across both ranks (the loop waits before each optimizer step).
+        "checkpoint": {"every_steps": 2, "async_save": True},
     })
 
 
@@ -76,6 +78,9 @@ def test_run_training_two_ranks(tmp_path):
     tmp.spawn(_worker, args=(port, str(home)), nprocs=2, join=True)
 
     lines = [json.loads(x) for x in (home / "metrics.jsonl").read_text().splitlines()]
+    saves = [x for x in lines if x.get("event") == "checkpoint"]
+    assert [(x["step"], x["mode"]) for x in saves] == [(2, "async"), (3, "async")]
+    assert all(0 < x["staged_s"] <= x["write_s"] for x in saves)
     lines = [x for x in lines if "event" not in x]  # step records only
     assert [x["step"] for x in lines[:3]] == [1, 2, 3]
     assert all(METRIC_KEYS <= set(x) for x in lines)
