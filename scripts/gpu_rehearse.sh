@@ -47,16 +47,7 @@ fi
 echo "== host" | tee "$OUT/env.txt"
 { nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
   df -h "$WORK" | tail -1; free -g | sed -n 2p
-  "$PY" - <<'PY'
-import platform, torch
-from importlib.metadata import version, PackageNotFoundError
-def v(p):
-    try: return version(p)
-    except PackageNotFoundError: return "missing"
-print("python", platform.python_version(), "| torch", torch.__version__, "cuda", torch.version.cuda,
-      "| transformers", v("transformers"), "| accelerate", v("accelerate"), "| gptoss-cloud", v("gptoss-cloud"),
-      "| moto", v("moto"), "| GPUs", torch.cuda.device_count())
-PY
+  "$PY" "$(dirname "$0")/versions.py" transformers accelerate gptoss-cloud moto
   date -u +%Y-%m-%dT%H:%M:%SZ; } 2>&1 | tee -a "$OUT/env.txt"
 
 echo "== S3-compatible server (moto) on 127.0.0.1"

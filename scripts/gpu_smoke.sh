@@ -26,17 +26,7 @@ status=0
 echo "== nvidia-smi"
 nvidia-smi || { echo "no nvidia-smi: not a GPU machine"; exit 1; }
 echo "== versions"
-"$PY" - <<'PY'
-import platform, torch
-from importlib.metadata import version, PackageNotFoundError
-def v(p):
-    try: return version(p)
-    except PackageNotFoundError: return "missing"
-print("python", platform.python_version(), "| torch", torch.__version__, "cuda", torch.version.cuda,
-      "| transformers", v("transformers"), "| peft", v("peft"), "| accelerate", v("accelerate"),
-      "| gptoss-cloud", v("gptoss-cloud"), "| pydantic", v("pydantic"), "| openai-harmony", v("openai-harmony"))
-print("GPUs:", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
-PY
+"$PY" "$(dirname "$0")/versions.py" transformers peft accelerate gptoss-cloud pydantic openai-harmony
 NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())')"
 
 EXTRA=()
