@@ -480,22 +480,11 @@ def disk_plan(spec: RunSpec, shape: ModelShape | None = None) -> DiskPlan:
 
 # ---------------------------------------------------------------------------------- time + cost
 def flops_per_token(shape: ModelShape, spec: RunSpec) -> float:
-    """Training FLOPs per token actually executed (recompute included).
+    """Training FLOPs per token actually executed (``flops.training_flops``; recomputation as resolved),
+    for rows of one ``max_seq_len`` document (packing shorter documents lowers only the attention term)."""
+    from .flops import training_flops
 
-    Dense part on the active parameters: forward 2N, backward 2N for activation gradients, +2N for
-    weight gradients (full fine-tuning; LoRA's are negligible), +2N recompute with checkpointing.
-    Attention scores: 4 x q_dim x context per layer forward, context = seq/2 (causal) on full
-    layers and the window on sliding ones, times the same pass count.
-    """
-    n = shape.active_params
-    fwd_passes = 2 if recompute_on(spec, shape) else 1
-    bwd = 4 if spec.method.kind == "full" else 2
-    dense = (2 * fwd_passes + bwd) * n
-    s = spec.data.max_seq_len
-    q = shape.num_attention_heads * shape.head_dim
-    ctx = sum((s / 2) if t == "full_attention" else min(shape.sliding_window, s) for t in shape.layer_types())
-    attn_fwd = 4 * q * ctx
-    return dense + attn_fwd * (fwd_passes + 2)
+    return training_flops(shape, spec.method.kind, recompute_on(spec, shape), [spec.data.max_seq_len]).per_token
 
 
 @dataclass

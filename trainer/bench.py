@@ -24,7 +24,7 @@ from typing import Callable
 from . import bench_metrics as BM
 from .bench_variants import Setup, Variant
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: FLOPs per row, for the recomputation each variant ran
 # The reference's best configuration on GPU (issue 8); on CPU flex/grouped_mm are not what a user
 # would run, so the CPU reference (tests) uses the eager kernels.
 BEST_REFERENCE_GPU = ("grouped_mm", "flex")
@@ -296,17 +296,23 @@ def planned_gib(opts: BenchOptions, variant: Variant, card: str, card_memory_gib
     return memory_plan(spec, suggest=False).gpu_reserved_gib
 
 
-def derive(result: dict, opts: BenchOptions, active_params: int, peak_tflops: float | None) -> dict:
-    """Throughput, TFLOP/s and MFU of one measured variant (per GPU and total)."""
+def derive(result: dict, opts: BenchOptions, shape, peak_tflops: float | None) -> dict:
+    """Throughput, TFLOP/s and MFU of one measured variant (per GPU and total), FLOPs as it ran."""
+    from gptoss_cloud.flops import training_flops
+
     row = dict(result)
+    if result.get("recompute"):
+        count = training_flops(shape, opts.method, result["recompute"], [opts.seq])
+        row["flops"] = {"per_token": count.per_token, "dense_per_token": count.dense,
+                        "attention_per_token": count.attention, "formula": count.formula}
     world = result.get("world_size") or opts.gpus
     ok = result["status"] == "ok" and result["step_times_s"]
     if ok:
         step = BM.median(result["step_times_s"])
         per_gpu = result["tokens_per_step"] / step
-        tflops = BM.model_tflops(active_params, per_gpu, opts.method)
+        tflops = BM.model_tflops(row["flops"]["per_token"], per_gpu) if "flops" in row else None
         row.update(median_step_s=step, tokens_per_s_per_gpu=per_gpu, tokens_per_s=per_gpu * world,
-                   tflops_per_gpu=tflops, mfu=BM.mfu(tflops, peak_tflops))
+                   tflops_per_gpu=tflops, mfu=BM.mfu(tflops, peak_tflops) if tflops else None)
     else:
         row.update(median_step_s=None, tokens_per_s_per_gpu=None, tokens_per_s=None, tflops_per_gpu=None, mfu=None)
     row["label"] = (BM.oom_label(result.get("peak_reserved_gib")) if result["status"] == "oom"
@@ -319,7 +325,7 @@ def build_report(results: list[dict], opts: BenchOptions, env: dict) -> dict:
     shape = opts.setup().shape()
     family, catalog_peak = BM.card_family(env["card"])
     peak = opts.peak_tflops or catalog_peak
-    rows = [derive(r, opts, shape.active_params, peak) for r in results]
+    rows = [derive(r, opts, shape, peak) for r in results]
     reference = next((r for r in rows if r["variant"]["stack"] == "transformers"), None)
     base = reference["tokens_per_s_per_gpu"] if reference else None
     for r in rows:
@@ -341,7 +347,7 @@ def build_report(results: list[dict], opts: BenchOptions, env: dict) -> dict:
         "shape": {"name": shape.name, "layers": shape.num_hidden_layers, "total_params": shape.total_params,
                   "active_params": shape.active_params, "experts": shape.num_local_experts},
         "tokens_per_step_per_gpu": opts.seq,
-        "flops": {"formula": BM.flops_formula(opts.method), "multiplier": BM.flops_multiplier(opts.method),
+        "flops": {"formula": "per row: results[].flops.formula (gptoss_cloud.flops, for what each row ran)",
                   "peak_tflops_per_gpu": peak, "peak_source": "--peak-tflops" if opts.peak_tflops else (family or None)},
         "baseline": reference["variant"]["name"] if reference else None,
         "results": rows,
@@ -466,5 +472,6 @@ def report_table(report: dict):
             _f(r["peak_reserved_gib"], ".1f"), _f(r.get("planned_reserved_gib"), ".1f"),
             _f(r["ratio_to_baseline"], ".2f"), r["label"],
         )
-    t.caption = f"MFU: {report['flops']['formula']}, peak {report['flops']['peak_tflops_per_gpu'] or 'unknown'} TFLOP/s per GPU"
+    t.caption = (f"MFU: each row's FLOPs for the recomputation it ran (gptoss_cloud.flops), "
+                 f"peak {report['flops']['peak_tflops_per_gpu'] or 'unknown'} TFLOP/s per GPU")
     return t

@@ -1,15 +1,8 @@
 """Benchmark arithmetic: FLOPs per token, TFLOP/s, MFU, medians, card names (pure, no torch).
 
-Model FLOPs count the matrix products on the *active* parameters only (top-k experts, the output
-head; no attention scores), per processed token:
-
-* forward 2N; backward 2N for activation gradients; +2N for weight gradients when every weight
-  trains (full fine-tuning; LoRA's weight gradients are negligible);
-* +2N when activation checkpointing recomputes the forward.
-
-So LoRA with recomputation is 6N (the formula issue 8 states) and full fine-tuning with
-recomputation 8N. Because recomputation is counted, this is closer to "hardware FLOPs" than to
-PaLM's MFU; the formula travels in every JSON report so numbers are never compared across formulas.
+FLOPs per token come from ``gptoss_cloud.flops`` (the one formula the planner and the trainer use
+too): the dense products on the active parameters for what ran (LoRA or full, recomputation as
+each variant resolved it) plus the attention scores. The formula travels in every JSON report.
 """
 
 from __future__ import annotations
@@ -32,22 +25,9 @@ PEAK_BF16_TFLOPS: list[tuple[str, str, float]] = [
 ]
 
 
-def flops_multiplier(method: str, recompute: bool = True) -> int:
-    """Multiple of the active parameter count spent per token in one training step."""
-    if method not in ("lora", "full"):
-        raise ValueError(f"method must be lora or full, got {method!r}")
-    forward = 2 * (2 if recompute else 1)
-    backward = 4 if method == "full" else 2
-    return forward + backward
-
-
-def flops_formula(method: str, recompute: bool = True) -> str:
-    return f"{flops_multiplier(method, recompute)} x active_params x tokens/s (method={method}, recompute={recompute}; attention scores not counted)"
-
-
-def model_tflops(active_params: int, tokens_per_s: float, method: str, recompute: bool = True) -> float:
+def model_tflops(flops_per_token: float, tokens_per_s: float) -> float:
     """Achieved model TFLOP/s for ``tokens_per_s`` tokens per second (per GPU if the rate is per GPU)."""
-    return flops_multiplier(method, recompute) * active_params * tokens_per_s / 1e12
+    return flops_per_token * tokens_per_s / 1e12
 
 
 def mfu(tflops: float, peak_tflops: float | None) -> float | None:

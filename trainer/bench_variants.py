@@ -100,6 +100,7 @@ class Prepared:
     trainable_params: int
     total_params: int
     tokens_per_step: int  # packed positions per rank per step
+    recompute: str = "none"  # what ran: none | selective | full (the FLOP count follows it)
     keep: list = field(default_factory=list)  # objects to drop when the variant is done
 
 
@@ -265,7 +266,8 @@ def build_ours(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
     dtype = compute_dtype(info.device)
     sharded = info.distributed
     hf = M.create_model(config, dtype, "meta" if sharded else info.device, seed=setup.seed, base_format=setup.base_format)
-    M.enable_recompute(hf, recompute_policy(setup, variant, info))
+    recompute = recompute_policy(setup, variant, info)
+    M.enable_recompute(hf, recompute)
     lm = M.apply_method(hf, method_section(setup))
     if info.device.type == "cuda" if setup.compile is None else setup.compile:
         M.compile_layers(lm)
@@ -294,7 +296,7 @@ def build_ours(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
         return loop.train_step().loss
 
     trainable, total = _counts(module)
-    return Prepared(step, trainable, total, setup.seq, keep=[module, optimizer, loop])
+    return Prepared(step, trainable, total, setup.seq, recompute=recompute, keep=[module, optimizer, loop])
 
 
 def build_reference(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
@@ -346,7 +348,8 @@ def build_reference(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
         return loss.detach()
 
     trainable, total = _counts(model)
-    return Prepared(step, trainable, total, setup.seq, keep=[model, opt])
+    return Prepared(step, trainable, total, setup.seq, recompute="none" if setup.recompute == "none" else "full",
+                    keep=[model, opt])
 
 
 BUILDERS: dict[str, Callable[[Setup, Variant, DistInfo], Prepared]] = {"ours": build_ours, "transformers": build_reference}

@@ -69,7 +69,7 @@ def measure_variant(
         _sync(rank.device)
         result["build_s"] = time.perf_counter() - t0
         result.update(trainable_params=prepared.trainable_params, total_params=prepared.total_params,
-                      tokens_per_step=prepared.tokens_per_step)
+                      tokens_per_step=prepared.tokens_per_step, recompute=prepared.recompute)
         for i in range(warmup + steps):
             phase = f"step {i + 1}"
             _sync(rank.device)

@@ -22,6 +22,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import nn
 
+from gptoss_cloud.flops import attended_keys
 from gptoss_cloud.spec import OptimSection
 
 from .kernels.loss import IGNORE_INDEX, shift_packed_labels
@@ -163,6 +164,10 @@ class StepStats:
     data_s: float | None = None
     fwd_bwd_s: float | None = None
     optimizer_s: float | None = None
+    # (query, key) pairs the full and sliding attention layers computed this step, all ranks: the
+    # attention term of the step's FLOPs (flops.flops_from_pairs).
+    attended_full: int = 0
+    attended_sliding: int = 0
 
 
 @dataclass
@@ -203,7 +208,7 @@ class Loop:
         self.state = TrainState(self.module, self.optimizer, self.scheduler, DataPosition(len(self.samples), self.optim.seed, self.shuffle))
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.aux_coef = self.optim.router_aux_loss_coef
-        self._token_counts: dict[int, tuple[int, int]] = {}
+        self._token_counts: dict[int, tuple[int, int, int, int]] = {}
 
     # ------------------------------------------------------------------------------------ one step
     def _micro_batches(self) -> tuple[list[Batch], list[int]]:
@@ -217,15 +222,17 @@ class Loop:
             everyone += step_idx
         return out, everyone
 
-    def _tokens(self, i: int) -> tuple[int, int]:
-        """(trained, processed) positions of sample ``i``, counted on the host once. Every rank holds every
-        sample, so each rank sums the whole step's counts itself: no collective and no device sync
-        before the forward."""
+    def _tokens(self, i: int) -> tuple[int, int, int, int]:
+        """(trained, processed, full-attention pairs, sliding-attention pairs) of sample ``i``, counted on
+        the host once. Every rank holds every sample, so each rank sums the whole step's counts itself:
+        no collective and no device sync before the forward."""
         got = self._token_counts.get(i)
         if got is None:
             s = self.samples[i]
             targets = shift_packed_labels(torch.tensor([s.labels], dtype=torch.long), [list(s.seq_lens)])
-            got = self._token_counts[i] = (int((targets != IGNORE_INDEX).sum()), len(s.input_ids))
+            window = getattr(self.config, "sliding_window", None) or len(s.input_ids)
+            got = self._token_counts[i] = (int((targets != IGNORE_INDEX).sum()), len(s.input_ids),
+                                           *attended_keys(s.seq_lens, window))
         return got
 
     def _forward(self, batch: Batch):
@@ -273,7 +280,8 @@ class Loop:
         self.state.step += 1
         self.state.tokens += trained_global
         stats = StepStats(self.state.step, loss_global, self.scheduler.get_last_lr()[0], grad_norm, trained_global,
-                          processed_global, time.perf_counter() - t0, aux_mean)
+                          processed_global, time.perf_counter() - t0, aux_mean,
+                          attended_full=sum(c[2] for c in counts), attended_sliding=sum(c[3] for c in counts))
         if split:
             stats.data_s, stats.fwd_bwd_s, stats.optimizer_s = (round(t_data - t0, 4), round(t_bwd - t_data, 4),
                                                                 round(t_opt - t_bwd, 4))

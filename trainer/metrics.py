@@ -4,8 +4,9 @@ Every ``log_every`` steps one JSON object is appended to ``metrics.jsonl`` with 
 ``step, loss, lr, grad_norm, tokens, tokens_per_s, tokens_per_s_per_gpu, mfu, mem_allocated_gib,
 mem_reserved_gib`` (+ ``eval_loss`` when computed, ``aux_loss`` when the router loss is on, ``epoch``).
 ``tokens`` is trained tokens so far (labels != -100, all ranks); ``tokens_per_s`` counts every packed
-position processed per second, all ranks; ``mfu`` = 6 x active parameters x tokens_per_s / (peak bf16
-FLOP/s x GPUs), None on CPU or an unknown GPU. For an s3:// home the file is kept locally and the
+position processed per second, all ranks; ``mfu`` = the FLOPs the window's steps executed
+(``gptoss_cloud.flops``: LoRA or full, recomputation as resolved, the attention pairs of the packed
+documents) / its seconds / (peak bf16 FLOP/s x GPUs), None on CPU or an unknown GPU. For an s3:// home the file is kept locally and the
 whole (small) file is uploaded at each log.
 
 With ``GPTOSS_STEP_SPLIT=1`` each record also has that step's ``step_s, data_s, fwd_bwd_s,
@@ -22,7 +23,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -128,28 +129,31 @@ class Progress:
 class Metrics:
     """What the loop calls on rank 0 after each step (``on_step``) and after the final evaluation."""
 
-    def __init__(self, home: str, *, total_steps: int, log_every: int, active_params: int, num_gpus: int,
-                 device: torch.device, interactive: bool | None = None):
+    def __init__(self, home: str, *, total_steps: int, log_every: int, step_flops: Callable[[Any], float],
+                 num_gpus: int, device: torch.device, interactive: bool | None = None):
         self.writer = writer_for(home)
         self.progress = Progress(total_steps, interactive)
         self.log_every = log_every
-        self.active_params = active_params
+        self.step_flops = step_flops  # StepStats -> FLOPs the step executed, all ranks (flops.flops_from_pairs)
         self.num_gpus = num_gpus
         self.device = device
         self.peak = peak_flops(device)
         self._window_tokens = 0
         self._window_seconds = 0.0
+        self._window_flops = 0.0
         self.last: dict[str, Any] = {}
 
     def record(self, stats, tokens_total: int, epoch: float | None = None) -> dict[str, Any]:
         self._window_tokens += stats.processed_tokens
         self._window_seconds += stats.seconds
+        self._window_flops += self.step_flops(stats)
         tps = self._window_tokens / self._window_seconds if self._window_seconds > 0 else 0.0
         alloc, reserved = memory_gib(self.device)
         rec: dict[str, Any] = {
             "step": stats.step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
             "tokens": tokens_total, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps / max(1, self.num_gpus),
-            "mfu": (6 * self.active_params * tps / (self.peak * self.num_gpus)) if self.peak else None,
+            "mfu": (self._window_flops / self._window_seconds / (self.peak * self.num_gpus))
+                   if self.peak and self.num_gpus and self._window_seconds > 0 else None,
             "mem_allocated_gib": alloc, "mem_reserved_gib": reserved,
         }
         if stats.eval_loss is not None:
@@ -174,7 +178,7 @@ class Metrics:
         self.progress.update(stats.step, stats.loss, rec["tokens_per_s"], stats.eval_loss)
         if stats.step % self.log_every == 0 or stats.eval_loss is not None:
             self.writer.write(rec)
-            self._window_tokens, self._window_seconds = 0, 0.0
+            self._window_tokens, self._window_seconds, self._window_flops = 0, 0.0, 0.0
 
     def on_final_eval(self, step: int, eval_loss: float) -> None:
         rec = dict(self.last, step=step, eval_loss=eval_loss)

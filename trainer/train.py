@@ -70,6 +70,18 @@ def recompute_policy(spec: RunSpec, info: DistInfo, shape=None) -> bool:
     return on
 
 
+def step_flops(spec: RunSpec, shape, recompute: bool):
+    """StepStats -> the FLOPs that step executed on every rank (the formula in ``gptoss_cloud.flops``)."""
+    from gptoss_cloud.flops import flops_from_pairs
+
+    def count(stats) -> float:
+        f = flops_from_pairs(shape, spec.method.kind, recompute, stats.processed_tokens, stats.attended_full,
+                             stats.attended_sliding)
+        return f.per_token * stats.processed_tokens
+
+    return count
+
+
 def build_module(spec: RunSpec, info: DistInfo, home: str):
     """The (possibly sharded) CausalLMWithChunkedLoss, its GptOssConfig and the compute dtype."""
     on_gpu = info.device.type == "cuda"
@@ -226,7 +238,8 @@ def run_training(spec: RunSpec, run_id: str, home: str, *, datasets: Any = None,
                     autocast=(info.device.type == "cuda" and not info.distributed and dtype == torch.bfloat16))
         metrics = None
         if info.is_main:
-            metrics = Metrics(home, total_steps=loop.steps, log_every=spec.optim.log_every, active_params=shape.active_params,
+            metrics = Metrics(home, total_steps=loop.steps, log_every=spec.optim.log_every,
+                              step_flops=step_flops(spec, shape, M.resolve_recompute(spec, info.device, shape)),
                               num_gpus=info.world_size if info.device.type == "cuda" else 0, device=info.device,
                               interactive=interactive)
             loop.on_step = metrics.on_step

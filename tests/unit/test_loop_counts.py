@@ -30,9 +30,16 @@ def _sample(seq_lens: list[int], untrained: set[int], seed: int) -> SimpleNamesp
 ])
 def test_host_counts_equal_the_device_batch(seq_lens, untrained):
     samples = [_sample(seq_lens, untrained, seed=i) for i in range(3)]
-    loop = SimpleNamespace(samples=samples, _token_counts={})
+    loop = SimpleNamespace(samples=samples, _token_counts={}, config=SimpleNamespace(sliding_window=4))
     for i, s in enumerate(samples):
-        trained, processed = Loop._tokens(loop, i)
+        trained, processed, full, sliding = Loop._tokens(loop, i)
         batch = Batch.from_samples([s], torch.device("cpu"))
         assert (trained, processed) == (batch.trained_tokens, batch.input_ids.numel())
+        # The attention pairs are those the packed causal mask allows: within a segment, and for the
+        # sliding layers at most the window's 4 latest keys.
+        seg = torch.tensor([j for j, n in enumerate(seq_lens) for _ in range(n)])
+        q, k = torch.meshgrid(torch.arange(len(seg)), torch.arange(len(seg)), indexing="ij")
+        allowed = (seg[q] == seg[k]) & (k <= q)
+        assert full == int(allowed.sum())
+        assert sliding == int((allowed & (q - k < 4)).sum())
     assert set(loop._token_counts) == {0, 1, 2}  # counted once, then cached
