@@ -50,12 +50,13 @@ def tokenize(
     data = resolve(spec, data__train_on=train_on, data__reasoning_effort=reasoning_effort,
                    data__thinking_turns=thinking_turns).data
     src = _source_for(data, input)
+    tmp = out.with_name(out.name + ".tmp")
+    _refuse_overwrite(input, out, tmp)
     loaded = load_source(src)
     errors: list = []
     seqs = tokenize_rows(enumerate(loaded.rows), src, loaded.name, data, errors)
     check_skipped(errors, len(loaded.rows), data)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w") as f:
         for s in seqs:
             f.write(json.dumps({"row": s.row, "input_ids": s.input_ids, "labels": s.labels}, separators=(",", ":")) + "\n")
@@ -66,6 +67,22 @@ def tokenize(
                f"({tokens} tokens, {trained} trained, {len(errors)} rows skipped)")
     for e in errors[:5]:
         typer.echo(f"skipped: {e.message}", err=True)
+
+
+def _refuse_overwrite(input: str, *outs: Path) -> None:
+    """The output must never replace the dataset it is made from (by name, symlink or hard link)."""
+    import os
+
+    from ..errors import DataError
+
+    src = Path(input).expanduser()
+    if not src.is_file():  # 'sample', s3:// and hub inputs are not local files
+        return
+    for o in outs:
+        same = o.exists() and os.path.samefile(src, o)
+        if same or o.resolve() == src.resolve():
+            raise DataError(f"--out {outs[0]} would overwrite the input {input}" + ("" if o == outs[0] else f" (through {o})"),
+                            hint="write the tokens to another file")
 
 
 def preview(

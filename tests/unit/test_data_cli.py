@@ -6,6 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
+from gptoss_cloud.errors import DataError
 from gptoss_cloud.main import app
 from gptoss_cloud.spec import DataSection, DatasetSource
 from gptoss_cloud.trainer.data.harmony import tokenize_row
@@ -110,3 +111,34 @@ def test_unquoted_yaml_date_is_accepted(tmp_path):
     from gptoss_cloud.trainer.data.vocab import load_encoding
 
     assert "Current date: 2025-06-28" in load_encoding().decode(_lines(out)[0]["input_ids"])
+
+
+def _refused(args, input_path):
+    before = input_path.read_bytes()
+    r = runner.invoke(app, ["data", "tokenize", *args])
+    assert isinstance(r.exception, DataError), r.output  # main() prints it as one line
+    assert input_path.read_bytes() == before
+    return r.exception.message
+
+
+def test_tokenize_refuses_to_overwrite_its_input(tmp_path, monkeypatch):
+    import os
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(MULTI) + "\n")
+    out = _refused([str(data), "--out", str(data)], data)
+    assert out == f"--out {data} would overwrite the input {data}"
+    monkeypatch.chdir(tmp_path)  # the same file under another spelling
+    (tmp_path / "sub").mkdir()
+    _refused(["d.jsonl", "--out", str(tmp_path / "sub" / ".." / "d.jsonl")], data)
+    (tmp_path / "link.jsonl").symlink_to(data)
+    _refused([str(data), "--out", str(tmp_path / "link.jsonl")], data)
+    _refused([str(tmp_path / "link.jsonl"), "--out", str(data)], data)
+    os.link(data, tmp_path / "hard.jsonl")
+    _refused([str(data), "--out", str(tmp_path / "hard.jsonl")], data)
+    # the temporary file written beside --out must not be the input either
+    tmp_input = tmp_path / "x.tmp"
+    tmp_input.write_bytes(data.read_bytes())
+    assert f"(through {tmp_input})" in _refused([str(tmp_input), "--out", str(tmp_path / "x")], tmp_input)
+    r = runner.invoke(app, ["data", "tokenize", str(data), "--out", str(tmp_path / "t.jsonl")])
+    assert r.exit_code == 0, r.output
