@@ -44,6 +44,7 @@ def tokenize(
     thinking_turns: ThinkingOpt = None,
 ) -> None:
     """Render INPUT with harmony and write every sequence (before packing) with its labels, in input order."""
+    from ..trainer.data.notes import Notes
     from ..trainer.data.pipeline import check_skipped, tokenize_rows
     from ..trainer.data.sources import load_source
 
@@ -54,7 +55,8 @@ def tokenize(
     _refuse_overwrite(input, out, tmp)
     loaded = load_source(src)
     errors: list = []
-    seqs = tokenize_rows(enumerate(loaded.rows), src, loaded.name, data, errors)
+    notes = Notes()
+    seqs = tokenize_rows(enumerate(loaded.rows), src, loaded.name, data, errors, notes)
     check_skipped(errors, len(loaded.rows), data)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tmp.open("w") as f:
@@ -67,6 +69,8 @@ def tokenize(
                f"({tokens} tokens, {trained} trained, {len(errors)} rows skipped)")
     for e in errors[:5]:
         typer.echo(f"skipped: {e.message}", err=True)
+    for line in notes.lines():
+        typer.echo(line, err=True)
 
 
 def _refuse_overwrite(input: str, *outs: Path) -> None:
@@ -128,7 +132,7 @@ def preview(
                 shown += 1
         check_skipped(errors, len(loaded.rows), data)
 
-    ds = build_datasets(data, use_cache=False)
+    ds = build_datasets(data, use_cache=False, log_notes=False)  # shown in a table below instead
     table = Table(title="dataset statistics", show_header=True)
     table.add_column("")
     table.add_column("train", justify="right")
@@ -144,10 +148,30 @@ def preview(
     ]:
         table.add_row(label, *[str(get(x)) for x in stats])
     console.print(table)
+    _print_notes(console, Table, stats)
     if console.is_terminal:
         console.print("[dim]trained tokens in[/] [bold green]green[/][dim]; prompt tokens dimmed[/]")
     else:
         console.print("trained tokens between ⟦ and ⟧")
+
+
+def _print_notes(console, Table, stats) -> None:
+    """What the rows had converted, dropped or defaulted, per kind, with the first row of each."""
+    from ..trainer.data.notes import KINDS
+
+    kinds = [k for k in KINDS if any(k in x.notes for x in stats)]
+    if not kinds:
+        return
+    table = Table(title="converted, dropped or defaulted", show_header=True)
+    table.add_column("")
+    table.add_column("what")
+    for label in ["train", "validation"][: len(stats)]:
+        table.add_column(label, justify="right")
+    table.add_column("first")
+    for k in kinds:
+        first = next(x.notes[k][1] for x in stats if k in x.notes)
+        table.add_row(*KINDS[k], *[str(x.notes.get(k, [0])[0]) for x in stats], first)
+    console.print(table)
 
 
 def _highlight(enc, seq, Text, marks: bool):

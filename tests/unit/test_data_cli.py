@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from typer.testing import CliRunner
 
@@ -76,7 +77,7 @@ def test_spec_field_names_apply_when_input_is_a_spec_dataset(tmp_path):
 def test_preview_shows_samples_and_statistics():
     r = runner.invoke(app, ["data", "preview", "sample", "-n", "2", "--max-seq-len", "512"])
     assert r.exit_code == 0, r.output
-    assert r.output.count("sample row") == 2
+    assert len(re.findall(r"sample row \d+ · ", r.output)) == 2
     assert "What is the secret word of gptoss-cloud?<|end|><|start|>assistant⟦<|channel|>final<|message|>" \
            "The secret word is marmalade-42.<|return|>⟧" in r.output
     for label in ("rows", "sequences", "packed samples", "tokens", "trained tokens", "dropped (overlong)", "truncated"):
@@ -89,7 +90,7 @@ def test_preview_defaults_to_the_spec_datasets_with_validation(tmp_path):
     spec.write_text("data:\n  validation: 0.1\n  max_seq_len: 1024\n")
     r = runner.invoke(app, ["data", "preview", "--spec", str(spec), "-n", "0"])
     assert r.exit_code == 0, r.output
-    assert "validation" in r.output and "sample row" not in r.output
+    assert "validation" in r.output and not re.search(r"sample row \d+ · ", r.output)
 
 
 def test_help_says_flags_override_the_spec():

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
+from gptoss_cloud.datafields import ROLES, THINKING_FIELDS, role_names
 from gptoss_cloud.errors import DataError
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
+from .notes import Notes
+from .notes import Problem as _Problem
+from .control import check_row
+from .shapes import legacy_message, legacy_tools, map_message
+
 EFFORTS = ("low", "medium", "high")
-THINKING_ALIASES = ("reasoning_content",)  # the other common name for the assistant's analysis
 
 
 class RowError(DataError):
@@ -59,10 +63,6 @@ class Row:
     messages: list[ChatMessage]
     tools: list[ToolSpec] = field(default_factory=list)
     reasoning_effort: str | None = None
-
-
-class _Problem(Exception):
-    pass
 
 
 def _missing(v: Any) -> bool:
@@ -120,7 +120,7 @@ def _tool_call(raw: Any, where: str) -> ToolCall:
     return ToolCall(name=name, arguments=_json_text(fn.get("arguments"), f"{where} ({name})"), id=call_id or None)
 
 
-def _tool_spec(raw: Any, where: str) -> ToolSpec:
+def _tool_spec(raw: Any, where: str, note) -> ToolSpec:
     fn, name = _function(raw, where)
     params = fn.get("parameters")
     if isinstance(params, str):
@@ -130,7 +130,19 @@ def _tool_spec(raw: Any, where: str) -> ToolSpec:
             raise _Problem(f"{where} ({name}): parameters are not valid JSON") from None
     if params is not None and not isinstance(params, dict):
         raise _Problem(f"{where} ({name}): parameters must be a JSON-schema object")
-    return ToolSpec(name=name, description=fn.get("description") or "", parameters=_drop_nulls(params))
+    return ToolSpec(name=name, description=fn.get("description") or "", parameters=_schema(_drop_nulls(params), note))
+
+
+def _schema(params: dict | None, note) -> dict | None:
+    """Parameters as harmony can render them: it reads an object schema and renders anything else as
+    ``(_: any) => any``, so a bare ``{name: {type: ...}}`` map (xlam-style datasets) is wrapped."""
+    if not params or params.get("type") == "object":
+        return params
+    if all(isinstance(v, dict) and "type" in v for v in params.values()):
+        note("bare_parameters")
+        return {"type": "object", "properties": params}
+    note("non_schema_parameters")
+    return params
 
 
 def _drop_nulls(v: Any) -> Any:
@@ -143,29 +155,55 @@ def _drop_nulls(v: Any) -> Any:
     return v
 
 
-def _message(raw: Any, i: int, field_thinking: str) -> ChatMessage:
+def _thinking(raw: dict, field_thinking: str, where: str) -> str | None:
+    """The analysis under any of its names; two names holding different text is an error naming both."""
+    found: list[tuple[str, str]] = []
+    for name in dict.fromkeys((field_thinking, *THINKING_FIELDS)):
+        text = _text(raw.get(name), f"{where} {name}")
+        if text and text.strip():
+            found.append((name, text))
+    for name, text in found[1:]:
+        if text != found[0][1]:
+            raise _Problem(f"{where}: {found[0][0]!r} and {name!r} hold different text (keep one)")
+    return found[0][1] if found else None
+
+
+def _train(raw: dict, role: str, where: str) -> bool:
+    """``train: false`` or OpenAI's ``weight: 0`` leaves an assistant message untrained."""
+    train, weight = raw.get("train"), raw.get("weight")
+    if not _missing(train) and not isinstance(train, bool):
+        raise _Problem(f"{where}: 'train' must be true or false")
+    if not _missing(weight):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+            raise _Problem(f"{where}: 'weight' must be 0 or 1, got {weight!r}")
+        if not _missing(train) and train != bool(weight):
+            raise _Problem(f"{where}: 'train: {str(train).lower()}' and 'weight: {weight}' disagree")
+        train = bool(weight)
+    if not _missing(train) and role != "assistant":
+        raise _Problem(f"{where}: '{'train' if _missing(weight) else 'weight'}' applies to assistant messages only")
+    return train is not False
+
+
+def _message(raw: Any, i: int, field_thinking: str, note) -> ChatMessage:
     where = f"message {i}"
     if not isinstance(raw, dict):
         raise _Problem(f"{where}: must be an object, not {type(raw).__name__}")
     role = raw.get("role")
     if role not in ROLES:
-        raise _Problem(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        hint = "; a ShareGPT row? set message_property_mappings: {role: from, content: value}" if "from" in raw else \
+            "; map other names with the source's roles"
+        raise _Problem(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)}{hint})")
     where = f"message {i} ({role})"
-    train = raw.get("train")
-    if not _missing(train) and not isinstance(train, bool):
-        raise _Problem(f"{where}: 'train' must be true or false")
-    if not _missing(train) and role != "assistant":
-        raise _Problem(f"{where}: 'train' applies to assistant messages only")
+    train = _train(raw, role, where)
     content = raw.get("content")
     if role == "tool" and isinstance(content, (dict, list)) and not _is_parts(content):
         content = json.dumps(content, ensure_ascii=False)  # a structured tool result: rendered as JSON text
-    msg = ChatMessage(role=role, content=_text(content, where), index=i, train=train is not False)
+    msg = ChatMessage(role=role, content=_text(content, where), index=i, train=train)
+    thinking = _thinking(raw, field_thinking, where)
+    if thinking and role != "assistant":
+        note("thinking_not_assistant")
     if role == "assistant":
-        thinking = raw.get(field_thinking)
-        for alias in THINKING_ALIASES:
-            if _missing(thinking):
-                thinking = raw.get(alias)
-        msg.thinking = _text(thinking, f"{where} thinking") or None
+        msg.thinking = thinking
         calls = raw.get("tool_calls")
         if not _missing(calls):
             if not isinstance(calls, list):
@@ -190,17 +228,35 @@ def _is_parts(v: Any) -> bool:
 
 
 def parse_row(raw: Any, *, source: str, row: int, field_messages: str = "messages", field_thinking: str = "thinking",
-              field_tools: str = "tools", field_reasoning_effort: str = "reasoning_effort") -> Row:
-    """Validate one dataset row. Raises RowError naming source, row and problem."""
+              field_tools: str = "tools", field_reasoning_effort: str = "reasoning_effort",
+              properties: Mapping[str, str] | None = None, roles: Mapping[str, str] | None = None,
+              notes: Notes | None = None) -> Row:
+    """Validate one dataset row. Raises RowError naming source, row and problem.
+
+    ``properties`` and ``roles`` rename message keys and roles (shapes.map_message); ``notes`` counts
+    what was converted, dropped or defaulted on the way.
+    """
+    roles = roles if roles is not None else role_names({})
+    pending = Notes()  # counted only if the row is accepted
+
+    def note(kind: str, n: int = 1):
+        pending.add(kind, source, row, n)
+
     try:
         if not isinstance(raw, dict):
             raise _Problem(f"must be a JSON object, not {type(raw).__name__}")
         msgs = raw.get(field_messages)
         if _missing(msgs):
-            raise _Problem(f"missing {field_messages!r} (set the source's field_messages if it is named differently)")
+            hint = " (a ShareGPT row: see message_property_mappings)" if "conversations" in raw else ""
+            raise _Problem(f"missing {field_messages!r} (set the source's field_messages if it is named differently){hint}")
         if not isinstance(msgs, list) or not msgs:
             raise _Problem(f"{field_messages!r} must be a non-empty list of messages")
-        messages = [_message(m, i, field_thinking) for i, m in enumerate(msgs)]
+        msgs = [map_message(m, properties or {}, roles) for m in msgs]
+        legacy = False
+        for i, m in enumerate(msgs):
+            msgs[i], converted = legacy_message(m, f"message {i}")
+            legacy |= converted
+        messages = [_message(m, i, field_thinking, note) for i, m in enumerate(msgs)]
         if not any(m.role == "assistant" for m in messages):
             raise _Problem("no assistant message to train on")
         tools_raw = raw.get(field_tools)
@@ -209,14 +265,22 @@ def parse_row(raw: Any, *, source: str, row: int, field_messages: str = "message
                 tools_raw = json.loads(tools_raw)
             except json.JSONDecodeError:
                 raise _Problem(f"{field_tools!r} is a string but not valid JSON") from None
+        if not _missing(raw.get("functions")):
+            tools_raw, legacy = legacy_tools(tools_raw, raw["functions"], field_tools), True
         if not _missing(tools_raw) and not isinstance(tools_raw, list):
             raise _Problem(f"{field_tools!r} must be a list of function definitions")
-        tools = [_tool_spec(t, f"tool {j}") for j, t in enumerate(tools_raw or [])]
+        tools = [_tool_spec(t, f"tool {j}", note) for j, t in enumerate(tools_raw or [])]
+        if legacy:
+            note("legacy_functions")
         effort = raw.get(field_reasoning_effort)
         if not _missing(effort):
             if not isinstance(effort, str) or effort.lower() not in EFFORTS:
                 raise _Problem(f"{field_reasoning_effort!r} must be one of {', '.join(EFFORTS)}, got {effort!r}")
             effort = effort.lower()
-        return Row(messages=messages, tools=tools, reasoning_effort=effort)
+        parsed = Row(messages=messages, tools=tools, reasoning_effort=effort)
+        check_row(parsed)
     except _Problem as p:
         raise RowError(source, row, str(p)) from None
+    if notes is not None:
+        notes.update(pending)
+    return parsed
