@@ -143,3 +143,24 @@ def test_tokenize_refuses_to_overwrite_its_input(tmp_path, monkeypatch):
     assert f"(through {tmp_input})" in _refused([str(tmp_input), "--out", str(tmp_path / "x")], tmp_input)
     r = runner.invoke(app, ["data", "tokenize", str(data), "--out", str(tmp_path / "t.jsonl")])
     assert r.exit_code == 0, r.output
+
+
+LEGACY_ROW = {"functions": [{"name": "f", "parameters": {"type": "object", "properties": {}}}],
+              "messages": [{"role": "user", "content": "q", "reasoning": "mine"},
+                           {"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}},
+                           {"role": "function", "name": "f", "content": "r"}, {"role": "assistant", "content": "done"}]}
+
+
+def test_preview_and_tokenize_list_what_was_converted_dropped_or_defaulted(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(MULTI) + "\n" + json.dumps(LEGACY_ROW) + "\n")
+    r = runner.invoke(app, ["data", "preview", str(data), "-n", "0"], env={"COLUMNS": "400"})  # one table row a line
+    assert r.exit_code == 0, r.output
+    table = r.output[r.output.index("converted, dropped or defaulted"):]
+    assert re.search(r"│ converted +│ legacy function calling .*│ +1 │ .*d.jsonl row 1 ", table)
+    assert re.search(r"│ dropped +│ thinking on a non-assistant .*│ +1 │ .*d.jsonl row 1 ", table)
+    assert re.search(r"│ defaulted +│ no 'Current date:' line .*│ +2 │ .*d.jsonl row 0 ", table)
+    r = runner.invoke(app, ["data", "tokenize", str(data), "--out", str(tmp_path / "t.jsonl")])
+    assert r.exit_code == 0, r.output
+    assert f"converted: 1 × legacy function calling (functions, function_call, role function) read as tools (first: {data} row 1)" \
+        in r.stderr

@@ -147,3 +147,182 @@ def test_control_token_rows_obey_on_error(tmp_path):
         build_datasets(DataSection(datasets=[src], max_seq_len=256), use_cache=False)
     ds = build_datasets(DataSection(datasets=[src], max_seq_len=256, on_error="skip", max_skip_fraction=0.2), use_cache=False)
     assert ds.stats.skipped_rows == 1 and ds.stats.rows == 9
+
+
+# ------------------------------------------------------------------------- 4. legacy function calling
+WEATHER = {"name": "get_weather", "description": "Current weather",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+MODERN = {"tools": [{"type": "function", "function": WEATHER}],
+          "messages": [{"role": "user", "content": "Weather in Lima?"},
+                       {"role": "assistant", "content": None, "tool_calls": [
+                           {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Lima\"}"}}]},
+                       {"role": "tool", "tool_call_id": "call_1", "content": "19 C, fog"},
+                       {"role": "assistant", "content": "Lima: 19 C and foggy."}]}
+LEGACY = {"functions": [WEATHER],  # OpenAI's function-calling fine-tuning format before tools
+          "messages": [{"role": "user", "content": "Weather in Lima?"},
+                       {"role": "assistant", "content": None,
+                        "function_call": {"name": "get_weather", "arguments": "{\"city\": \"Lima\"}"}},
+                       {"role": "function", "name": "get_weather", "content": "19 C, fog"},
+                       {"role": "assistant", "content": "Lima: 19 C and foggy."}]}
+
+
+def test_legacy_function_calling_renders_like_tools_and_is_counted():
+    notes = Notes()
+    legacy = _tok(LEGACY, notes=notes)
+    assert _same(legacy, _tok(MODERN))
+    assert "to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{\"city\": \"Lima\"}<|call|>" \
+        in _trained(legacy[0])[0]
+    assert notes.counts["legacy_functions"] == 1 and notes.first["legacy_functions"] == "d.jsonl row 3"
+
+
+def test_legacy_errors_are_named():
+    row = json.loads(json.dumps(LEGACY))
+    row["messages"][1]["tool_calls"] = MODERN["messages"][1]["tool_calls"]
+    assert _err(row).endswith("message 1: has both 'tool_calls' and the legacy 'function_call' (keep one)")
+    row = json.loads(json.dumps(LEGACY))
+    row["functions"] = {"name": "x"}
+    assert _err(row).endswith("'functions' must be a list of function definitions, not dict")
+    row = json.loads(json.dumps(LEGACY))
+    row["messages"][0]["function_call"] = {"name": "get_weather"}
+    assert _err(row).endswith("message 0: 'function_call' applies to assistant messages only")
+
+
+# ------------------------------------------------------------------------------ 5. ShareGPT and mappings
+SHAREGPT = {"conversations": [{"from": "system", "value": "Answer briefly."},
+                              {"from": "human", "value": "Capital of Peru?"},
+                              {"from": "gpt", "value": "Lima."}]}
+SAME_MODERN = {"messages": [{"role": "system", "content": "Answer briefly."},
+                            {"role": "user", "content": "Capital of Peru?"},
+                            {"role": "assistant", "content": "Lima."}]}
+SHAREGPT_SRC = DatasetSource(path="sharegpt.jsonl", field_messages="conversations",
+                             message_property_mappings={"role": "from", "content": "value"})
+
+
+def test_sharegpt_rows_load_with_axolotl_options_and_match_the_modern_row():
+    assert _same(_tok(SHAREGPT, SHAREGPT_SRC), _tok(SAME_MODERN))
+
+
+def test_sharegpt_without_options_gets_a_hint():
+    assert "(a ShareGPT row: see message_property_mappings)" in _err(SHAREGPT)
+    src = DatasetSource(path="d.jsonl", field_messages="conversations")
+    assert "unknown role None (expected one of system, developer, user, assistant, tool; a ShareGPT row? set " \
+           "message_property_mappings: {role: from, content: value})" in _err(SHAREGPT, src)
+
+
+def test_custom_role_names_and_properties():
+    row = {"dialog": [{"speaker": "customer", "text": "Capital of Peru?", "why": "test"},
+                      {"speaker": "agent", "text": "Lima.", "cot": "It is Lima."}]}
+    src = DatasetSource(path="d.jsonl", field_messages="dialog",
+                        message_property_mappings={"role": "speaker", "content": "text", "thinking": "cot"},
+                        roles={"user": ["customer"], "assistant": ["agent"]})
+    (seq,) = _tok(row, src)
+    assert _trained(seq) == ["<|channel|>analysis<|message|>It is Lima.<|end|><|start|>assistant"
+                             "<|channel|>final<|message|>Lima.<|return|>"]
+    assert "unknown role 'agent'" in _err(row, src.model_copy(update={"roles": {"user": ["customer"]}}))
+
+
+@pytest.mark.parametrize("kw,problem", [
+    ({"message_property_mappings": {"speaker": "from"}}, "unknown message property 'speaker'"),
+    ({"message_property_mappings": {"role": "from", "content": "from"}}, "key 'from' is mapped to more than one property"),
+    ({"message_property_mappings": {"role": ""}}, "message_property_mappings.role: must name the row's key"),
+    ({"roles": {"bot": ["gpt"]}}, "roles: unknown role 'bot'"),
+    ({"roles": {"user": ["x"], "assistant": ["x"]}}, "roles: 'x' is listed for both 'user' and 'assistant'"),
+])
+def test_mapping_options_are_checked_when_the_spec_loads(kw, problem):
+    with pytest.raises(ValueError, match=problem.replace("(", r"\(").replace(")", r"\)")):
+        DatasetSource(path="d.jsonl", **kw)
+
+
+# ------------------------------------------------------------------------ 6. calls without results
+CITIES = ["Lima", "Cairo", "Oslo"]
+
+
+def _xlam(n_results: int) -> dict:
+    """Single-step function calling (xlam-style data in messages form): the calls are the target."""
+    calls = [{"id": f"c{i}", "type": "function", "function": {"name": "get_weather", "arguments": {"city": c}}}
+             for i, c in enumerate(CITIES)]
+    results = [{"role": "tool", "tool_call_id": f"c{i}", "content": f"{i} C"} for i in range(n_results)]
+    return {"tools": [WEATHER], "messages": [{"role": "user", "content": "Weather in Lima, Cairo and Oslo?"},
+                                             {"role": "assistant", "tool_calls": calls}, *results]}
+
+
+def _call(city: str) -> str:
+    return f' to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{{"city": "{city}"}}<|call|>'
+
+
+def test_trailing_calls_train_the_first_and_count_the_rest():
+    notes = Notes()
+    (seq,) = _tok(_xlam(0), notes=notes)
+    assert _trained(seq) == [_call("Lima")]
+    assert load_encoding().decode(seq.input_ids).endswith(_call("Lima"))  # the sequence stops at <|call|>
+    assert notes.counts["calls_without_results"] == 2
+
+
+def test_calls_with_results_run_up_to_the_first_without():
+    notes = Notes()
+    (seq,) = _tok(_xlam(1), notes=notes)
+    text = load_encoding().decode(seq.input_ids)
+    assert text.endswith(_call("Lima") + "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>"
+                         "0 C<|end|><|start|>assistant" + _call("Cairo"))
+    assert notes.counts["calls_without_results"] == 1
+    notes = Notes()
+    _tok(_xlam(2), notes=notes)
+    assert "calls_without_results" not in notes.counts
+
+
+def test_a_call_without_result_before_more_messages_is_still_an_error():
+    row = _xlam(0)
+    row["messages"].append({"role": "user", "content": "and?"})
+    row["messages"].append({"role": "assistant", "content": "?"})
+    assert _err(row).endswith("message 1 (assistant): tool call 'get_weather' (id c0) has no result")
+
+
+# -------------------------------------------------------------------------------- 7. counted notes
+def test_notes_count_what_was_defaulted_or_dropped_with_the_first_row(tmp_path):
+    plain = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    user_thinking = {"messages": [{"role": "user", "content": "q", "thinking": "private"}, {"role": "assistant", "content": "a"}]}
+    dup = json.loads(json.dumps(MODERN))
+    dup["messages"][1]["tool_calls"] *= 2
+    dup["messages"].insert(3, dict(dup["messages"][2], content="second"))
+    bare = {"tools": [{"name": "f", "parameters": {"q": {"type": "str", "description": "query"}}}], **plain}
+    odd = {"tools": [{"name": "f", "parameters": {"q": "string"}}], **plain}
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in [plain, user_thinking, dup, bare, odd, LEGACY, _xlam(0), user_thinking]))
+    ds = build_datasets(DataSection(datasets=[DatasetSource(path=str(p))], max_seq_len=1024), use_cache=False)
+    assert ds.stats.notes == {
+        "thinking_not_assistant": [2, f"{p} row 1"], "duplicate_call_ids": [1, f"{p} row 2"],
+        "bare_parameters": [1, f"{p} row 3"], "non_schema_parameters": [1, f"{p} row 4"],
+        "legacy_functions": [1, f"{p} row 5"], "calls_without_results": [2, f"{p} row 6"],
+        "no_conversation_date": [8, f"{p} row 0"]}
+    dated = build_datasets(DataSection(datasets=[DatasetSource(path=str(p))], max_seq_len=1024, conversation_date="2026-12-02"),
+                           use_cache=False)
+    assert "no_conversation_date" not in dated.stats.notes
+
+
+def test_bare_parameter_maps_render_as_object_schemas():
+    plain = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    bare = _tok({"tools": [{"name": "f", "parameters": {"q": {"type": "string"}}}], **plain})
+    schema = _tok({"tools": [{"name": "f", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}], **plain})
+    assert _same(bare, schema)
+    assert "type f = (_: {\nq?: string,\n}) => any;" in load_encoding().decode(bare[0].input_ids)
+
+
+def test_notes_of_a_refused_row_are_not_counted():
+    notes = Notes()
+    row = {"messages": [{"role": "user", "content": "q", "thinking": "t"}, {"role": "assistant", "content": PASTED}]}
+    with pytest.raises(RowError):
+        _tok(row, notes=notes)
+    assert not notes
+
+
+def test_notes_survive_the_cache_and_reach_the_run_log(tmp_path, caplog):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(LEGACY) + "\n" + json.dumps(_xlam(0)) + "\n")
+    data = DataSection(datasets=[DatasetSource(path=str(p))], max_seq_len=1024, cache_dir=str(tmp_path / "cache"))
+    first = build_datasets(data)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gptoss_cloud.trainer.data"):
+        again = build_datasets(data)  # read from the cache
+    assert again.stats.notes == first.stats.notes and "legacy_functions" in first.stats.notes
+    assert f"training data: dropped: 2 × tool calls after a conversation's final call" in caplog.text
+    assert f"(first: {p} row 1)" in caplog.text
