@@ -324,5 +324,5 @@ def test_notes_survive_the_cache_and_reach_the_run_log(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="gptoss_cloud.trainer.data"):
         again = build_datasets(data)  # read from the cache
     assert again.stats.notes == first.stats.notes and "legacy_functions" in first.stats.notes
-    assert f"training data: dropped: 2 × tool calls after a conversation's final call" in caplog.text
+    assert "training data: dropped: 2 × tool calls after the call that ends a conversation without a result" in caplog.text
     assert f"(first: {p} row 1)" in caplog.text
