@@ -164,3 +164,23 @@ def test_preview_and_tokenize_list_what_was_converted_dropped_or_defaulted(tmp_p
     assert r.exit_code == 0, r.output
     assert f"converted: 1 × legacy function calling (functions, function_call, role function) read as tools (first: {data} row 1)" \
         in r.stderr
+
+
+def test_sharegpt_via_the_spec_tokenizes_like_the_messages_row(tmp_path):
+    share = tmp_path / "share.jsonl"
+    share.write_text(json.dumps({"conversations": [{"from": "human", "value": "one"}, {"from": "gpt", "value": "1"}]}) + "\n")
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "1"}]}) + "\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"data:\n  datasets:\n    - path: {share}\n      field_messages: conversations\n"
+                    "      message_property_mappings: {role: from, content: value}\n")
+    outs = []
+    for src in (share, plain):
+        out = tmp_path / f"{src.stem}.tokens.jsonl"
+        r = runner.invoke(app, ["data", "tokenize", str(src), "--spec", str(spec), "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        outs.append(_lines(out))
+    assert outs[0] == outs[1] and outs[0][0]["labels"].count(-100) < len(outs[0][0]["labels"])
+    r = runner.invoke(app, ["data", "preview", "--spec", str(spec), "-n", "1"])
+    assert r.exit_code == 0, r.output
+    assert "<|start|>user<|message|>one<|end|><|start|>assistant⟦<|channel|>final<|message|>1<|return|>⟧" in r.output
