@@ -109,3 +109,23 @@ def test_cli_skip_reports_the_line(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     assert f"skipped: {p} row 9: line 10 is nested deeper than 64 levels" in r.stderr
+
+
+DEEP_TEXT = "[" * 100_000 + "]" * 100_000
+Q = {"role": "user", "content": "q"}
+
+
+@pytest.mark.parametrize("row,problem", [
+    ({"messages": [Q, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": DEEP_TEXT}}]}]},
+     "message 1 (assistant) tool call 0 (f): arguments are nested deeper than 64 levels"),
+    ({"tools": DEEP_TEXT, "messages": [Q, {"role": "assistant", "content": "a"}]},
+     "'tools' is a string but nested deeper than 64 levels"),
+    ({"tools": [{"name": "f", "parameters": DEEP_TEXT}], "messages": [Q, {"role": "assistant", "content": "a"}]},
+     "tool 0 (f): parameters are nested deeper than 64 levels"),
+], ids=["arguments", "tools", "parameters"])
+def test_json_text_inside_a_row_is_decoded_under_the_same_limit(row, problem):
+    from gptoss_cloud.trainer.data.harmony import tokenize_row
+
+    with pytest.raises(RowError) as e:
+        tokenize_row(row, DataSection(), index=4, source=DatasetSource(path="d.jsonl"))
+    assert e.value.message.startswith(f"d.jsonl row 4: {problem}")

@@ -13,7 +13,7 @@ from typing import Any
 
 from gptoss_cloud.errors import DataError
 
-from .rows import RowError
+from .notes import RowError
 
 # Deepest nesting a row may have. Real rows reach ~10 (a tool schema inside a tool list inside a row);
 # 64 leaves room for deep schemas while keeping every later recursive step (schema cleanup, JSON
@@ -40,13 +40,15 @@ def depth_problem(obj: Any, limit: int | None = None) -> str | None:
     return None
 
 
-def _loads(text: str) -> tuple[Any, str | None]:
+def loads(text: str) -> tuple[Any, str | None]:
+    """(the value, None), or (None, the problem) for text that is not JSON or nests too deep."""
     try:
         obj = json.loads(text)
     except RecursionError:
         return None, f"nested deeper than {MAX_DEPTH} levels"
     except json.JSONDecodeError as e:
-        return None, f"not valid JSON ({e.msg} at column {e.colno})"
+        at = f"line {e.lineno} column {e.colno}" if e.lineno > 1 else f"column {e.colno}"
+        return None, f"not valid JSON ({e.msg} at {at})"
     return obj, depth_problem(obj)
 
 
@@ -69,7 +71,7 @@ def jsonl_rows(data: bytes, name: str) -> list[Any]:
         except UnicodeDecodeError as e:
             rows.append(RowError(name, len(rows), f"line {n} is not UTF-8 (byte {e.start + 1} of the line: {line[e.start:e.start + 1]!r})"))
             continue
-        obj, problem = _loads(text)
+        obj, problem = loads(text)
         rows.append(RowError(name, len(rows), f"line {n} is {problem}") if problem else obj)
     return rows
 

@@ -1,4 +1,4 @@
-"""What reading rows changed without refusing them: counted, with the first row of each kind.
+"""What reading a row reports: a refusal (Problem, RowError), or what it changed without refusing it.
 
 A row in an older or foreign shape is converted, a field we cannot render is dropped, a missing
 setting is defaulted — each is worth training on, none may pass silently. ``data preview``, ``data
@@ -6,6 +6,8 @@ tokenize`` and the run's dataset statistics list these counts per kind.
 """
 
 from __future__ import annotations
+
+from gptoss_cloud.errors import DataError
 
 # kind -> (what happened, description)
 KINDS: dict[str, tuple[str, str]] = {
@@ -59,3 +61,14 @@ class Notes:
 
 class Problem(Exception):
     """A row cannot be read: rows.parse_row turns it into a RowError naming source and row."""
+
+
+class RowError(DataError):
+    """One malformed row: ``on_error: skip`` counts these, ``fail`` raises them."""
+
+    def __init__(self, source: str, row: int, problem: str):
+        super().__init__(f"{source} row {row}: {problem}", hint="fix the row, or set data.on_error: skip")
+        self.source, self.row, self.problem = source, row, problem
+
+    def __reduce__(self):  # crosses process boundaries (parallel tokenization)
+        return (type(self), (self.source, self.row, self.problem))

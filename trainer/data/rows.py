@@ -11,25 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from gptoss_cloud.datafields import ROLES, THINKING_FIELDS, role_names
-from gptoss_cloud.errors import DataError
-
-from .notes import Notes
-from .notes import Problem as _Problem
 from .control import check_row
+from .limits import loads
+from .notes import Notes, RowError
+from .notes import Problem as _Problem
 from .shapes import legacy_message, legacy_tools, map_message
 
 EFFORTS = ("low", "medium", "high")
-
-
-class RowError(DataError):
-    """One malformed row: ``on_error: skip`` counts these, ``fail`` raises them."""
-
-    def __init__(self, source: str, row: int, problem: str):
-        super().__init__(f"{source} row {row}: {problem}", hint="fix the row, or set data.on_error: skip")
-        self.source, self.row, self.problem = source, row, problem
-
-    def __reduce__(self):  # crosses process boundaries (parallel tokenization)
-        return (type(self), (self.source, self.row, self.problem))
 
 
 @dataclass
@@ -93,10 +81,9 @@ def _json_text(value: Any, where: str) -> str:
     if _missing(value):
         return "{}"
     if isinstance(value, str):
-        try:
-            json.loads(value)
-        except json.JSONDecodeError as e:
-            raise _Problem(f"{where}: arguments are not valid JSON ({e.msg} at char {e.pos}): {value[:60]!r}") from None
+        _, problem = loads(value)
+        if problem:
+            raise _Problem(f"{where}: arguments are {problem}: {value[:60]!r}")
         return value
     if isinstance(value, (dict, list)):
         return json.dumps(value, ensure_ascii=False)
@@ -124,10 +111,9 @@ def _tool_spec(raw: Any, where: str, note) -> ToolSpec:
     fn, name = _function(raw, where)
     params = fn.get("parameters")
     if isinstance(params, str):
-        try:
-            params = json.loads(params)
-        except json.JSONDecodeError:
-            raise _Problem(f"{where} ({name}): parameters are not valid JSON") from None
+        params, problem = loads(params)
+        if problem:
+            raise _Problem(f"{where} ({name}): parameters are {problem}")
     if params is not None and not isinstance(params, dict):
         raise _Problem(f"{where} ({name}): parameters must be a JSON-schema object")
     return ToolSpec(name=name, description=fn.get("description") or "", parameters=_schema(_drop_nulls(params), note))
@@ -261,10 +247,9 @@ def parse_row(raw: Any, *, source: str, row: int, field_messages: str = "message
             raise _Problem("no assistant message to train on")
         tools_raw = raw.get(field_tools)
         if isinstance(tools_raw, str):  # some hub datasets store the tool list as JSON text
-            try:
-                tools_raw = json.loads(tools_raw)
-            except json.JSONDecodeError:
-                raise _Problem(f"{field_tools!r} is a string but not valid JSON") from None
+            tools_raw, problem = loads(tools_raw)
+            if problem:
+                raise _Problem(f"{field_tools!r} is a string but {problem}")
         if not _missing(raw.get("functions")):
             tools_raw, legacy = legacy_tools(tools_raw, raw["functions"], field_tools), True
         if not _missing(tools_raw) and not isinstance(tools_raw, list):
