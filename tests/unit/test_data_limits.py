@@ -129,3 +129,16 @@ def test_json_text_inside_a_row_is_decoded_under_the_same_limit(row, problem):
     with pytest.raises(RowError) as e:
         tokenize_row(row, DataSection(), index=4, source=DatasetSource(path="d.jsonl"))
     assert e.value.message.startswith(f"d.jsonl row 4: {problem}")
+
+
+@pytest.mark.parametrize("field", ["content", "reasoning"])
+def test_unpaired_surrogate_escapes_are_row_errors(tmp_path, field):
+    # valid JSON, valid UTF-8 bytes, but "\ud800" decodes to text that no renderer can encode
+    line = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "%s": "x\\ud800y"}]}' % field
+    p = tmp_path / "d.jsonl"
+    p.write_text(GOOD.decode() + "\n" + line + "\n")
+    with pytest.raises(RowError) as e:
+        build_datasets(_data(p), use_cache=False)
+    where = "content" if field == "content" else "thinking"
+    assert e.value.message == f"{p} row 1: message 1 (assistant) {where}: holds an unpaired surrogate '\\ud800' at " \
+                              "character 1, which is not Unicode text"

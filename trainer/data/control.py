@@ -1,9 +1,10 @@
-"""Refuse harmony's control tokens written as text inside a row.
+"""Refuse harmony's control tokens written as text inside a row (and text that cannot be encoded).
 
 The renderer encodes ``<|channel|>`` in content as ordinary text tokens, so a row holding raw model
 output would teach the model to print its own control tags as prose. The official chat template
 refuses such rows; so do we, for every text that is rendered: content, thinking, tool names,
-arguments and results, and tool definitions.
+arguments and results, and tool definitions. The same pass refuses unpaired surrogates (a JSON
+escape such as ``\ud800`` decodes to one), which the renderer would fail on with a bare ValueError.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ def _specials() -> frozenset[str]:
 
 
 def check_text(text: str | None, where: str) -> None:
-    if not text or "<|" not in text:
+    if not text:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to text no renderer can encode
+        raise Problem(f"{where}: holds an unpaired surrogate {text[e.start]!r} at character {e.start}, "
+                      "which is not Unicode text") from None
+    if "<|" not in text:
         return
     for m in _TAG.finditer(text):
         if m.group() in _specials():
