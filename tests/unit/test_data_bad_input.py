@@ -39,6 +39,21 @@ BAD = [
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}, A]}, "content part of type 'image_url'"),
     ({"messages": [U, A], "tools": [{"type": "function", "function": {"description": "no name"}}]}, "tool 0: missing function name"),
     ({"messages": [U, A], "tools": "{not json"}, "'tools' is a string but not valid JSON"),
+    # found by mutating the sample rows: each was a bare TypeError, AttributeError or the renderer's ValueError
+    ({"messages": [U, {"role": "assistant", "tool_calls": [{**CALL, "id": ["c1"]}]}]}, "tool call 0 (f): 'id' must be a string, not list"),
+    ({"messages": [U, {"role": "assistant", "tool_calls": [CALL]}, {"role": "tool", "tool_call_id": 1, "content": "r"}, A]},
+     "message 2 (tool): 'tool_call_id' must be a string, not int"),
+    ({"messages": [U, {"role": "assistant", "tool_calls": [CALL]}, {"role": "tool", "name": 1, "content": "r"}, A]},
+     "message 2 (tool): 'name' must be a string, not int"),
+    ({"messages": [U, A], "tools": [{"name": "f", "description": True}]}, "tool 0 (f): 'description' must be a string, not bool"),
+    ({"messages": [U, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {"x": float("nan")}}}]}]},
+     "tool call 0 (f): arguments hold a number that is not finite"),
+    ({"messages": [U, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": '{"x": Infinity}'}}]}]},
+     "tool call 0 (f): arguments are not valid JSON (Infinity is not JSON)"),
+    ({"messages": [U, A], "tools": [{"name": "f", "parameters": {"type": "object", "properties": {"a": {"default": float("inf")}}}}]},
+     "tool 0 (f): parameters hold a number that is not finite"),
+    ({"messages": [U, {"role": "assistant", "tool_calls": [CALL]}, {"role": "tool", "tool_call_id": "c1", "content": {"t": float("nan")}}, A]},
+     "message 2 (tool): the result's values hold a number that is not finite"),
 ]
 
 

@@ -40,15 +40,23 @@ def depth_problem(obj: Any, limit: int | None = None) -> str | None:
     return None
 
 
-def loads(text: str) -> tuple[Any, str | None]:
-    """(the value, None), or (None, the problem) for text that is not JSON or nests too deep."""
+def _not_json(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(text: str, finite: bool = False) -> tuple[Any, str | None]:
+    """(the value, None), or (None, the problem) for text that is not JSON or nests too deep.
+
+    ``finite``: also refuse Python's NaN/Infinity extension (for text rendered verbatim as JSON)."""
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_not_json) if finite else json.loads(text)
     except RecursionError:
         return None, f"nested deeper than {MAX_DEPTH} levels"
     except json.JSONDecodeError as e:
         at = f"line {e.lineno} column {e.colno}" if e.lineno > 1 else f"column {e.colno}"
         return None, f"not valid JSON ({e.msg} at {at})"
+    except ValueError as e:  # from _not_json
+        return None, f"not valid JSON ({e})"
     return obj, depth_problem(obj)
 
 

@@ -77,16 +77,32 @@ def _text(content: Any, where: str) -> str | None:
     raise _Problem(f"{where}: content must be a string or a list of text parts, not {type(content).__name__}")
 
 
+def _optional_str(raw: dict, key: str, where: str) -> str | None:
+    v = raw.get(key)
+    if _missing(v) or v == "":
+        return None
+    if not isinstance(v, str):
+        raise _Problem(f"{where}: {key!r} must be a string, not {type(v).__name__}")
+    return v
+
+
+def _dumps(value: Any, where: str, what: str) -> str:
+    try:  # NaN and Infinity are not JSON: the renderer (and any JSON reader) refuses them
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        raise _Problem(f"{where}: {what} hold a number that is not finite (NaN or Infinity is not JSON)") from None
+
+
 def _json_text(value: Any, where: str) -> str:
     if _missing(value):
         return "{}"
     if isinstance(value, str):
-        _, problem = loads(value)
+        _, problem = loads(value, finite=True)
         if problem:
             raise _Problem(f"{where}: arguments are {problem}: {value[:60]!r}")
         return value
     if isinstance(value, (dict, list)):
-        return json.dumps(value, ensure_ascii=False)
+        return _dumps(value, where, "arguments")
     raise _Problem(f"{where}: arguments must be a JSON string or an object, not {type(value).__name__}")
 
 
@@ -103,8 +119,8 @@ def _function(raw: Any, where: str) -> tuple[dict, str]:
 
 def _tool_call(raw: Any, where: str) -> ToolCall:
     fn, name = _function(raw, where)
-    call_id = raw.get("id")
-    return ToolCall(name=name, arguments=_json_text(fn.get("arguments"), f"{where} ({name})"), id=call_id or None)
+    return ToolCall(name=name, arguments=_json_text(fn.get("arguments"), f"{where} ({name})"),
+                    id=_optional_str(raw, "id", f"{where} ({name})"))
 
 
 def _tool_spec(raw: Any, where: str, note) -> ToolSpec:
@@ -116,7 +132,10 @@ def _tool_spec(raw: Any, where: str, note) -> ToolSpec:
             raise _Problem(f"{where} ({name}): parameters are {problem}")
     if params is not None and not isinstance(params, dict):
         raise _Problem(f"{where} ({name}): parameters must be a JSON-schema object")
-    return ToolSpec(name=name, description=fn.get("description") or "", parameters=_schema(_drop_nulls(params), note))
+    params = _schema(_drop_nulls(params), note)
+    if params is not None:
+        _dumps(params, f"{where} ({name})", "parameters")
+    return ToolSpec(name=name, description=_optional_str(fn, "description", f"{where} ({name})") or "", parameters=params)
 
 
 def _schema(params: dict | None, note) -> dict | None:
@@ -183,7 +202,7 @@ def _message(raw: Any, i: int, field_thinking: str, note) -> ChatMessage:
     train = _train(raw, role, where)
     content = raw.get("content")
     if role == "tool" and isinstance(content, (dict, list)) and not _is_parts(content):
-        content = json.dumps(content, ensure_ascii=False)  # a structured tool result: rendered as JSON text
+        content = _dumps(content, where, "the result's values")  # a structured tool result: rendered as JSON text
     msg = ChatMessage(role=role, content=_text(content, where), index=i, train=train)
     thinking = _thinking(raw, field_thinking, where)
     if thinking and role != "assistant":
@@ -202,8 +221,8 @@ def _message(raw: Any, i: int, field_thinking: str, note) -> ChatMessage:
     elif role == "tool":
         if msg.content is None:
             raise _Problem(f"{where}: missing content")
-        msg.tool_call_id = raw.get("tool_call_id") or None
-        msg.name = raw.get("name") or None
+        msg.tool_call_id = _optional_str(raw, "tool_call_id", where)
+        msg.name = _optional_str(raw, "name", where)
     elif msg.content is None:
         raise _Problem(f"{where}: missing content")
     return msg
