@@ -119,3 +119,24 @@ def test_cli_prints_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in r.stderr
     assert f"error: {p} row 1: message 1 (assistant) tool call 0 (f): arguments are not valid JSON" in r.stderr
     assert "hint: fix the row, or set data.on_error: skip" in r.stderr
+
+
+HUGE = "x" * 100_000
+
+
+@pytest.mark.parametrize("row", [
+    {"messages": [U, {"role": HUGE, "content": "x"}]},
+    {"messages": [U, {**A, "weight": HUGE}]},
+    {"messages": [U, A], "reasoning_effort": HUGE},
+    {"messages": [{"role": "user", "content": [{"type": HUGE}]}, A]},
+    {"messages": [U, {"role": "assistant", "tool_calls": [{"function": {"name": HUGE, "arguments": "{" + HUGE}}]}]},
+    {"messages": [U, {"role": "assistant", "tool_calls": [{"id": HUGE, "function": {"name": HUGE}}]}, A]},
+    {"messages": [U, A, {"role": "tool", "tool_call_id": HUGE, "name": HUGE, "content": "r"}]},
+    {"messages": [U, {"role": "assistant", "tool_calls": [CALL]}, {"role": "tool", "tool_call_id": HUGE, "name": HUGE, "content": "r"}]},
+    {"messages": [U, A], "tools": [{"name": HUGE, "parameters": "[" + HUGE}]},
+    {"messages": [U, {"role": "assistant", "content": HUGE + "<|end|>"}], "tools": [{"name": HUGE, "description": "<|end|>"}]},
+], ids=["role", "weight", "effort", "part", "arguments", "call-id", "orphan-result", "unmatched-result", "parameters", "control"])
+def test_errors_quote_only_a_short_prefix_of_the_input(row):
+    with pytest.raises(RowError) as e:
+        tokenize_row(row, DataSection(), index=7, source=DatasetSource(path="data/chats.jsonl"))
+    assert len(e.value.message) < 400, e.value.message[:500]

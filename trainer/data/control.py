@@ -13,7 +13,7 @@ import functools
 import json
 import re
 
-from .notes import Problem
+from .notes import Problem, clip
 
 _TAG = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>")
 
@@ -50,9 +50,9 @@ def check_row(row) -> None:
         check_text(m.name, f"{where} name")
         for j, c in enumerate(m.tool_calls):
             check_text(c.name, f"{where} tool call {j} name")
-            check_text(c.arguments, f"{where} tool call {j} ({c.name}) arguments")
+            check_text(c.arguments, f"{where} tool call {j} ({clip(c.name)}) arguments")
     for j, t in enumerate(row.tools):
         check_text(t.name, f"tool {j} name")
-        check_text(t.description, f"tool {j} ({t.name}) description")
+        check_text(t.description, f"tool {j} ({clip(t.name)}) description")
         if t.parameters is not None:
-            check_text(json.dumps(t.parameters, ensure_ascii=False), f"tool {j} ({t.name}) parameters")
+            check_text(json.dumps(t.parameters, ensure_ascii=False), f"tool {j} ({clip(t.name)}) parameters")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from gptoss_cloud.datafields import role_names
 
-from .notes import Notes
+from .notes import Notes, clip, short
 from .rows import ChatMessage, Row, RowError, parse_row
 from .vocab import load_encoding
 
@@ -109,8 +109,8 @@ def _match_results(msg: ChatMessage, pending: list[ChatMessage], more_follow: bo
     for k, call in enumerate(msg.tool_calls):
         hit = _result_of(call, free)
         if hit is None and more_follow:
-            err(f"message {msg.index} (assistant): tool call {call.name!r}"
-                f"{f' (id {call.id})' if call.id else ''} has no result")
+            err(f"message {msg.index} (assistant): tool call {short(call.name)}"
+                f"{f' (id {clip(call.id)})' if call.id else ''} has no result")
         out.append((call, hit))
         if hit is None:
             rest = msg.tool_calls[k + 1 :]
@@ -122,7 +122,8 @@ def _match_results(msg: ChatMessage, pending: list[ChatMessage], more_follow: bo
     if free:
         t = free[0]
         err(f"message {t.index} (tool): result without a matching call "
-            f"(tool_call_id={t.tool_call_id!r}, name={t.name!r}; calls: {', '.join(c.id or c.name for c in msg.tool_calls)})")
+            f"(tool_call_id={short(t.tool_call_id)}, name={short(t.name)}; "
+            f"calls: {clip(', '.join(c.id or c.name for c in msg.tool_calls), 120)})")
     return out
 
 

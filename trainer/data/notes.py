@@ -59,6 +59,17 @@ class Notes:
         return cls({k: v[0] for k, v in doc.items()}, {k: v[1] for k, v in doc.items()})
 
 
+def short(v, limit: int = 60) -> str:
+    """``repr(v)`` cut to ``limit`` characters: an error message never echoes a whole row's value."""
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 1] + "…"
+
+
+def clip(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters (names quoted into error locations)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class Problem(Exception):
     """A row cannot be read: rows.parse_row turns it into a RowError naming source and row."""
 

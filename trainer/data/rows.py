@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from gptoss_cloud.datafields import ROLES, THINKING_FIELDS, role_names
 from .control import check_row
 from .limits import loads
-from .notes import Notes, RowError
+from .notes import Notes, RowError, clip, short
 from .notes import Problem as _Problem
 from .shapes import legacy_message, legacy_tools, map_message
 
@@ -72,7 +72,7 @@ def _text(content: Any, where: str) -> str | None:
                 parts.append(p["text"])
             else:
                 kind = p.get("type") if isinstance(p, dict) else type(p).__name__
-                raise _Problem(f"{where}: content part of type {kind!r} is not supported (text only)")
+                raise _Problem(f"{where}: content part of type {short(kind)} is not supported (text only)")
         return "".join(parts)
     raise _Problem(f"{where}: content must be a string or a list of text parts, not {type(content).__name__}")
 
@@ -99,7 +99,7 @@ def _json_text(value: Any, where: str) -> str:
     if isinstance(value, str):
         _, problem = loads(value, finite=True)
         if problem:
-            raise _Problem(f"{where}: arguments are {problem}: {value[:60]!r}")
+            raise _Problem(f"{where}: arguments are {problem}: {short(value)}")
         return value
     if isinstance(value, (dict, list)):
         return _dumps(value, where, "arguments")
@@ -119,23 +119,24 @@ def _function(raw: Any, where: str) -> tuple[dict, str]:
 
 def _tool_call(raw: Any, where: str) -> ToolCall:
     fn, name = _function(raw, where)
-    return ToolCall(name=name, arguments=_json_text(fn.get("arguments"), f"{where} ({name})"),
-                    id=_optional_str(raw, "id", f"{where} ({name})"))
+    at = f"{where} ({clip(name)})"
+    return ToolCall(name=name, arguments=_json_text(fn.get("arguments"), at), id=_optional_str(raw, "id", at))
 
 
 def _tool_spec(raw: Any, where: str, note) -> ToolSpec:
     fn, name = _function(raw, where)
+    at = f"{where} ({clip(name)})"
     params = fn.get("parameters")
     if isinstance(params, str):
         params, problem = loads(params)
         if problem:
-            raise _Problem(f"{where} ({name}): parameters are {problem}")
+            raise _Problem(f"{at}: parameters are {problem}")
     if params is not None and not isinstance(params, dict):
-        raise _Problem(f"{where} ({name}): parameters must be a JSON-schema object")
+        raise _Problem(f"{at}: parameters must be a JSON-schema object")
     params = _schema(_drop_nulls(params), note)
     if params is not None:
-        _dumps(params, f"{where} ({name})", "parameters")
-    return ToolSpec(name=name, description=_optional_str(fn, "description", f"{where} ({name})") or "", parameters=params)
+        _dumps(params, at, "parameters")
+    return ToolSpec(name=name, description=_optional_str(fn, "description", at) or "", parameters=params)
 
 
 def _schema(params: dict | None, note) -> dict | None:
@@ -180,7 +181,7 @@ def _train(raw: dict, role: str, where: str) -> bool:
         raise _Problem(f"{where}: 'train' must be true or false")
     if not _missing(weight):
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
-            raise _Problem(f"{where}: 'weight' must be 0 or 1, got {weight!r}")
+            raise _Problem(f"{where}: 'weight' must be 0 or 1, got {short(weight)}")
         if not _missing(train) and train != bool(weight):
             raise _Problem(f"{where}: 'train: {str(train).lower()}' and 'weight: {weight}' disagree")
         train = bool(weight)
@@ -197,7 +198,7 @@ def _message(raw: Any, i: int, field_thinking: str, note) -> ChatMessage:
     if role not in ROLES:
         hint = "; a ShareGPT row? set message_property_mappings: {role: from, content: value}" if "from" in raw else \
             "; map other names with the source's roles"
-        raise _Problem(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)}{hint})")
+        raise _Problem(f"{where}: unknown role {short(role)} (expected one of {', '.join(ROLES)}{hint})")
     where = f"message {i} ({role})"
     train = _train(raw, role, where)
     content = raw.get("content")
@@ -279,7 +280,7 @@ def parse_row(raw: Any, *, source: str, row: int, field_messages: str = "message
         effort = raw.get(field_reasoning_effort)
         if not _missing(effort):
             if not isinstance(effort, str) or effort.lower() not in EFFORTS:
-                raise _Problem(f"{field_reasoning_effort!r} must be one of {', '.join(EFFORTS)}, got {effort!r}")
+                raise _Problem(f"{field_reasoning_effort!r} must be one of {', '.join(EFFORTS)}, got {short(effort)}")
             effort = effort.lower()
         parsed = Row(messages=messages, tools=tools, reasoning_effort=effort)
         check_row(parsed)
