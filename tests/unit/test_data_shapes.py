@@ -326,3 +326,20 @@ def test_notes_survive_the_cache_and_reach_the_run_log(tmp_path, caplog):
     assert again.stats.notes == first.stats.notes and "legacy_functions" in first.stats.notes
     assert "training data: dropped: 2 × tool calls after the call that ends a conversation without a result" in caplog.text
     assert f"(first: {p} row 1)" in caplog.text
+
+
+def test_shapes_survive_parquet_null_filling(tmp_path):
+    """Parquet unifies struct fields across rows: every message gains every other message's keys as null."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [_weighted(0), LEGACY, _reasoned("reasoning"), MODERN]
+    p = tmp_path / "d.parquet"
+    # pa.array infers one struct type from all rows (Table.from_pylist would take the first row's keys only)
+    pq.write_table(pa.Table.from_struct_array(pa.array(rows)), p)
+    back = pq.read_table(p).to_pylist()
+    assert back[0]["messages"][0]["function_call"] is None and back[1]["messages"][0]["weight"] is None  # nulls filled in
+    assert back[0]["functions"] is None and back[1]["functions"] and back[3]["messages"][2]["reasoning"] is None
+    src = DatasetSource(path=str(p))
+    for raw, parquet_row in zip(rows, back):
+        assert _same(_tok(parquet_row, src), _tok(raw, src))
