@@ -58,11 +58,7 @@ def tokenize(
     notes = Notes()
     seqs = tokenize_rows(enumerate(loaded.rows), src, loaded.name, data, errors, notes)
     check_skipped(errors, len(loaded.rows), data)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tmp.open("w") as f:
-        for s in seqs:
-            f.write(json.dumps({"row": s.row, "input_ids": s.input_ids, "labels": s.labels}, separators=(",", ":")) + "\n")
-    tmp.replace(out)
+    _write_tokens(seqs, out, tmp)
     trained = sum(s.trained for s in seqs)
     tokens = sum(len(s.input_ids) for s in seqs)
     typer.echo(f"wrote {len(seqs)} sequences from {len(loaded.rows) - len(errors)} rows to {out} "
@@ -71,6 +67,22 @@ def tokenize(
         typer.echo(f"skipped: {e.message}", err=True)
     for line in notes.lines():
         typer.echo(line, err=True)
+
+
+def _write_tokens(seqs, out: Path, tmp: Path) -> None:
+    """Write beside ``out`` and rename, so a failed write never leaves half a file under its name."""
+    from ..errors import DataError
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w") as f:
+            for s in seqs:
+                f.write(json.dumps({"row": s.row, "input_ids": s.input_ids, "labels": s.labels}, separators=(",", ":")) + "\n")
+        tmp.replace(out)
+    except OSError as e:
+        if tmp.is_file():
+            tmp.unlink()
+        raise DataError(f"could not write --out {out}: {e.strerror or e}") from e
 
 
 def _refuse_overwrite(input: str, *outs: Path) -> None:

@@ -184,3 +184,13 @@ def test_sharegpt_via_the_spec_tokenizes_like_the_messages_row(tmp_path):
     r = runner.invoke(app, ["data", "preview", "--spec", str(spec), "-n", "1"])
     assert r.exit_code == 0, r.output
     assert "<|start|>user<|message|>one<|end|><|start|>assistant⟦<|channel|>final<|message|>1<|return|>⟧" in r.output
+
+
+def test_unwritable_out_is_one_line_and_leaves_nothing_behind(tmp_path):
+    (tmp_path / "folder").mkdir()
+    r = runner.invoke(app, ["data", "tokenize", "sample", "--out", str(tmp_path / "folder")])
+    assert isinstance(r.exception, DataError) and r.exception.message == f"could not write --out {tmp_path / 'folder'}: Is a directory"
+    (tmp_path / "file").write_text("x")
+    r = runner.invoke(app, ["data", "tokenize", "sample", "--out", str(tmp_path / "file" / "t.jsonl")])
+    assert isinstance(r.exception, DataError) and r.exception.message.startswith(f"could not write --out {tmp_path / 'file' / 't.jsonl'}: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]
