@@ -94,3 +94,31 @@ def test_the_counted_kinds_are_the_ones_listed():
 
 def test_readme_links_the_shapes_page():
     assert "(docs/data.md)" in DOC.read_text()
+
+
+def test_every_documented_shape_through_data_preview_in_a_fresh_process(tmp_path):
+    """What `gptoss-cloud data preview --spec` does with the page's rows, each source with its own options."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    sources = []
+    for n, (title, body) in enumerate(_subsections()):
+        opts: dict = {}  # a spec snippet with datasets applies to the rows shown after it
+        for k, (info, block) in enumerate(re.findall(r"```(json|yaml)\n(.*?)```", body, re.S)):
+            if info == "yaml" and "datasets" in block:
+                opts = yaml.safe_load(block)["data"]["datasets"][0]
+            elif info == "json":
+                p = tmp_path / f"{n}-{k}.jsonl"
+                p.write_text(json.dumps(json.loads(block)) + "\n")
+                sources.append({**opts, "path": str(p)})
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"data": {"datasets": sources, "max_seq_len": 1024}}))
+    r = subprocess.run([sys.executable, "-m", "gptoss_cloud", "data", "preview", "--spec", str(spec), "-n", "0"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
+    assert r.returncode == 0, r.stderr
+    assert re.search(rf"│ rows +│ +{len(sources)} │", r.stdout) and re.search(r"│ skipped rows +│ +0 │", r.stdout)
+    for what in ("legacy function calling", "bare property map", "the call that ends a conversation"):
+        assert what in r.stdout
