@@ -142,3 +142,18 @@ def test_unpaired_surrogate_escapes_are_row_errors(tmp_path, field):
     where = "content" if field == "content" else "thinking"
     assert e.value.message == f"{p} row 1: message 1 (assistant) {where}: holds an unpaired surrogate '\\ud800' at " \
                               "character 1, which is not Unicode text"
+
+
+def test_unreadable_file_is_one_line(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(GOOD + b"\n")
+
+    def eio(self):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Path, "read_bytes", eio)  # a disk error: root can read any file, so permissions cannot show it
+    with pytest.raises(DataError, match=rf"^cannot read dataset {p}: Input/output error$"):
+        build_datasets(_data(p), use_cache=False)

@@ -98,7 +98,10 @@ def load_source(src: "DatasetSource") -> SourceRows:
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"dataset not found: {path}", hint="a .jsonl/.json/.parquet file, s3://bucket/key, a hub id, or 'sample'")
-    data = p.read_bytes()
+    try:
+        data = p.read_bytes()
+    except OSError as e:  # unreadable (permissions, I/O error, removed since the check): one line, not a traceback
+        raise DataError(f"cannot read dataset {path}: {e.strerror or e}") from e
     return SourceRows(path, parse_bytes(data, _format_of(path, src.format), path), _digest(data))
 
 
