@@ -77,7 +77,8 @@ def jsonl_rows(data: bytes, name: str) -> list[Any]:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            rows.append(RowError(name, len(rows), f"line {n} is not UTF-8 (byte {e.start + 1} of the line: {line[e.start:e.start + 1]!r})"))
+            bad = line[e.start : e.start + 1]
+            rows.append(RowError(name, len(rows), f"line {n} is not UTF-8 (byte {e.start + 1} of the line: {bad!r})"))
             continue
         obj, problem = loads(text)
         rows.append(RowError(name, len(rows), f"line {n} is {problem}") if problem else obj)

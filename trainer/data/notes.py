@@ -16,8 +16,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "non_schema_parameters": ("defaulted", "tool parameters that are not a JSON Schema object, rendered as (_: any) => any"),
     "thinking_not_assistant": ("dropped", "thinking on a non-assistant message (only the assistant's analysis is rendered)"),
     "duplicate_call_ids": ("defaulted", "duplicate tool_call_id within one turn: results matched to calls in order"),
-    "calls_without_results": ("dropped", "tool calls after the call that ends a conversation without a result: harmony stops there, so only "
-                                         "that call is trained"),
+    "calls_without_results": ("dropped", "tool calls after the call that ends a conversation without a result: "
+                                         "harmony stops there, so only that call is trained"),
     "no_conversation_date": ("defaulted", "no 'Current date:' line (vLLM writes today's date at inference): "
                                           "set data.conversation_date"),
 }
