@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Mapping, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .datafields import check_property_mappings, role_names
 from .errors import SpecError
 
 SPEC_VERSION = 1
@@ -62,6 +63,21 @@ class DatasetSource(Section):
     field_thinking: str = "thinking"
     field_tools: str = "tools"
     field_reasoning_effort: str = "reasoning_effort"
+    message_property_mappings: dict[str, str] = Field(
+        default_factory=dict, description="message property -> the key rows store it under (ShareGPT: {role: from, content: value})")
+    roles: dict[str, list[str]] = Field(
+        default_factory=dict, description="role -> the names rows use for it (e.g. {user: [human], assistant: [gpt, bot]})")
+
+    @field_validator("message_property_mappings")
+    @classmethod
+    def _properties(cls, v):
+        return check_property_mappings(v)
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, v):
+        role_names(v)
+        return v
 
 
 class DataSection(Section):

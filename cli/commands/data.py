@@ -44,28 +44,61 @@ def tokenize(
     thinking_turns: ThinkingOpt = None,
 ) -> None:
     """Render INPUT with harmony and write every sequence (before packing) with its labels, in input order."""
+    from ..trainer.data.notes import Notes
     from ..trainer.data.pipeline import check_skipped, tokenize_rows
     from ..trainer.data.sources import load_source
 
     data = resolve(spec, data__train_on=train_on, data__reasoning_effort=reasoning_effort,
                    data__thinking_turns=thinking_turns).data
     src = _source_for(data, input)
+    tmp = out.with_name(out.name + ".tmp")
+    _refuse_overwrite(input, out, tmp)
     loaded = load_source(src)
     errors: list = []
-    seqs = tokenize_rows(enumerate(loaded.rows), src, loaded.name, data, errors)
+    notes = Notes()
+    seqs = tokenize_rows(enumerate(loaded.rows), src, loaded.name, data, errors, notes)
     check_skipped(errors, len(loaded.rows), data)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w") as f:
-        for s in seqs:
-            f.write(json.dumps({"row": s.row, "input_ids": s.input_ids, "labels": s.labels}, separators=(",", ":")) + "\n")
-    tmp.replace(out)
+    _write_tokens(seqs, out, tmp)
     trained = sum(s.trained for s in seqs)
     tokens = sum(len(s.input_ids) for s in seqs)
     typer.echo(f"wrote {len(seqs)} sequences from {len(loaded.rows) - len(errors)} rows to {out} "
                f"({tokens} tokens, {trained} trained, {len(errors)} rows skipped)")
     for e in errors[:5]:
         typer.echo(f"skipped: {e.message}", err=True)
+    for line in notes.lines():
+        typer.echo(line, err=True)
+
+
+def _write_tokens(seqs, out: Path, tmp: Path) -> None:
+    """Write beside ``out`` and rename, so a failed write never leaves half a file under its name."""
+    from ..errors import DataError
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w") as f:
+            for s in seqs:
+                f.write(json.dumps({"row": s.row, "input_ids": s.input_ids, "labels": s.labels}, separators=(",", ":")) + "\n")
+        tmp.replace(out)
+    except OSError as e:
+        if tmp.is_file():
+            tmp.unlink()
+        raise DataError(f"could not write --out {out}: {e.strerror or e}") from e
+
+
+def _refuse_overwrite(input: str, *outs: Path) -> None:
+    """The output must never replace the dataset it is made from (by name, symlink or hard link)."""
+    import os
+
+    from ..errors import DataError
+
+    src = Path(input).expanduser()
+    if not src.is_file():  # 'sample', s3:// and hub inputs are not local files
+        return
+    for o in outs:
+        same = o.exists() and os.path.samefile(src, o)
+        if same or o.resolve() == src.resolve():
+            raise DataError(f"--out {outs[0]} would overwrite the input {input}" + ("" if o == outs[0] else f" (through {o})"),
+                            hint="write the tokens to another file")
 
 
 def preview(
@@ -111,7 +144,7 @@ def preview(
                 shown += 1
         check_skipped(errors, len(loaded.rows), data)
 
-    ds = build_datasets(data, use_cache=False)
+    ds = build_datasets(data, use_cache=False, log_notes=False)  # shown in a table below instead
     table = Table(title="dataset statistics", show_header=True)
     table.add_column("")
     table.add_column("train", justify="right")
@@ -127,10 +160,30 @@ def preview(
     ]:
         table.add_row(label, *[str(get(x)) for x in stats])
     console.print(table)
+    _print_notes(console, Table, stats)
     if console.is_terminal:
         console.print("[dim]trained tokens in[/] [bold green]green[/][dim]; prompt tokens dimmed[/]")
     else:
         console.print("trained tokens between ⟦ and ⟧")
+
+
+def _print_notes(console, Table, stats) -> None:
+    """What the rows had converted, dropped or defaulted, per kind, with the first row of each."""
+    from ..trainer.data.notes import KINDS
+
+    kinds = [k for k in KINDS if any(k in x.notes for x in stats)]
+    if not kinds:
+        return
+    table = Table(title="converted, dropped or defaulted", show_header=True)
+    table.add_column("")
+    table.add_column("what")
+    for label in ["train", "validation"][: len(stats)]:
+        table.add_column(label, justify="right")
+    table.add_column("first")
+    for k in kinds:
+        first = next(x.notes[k][1] for x in stats if k in x.notes)
+        table.add_row(*KINDS[k], *[str(x.notes.get(k, [0])[0]) for x in stats], first)
+    console.print(table)
 
 
 def _highlight(enc, seq, Text, marks: bool):

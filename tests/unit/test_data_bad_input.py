@@ -39,6 +39,21 @@ BAD = [
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}, A]}, "content part of type 'image_url'"),
     ({"messages": [U, A], "tools": [{"type": "function", "function": {"description": "no name"}}]}, "tool 0: missing function name"),
     ({"messages": [U, A], "tools": "{not json"}, "'tools' is a string but not valid JSON"),
+    # found by mutating the sample rows: each was a bare TypeError, AttributeError or the renderer's ValueError
+    ({"messages": [U, {"role": "assistant", "tool_calls": [{**CALL, "id": ["c1"]}]}]}, "tool call 0 (f): 'id' must be a string, not list"),
+    ({"messages": [U, {"role": "assistant", "tool_calls": [CALL]}, {"role": "tool", "tool_call_id": 1, "content": "r"}, A]},
+     "message 2 (tool): 'tool_call_id' must be a string, not int"),
+    ({"messages": [U, {"role": "assistant", "tool_calls": [CALL]}, {"role": "tool", "name": 1, "content": "r"}, A]},
+     "message 2 (tool): 'name' must be a string, not int"),
+    ({"messages": [U, A], "tools": [{"name": "f", "description": True}]}, "tool 0 (f): 'description' must be a string, not bool"),
+    ({"messages": [U, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {"x": float("nan")}}}]}]},
+     "tool call 0 (f): arguments hold a number that is not finite"),
+    ({"messages": [U, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": '{"x": Infinity}'}}]}]},
+     "tool call 0 (f): arguments are not valid JSON (Infinity is not JSON)"),
+    ({"messages": [U, A], "tools": [{"name": "f", "parameters": {"type": "object", "properties": {"a": {"default": float("inf")}}}}]},
+     "tool 0 (f): parameters hold a number that is not finite"),
+    ({"messages": [U, {"role": "assistant", "tool_calls": [CALL]}, {"role": "tool", "tool_call_id": "c1", "content": {"t": float("nan")}}, A]},
+     "message 2 (tool): the result's values hold a number that is not finite"),
 ]
 
 
@@ -104,3 +119,24 @@ def test_cli_prints_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in r.stderr
     assert f"error: {p} row 1: message 1 (assistant) tool call 0 (f): arguments are not valid JSON" in r.stderr
     assert "hint: fix the row, or set data.on_error: skip" in r.stderr
+
+
+HUGE = "x" * 100_000
+
+
+@pytest.mark.parametrize("row", [
+    {"messages": [U, {"role": HUGE, "content": "x"}]},
+    {"messages": [U, {**A, "weight": HUGE}]},
+    {"messages": [U, A], "reasoning_effort": HUGE},
+    {"messages": [{"role": "user", "content": [{"type": HUGE}]}, A]},
+    {"messages": [U, {"role": "assistant", "tool_calls": [{"function": {"name": HUGE, "arguments": "{" + HUGE}}]}]},
+    {"messages": [U, {"role": "assistant", "tool_calls": [{"id": HUGE, "function": {"name": HUGE}}]}, A]},
+    {"messages": [U, A, {"role": "tool", "tool_call_id": HUGE, "name": HUGE, "content": "r"}]},
+    {"messages": [U, {"role": "assistant", "tool_calls": [CALL]}, {"role": "tool", "tool_call_id": HUGE, "name": HUGE, "content": "r"}]},
+    {"messages": [U, A], "tools": [{"name": HUGE, "parameters": "[" + HUGE}]},
+    {"messages": [U, {"role": "assistant", "content": HUGE + "<|end|>"}], "tools": [{"name": HUGE, "description": "<|end|>"}]},
+], ids=["role", "weight", "effort", "part", "arguments", "call-id", "orphan-result", "unmatched-result", "parameters", "control"])
+def test_errors_quote_only_a_short_prefix_of_the_input(row):
+    with pytest.raises(RowError) as e:
+        tokenize_row(row, DataSection(), index=7, source=DatasetSource(path="data/chats.jsonl"))
+    assert len(e.value.message) < 400, e.value.message[:500]

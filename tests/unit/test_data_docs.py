@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from typer.testing import CliRunner
 
 from gptoss_cloud.main import app
@@ -44,3 +46,79 @@ def test_shown_mask_matches_preview(tmp_path):
     r = CliRunner().invoke(app, ["data", "preview", str(p), "-n", "1"])
     assert r.exit_code == 0, r.output
     assert shown in r.output
+
+
+# ------------------------------------------------------------------------------ docs/data.md
+SHAPES = README.parent / "docs" / "data.md"
+
+
+def _subsections() -> list[tuple[str, str]]:
+    parts = re.split(r"^## (.+)$", SHAPES.read_text(), flags=re.M)
+    return list(zip(parts[1::2], parts[2::2]))
+
+
+def test_every_shape_example_tokenizes_or_is_refused_as_shown():
+    import yaml
+
+    from gptoss_cloud.spec import DatasetSource
+    from gptoss_cloud.trainer.data.rows import RowError
+
+    accepted = refused = 0
+    for title, body in _subsections():
+        src = DatasetSource(path="d.jsonl")
+        for info, block in re.findall(r"```(json refused|json|yaml|text)\n(.*?)```", body, re.S):
+            if info == "yaml":
+                data = DataSection(**yaml.safe_load(block)["data"])  # every spec snippet is a valid data section
+                if "datasets" in block:
+                    src = data.datasets[0].model_copy(update={"path": "d.jsonl"})
+            elif info == "json":
+                seqs = tokenize_row(json.loads(block), DataSection(), source=src)
+                assert seqs and all(s.trained for s in seqs), title
+                accepted += 1
+            elif info == "json refused":
+                with pytest.raises(RowError) as e:
+                    tokenize_row(json.loads(block), DataSection(), source=src)
+                shown = re.search(r"```json refused\n.*?```\n\n```text\n(.*?)\n```", body, re.S).group(1)
+                assert e.value.message == shown, title
+                refused += 1
+    assert accepted >= 6 and refused >= 1
+
+
+def test_the_counted_kinds_are_the_ones_listed():
+    from gptoss_cloud.trainer.data.notes import KINDS
+
+    table = SHAPES.read_text().split("## What is counted")[1]
+    listed = re.findall(r"^\| (converted|dropped|defaulted) \| (.+) \|$", table, re.M)
+    assert listed == list(KINDS.values())
+
+
+def test_readme_links_the_shapes_page():
+    assert "(docs/data.md)" in DOC.read_text()
+
+
+def test_every_documented_shape_through_data_preview_in_a_fresh_process(tmp_path):
+    """What `gptoss-cloud data preview --spec` does with the page's rows, each source with its own options."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    sources = []
+    for n, (title, body) in enumerate(_subsections()):
+        opts: dict = {}  # a spec snippet with datasets applies to the rows shown after it
+        for k, (info, block) in enumerate(re.findall(r"```(json|yaml)\n(.*?)```", body, re.S)):
+            if info == "yaml" and "datasets" in block:
+                opts = yaml.safe_load(block)["data"]["datasets"][0]
+            elif info == "json":
+                p = tmp_path / f"{n}-{k}.jsonl"
+                p.write_text(json.dumps(json.loads(block)) + "\n")
+                sources.append({**opts, "path": str(p)})
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"data": {"datasets": sources, "max_seq_len": 1024}}))
+    r = subprocess.run([sys.executable, "-m", "gptoss_cloud", "data", "preview", "--spec", str(spec), "-n", "0"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
+    assert r.returncode == 0, r.stderr
+    assert re.search(rf"│ rows +│ +{len(sources)} │", r.stdout) and re.search(r"│ skipped rows +│ +0 │", r.stdout)
+    for what in ("legacy function calling", "bare property map", "the call that ends a conversation"):
+        assert what in r.stdout

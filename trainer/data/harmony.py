@@ -16,6 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from gptoss_cloud.datafields import role_names
+
+from .notes import Notes, clip, short
 from .rows import ChatMessage, Row, RowError, parse_row
 from .vocab import load_encoding
 
@@ -76,36 +79,55 @@ def _developer_message(instructions: list[str], tools):
     return Message.from_role_and_content(Role.DEVELOPER, dc)
 
 
-def _match_results(msg: ChatMessage, pending: list[ChatMessage], more_follow: bool, err) -> list[ChatMessage | None]:
-    """Pair each call of ``msg`` with its result among the tool messages that follow it.
+def _result_of(call, free: list[ChatMessage]) -> ChatMessage | None:
+    """By tool_call_id when the call has one, else by function name, else (neither side named) by position."""
+    hit = None
+    if call.id:
+        hit = next((t for t in free if t.tool_call_id == call.id), None)
+    if hit is None:
+        hit = next((t for t in free if t.tool_call_id is None and t.name == call.name), None)
+    if hit is None:
+        hit = next((t for t in free if t.tool_call_id is None and t.name is None), None)
+    if hit is not None:
+        free.remove(hit)
+    return hit
 
-    By tool_call_id when the call has one, else by function name, else (neither side named) by position.
+
+def _match_results(msg: ChatMessage, pending: list[ChatMessage], more_follow: bool, err, note) -> list[tuple]:
+    """(call, its result or None) for the calls of ``msg`` that are rendered, paired with the tool
+    messages that follow it.
+
+    A conversation may end with calls that have no results (single-step function-calling data: the
+    calls are the target). Harmony emits one call and stops at ``<|call|>``, so the first call without
+    a result ends the sequence: it is trained, and the calls after it are dropped and counted.
     """
+    ids = [c.id for c in msg.tool_calls if c.id]
+    if len(set(ids)) < len(ids):
+        note("duplicate_call_ids")
     free = list(pending)
-    out: list[ChatMessage | None] = []
-    for call in msg.tool_calls:
-        hit = None
-        if call.id:
-            hit = next((t for t in free if t.tool_call_id == call.id), None)
+    out: list[tuple] = []
+    for k, call in enumerate(msg.tool_calls):
+        hit = _result_of(call, free)
+        if hit is None and more_follow:
+            err(f"message {msg.index} (assistant): tool call {short(call.name)}"
+                f"{f' (id {clip(call.id)})' if call.id else ''} has no result")
+        out.append((call, hit))
         if hit is None:
-            hit = next((t for t in free if t.tool_call_id is None and t.name == call.name), None)
-        if hit is None:
-            hit = next((t for t in free if t.tool_call_id is None and t.name is None), None)
-        # Only the very last call of a conversation may lack its result (the sample ends at <|call|>).
-        if hit is None and (more_follow or call is not msg.tool_calls[-1]):
-            err(f"message {msg.index} (assistant): tool call {call.name!r}"
-                f"{f' (id {call.id})' if call.id else ''} has no result")
-        if hit is not None:
-            free.remove(hit)
-        out.append(hit)
+            rest = msg.tool_calls[k + 1 :]
+            for c in rest:  # their results, if any, go with them
+                _result_of(c, free)
+            if rest:
+                note("calls_without_results", len(rest))
+            break
     if free:
         t = free[0]
         err(f"message {t.index} (tool): result without a matching call "
-            f"(tool_call_id={t.tool_call_id!r}, name={t.name!r}; calls: {', '.join(c.id or c.name for c in msg.tool_calls)})")
+            f"(tool_call_id={short(t.tool_call_id)}, name={short(t.name)}; "
+            f"calls: {clip(', '.join(c.id or c.name for c in msg.tool_calls), 120)})")
     return out
 
 
-def _assistant_items(m: ChatMessage, msgs: list[ChatMessage], i: int, items: list[_Item], err) -> None:
+def _assistant_items(m: ChatMessage, msgs: list[ChatMessage], i: int, items: list[_Item], err, note) -> None:
     """Append one OpenAI assistant message (and the tool results after it, msgs[i:]) as harmony messages."""
     from openai_harmony import Author, Message, Role
 
@@ -125,9 +147,8 @@ def _assistant_items(m: ChatMessage, msgs: list[ChatMessage], i: int, items: lis
     j = i
     while j < len(msgs) and msgs[j].role == "tool":
         j += 1
-    results = _match_results(m, msgs[i:j], more_follow=j < len(msgs), err=err)
     # Harmony runs one call at a time (generation stops at <|call|>): interleave call, result.
-    for call, res in zip(m.tool_calls, results):
+    for call, res in _match_results(m, msgs[i:j], more_follow=j < len(msgs), err=err, note=note):
         msg = add(call.arguments, "call", "commentary")
         msg.recipient, msg.content_type = f"functions.{call.name}", "<|constrain|>json"
         if res is not None:
@@ -135,12 +156,16 @@ def _assistant_items(m: ChatMessage, msgs: list[ChatMessage], i: int, items: lis
             items.append(_Item(tr.with_channel("commentary").with_recipient("assistant"), "tool"))
 
 
-def to_items(row: Row, data: "DataSection", *, source: str, index: int) -> list[_Item]:
+def to_items(row: Row, data: "DataSection", *, source: str, index: int, notes: Notes | None = None) -> list[_Item]:
     """Convert a parsed row into harmony messages, in render order, with response indices."""
     from openai_harmony import Message, Role
 
     def err(problem: str):
         raise RowError(source, index, problem)
+
+    def note(kind: str, n: int = 1):
+        if notes is not None:
+            notes.add(kind, source, index, n)
 
     msgs = row.messages
     items = [_Item(_system_message(data, row.reasoning_effort or data.reasoning_effort), "system")]
@@ -163,7 +188,7 @@ def to_items(row: Row, data: "DataSection", *, source: str, index: int) -> list[
         elif m.role == "tool":
             err(f"message {m.index} (tool): result without a matching call (no assistant tool_calls before it)")
         else:
-            _assistant_items(m, msgs, i, items, err)
+            _assistant_items(m, msgs, i, items, err, note)
             while m.tool_calls and i < len(msgs) and msgs[i].role == "tool":  # consumed with their calls
                 i += 1
 
@@ -260,8 +285,9 @@ def render_with_labels(items: list[_Item], trained: set[int]) -> tuple[list[int]
 
 
 # ----------------------------------------------------------------------------------- entry points
-def tokenize_parsed(row: Row, data: "DataSection", *, index: int, source: str = "<row>") -> list[TokenizedSequence]:
-    items = to_items(row, data, source=source, index=index)
+def tokenize_parsed(row: Row, data: "DataSection", *, index: int, source: str = "<row>",
+                    notes: Notes | None = None) -> list[TokenizedSequence]:
+    items = to_items(row, data, source=source, index=index, notes=notes)
     out = []
     for its, trained in plan_sequences(items, data.train_on, data.thinking_turns):
         ids, labels = render_with_labels(its, trained)
@@ -270,12 +296,21 @@ def tokenize_parsed(row: Row, data: "DataSection", *, index: int, source: str = 
 
 
 def tokenize_row(raw: Any, data: "DataSection", *, index: int = 0, source: "DatasetSource | None" = None,
-                 source_name: str | None = None) -> list[TokenizedSequence]:
-    """One OpenAI-format row (a dict) -> its training sequences. Raises RowError for a malformed row."""
+                 source_name: str | None = None, notes: Notes | None = None) -> list[TokenizedSequence]:
+    """One OpenAI-format row (a dict) -> its training sequences. Raises RowError for a malformed row.
+
+    What was converted, dropped or defaulted is added to ``notes`` when the row is accepted."""
     fields = {}
     if source is not None:
         fields = dict(field_messages=source.field_messages, field_thinking=source.field_thinking,
-                      field_tools=source.field_tools, field_reasoning_effort=source.field_reasoning_effort)
+                      field_tools=source.field_tools, field_reasoning_effort=source.field_reasoning_effort,
+                      properties=source.message_property_mappings, roles=role_names(source.roles))
     name = source_name or (source.path if source is not None else "<row>")
-    row = parse_row(raw, source=name, row=index, **fields)
-    return tokenize_parsed(row, data, index=index, source=name)
+    mine = Notes()
+    row = parse_row(raw, source=name, row=index, notes=mine, **fields)
+    seqs = tokenize_parsed(row, data, index=index, source=name, notes=mine)
+    if data.conversation_date is None:
+        mine.add("no_conversation_date", name, index)
+    if notes is not None:
+        notes.update(mine)
+    return seqs

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import tempfile
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Iterable
 from gptoss_cloud.errors import DataError
 
 from .harmony import TokenizedSequence, tokenize_row
+from .notes import Notes
 from .pack import PackedSample, PackStats, pack
 from .rows import RowError
 from .sources import SourceRows, load_source
@@ -28,8 +30,9 @@ from .vocab import vocab_hash
 if TYPE_CHECKING:
     from gptoss_cloud.spec import DataSection, DatasetSource
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: statistics carry the notes
 DEFAULT_CACHE_DIR = Path("~/.cache/gptoss-cloud/data")
+log = logging.getLogger("gptoss_cloud.trainer.data")
 
 
 @dataclass
@@ -44,6 +47,8 @@ class DataStats:
     dropped: int = 0  # over max_seq_len, overlong: drop
     truncated: int = 0  # over max_seq_len, overlong: truncate
     untrained: int = 0  # sequences with no trained token, left out
+    # What was converted, dropped or defaulted in the rows used (each distinct row once): notes.Notes as JSON.
+    notes: dict = field(default_factory=dict)
 
     @property
     def trained_fraction(self) -> float:
@@ -60,15 +65,15 @@ class Datasets:
 
 # ---------------------------------------------------------------------------------- tokenizing
 def tokenize_rows(rows: Iterable[tuple[int, object]], src: "DatasetSource", name: str, data: "DataSection",
-                  errors: list[RowError]) -> list[TokenizedSequence]:
+                  errors: list[RowError], notes: Notes | None = None) -> list[TokenizedSequence]:
     """Tokenize (row index, raw row) pairs in order. Malformed rows raise, or are appended to ``errors``
-    under ``on_error: skip``."""
+    under ``on_error: skip``; what accepted rows had converted, dropped or defaulted goes to ``notes``."""
     out: list[TokenizedSequence] = []
     for index, raw in rows:
         try:
             if isinstance(raw, RowError):
                 raise raw
-            out += tokenize_row(raw, data, index=index, source=src, source_name=name)
+            out += tokenize_row(raw, data, index=index, source=src, source_name=name, notes=notes)
         except RowError as e:
             if data.on_error == "fail":
                 raise
@@ -94,21 +99,28 @@ CHUNK_ROWS = 1000
 Ref = tuple[int, int]  # (source index, row index)
 
 
+Chunk = tuple[dict[Ref, list[TokenizedSequence]], dict[Ref, RowError], dict[Ref, Notes]]
+
+
 def _tokenize_chunk(items: list[tuple[Ref, object]], srcs: list[tuple[str, "DatasetSource"]], data: "DataSection",
-                    fail_fast: bool) -> tuple[dict[Ref, list[TokenizedSequence]], dict[Ref, RowError]]:
+                    fail_fast: bool) -> Chunk:
     done: dict[Ref, list[TokenizedSequence]] = {}
     bad: dict[Ref, RowError] = {}
+    notes: dict[Ref, Notes] = {}
     for ref, raw in items:
         name, src = srcs[ref[0]]
+        mine = Notes()
         try:
             if isinstance(raw, RowError):
                 raise raw
-            done[ref] = tokenize_row(raw, data, index=ref[1], source=src, source_name=name)
+            done[ref] = tokenize_row(raw, data, index=ref[1], source=src, source_name=name, notes=mine)
         except RowError as e:
             if fail_fast:
                 raise
             bad[ref], done[ref] = e, []
-    return done, bad
+        if mine:
+            notes[ref] = mine
+    return done, bad, notes
 
 
 def _tokenize_refs(refs: list[Ref], sources: list[tuple[SourceRows, "DatasetSource"]], data: "DataSection"):
@@ -123,16 +135,18 @@ def _tokenize_refs(refs: list[Ref], sources: list[tuple[SourceRows, "DatasetSour
 
     done: dict[Ref, list[TokenizedSequence]] = {}
     bad: dict[Ref, RowError] = {}
+    notes: dict[Ref, Notes] = {}
     chunks = [items[i : i + CHUNK_ROWS] for i in range(0, len(items), CHUNK_ROWS)]
     # spawn, not fork: the caller may be a trainer process with threads (and CUDA) already running.
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        for d, b in pool.map(_tokenize_chunk, chunks, [srcs] * len(chunks), [data] * len(chunks),
-                             [False] * len(chunks)):
+        for d, b, n in pool.map(_tokenize_chunk, chunks, [srcs] * len(chunks), [data] * len(chunks),
+                                [False] * len(chunks)):
             done.update(d)
             bad.update(b)
+            notes.update(n)
     if bad and data.on_error == "fail":
         raise bad[next(r for r in refs if r in bad)]  # the first malformed row in input order
-    return done, bad
+    return done, bad, notes
 
 
 # ---------------------------------------------------------------------------------- selection
@@ -185,21 +199,28 @@ def cache_path(data: "DataSection", *, cache_dir: str | Path | None = None) -> P
     return _cache_dir(data, cache_dir) / f"{cache_key(data)}.json"
 
 
-def build_datasets(data: "DataSection", *, cache_dir: str | Path | None = None, use_cache: bool = True) -> Datasets:
-    """Load, validate, tokenize, mix, split and pack; read from / write to the cache."""
+def build_datasets(data: "DataSection", *, cache_dir: str | Path | None = None, use_cache: bool = True,
+                   log_notes: bool = True) -> Datasets:
+    """Load, validate, tokenize, mix, split and pack; read from / write to the cache.
+
+    The run's log gets one warning per kind of conversion in the statistics' notes (``log_notes``)."""
     from gptoss_cloud.spec import DatasetSource
 
     loaded = [load_source(s) for s in data.datasets]
     val_src = load_source(data.validation) if isinstance(data.validation, DatasetSource) else None
     path = _cache_dir(data, cache_dir) / f"{cache_key(data, loaded, val_src)}.json"
+    out = None
     if use_cache and path.is_file():
         try:
-            return _read(path)
+            out = _read(path)
         except (OSError, ValueError, KeyError):
             pass  # unreadable (e.g. another version's leftovers): rebuild and overwrite
-    out = _build(data, loaded, val_src)
-    if use_cache:
-        _write(path, out)
+    if out is None:
+        out = _build(data, loaded, val_src)
+        if use_cache:
+            _write(path, out)
+    for line in Notes.from_json(out.stats.notes).lines() if log_notes else []:
+        log.warning("training data: %s", line)
     return out
 
 
@@ -222,7 +243,7 @@ def _build(data: "DataSection", loaded: list[SourceRows], val_src: SourceRows | 
         sources.append((val_src, data.validation))
         val_refs = [(len(loaded), r) for r in range(len(val_src.rows))]
     distinct = sorted(set(train_refs + val_refs))  # input order: on_error fail names the first bad row
-    done, bad_errors = _tokenize_refs(distinct, sources, data)
+    done, bad_errors, row_notes = _tokenize_refs(distinct, sources, data)
     bad = set(bad_errors)
     errors += [bad_errors[r] for r in distinct if r in bad_errors]
     check_skipped(errors, len(done), data)
@@ -230,12 +251,15 @@ def _build(data: "DataSection", loaded: list[SourceRows], val_src: SourceRows | 
     def assemble(refs: list[tuple[int, int]], shuffle: bool) -> tuple[list[PackedSample], DataStats]:
         seqs = [seq for ref in refs for seq in done[ref]]
         ps = PackStats()
+        notes = Notes()
+        for ref in sorted(set(refs) & row_notes.keys()):  # input order: `first` names the earliest row
+            notes.update(row_notes[ref])
         samples = pack(seqs, data.max_seq_len, overlong=data.overlong, stats=ps)
         if shuffle:
             random.Random(f"{data.seed}:samples").shuffle(samples)
         st = DataStats(rows=len(refs) - sum(1 for r in refs if r in bad), skipped_rows=len({r for r in refs if r in bad}),
                        sequences=len(seqs), packed=ps.sequences, samples=len(samples), dropped=ps.dropped,
-                       truncated=ps.truncated, untrained=ps.untrained)
+                       truncated=ps.truncated, untrained=ps.untrained, notes=notes.to_json())
         for p in samples:
             real = sum(p.seq_lens[: len(p.rows)])
             st.tokens += real

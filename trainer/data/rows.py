@@ -8,24 +8,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
-from gptoss_cloud.errors import DataError
+from gptoss_cloud.datafields import ROLES, THINKING_FIELDS, role_names
+from .control import check_row
+from .limits import loads
+from .notes import Notes, RowError, clip, short
+from .notes import Problem as _Problem
+from .shapes import legacy_message, legacy_tools, map_message
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
 EFFORTS = ("low", "medium", "high")
-THINKING_ALIASES = ("reasoning_content",)  # the other common name for the assistant's analysis
-
-
-class RowError(DataError):
-    """One malformed row: ``on_error: skip`` counts these, ``fail`` raises them."""
-
-    def __init__(self, source: str, row: int, problem: str):
-        super().__init__(f"{source} row {row}: {problem}", hint="fix the row, or set data.on_error: skip")
-        self.source, self.row, self.problem = source, row, problem
-
-    def __reduce__(self):  # crosses process boundaries (parallel tokenization)
-        return (type(self), (self.source, self.row, self.problem))
 
 
 @dataclass
@@ -61,10 +53,6 @@ class Row:
     reasoning_effort: str | None = None
 
 
-class _Problem(Exception):
-    pass
-
-
 def _missing(v: Any) -> bool:
     # Parquet and hub datasets fill absent struct fields with None.
     return v is None
@@ -84,22 +72,37 @@ def _text(content: Any, where: str) -> str | None:
                 parts.append(p["text"])
             else:
                 kind = p.get("type") if isinstance(p, dict) else type(p).__name__
-                raise _Problem(f"{where}: content part of type {kind!r} is not supported (text only)")
+                raise _Problem(f"{where}: content part of type {short(kind)} is not supported (text only)")
         return "".join(parts)
     raise _Problem(f"{where}: content must be a string or a list of text parts, not {type(content).__name__}")
+
+
+def _optional_str(raw: dict, key: str, where: str) -> str | None:
+    v = raw.get(key)
+    if _missing(v) or v == "":
+        return None
+    if not isinstance(v, str):
+        raise _Problem(f"{where}: {key!r} must be a string, not {type(v).__name__}")
+    return v
+
+
+def _dumps(value: Any, where: str, what: str) -> str:
+    try:  # NaN and Infinity are not JSON: the renderer (and any JSON reader) refuses them
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        raise _Problem(f"{where}: {what} hold a number that is not finite (NaN or Infinity is not JSON)") from None
 
 
 def _json_text(value: Any, where: str) -> str:
     if _missing(value):
         return "{}"
     if isinstance(value, str):
-        try:
-            json.loads(value)
-        except json.JSONDecodeError as e:
-            raise _Problem(f"{where}: arguments are not valid JSON ({e.msg} at char {e.pos}): {value[:60]!r}") from None
+        _, problem = loads(value, finite=True)
+        if problem:
+            raise _Problem(f"{where}: arguments are {problem}: {short(value)}")
         return value
     if isinstance(value, (dict, list)):
-        return json.dumps(value, ensure_ascii=False)
+        return _dumps(value, where, "arguments")
     raise _Problem(f"{where}: arguments must be a JSON string or an object, not {type(value).__name__}")
 
 
@@ -116,21 +119,36 @@ def _function(raw: Any, where: str) -> tuple[dict, str]:
 
 def _tool_call(raw: Any, where: str) -> ToolCall:
     fn, name = _function(raw, where)
-    call_id = raw.get("id")
-    return ToolCall(name=name, arguments=_json_text(fn.get("arguments"), f"{where} ({name})"), id=call_id or None)
+    at = f"{where} ({clip(name)})"
+    return ToolCall(name=name, arguments=_json_text(fn.get("arguments"), at), id=_optional_str(raw, "id", at))
 
 
-def _tool_spec(raw: Any, where: str) -> ToolSpec:
+def _tool_spec(raw: Any, where: str, note) -> ToolSpec:
     fn, name = _function(raw, where)
+    at = f"{where} ({clip(name)})"
     params = fn.get("parameters")
     if isinstance(params, str):
-        try:
-            params = json.loads(params)
-        except json.JSONDecodeError:
-            raise _Problem(f"{where} ({name}): parameters are not valid JSON") from None
+        params, problem = loads(params)
+        if problem:
+            raise _Problem(f"{at}: parameters are {problem}")
     if params is not None and not isinstance(params, dict):
-        raise _Problem(f"{where} ({name}): parameters must be a JSON-schema object")
-    return ToolSpec(name=name, description=fn.get("description") or "", parameters=_drop_nulls(params))
+        raise _Problem(f"{at}: parameters must be a JSON-schema object")
+    params = _schema(_drop_nulls(params), note)
+    if params is not None:
+        _dumps(params, at, "parameters")
+    return ToolSpec(name=name, description=_optional_str(fn, "description", at) or "", parameters=params)
+
+
+def _schema(params: dict | None, note) -> dict | None:
+    """Parameters as harmony can render them: it reads an object schema and renders anything else as
+    ``(_: any) => any``, so a bare ``{name: {type: ...}}`` map (xlam-style datasets) is wrapped."""
+    if not params or params.get("type") == "object":
+        return params
+    if all(isinstance(v, dict) and "type" in v for v in params.values()):
+        note("bare_parameters")
+        return {"type": "object", "properties": params}
+    note("non_schema_parameters")
+    return params
 
 
 def _drop_nulls(v: Any) -> Any:
@@ -143,29 +161,55 @@ def _drop_nulls(v: Any) -> Any:
     return v
 
 
-def _message(raw: Any, i: int, field_thinking: str) -> ChatMessage:
+def _thinking(raw: dict, field_thinking: str, where: str) -> str | None:
+    """The analysis under any of its names; two names holding different text is an error naming both."""
+    found: list[tuple[str, str]] = []
+    for name in dict.fromkeys((field_thinking, *THINKING_FIELDS)):
+        text = _text(raw.get(name), f"{where} {name}")
+        if text and text.strip():
+            found.append((name, text))
+    for name, text in found[1:]:
+        if text != found[0][1]:
+            raise _Problem(f"{where}: {found[0][0]!r} and {name!r} hold different text (keep one)")
+    return found[0][1] if found else None
+
+
+def _train(raw: dict, role: str, where: str) -> bool:
+    """``train: false`` or OpenAI's ``weight: 0`` leaves an assistant message untrained."""
+    train, weight = raw.get("train"), raw.get("weight")
+    if not _missing(train) and not isinstance(train, bool):
+        raise _Problem(f"{where}: 'train' must be true or false")
+    if not _missing(weight):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+            raise _Problem(f"{where}: 'weight' must be 0 or 1, got {short(weight)}")
+        if not _missing(train) and train != bool(weight):
+            raise _Problem(f"{where}: 'train: {str(train).lower()}' and 'weight: {weight}' disagree")
+        train = bool(weight)
+    if not _missing(train) and role != "assistant":
+        raise _Problem(f"{where}: '{'train' if _missing(weight) else 'weight'}' applies to assistant messages only")
+    return train is not False
+
+
+def _message(raw: Any, i: int, field_thinking: str, note) -> ChatMessage:
     where = f"message {i}"
     if not isinstance(raw, dict):
         raise _Problem(f"{where}: must be an object, not {type(raw).__name__}")
     role = raw.get("role")
     if role not in ROLES:
-        raise _Problem(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        hint = "; a ShareGPT row? set message_property_mappings: {role: from, content: value}" if "from" in raw else \
+            "; map other names with the source's roles"
+        raise _Problem(f"{where}: unknown role {short(role)} (expected one of {', '.join(ROLES)}{hint})")
     where = f"message {i} ({role})"
-    train = raw.get("train")
-    if not _missing(train) and not isinstance(train, bool):
-        raise _Problem(f"{where}: 'train' must be true or false")
-    if not _missing(train) and role != "assistant":
-        raise _Problem(f"{where}: 'train' applies to assistant messages only")
+    train = _train(raw, role, where)
     content = raw.get("content")
     if role == "tool" and isinstance(content, (dict, list)) and not _is_parts(content):
-        content = json.dumps(content, ensure_ascii=False)  # a structured tool result: rendered as JSON text
-    msg = ChatMessage(role=role, content=_text(content, where), index=i, train=train is not False)
+        content = _dumps(content, where, "the result's values")  # a structured tool result: rendered as JSON text
+    msg = ChatMessage(role=role, content=_text(content, where), index=i, train=train)
+    thinking = _thinking(raw, field_thinking, where)
+    if thinking and role != "assistant":
+        note("thinking_not_assistant")
     if role == "assistant":
-        thinking = raw.get(field_thinking)
-        for alias in THINKING_ALIASES:
-            if _missing(thinking):
-                thinking = raw.get(alias)
-        msg.thinking = _text(thinking, f"{where} thinking") or None
+        msg.thinking = thinking
         calls = raw.get("tool_calls")
         if not _missing(calls):
             if not isinstance(calls, list):
@@ -178,8 +222,8 @@ def _message(raw: Any, i: int, field_thinking: str) -> ChatMessage:
     elif role == "tool":
         if msg.content is None:
             raise _Problem(f"{where}: missing content")
-        msg.tool_call_id = raw.get("tool_call_id") or None
-        msg.name = raw.get("name") or None
+        msg.tool_call_id = _optional_str(raw, "tool_call_id", where)
+        msg.name = _optional_str(raw, "name", where)
     elif msg.content is None:
         raise _Problem(f"{where}: missing content")
     return msg
@@ -190,33 +234,58 @@ def _is_parts(v: Any) -> bool:
 
 
 def parse_row(raw: Any, *, source: str, row: int, field_messages: str = "messages", field_thinking: str = "thinking",
-              field_tools: str = "tools", field_reasoning_effort: str = "reasoning_effort") -> Row:
-    """Validate one dataset row. Raises RowError naming source, row and problem."""
+              field_tools: str = "tools", field_reasoning_effort: str = "reasoning_effort",
+              properties: Mapping[str, str] | None = None, roles: Mapping[str, str] | None = None,
+              notes: Notes | None = None) -> Row:
+    """Validate one dataset row. Raises RowError naming source, row and problem.
+
+    ``properties`` and ``roles`` rename message keys and roles (shapes.map_message); ``notes`` counts
+    what was converted, dropped or defaulted on the way.
+    """
+    roles = roles if roles is not None else role_names({})
+    pending = Notes()  # counted only if the row is accepted
+
+    def note(kind: str, n: int = 1):
+        pending.add(kind, source, row, n)
+
     try:
         if not isinstance(raw, dict):
             raise _Problem(f"must be a JSON object, not {type(raw).__name__}")
         msgs = raw.get(field_messages)
         if _missing(msgs):
-            raise _Problem(f"missing {field_messages!r} (set the source's field_messages if it is named differently)")
+            hint = " (a ShareGPT row: see message_property_mappings)" if "conversations" in raw else ""
+            raise _Problem(f"missing {field_messages!r} (set the source's field_messages if it is named differently){hint}")
         if not isinstance(msgs, list) or not msgs:
             raise _Problem(f"{field_messages!r} must be a non-empty list of messages")
-        messages = [_message(m, i, field_thinking) for i, m in enumerate(msgs)]
+        msgs = [map_message(m, properties or {}, roles) for m in msgs]
+        legacy = False
+        for i, m in enumerate(msgs):
+            msgs[i], converted = legacy_message(m, f"message {i}")
+            legacy |= converted
+        messages = [_message(m, i, field_thinking, note) for i, m in enumerate(msgs)]
         if not any(m.role == "assistant" for m in messages):
             raise _Problem("no assistant message to train on")
         tools_raw = raw.get(field_tools)
         if isinstance(tools_raw, str):  # some hub datasets store the tool list as JSON text
-            try:
-                tools_raw = json.loads(tools_raw)
-            except json.JSONDecodeError:
-                raise _Problem(f"{field_tools!r} is a string but not valid JSON") from None
+            tools_raw, problem = loads(tools_raw)
+            if problem:
+                raise _Problem(f"{field_tools!r} is a string but {problem}")
+        if not _missing(raw.get("functions")):
+            tools_raw, legacy = legacy_tools(tools_raw, raw["functions"], field_tools), True
         if not _missing(tools_raw) and not isinstance(tools_raw, list):
             raise _Problem(f"{field_tools!r} must be a list of function definitions")
-        tools = [_tool_spec(t, f"tool {j}") for j, t in enumerate(tools_raw or [])]
+        tools = [_tool_spec(t, f"tool {j}", note) for j, t in enumerate(tools_raw or [])]
+        if legacy:
+            note("legacy_functions")
         effort = raw.get(field_reasoning_effort)
         if not _missing(effort):
             if not isinstance(effort, str) or effort.lower() not in EFFORTS:
-                raise _Problem(f"{field_reasoning_effort!r} must be one of {', '.join(EFFORTS)}, got {effort!r}")
+                raise _Problem(f"{field_reasoning_effort!r} must be one of {', '.join(EFFORTS)}, got {short(effort)}")
             effort = effort.lower()
-        return Row(messages=messages, tools=tools, reasoning_effort=effort)
+        parsed = Row(messages=messages, tools=tools, reasoning_effort=effort)
+        check_row(parsed)
     except _Problem as p:
         raise RowError(source, row, str(p)) from None
+    if notes is not None:
+        notes.update(pending)
+    return parsed

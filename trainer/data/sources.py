@@ -1,14 +1,13 @@
 """Read dataset rows: local JSONL/JSON/Parquet, s3:// objects, Hugging Face hub ids, or the built-in sample.
 
 Each source yields raw rows (dicts, validated later by rows.parse_row) plus a content hash for the
-tokenized-data cache. A line that is not JSON becomes a RowError in place of its row, so that
-``on_error: skip`` can count it like any other malformed row.
+tokenized-data cache. A line that cannot be decoded (not JSON, not UTF-8, too deep, too long) becomes
+a RowError in place of its row, so that ``on_error: skip`` can count it like any other malformed row.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from gptoss_cloud.errors import DataError
 
-from .rows import RowError
+from .limits import checked, json_rows, jsonl_rows
 
 if TYPE_CHECKING:
     from gptoss_cloud.spec import DatasetSource
@@ -48,28 +47,11 @@ def _format_of(name: str, fmt: str) -> str:
 
 
 def parse_bytes(data: bytes, fmt: str, name: str) -> list[Any]:
-    """Rows of one file's bytes in the given format (jsonl | json | parquet)."""
+    """Rows of one file's bytes in the given format (jsonl | json | parquet), decoded under limits.py's limits."""
     if fmt == "jsonl":
-        rows: list[Any] = []
-        text = _decode(data, name)
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                rows.append(RowError(name, len(rows), f"line {n} is not valid JSON ({e.msg} at column {e.colno})"))
-        return rows
+        return jsonl_rows(data, name)
     if fmt == "json":
-        try:
-            obj = json.loads(_decode(data, name))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{name} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-            obj = obj["data"]
-        if not isinstance(obj, list):
-            raise DataError(f"{name} must hold a JSON list of rows (or {{\"data\": [...]}}), not {type(obj).__name__}")
-        return obj
+        return json_rows(data, name)
     if fmt == "parquet":
         try:
             import pyarrow as pa  # lazy: only Parquet sources need it
@@ -77,17 +59,10 @@ def parse_bytes(data: bytes, fmt: str, name: str) -> list[Any]:
         except ImportError:
             raise DataError(f"{name}: reading Parquet needs pyarrow", hint="pip install pyarrow") from None
         try:
-            return pq.read_table(pa.BufferReader(data)).to_pylist()
+            return checked(pq.read_table(pa.BufferReader(data)).to_pylist(), name)
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{name} is not a readable Parquet file ({e})") from None
     raise DataError(f"{name}: unsupported format {fmt!r}")
-
-
-def _decode(data: bytes, name: str) -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{name} is not UTF-8 text (byte {e.start})") from None
 
 
 def _digest(*parts: bytes | str) -> str:
@@ -123,7 +98,10 @@ def load_source(src: "DatasetSource") -> SourceRows:
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"dataset not found: {path}", hint="a .jsonl/.json/.parquet file, s3://bucket/key, a hub id, or 'sample'")
-    data = p.read_bytes()
+    try:
+        data = p.read_bytes()
+    except OSError as e:  # unreadable (permissions, I/O error, removed since the check): one line, not a traceback
+        raise DataError(f"cannot read dataset {path}: {e.strerror or e}") from e
     return SourceRows(path, parse_bytes(data, _format_of(path, src.format), path), _digest(data))
 
 
@@ -141,7 +119,7 @@ def _load_hub(src: "DatasetSource") -> SourceRows:
                         hint="check the id and split, HF_TOKEN for gated data, and network access") from e
     # The fingerprint identifies the prepared dataset (files and revision) without reading every row.
     label = f"hf://{name}" + (f"/{src.subset}" if src.subset else "") + f"[{src.split}]"
-    return SourceRows(label, ds.to_list(), _digest("hub", label, src.revision or "", ds._fingerprint))
+    return SourceRows(label, checked(ds.to_list(), label), _digest("hub", label, src.revision or "", ds._fingerprint))
 
 
 def source_hash(src: "DatasetSource") -> str:
