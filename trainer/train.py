@@ -40,7 +40,7 @@ def build_data(spec: RunSpec, info: DistInfo):
         ds = build_datasets(spec.data)
     barrier(info)
     if not info.is_main:
-        ds = build_datasets(spec.data)
+        ds = build_datasets(spec.data, log_notes=False)  # rank 0 has logged what the data needed converted
     return ds
 
 
