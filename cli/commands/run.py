@@ -246,10 +246,12 @@ def runs(
     for rid in list_run_ids(uri):
         try:
             rows.append(describe_run(rid, join(uri, rid)))
-        except GptossError as e:
+        except Exception as e:  # one unreadable home (corrupt, hostile, unreachable) must not hide the others
+            from ..failure import one_line
             from ..progress import RunRow
 
-            rows.append(RunRow(run_id=rid, home=join(uri, rid), backend="?", state="Unknown", error=e.message))
+            msg = e.message if isinstance(e, GptossError) else f"{type(e).__name__}: {one_line(e)}"
+            rows.append(RunRow(run_id=rid, home=join(uri, rid), backend="?", state="Unknown", error=msg))
     if output == "json":
         typer.echo(json.dumps([r.to_json() for r in rows], indent=1, default=str))
         return
