@@ -31,12 +31,14 @@ def delete(
     context: Annotated[Optional[str], typer.Option("--context", help="kubeconfig context; overrides the run's spec")] = None,
     store: StoreOpt = None,
 ) -> None:
-    """Delete a run: its cluster objects (JobSet, merge Job, server) and everything under its store home."""
+    """Delete a run: its cluster objects (JobSet, merge Job, server) and everything under its store home.
+    A running local run is stopped first."""
     from ..runs import resolve_run
     from ..serving import run_spec_with_overrides
     from ..store import open_store
 
-    run_id, home = resolve_run(run, resolve(None, output__store=store).output.store)
+    # strict: only a home named like a run id, so `delete ./` or `delete ../project` cannot empty a folder.
+    run_id, home = resolve_run(run, resolve(None, output__store=store).output.store, strict=True)
     spec = run_spec_with_overrides(home, {"cluster.namespace": namespace, "cluster.context": context})
     st = open_store(home)
     n_files = len(st.list())
@@ -44,8 +46,17 @@ def delete(
     what = f"{n_files} file(s) under {home}"
     if on_cluster:
         what += f" and objects labelled {RUN_LABEL}={run_id} in namespace {spec.cluster.namespace}"
+    running_here = _running_locally(run_id, home)
+    if running_here:
+        what = f"stop it (it is running on this machine), then {what}"
     if not yes and not typer.confirm(f"Delete run {run_id}: {what}?", default=False):
         raise typer.Exit(1)
+    if running_here:
+        from ..backends.local import LocalBackend
+
+        # Before the files: a live trainer would keep writing checkpoints into the emptied home.
+        LocalBackend().cancel(run_id, home)
+        typer.echo(f"stopped {run_id}", err=True)
     if on_cluster:
         from ..kube_apply import Kube
 
@@ -54,6 +65,16 @@ def delete(
             typer.echo(f"deleted {gone}", err=True)
     removed = st.delete("")
     typer.echo(f"deleted run {run_id}: {removed} file(s) from {home}")
+
+
+def _running_locally(run_id: str, home: str) -> bool:
+    """Whether this machine runs it, whatever backend its spec names (only the local backend keeps a
+    local record; its pids are checked against their start time, so a stale record says no)."""
+    from ..backends.local import LocalBackend, state_dir
+
+    if not (state_dir(run_id, home) / "run.json").is_file():
+        return False
+    return LocalBackend().status(run_id, home).state == "Running"
 
 
 def parse_hf_target(uri: str) -> str:

@@ -46,10 +46,10 @@ def _store_of(store: str | None) -> str:
     return uri if is_remote(uri) else str(Path(uri.removeprefix("file://")).expanduser().resolve())
 
 
-def _find_run(ref: str, store: str | None) -> tuple[str, str]:
+def _find_run(ref: str, store: str | None, *, strict: bool = False) -> tuple[str, str]:
     from ..runs import resolve_run
 
-    return resolve_run(ref, _store_of(store))
+    return resolve_run(ref, _store_of(store), strict=strict)
 
 
 # ------------------------------------------------------------------------------------------ submit
@@ -168,11 +168,26 @@ def _launch(be, spec, run_id: str, home: str, opts, *, fresh: bool):
     try:
         return be.submit(spec, run_id, home, opts)
     except BaseException:
-        if fresh and st.list("") == ["spec.yaml"]:
-            st.delete("spec.yaml")
-            if not is_remote(home):
-                Path(home).rmdir()
+        if fresh:
+            _remove_unused_home(st, run_id, home)
         raise
+
+
+def _remove_unused_home(st, run_id: str, home: str) -> None:
+    """Remove what submit wrote if nothing else was: the home's spec.yaml, and for a remote home the
+    local state folder the local backend may have made. Deleted as a prefix, which every store honours."""
+    import shutil
+
+    from ..backends.local import state_dir
+
+    if st.list("") == ["spec.yaml"]:
+        st.delete("")
+        if not is_remote(home) and Path(home).is_dir() and not any(Path(home).iterdir()):
+            Path(home).rmdir()
+    if is_remote(home):
+        sd = state_dir(run_id, home)
+        if sd.is_dir() and {p.name for p in sd.iterdir()} <= {"spec.yaml"}:
+            shutil.rmtree(sd)
 
 
 # ------------------------------------------------------------------------------------- run control
@@ -227,7 +242,7 @@ def cancel(run: RunArg, store: StoreOpt = None) -> None:
     from ..backends.base import get_backend
     from ..progress import read_spec
 
-    run_id, home = _find_run(run, store)
+    run_id, home = _find_run(run, store, strict=True)  # a signal goes only to a validated run's own processes
     be = get_backend(read_spec(home).cluster.backend)
     be.cancel(run_id, home)
     typer.echo(f"cancelled {run_id}")
