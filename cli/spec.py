@@ -12,6 +12,7 @@ older specs, and a pod refuses a spec newer than it understands.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Union
 
@@ -240,9 +241,30 @@ class ClusterSection(Section):
     store_secret: SecretRef | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the store")
     hf_token_secret: SecretRef | None = None
     checkpoint_key_secret: SecretRef | None = None
-    env: dict[str, str] = Field(default_factory=dict, description="extra non-secret environment for the pods")
+    env: dict[str, str] = Field(default_factory=dict, description="extra non-secret environment for the pods (credentials are refused: see secret_env)")
+    secret_env: dict[str, SecretRef] = Field(
+        default_factory=dict, description="environment variable -> Kubernetes Secret (name, key; key defaults to the "
+        "variable's name) for credentials the pods need, e.g. WANDB_API_KEY; with --backend truss, name is the Baseten secret"
+    )
     gpu_price_per_hour: float | None = Field(None, ge=0, le=10_000, description="USD per GPU-hour, for plan's cost estimate")
     truss: TrussSection = Field(default_factory=TrussSection)
+
+    @model_validator(mode="after")
+    def _no_credentials_in_plain_env(self) -> "ClusterSection":
+        from .credentials import check_plain_env, check_reference_names
+
+        check_plain_env(self.env, "cluster.env", self.backend)
+        for name in self.secret_env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"cluster.secret_env.{name}: not a valid environment variable name")
+            if name in self.env:
+                raise ValueError(f"cluster.env.{name} is also in cluster.secret_env; keep only the Secret reference")
+        check_reference_names(self.secret_env, "cluster.secret_env")
+        check_reference_names(self.truss.secrets, "cluster.truss.secrets")
+        refs = {"store_secret": self.store_secret, "hf_token_secret": self.hf_token_secret,
+                "checkpoint_key_secret": self.checkpoint_key_secret}
+        check_reference_names({k: v for k, v in refs.items() if v is not None}, "cluster")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- serve
@@ -384,9 +406,11 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `gptoss-cloud init` writes every key with comments)"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         elif e["type"] == "literal_error":
             msg = f"{msg}; got {safe_yaml.quote(e.get('input'))}"
-        lines.append(f"  {loc}: {msg}")
+        lines.append(f"  {msg}" if msg.startswith(f"{loc}.") else f"  {loc}: {msg}")
     return "\n".join(lines)
 
 
