@@ -33,16 +33,25 @@ def delete(
 ) -> None:
     """Delete a run: its cluster objects (JobSet, merge Job, server) and everything under its store home.
     A running local run is stopped first."""
+    from ..errors import GptossError
+    from ..progress import read_spec
     from ..runs import resolve_run
     from ..serving import run_spec_with_overrides
     from ..store import open_store
 
     # strict: only a home named like a run id, so `delete ./` or `delete ../project` cannot empty a folder.
     run_id, home = resolve_run(run, resolve(None, output__store=store).output.store, strict=True)
-    spec = run_spec_with_overrides(home, {"cluster.namespace": namespace, "cluster.context": context})
+    try:
+        read_spec(home)  # bounded and decoded strictly: a hostile spec.yaml is one SpecError here
+        spec = run_spec_with_overrides(home, {"cluster.namespace": namespace, "cluster.context": context})
+    except GptossError as e:
+        if not keep_cluster:  # without the spec we cannot know which cluster objects are the run's
+            raise GptossError(f"cannot read the spec of run {run_id}: {e.message}",
+                              hint="`--keep-cluster` deletes only its store home, which needs no spec") from e
+        spec = None
     st = open_store(home)
     n_files = len(st.list())
-    on_cluster = spec.cluster.backend == "k8s" and not keep_cluster
+    on_cluster = spec is not None and spec.cluster.backend == "k8s" and not keep_cluster
     what = f"{n_files} file(s) under {home}"
     if on_cluster:
         what += f" and objects labelled {RUN_LABEL}={run_id} in namespace {spec.cluster.namespace}"
@@ -95,6 +104,7 @@ def push(
 ) -> None:
     """Upload a run's merged folder (or adapter) to the Hugging Face Hub; the token comes from HF_TOKEN."""
     from ..errors import GptossError
+    from ..progress import read_spec
     from ..runs import resolve_run
     from ..serve_fetch import fetch
     from ..store import is_remote, join, open_store

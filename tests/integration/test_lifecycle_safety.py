@@ -151,3 +151,18 @@ def test_a_refused_submit_leaves_no_run_home_in_an_s3_store(s3_bucket, tmp_path,
     assert isinstance(r.exception, GptossError), r.output
     assert open_store(s3_bucket).list("") == []
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("body", [b"a: &a [x, x]\nb: &b [" + b", ".join([b"*a"] * 10) + b"]\n" + b"".join(
+    b"%c: &%c [" % (99 + i, 99 + i) + b", ".join([b"*%c" % (98 + i)] * 10) + b"]\n" for i in range(7)), b"name: caf\xe9\n"])
+def test_a_run_whose_spec_cannot_be_read_is_deleted_only_from_the_store_on_request(tmp_path, body):
+    home = tmp_path / "store" / RID
+    home.mkdir(parents=True)
+    (home / "spec.yaml").write_bytes(body)
+    (home / "metrics.jsonl").write_text("{}\n")
+    r = invoke("delete", RID, "--store", str(home.parent), "--yes")
+    assert isinstance(r.exception, GptossError), r.output
+    assert "cannot read the spec" in str(r.exception) and "--keep-cluster" in str(r.exception) and home.exists()
+    r = invoke("delete", RID, "--store", str(home.parent), "--yes", "--keep-cluster")
+    assert r.exit_code == 0, r.output
+    assert not home.exists() and "2 file(s)" in r.output
