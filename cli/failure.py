@@ -21,7 +21,7 @@ _debug = False
 
 def set_debug(on: bool) -> None:
     global _debug
-    _debug = _debug or on
+    _debug = on
 
 
 def debug_on() -> bool:
