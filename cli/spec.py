@@ -23,6 +23,7 @@ from . import safe_yaml
 from .errors import SpecError
 
 SPEC_VERSION = 1
+MAX_SEQ_LEN = 1 << 21  # 2M tokens: 16x GPT-OSS's 131k context, and where plan's longest-sequence search stops
 USER_CONFIG_PATH = Path("~/.config/gptoss-cloud/config.yaml")
 
 
@@ -70,7 +71,7 @@ class DatasetSource(Section):
 class DataSection(Section):
     datasets: list[DatasetSource] = Field(default_factory=lambda: [DatasetSource(path="sample")])
     validation: float | DatasetSource | None = Field(None, description="a held-out fraction (0..0.5) or its own source")
-    max_seq_len: int = Field(2048, ge=16, le=1 << 20, description="packed sequence length (tokens)")
+    max_seq_len: int = Field(2048, ge=16, le=MAX_SEQ_LEN, description="packed sequence length (tokens)")
     train_on: Literal["all", "last"] = "all"
     thinking_turns: Literal["expand", "last", "drop"] = "expand"
     reasoning_effort: Literal["low", "medium", "high"] = "medium"

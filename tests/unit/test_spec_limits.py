@@ -99,6 +99,7 @@ def test_a_gptoss_value_that_is_not_yaml_names_the_variable():
         ("optim: {max_steps: 1.0e+12}", "optim.max_steps"),
         ("optim: {seed: -1}", "optim.seed"),
         ("data: {max_seq_len: 1.0e+12}", "data.max_seq_len"),
+        ("data: {max_seq_len: 4194304}", "data.max_seq_len"),
         ("data: {datasets: [{path: a.jsonl, weight: .inf}]}", "data.datasets.0.weight"),
         ("cluster: {gpu_memory_gib: .inf}", "cluster.gpu_memory_gib"),
         ("cluster: {host_memory_gib: -5}", "cluster.host_memory_gib"),
