@@ -319,8 +319,6 @@ class RunSpec(Section):
     @field_validator("name")
     @classmethod
     def _dns_name(cls, v: str) -> str:
-        import re
-
         if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,28}[a-z0-9])?", v):
             raise ValueError(
                 "name must be 1-30 lowercase letters, digits or '-', starting and ending with a letter or digit "

@@ -312,8 +312,9 @@ def run_attempt(run_id: str, home: str, attempt: int, cmd: list[str], *, echo: b
     (sd / "cancel").unlink(missing_ok=True)
     log_path = (sd / "logs" if is_remote(home) else Path(home) / "logs") / f"attempt-{attempt}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    rec = {"run_id": run_id, "attempt": attempt, "supervisor_pid": os.getpid(), "supervisor": identity(os.getpid()), "started": _now(),
-           "command": cmd, "nproc": int(cmd[cmd.index("--nproc-per-node") + 1])}
+    # Each pid goes with its identity (start time, command line): cancel signals it only while both match.
+    rec = {"run_id": run_id, "attempt": attempt, "supervisor_pid": os.getpid(), "supervisor": identity(os.getpid()),
+           "started": _now(), "command": cmd, "nproc": int(cmd[cmd.index("--nproc-per-node") + 1])}
     _write_json(sd / "run.json", rec)
 
     env = dict(os.environ)
