@@ -398,10 +398,14 @@ def read_yaml_mapping(path: Path, what: str) -> dict:
     return data
 
 
+MAX_REPORTED_ERRORS = 20  # a hostile spec can hold thousands of bad keys; the first ones say enough
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid run spec ({source}):"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+    errors = err.errors()
+    for e in errors[:MAX_REPORTED_ERRORS]:
+        loc = safe_yaml.quote(".".join(str(p) for p in e["loc"]) or "<root>").strip("'\"")
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `gptoss-cloud init` writes every key with comments)"
@@ -410,6 +414,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         elif e["type"] == "literal_error":
             msg = f"{msg}; got {safe_yaml.quote(e.get('input'))}"
         lines.append(f"  {msg}" if msg.startswith(f"{loc}.") else f"  {loc}: {msg}")
+    if len(errors) > MAX_REPORTED_ERRORS:
+        lines.append(f"  ... and {len(errors) - MAX_REPORTED_ERRORS} more")
     return "\n".join(lines)
 
 

@@ -122,3 +122,13 @@ def test_error_messages_quote_only_a_prefix_of_the_input():
     with pytest.raises(SpecError) as e:
         spec_from_yaml_text("cluster:\n  backend: " + "k" * 5000 + "\n", "home/spec.yaml")
     assert "got 'kkkk" in str(e.value) and len(str(e.value)) < 400
+
+
+def test_thousands_of_bad_keys_report_the_first_twenty_and_a_count(tmp_path):
+    p = tmp_path / "spec.yaml"
+    p.write_text("optim:\n" + "".join(f"  bad_key_{i}: 1\n" for i in range(5000)) + "k" * 200 + "_long: 1\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(p)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 22 and lines[-1] == "  ... and 4981 more"
+    assert all(len(ln) < 200 for ln in lines)
