@@ -41,10 +41,14 @@ def new_run_id(name: str, now: datetime | None = None) -> str:
     return rid
 
 
+def is_run_id(name: str) -> bool:
+    return len(name) <= RUN_ID_MAX and bool(_RUN_ID_RE.match(name))
+
+
 def check_run_id(run_id: str, *, generated: bool = False, where: str | None = None) -> str:
     """Refuse anything that is not a run id; ``generated``: only the ``<name>-<date>-<time>-<hex>`` form."""
     of = f" (from {quote(where)})" if where is not None and where != run_id else ""
-    if len(run_id) > RUN_ID_MAX or not _RUN_ID_RE.match(run_id):
+    if not is_run_id(run_id):
         raise GptossError(
             f"invalid run id {quote(run_id)}{of}: at most {RUN_ID_MAX} lowercase letters, digits and '-', "
             "starting and ending with a letter or digit"

@@ -253,18 +253,23 @@ def runs(
     output: Annotated[str, typer.Option("-o", "--output", help="table | json")] = "table",
 ) -> None:
     """List the runs in the store with backend, state and progress."""
-    from ..progress import describe_run, format_progress, list_run_ids
+    from ..failure import one_line
+    from ..progress import RunRow, describe_run, format_progress, list_run_ids
+    from ..runs import is_run_id
+    from ..safe_yaml import quote
     from ..store import join
 
     uri = _store_of(store)
     rows = []
     for rid in list_run_ids(uri):
+        if not is_run_id(rid):
+            # A name from the store's listing that is not a run id is reported, never read or printed raw.
+            rows.append(RunRow(run_id=quote(rid), home=join(uri, quote(rid)), backend="?", state="Unknown",
+                               error="not a run id: its folder was not read"))
+            continue
         try:
             rows.append(describe_run(rid, join(uri, rid)))
         except Exception as e:  # one unreadable home (corrupt, hostile, unreachable) must not hide the others
-            from ..failure import one_line
-            from ..progress import RunRow
-
             msg = e.message if isinstance(e, GptossError) else f"{type(e).__name__}: {one_line(e)}"
             rows.append(RunRow(run_id=rid, home=join(uri, rid), backend="?", state="Unknown", error=msg))
     if output == "json":
@@ -273,6 +278,7 @@ def runs(
     if not rows:
         _console().print(f"no runs in {uri}")
         return
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=f"runs in {uri}", title_justify="left", box=None, pad_edge=False)
@@ -280,5 +286,6 @@ def runs(
         t.add_column(col, no_wrap=col != "PROGRESS")
     for r in rows:
         note = format_progress(r.progress) if r.progress or not r.error else r.error.splitlines()[0]
-        t.add_row(r.run_id, r.backend, r.state, f"{r.model} {r.method}".strip(), note)
+        # Cells are plain text: a name or message from the store must not be read as rich markup.
+        t.add_row(*(escape(c) for c in (r.run_id, r.backend, r.state, f"{r.model} {r.method}".strip(), note)))
     _console().print(t)

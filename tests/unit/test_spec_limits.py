@@ -132,3 +132,17 @@ def test_thousands_of_bad_keys_report_the_first_twenty_and_a_count(tmp_path):
     lines = str(e.value).splitlines()
     assert len(lines) == 22 and lines[-1] == "  ... and 4981 more"
     assert all(len(ln) < 200 for ln in lines)
+
+
+def test_a_folder_in_the_store_that_is_not_a_run_id_is_listed_unread_and_printed_safely(tmp_path):
+    store = tmp_path / "store"
+    odd = store / "Evil [red]\x1b[31mname"
+    odd.mkdir(parents=True)
+    (odd / "spec.yaml").write_text(BOMB)
+    r = CliRunner().invoke(app, ["runs", "--store", str(store), "-o", "json"])
+    assert r.exit_code == 0, r.output
+    [row] = json.loads(r.stdout)
+    assert row["error"] == "not a run id: its folder was not read" and "\x1b" not in row["run_id"]
+    r = CliRunner().invoke(app, ["runs", "--store", str(store)])
+    assert r.exit_code == 0, r.output
+    assert "\x1b" not in r.stdout and "[red]" in r.stdout
