@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
 from .commands import register_all
-from .errors import GptossError
+from .failure import DEBUG_ENV, report, set_debug
 
 app = typer.Typer(
     name="gptoss-cloud",
@@ -16,20 +17,25 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals can hold secrets
     add_completion=False,
 )
+
+
+@app.callback()
+def _global(
+    debug: Annotated[bool, typer.Option("--debug", help=f"on failure, print the traceback with its causes (also {DEBUG_ENV}=1)")] = False,
+) -> None:
+    set_debug(debug)
+
+
 register_all(app)
 
 
 def main() -> None:
     try:
         app()
-    except GptossError as e:
-        from rich.console import Console
-
-        err = Console(stderr=True, highlight=False, soft_wrap=True)
-        err.print(f"[bold red]error:[/] {e.message}", markup=True)
-        if e.hint:
-            err.print(f"  [dim]hint:[/] {e.hint}", markup=True)
-        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # every failure is one line; --debug adds the traceback
+        sys.exit(report(e))
 
 
 if __name__ == "__main__":

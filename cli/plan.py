@@ -35,7 +35,7 @@ from typing import Any
 
 from .errors import PlanError, SpecError
 from .shapes import ModelShape, shape_for
-from .spec import RunSpec
+from .spec import MAX_SEQ_LEN, RunSpec
 
 GiB = 1024**3
 GB = 1000**3
@@ -572,7 +572,7 @@ class LongestSeq:
         return asdict(self)
 
 
-def longest_seq(spec: RunSpec, shape: ModelShape | None = None, *, step: int = 1024, limit: int = 1 << 21) -> LongestSeq:
+def longest_seq(spec: RunSpec, shape: ModelShape | None = None, *, step: int = 1024, limit: int = MAX_SEQ_LEN) -> LongestSeq:
     """The longest ``data.max_seq_len`` (a multiple of ``step``, at most ``limit``) whose GPU memory plan
     fits, with everything else as the spec says (``activation_checkpointing: auto`` switches on as the
     sequence grows). A planner projection: measured long-context rows are in docs/benchmarks.md."""

@@ -12,21 +12,25 @@ older specs, and a pod refuses a spec newer than it understands.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import safe_yaml
 from .datafields import check_property_mappings, role_names
 from .errors import SpecError
 
 SPEC_VERSION = 1
+MAX_SEQ_LEN = 1 << 21  # 2M tokens: 16x GPT-OSS's 131k context, and where plan's longest-sequence search stops
 USER_CONFIG_PATH = Path("~/.config/gptoss-cloud/config.yaml")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No inf/nan anywhere: a non-finite lr or memory size passes every ">" check and breaks the run later.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -36,7 +40,7 @@ class ModelSection(Section):
         "pretrained", description="pretrained: the published/given weights; random: random weights at the model's shape (benchmarks, GPU tests). tiny is always random."
     )
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
-    layers: int | None = Field(None, ge=1, description="override the depth (reduced-depth benchmarks); random init only")
+    layers: int | None = Field(None, ge=1, le=1024, description="override the depth (reduced-depth benchmarks); random init only")
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     base_format: Literal["bf16", "mxfp4"] = Field(
         "bf16", description="how the frozen base experts are held: bf16 (dequantised at load), or mxfp4 (the released "
@@ -57,7 +61,7 @@ class DatasetSource(Section):
     split: str = Field("train", description="hub datasets: the split to read")
     subset: str | None = Field(None, description="hub datasets: the configuration (subset) name")
     revision: str | None = Field(None, description="hub datasets: branch, tag or commit")
-    weight: float = Field(1.0, gt=0, description="mixing weight: each row is used this many times (2: twice, 0.5: a seeded half)")
+    weight: float = Field(1.0, gt=0, le=1000, description="mixing weight: each row is used this many times (2: twice, 0.5: a seeded half)")
     format: Literal["auto", "jsonl", "json", "parquet", "hub"] = "auto"
     field_messages: str = "messages"
     field_thinking: str = "thinking"
@@ -83,7 +87,7 @@ class DatasetSource(Section):
 class DataSection(Section):
     datasets: list[DatasetSource] = Field(default_factory=lambda: [DatasetSource(path="sample")])
     validation: float | DatasetSource | None = Field(None, description="a held-out fraction (0..0.5) or its own source")
-    max_seq_len: int = Field(2048, ge=16, description="packed sequence length (tokens)")
+    max_seq_len: int = Field(2048, ge=16, le=MAX_SEQ_LEN, description="packed sequence length (tokens)")
     train_on: Literal["all", "last"] = "all"
     thinking_turns: Literal["expand", "last", "drop"] = "expand"
     reasoning_effort: Literal["low", "medium", "high"] = "medium"
@@ -94,7 +98,7 @@ class DataSection(Section):
     on_error: Literal["fail", "skip"] = "fail"
     max_skip_fraction: float = Field(0.01, ge=0, le=1)
     shuffle: bool = True
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     cache_dir: str | None = Field(None, description="tokenized-data cache (default ~/.cache/gptoss-cloud/data)")
 
     @field_validator("conversation_date", "knowledge_cutoff", mode="before")
@@ -115,12 +119,12 @@ class DataSection(Section):
 
 # --------------------------------------------------------------------------------------------- method
 class LoraSection(Section):
-    r: int = Field(16, gt=0, description="LoRA rank")
-    alpha: int = Field(32, gt=0)
+    r: int = Field(16, gt=0, le=4096, description="LoRA rank")
+    alpha: int = Field(32, gt=0, le=1 << 16)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     experts: bool = Field(False, description="also adapt mlp.experts.gate_up_proj / down_proj")
-    expert_layers: list[int] | None = Field(None, description="layers whose experts get LoRA (default: all)")
+    expert_layers: list[Annotated[int, Field(ge=0, le=1023)]] | None = Field(None, description="layers whose experts get LoRA (default: all)")
     router: bool = Field(False, description="also adapt the router")
 
 
@@ -131,34 +135,34 @@ class MethodSection(Section):
 
 # ---------------------------------------------------------------------------------------------- optim
 class OptimSection(Section):
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    lr: float = Field(2e-4, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=10)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0, le=1)
     schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = Field(10, ge=0)
+    warmup_steps: int = Field(10, ge=0, le=10**9)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    epochs: float | None = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
-    micro_batch_size: int = Field(1, gt=0, description="packed sequences per GPU per micro-step")
-    grad_accum: int = Field(1, gt=0)
-    router_aux_loss_coef: float | None = Field(None, ge=0, description="MoE load-balancing loss weight; off when unset")
-    eval_every: int | None = Field(None, gt=0)
-    log_every: int = Field(1, gt=0)
-    seed: int = 42
+    max_grad_norm: float | None = Field(1.0, gt=0, le=1e6)
+    epochs: float | None = Field(1.0, gt=0, le=10_000)
+    max_steps: int | None = Field(None, gt=0, le=10**9, description="overrides epochs when set")
+    micro_batch_size: int = Field(1, gt=0, le=4096, description="packed sequences per GPU per micro-step")
+    grad_accum: int = Field(1, gt=0, le=1 << 16)
+    router_aux_loss_coef: float | None = Field(None, ge=0, le=100, description="MoE load-balancing loss weight; off when unset")
+    eval_every: int | None = Field(None, gt=0, le=10**9)
+    log_every: int = Field(1, gt=0, le=10**9)
+    seed: int = Field(42, ge=0, lt=2**32)
 
 
 # ---------------------------------------------------------------------------------------- parallelism
 class ParallelismSection(Section):
-    nodes: int = Field(1, ge=1)
+    nodes: int = Field(1, ge=1, le=4096)
     gpus_per_node: int = Field(8, ge=1, le=16)
     cpu_offload: bool = False
     # Recompute each decoder layer's forward in backward (a third more FLOPs, far less memory). auto:
     # off when the planner finds the run fits the GPU without it, else on (cli/plan.py recompute_on).
     activation_checkpointing: Union[bool, Literal["auto"]] = "auto"
     reshard_after_forward: bool = True
-    collective_timeout_s: float = Field(1800.0, gt=0, description="a hung rank fails after this many seconds")
+    collective_timeout_s: float = Field(1800.0, gt=0, le=7 * 86400, description="a hung rank fails after this many seconds")
 
 
 # -------------------------------------------------------------------------------------------- kernels
@@ -169,7 +173,7 @@ class KernelsSection(Section):
     experts: Literal["auto", "eager", "grouped_mm", "fused"] = "auto"
     # flex: ours (learned sinks with exact gradients, cached block masks); hf_flex: transformers' own.
     attention: Literal["auto", "eager", "flex", "hf_flex"] = "auto"
-    loss_chunk_tokens: int = Field(1024, ge=16, description="tokens per chunk of the fused linear + cross-entropy")
+    loss_chunk_tokens: int = Field(1024, ge=16, le=1 << 20, description="tokens per chunk of the fused linear + cross-entropy")
     # torch.compile each decoder layer's forward (norms, rotary, routing, LoRA and residual adds fused
     # around the GEMMs and attention); the first steps pay the compile. auto: on GPU, off on CPU.
     compile: Union[bool, Literal["auto"]] = "auto"
@@ -177,8 +181,8 @@ class KernelsSection(Section):
 
 # ---------------------------------------------------------------------------------------- checkpoint
 class CheckpointSection(Section):
-    every_steps: int | None = Field(None, gt=0, description="save every N optimizer steps (and always at the end)")
-    keep_last: int = Field(2, ge=1)
+    every_steps: int | None = Field(None, gt=0, le=10**9, description="save every N optimizer steps (and always at the end)")
+    keep_last: int = Field(2, ge=1, le=10_000)
     async_save: bool = False
     resume: str = Field("auto", description="auto | never | a checkpoint URI")
     local_dir: str | None = Field(None, description="local scratch for shards before upload")
@@ -215,7 +219,7 @@ class TrussSection(Section):
     base_image: str | None = Field(None, description="trainer image for the job (default: cluster.image, then ghcr.io/gptoss-cloud/trainer:<version>)")
     cache: bool = Field(True, description="keep the project cache (base weights download once per project, shared by the job's nodes)")
     checkpointing: bool = Field(True, description="give the job Baseten's checkpoint volume as local scratch; checkpoints are published to output.store either way")
-    checkpoint_volume_gib: int | None = Field(None, gt=0, description="size of that volume (default: Baseten's)")
+    checkpoint_volume_gib: int | None = Field(None, gt=0, le=1 << 20, description="size of that volume (default: Baseten's)")
     secrets: dict[str, str | None] = Field(
         default_factory=dict,
         description="environment variable -> Baseten secret name; added to (or, with null, removing) the defaults "
@@ -229,9 +233,9 @@ class ClusterSection(Section):
     context: str | None = None
     image: str | None = Field(None, description="trainer image; default ghcr.io/gptoss-cloud/trainer:<version>")
     gpu_type: str = "H100"
-    gpu_memory_gib: float = 80.0
-    host_memory_gib: float | None = Field(None, description="host RAM per node (default from gpu_type: 1800 for 8xH100)")
-    local_disk_gib: float | None = None
+    gpu_memory_gib: float = Field(80.0, gt=0, le=4096)
+    host_memory_gib: float | None = Field(None, gt=0, le=1 << 20, description="host RAM per node (default from gpu_type: 1800 for 8xH100)")
+    local_disk_gib: float | None = Field(None, gt=0, le=1 << 30)
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     priority_class: str | None = None
@@ -241,31 +245,52 @@ class ClusterSection(Section):
         "none", description="fast interconnect; efa/infiniband relax pod security exactly as needed (IPC_LOCK, devices)"
     )
     rdma_resource: str | None = Field(None, description="RDMA device resource (default vpc.amazonaws.com/efa or rdma/rdma_shared_device_a)")
-    rdma_devices: int | None = Field(None, ge=1, description="RDMA devices per pod (default 32 for efa, 1 for infiniband)")
+    rdma_devices: int | None = Field(None, ge=1, le=1024, description="RDMA devices per pod (default 32 for efa, 1 for infiniband)")
     affinity: dict[str, Any] | None = Field(None, description="pod affinity (Kubernetes Affinity object)")
-    shm_gib: int = Field(64, ge=1, description="size of /dev/shm (memory emptyDir) per pod")
+    shm_gib: int = Field(64, ge=1, le=1 << 20, description="size of /dev/shm (memory emptyDir) per pod")
     weights_mirror: str | None = Field(None, description="s3:// prefix holding a copy of the base weights (else the hub)")
     cache_storage_class: str | None = Field(
         None, description="storage class for the per-node weights cache (generic ephemeral volume); default an emptyDir"
     )
     rendezvous_port: int = Field(29500, ge=1024, le=65535)
-    max_restarts: int = Field(3, ge=0)
-    ttl_seconds_after_finished: int | None = 86400
+    max_restarts: int = Field(3, ge=0, le=1000)
+    ttl_seconds_after_finished: int | None = Field(86400, ge=0, le=2**31 - 1)
     store_secret: SecretRef | None = Field(None, description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the store")
     hf_token_secret: SecretRef | None = None
     checkpoint_key_secret: SecretRef | None = None
-    env: dict[str, str] = Field(default_factory=dict, description="extra non-secret environment for the pods")
-    gpu_price_per_hour: float | None = Field(None, ge=0, description="USD per GPU-hour, for plan's cost estimate")
+    env: dict[str, str] = Field(default_factory=dict, description="extra non-secret environment for the pods (credentials are refused: see secret_env)")
+    secret_env: dict[str, SecretRef] = Field(
+        default_factory=dict, description="environment variable -> Kubernetes Secret (name, key; key defaults to the "
+        "variable's name) for credentials the pods need, e.g. WANDB_API_KEY; with --backend truss, name is the Baseten secret"
+    )
+    gpu_price_per_hour: float | None = Field(None, ge=0, le=10_000, description="USD per GPU-hour, for plan's cost estimate")
     truss: TrussSection = Field(default_factory=TrussSection)
+
+    @model_validator(mode="after")
+    def _no_credentials_in_plain_env(self) -> "ClusterSection":
+        from .credentials import check_plain_env, check_reference_names
+
+        check_plain_env(self.env, "cluster.env", self.backend)
+        for name in self.secret_env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"cluster.secret_env.{name}: not a valid environment variable name")
+            if name in self.env:
+                raise ValueError(f"cluster.env.{name} is also in cluster.secret_env; keep only the Secret reference")
+        check_reference_names(self.secret_env, "cluster.secret_env")
+        check_reference_names(self.truss.secrets, "cluster.truss.secrets")
+        refs = {"store_secret": self.store_secret, "hf_token_secret": self.hf_token_secret,
+                "checkpoint_key_secret": self.checkpoint_key_secret}
+        check_reference_names({k: v for k, v in refs.items() if v is not None}, "cluster")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- serve
 class ServeSection(Section):
-    tp: int | None = Field(None, ge=1, description="tensor parallel size (default: sized from model and GPU memory)")
-    replicas: int = Field(1, ge=1)
+    tp: int | None = Field(None, ge=1, le=64, description="tensor parallel size (default: sized from model and GPU memory)")
+    replicas: int = Field(1, ge=1, le=1000)
     checkpoint: str = Field("latest", description="latest (the run's merged/ folder) or a step number to merge and serve")
     adapter: bool = Field(False, description="serve the base model plus the LoRA adapter (vLLM --enable-lora) instead of merged weights")
-    max_model_len: int = Field(32768, ge=256)
+    max_model_len: int = Field(32768, ge=256, le=1 << 24)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     port: int = Field(8000, ge=1024, le=65535, description="container port of the OpenAI-compatible server (non-root: >= 1024)")
     api_key: bool = Field(True, description="require an API key on /v1 routes (VLLM_API_KEY from a Secret)")
@@ -310,8 +335,6 @@ class RunSpec(Section):
     @field_validator("name")
     @classmethod
     def _dns_name(cls, v: str) -> str:
-        import re
-
         if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,28}[a-z0-9])?", v):
             raise ValueError(
                 "name must be 1-30 lowercase letters, digits or '-', starting and ending with a letter or digit "
@@ -371,36 +394,44 @@ def env_overrides(environ: Mapping[str, str]) -> dict:
     for var, value in environ.items():
         if var.startswith("GPTOSS_") and "__" in var:
             dotted = var[len("GPTOSS_"):].lower().replace("__", ".")
-            set_path(tree, dotted, yaml.safe_load(value) if value else value)
+            set_path(tree, dotted, safe_yaml.load(value, f"environment variable {var}") if value else value)
     return tree
 
 
 def read_yaml_mapping(path: Path, what: str) -> dict:
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            raw = f.read(safe_yaml.MAX_BYTES + 1)
     except FileNotFoundError:
         raise SpecError(f"{what} not found: {path}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise SpecError(f"{what} is not valid YAML at {where}: {getattr(e, 'problem', e)}") from None
+    except IsADirectoryError:
+        raise SpecError(f"{what} {path} is a folder, not a YAML file") from None
+    except OSError as e:
+        raise SpecError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    data = safe_yaml.load(raw, f"{what} {path}") or {}
     if not isinstance(data, dict):
         raise SpecError(f"{what} {path} must be a YAML mapping, not {type(data).__name__}")
     return data
 
 
+MAX_REPORTED_ERRORS = 20  # a hostile spec can hold thousands of bad keys; the first ones say enough
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid run spec ({source}):"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+    errors = err.errors()
+    for e in errors[:MAX_REPORTED_ERRORS]:
+        loc = safe_yaml.quote(".".join(str(p) for p in e["loc"]) or "<root>").strip("'\"")
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `gptoss-cloud init` writes every key with comments)"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         elif e["type"] == "literal_error":
-            msg = f"{msg}; got {e.get('input')!r}"
-        lines.append(f"  {loc}: {msg}")
+            msg = f"{msg}; got {safe_yaml.quote(e.get('input'))}"
+        lines.append(f"  {msg}" if msg.startswith(f"{loc}.") else f"  {loc}: {msg}")
+    if len(errors) > MAX_REPORTED_ERRORS:
+        lines.append(f"  ... and {len(errors) - MAX_REPORTED_ERRORS} more")
     return "\n".join(lines)
 
 
@@ -443,10 +474,12 @@ def load_spec(
         raise SpecError(format_validation_error(e, " + ".join(sources) or "defaults")) from None
 
 
-def spec_from_yaml_text(text: str, source: str = "<spec>") -> RunSpec:
+def spec_from_yaml_text(text: str | bytes, source: str = "<spec>") -> RunSpec:
     """Parse a resolved spec (as stored in a run home or a ConfigMap); no env or user config applied."""
+    data = safe_yaml.load(text, source) or {}
+    if not isinstance(data, dict):
+        raise SpecError(f"{source} must be a YAML mapping, not {type(data).__name__}")
     try:
-        data = yaml.safe_load(text) or {}
         return RunSpec.model_validate(data)
     except ValidationError as e:
         raise SpecError(format_validation_error(e, source)) from None

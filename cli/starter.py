@@ -71,6 +71,8 @@ cluster:
   # image: ghcr.io/gptoss-cloud/trainer:0.1.0
   # store_secret: {name: s3-credentials}
   # hf_token_secret: {name: hf-token, key: token}
+  # secret_env: {WANDB_API_KEY: {name: wandb, key: api-key}}   # credentials, as Secret references
+  # env: {NCCL_DEBUG: WARN}  # plain settings only: credential-looking entries are refused
   # queue: gpu-queue         # Kueue LocalQueue
   # gpu_price_per_hour: 2.5  # for plan's cost estimate
 """

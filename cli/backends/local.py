@@ -29,6 +29,7 @@ from ..errors import BackendError, GptossError
 from ..spec import RunSpec
 from ..store import is_remote, join, open_store
 from .base import Backend, RunStatus, SubmitOptions, SubmitResult
+from .proc_identity import identity, is_ours, process_group
 
 CPU_PROCESSES = 2  # what CI and laptops run: two gloo ranks exercise the real distributed path
 _RANK0_PREFIX = re.compile(rb"^\[[^\]]*?0\]:")
@@ -81,22 +82,22 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
+def _alive(rec: dict, role: str) -> bool:
+    """Whether the ``role`` process (supervisor or torchrun) of this record still runs: the recorded pid
+    with the recorded start time and command line. A reused pid is someone else's process."""
+    return is_ours(rec.get(f"{role}_pid"), rec.get(role))
+
+
+def _signal(pid: int, sig: int) -> None:
+    # torchrun and a detached supervisor lead their own session, so the group takes the ranks along;
+    # a foreground supervisor shares the shell's group, which is not ours to signal.
     try:
-        os.kill(pid, 0)
+        if process_group(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
     except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    if stat.exists():  # a zombie is dead for our purposes
-        try:
-            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except (OSError, IndexError):
-            return True
-    return True
+        pass
 
 
 def next_attempt(run_id: str, home: str) -> int:
@@ -172,7 +173,7 @@ class LocalBackend(Backend):
             return SubmitResult(run_id, home, self.name, rendered=rendered, written=written,
                                 details={"command": cmd, "nproc": nproc})
         rec = _read_json(sd / "run.json")
-        if rec and not rec.get("state") and _alive(rec.get("supervisor_pid")):
+        if rec and not rec.get("state") and _alive(rec, "supervisor"):
             raise BackendError(f"run {run_id} is still running locally (pid {rec['supervisor_pid']})",
                                hint=f"wait for it, or `gptoss-cloud cancel {run_id}` first")
         if is_remote(home):
@@ -209,9 +210,9 @@ class LocalBackend(Backend):
         detail = {k: rec[k] for k in ("attempt", "supervisor_pid", "started", "finished", "returncode", "nproc") if k in rec}
         if rec.get("state"):
             state = rec["state"]
-        elif _alive(rec.get("supervisor_pid")):
+        elif _alive(rec, "supervisor"):
             state = "Running"
-        elif _alive(rec.get("torchrun_pid")):
+        elif _alive(rec, "torchrun"):
             state = "Running"  # its launcher was killed, but torchrun and the ranks still run: cancel stops them
             detail["reason"] = "the launcher is gone; torchrun still runs"
         else:
@@ -246,19 +247,16 @@ class LocalBackend(Backend):
             raise BackendError(f"run {run_id} is not running (state {st.state})")
         rec = _read_json(sd / "run.json") or {}
         (sd / "cancel").write_text(_now())
-        pgid = rec.get("torchrun_pid")
-        target = pgid if _alive(pgid) else rec.get("supervisor_pid")
-        try:
-            # torchrun forwards SIGTERM to its workers (they run in their own sessions) and exits.
-            os.killpg(target, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        # Only a pid whose start time and command line match the record is signalled (status checked the same).
+        target = rec["torchrun_pid"] if _alive(rec, "torchrun") else rec["supervisor_pid"]
+        # torchrun forwards SIGTERM to its workers (they run in their own sessions) and exits.
+        _signal(target, signal.SIGTERM)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if not _alive(rec.get("torchrun_pid")):
+            if not _alive(rec, "torchrun"):
                 if (_read_json(sd / "run.json") or {}).get("state"):
                     return
-                if not _alive(rec.get("supervisor_pid")):  # nobody left to record it
+                if not _alive(rec, "supervisor"):  # nobody left to record it
                     _write_json(sd / "run.json", {**rec, "state": "Cancelled", "finished": _now()})
                     return
             time.sleep(0.2)
@@ -314,8 +312,9 @@ def run_attempt(run_id: str, home: str, attempt: int, cmd: list[str], *, echo: b
     (sd / "cancel").unlink(missing_ok=True)
     log_path = (sd / "logs" if is_remote(home) else Path(home) / "logs") / f"attempt-{attempt}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    rec = {"run_id": run_id, "attempt": attempt, "supervisor_pid": os.getpid(), "started": _now(),
-           "command": cmd, "nproc": int(cmd[cmd.index("--nproc-per-node") + 1])}
+    # Each pid goes with its identity (start time, command line): cancel signals it only while both match.
+    rec = {"run_id": run_id, "attempt": attempt, "supervisor_pid": os.getpid(), "supervisor": identity(os.getpid()),
+           "started": _now(), "command": cmd, "nproc": int(cmd[cmd.index("--nproc-per-node") + 1])}
     _write_json(sd / "run.json", rec)
 
     env = dict(os.environ)
@@ -327,6 +326,7 @@ def run_attempt(run_id: str, home: str, attempt: int, cmd: list[str], *, echo: b
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=env, start_new_session=True)
     rec["torchrun_pid"] = proc.pid
+    rec["torchrun"] = identity(proc.pid)
     _write_json(sd / "run.json", rec)
 
     def forward(signum, _frame):  # Ctrl-C or `cancel`: stop torchrun, which stops its workers

@@ -31,21 +31,41 @@ def delete(
     context: Annotated[Optional[str], typer.Option("--context", help="kubeconfig context; overrides the run's spec")] = None,
     store: StoreOpt = None,
 ) -> None:
-    """Delete a run: its cluster objects (JobSet, merge Job, server) and everything under its store home."""
+    """Delete a run: its cluster objects (JobSet, merge Job, server) and everything under its store home.
+    A running local run is stopped first."""
+    from ..errors import GptossError
+    from ..progress import read_spec
     from ..runs import resolve_run
     from ..serving import run_spec_with_overrides
     from ..store import open_store
 
-    run_id, home = resolve_run(run, resolve(None, output__store=store).output.store)
-    spec = run_spec_with_overrides(home, {"cluster.namespace": namespace, "cluster.context": context})
+    # strict: only a home named like a run id, so `delete ./` or `delete ../project` cannot empty a folder.
+    run_id, home = resolve_run(run, resolve(None, output__store=store).output.store, strict=True)
+    try:
+        read_spec(home)  # bounded and decoded strictly: a hostile spec.yaml is one SpecError here
+        spec = run_spec_with_overrides(home, {"cluster.namespace": namespace, "cluster.context": context})
+    except GptossError as e:
+        if not keep_cluster:  # without the spec we cannot know which cluster objects are the run's
+            raise GptossError(f"cannot read the spec of run {run_id}: {e.message}",
+                              hint="`--keep-cluster` deletes only its store home, which needs no spec") from e
+        spec = None
     st = open_store(home)
     n_files = len(st.list())
-    on_cluster = spec.cluster.backend == "k8s" and not keep_cluster
+    on_cluster = spec is not None and spec.cluster.backend == "k8s" and not keep_cluster
     what = f"{n_files} file(s) under {home}"
     if on_cluster:
         what += f" and objects labelled {RUN_LABEL}={run_id} in namespace {spec.cluster.namespace}"
+    running_here = _running_locally(run_id, home)
+    if running_here:
+        what = f"stop it (it is running on this machine), then {what}"
     if not yes and not typer.confirm(f"Delete run {run_id}: {what}?", default=False):
         raise typer.Exit(1)
+    if running_here:
+        from ..backends.local import LocalBackend
+
+        # Before the files: a live trainer would keep writing checkpoints into the emptied home.
+        LocalBackend().cancel(run_id, home)
+        typer.echo(f"stopped {run_id}", err=True)
     if on_cluster:
         from ..kube_apply import Kube
 
@@ -54,6 +74,16 @@ def delete(
             typer.echo(f"deleted {gone}", err=True)
     removed = st.delete("")
     typer.echo(f"deleted run {run_id}: {removed} file(s) from {home}")
+
+
+def _running_locally(run_id: str, home: str) -> bool:
+    """Whether this machine runs it, whatever backend its spec names (only the local backend keeps a
+    local record; its pids are checked against their start time, so a stale record says no)."""
+    from ..backends.local import LocalBackend, state_dir
+
+    if not (state_dir(run_id, home) / "run.json").is_file():
+        return False
+    return LocalBackend().status(run_id, home).state == "Running"
 
 
 def parse_hf_target(uri: str) -> str:
@@ -74,6 +104,7 @@ def push(
 ) -> None:
     """Upload a run's merged folder (or adapter) to the Hugging Face Hub; the token comes from HF_TOKEN."""
     from ..errors import GptossError
+    from ..progress import read_spec
     from ..runs import resolve_run
     from ..serve_fetch import fetch
     from ..store import is_remote, join, open_store

@@ -46,10 +46,10 @@ def _store_of(store: str | None) -> str:
     return uri if is_remote(uri) else str(Path(uri.removeprefix("file://")).expanduser().resolve())
 
 
-def _find_run(ref: str, store: str | None) -> tuple[str, str]:
+def _find_run(ref: str, store: str | None, *, strict: bool = False) -> tuple[str, str]:
     from ..runs import resolve_run
 
-    return resolve_run(ref, _store_of(store))
+    return resolve_run(ref, _store_of(store), strict=strict)
 
 
 # ------------------------------------------------------------------------------------------ submit
@@ -168,11 +168,26 @@ def _launch(be, spec, run_id: str, home: str, opts, *, fresh: bool):
     try:
         return be.submit(spec, run_id, home, opts)
     except BaseException:
-        if fresh and st.list("") == ["spec.yaml"]:
-            st.delete("spec.yaml")
-            if not is_remote(home):
-                Path(home).rmdir()
+        if fresh:
+            _remove_unused_home(st, run_id, home)
         raise
+
+
+def _remove_unused_home(st, run_id: str, home: str) -> None:
+    """Remove what submit wrote if nothing else was: the home's spec.yaml, and for a remote home the
+    local state folder the local backend may have made. Deleted as a prefix, which every store honours."""
+    import shutil
+
+    from ..backends.local import state_dir
+
+    if st.list("") == ["spec.yaml"]:
+        st.delete("")
+        if not is_remote(home) and Path(home).is_dir() and not any(Path(home).iterdir()):
+            Path(home).rmdir()
+    if is_remote(home):
+        sd = state_dir(run_id, home)
+        if sd.is_dir() and {p.name for p in sd.iterdir()} <= {"spec.yaml"}:
+            shutil.rmtree(sd)
 
 
 # ------------------------------------------------------------------------------------- run control
@@ -227,7 +242,7 @@ def cancel(run: RunArg, store: StoreOpt = None) -> None:
     from ..backends.base import get_backend
     from ..progress import read_spec
 
-    run_id, home = _find_run(run, store)
+    run_id, home = _find_run(run, store, strict=True)  # a signal goes only to a validated run's own processes
     be = get_backend(read_spec(home).cluster.backend)
     be.cancel(run_id, home)
     typer.echo(f"cancelled {run_id}")
@@ -238,24 +253,32 @@ def runs(
     output: Annotated[str, typer.Option("-o", "--output", help="table | json")] = "table",
 ) -> None:
     """List the runs in the store with backend, state and progress."""
-    from ..progress import describe_run, format_progress, list_run_ids
+    from ..failure import one_line
+    from ..progress import RunRow, describe_run, format_progress, list_run_ids
+    from ..runs import is_run_id
+    from ..safe_yaml import quote
     from ..store import join
 
     uri = _store_of(store)
     rows = []
     for rid in list_run_ids(uri):
+        if not is_run_id(rid):
+            # A name from the store's listing that is not a run id is reported, never read or printed raw.
+            rows.append(RunRow(run_id=quote(rid), home=join(uri, quote(rid)), backend="?", state="Unknown",
+                               error="not a run id: its folder was not read"))
+            continue
         try:
             rows.append(describe_run(rid, join(uri, rid)))
-        except GptossError as e:
-            from ..progress import RunRow
-
-            rows.append(RunRow(run_id=rid, home=join(uri, rid), backend="?", state="Unknown", error=e.message))
+        except Exception as e:  # one unreadable home (corrupt, hostile, unreachable) must not hide the others
+            msg = e.message if isinstance(e, GptossError) else f"{type(e).__name__}: {one_line(e)}"
+            rows.append(RunRow(run_id=rid, home=join(uri, rid), backend="?", state="Unknown", error=msg))
     if output == "json":
         typer.echo(json.dumps([r.to_json() for r in rows], indent=1, default=str))
         return
     if not rows:
         _console().print(f"no runs in {uri}")
         return
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=f"runs in {uri}", title_justify="left", box=None, pad_edge=False)
@@ -263,5 +286,6 @@ def runs(
         t.add_column(col, no_wrap=col != "PROGRESS")
     for r in rows:
         note = format_progress(r.progress) if r.progress or not r.error else r.error.splitlines()[0]
-        t.add_row(r.run_id, r.backend, r.state, f"{r.model} {r.method}".strip(), note)
+        # Cells are plain text: a name or message from the store must not be read as rich markup.
+        t.add_row(*(escape(c) for c in (r.run_id, r.backend, r.state, f"{r.model} {r.method}".strip(), note)))
     _console().print(t)

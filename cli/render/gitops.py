@@ -17,6 +17,7 @@ import json
 
 import yaml
 
+from ..credentials import require_plain_env
 from ..errors import GptossError
 from ..spec import RunSpec
 from .serve import container_security_context, pod_security_context, store_env, trainer_image
@@ -144,6 +145,7 @@ def _meta(spec: RunSpec, name: str, component: str) -> dict:
 def schedule_objects(spec: RunSpec, schedule: str) -> list[dict]:
     """ConfigMap (the spec), ServiceAccount, Role, RoleBinding and the CronJob that submits a run per tick."""
     schedule = validate_cron(schedule)
+    require_plain_env(spec.cluster)  # these files are meant for Git: cluster.env goes in as written
     n = schedule_names(spec)
     ns = spec.cluster.namespace
     configmap = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(spec, n["configmap"], "schedule"),

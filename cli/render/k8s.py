@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from ..credentials import require_plain_env
 from ..images import trainer_image
 from ..errors import SpecError
 from ..shapes import HUB_IDS
@@ -155,6 +156,8 @@ def secret_env(spec: RunSpec) -> tuple[list[dict], list[dict]]:
         env.append(_secret_key_env("HF_TOKEN", c.hf_token_secret.name, c.hf_token_secret.key or "token"))
     if c.checkpoint_key_secret:
         env.append(_secret_key_env("GPTOSS_CHECKPOINT_KEY", c.checkpoint_key_secret.name, c.checkpoint_key_secret.key or "key"))
+    for var, ref in sorted(c.secret_env.items()):
+        env.append(_secret_key_env(var, ref.name, ref.key or var))
     return env, env_from
 
 
@@ -264,6 +267,7 @@ def trainer_container(spec: RunSpec, run_id: str, image: str, env: list[dict], e
         {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
     ]
     topology += [{"name": k, "value": v} for k, v in rdma["env"].items()]
+    require_plain_env(spec.cluster)  # cluster.env is written as plain values
     topology += [{"name": k, "value": v} for k, v in sorted(spec.cluster.env.items())]
     limits = {"nvidia.com/gpu": str(p.gpus_per_node), **rdma["resources"]}
     mounts = [

@@ -22,6 +22,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import SpecError
+from ..credentials import carrier, credential_problem, require_plain_env
 from ..images import trainer_image
 from ..spec import RunSpec
 
@@ -38,8 +39,6 @@ CHECKPOINT_KEY_ENV = "GPTOSS_CHECKPOINT_KEY"
 # Set by the renderer (run.sh and the trainer read them); cluster.env may not redefine them.
 RESERVED_ENV = ("GPTOSS_RUN_ID", "GPTOSS_NODES", "GPTOSS_GPUS_PER_NODE", "GPTOSS_SPEC_FILE")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# Names that almost always hold credentials: they belong in Baseten secrets, not in a pushed file.
-_SECRET_LIKE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.I)
 _ACCELERATOR = re.compile(r"^[A-Z0-9_]+$")
 
 
@@ -72,6 +71,8 @@ def secret_refs(spec: RunSpec) -> dict[str, str]:
         refs[HF_TOKEN_ENV] = c.hf_token_secret.name
     if c.checkpoint_key_secret is not None:
         refs[CHECKPOINT_KEY_ENV] = c.checkpoint_key_secret.name
+    for env, ref in c.secret_env.items():
+        refs[env] = ref.name
     for env, name in c.truss.secrets.items():
         where = f"cluster.truss.secrets.{env}"
         if not _ENV_NAME.match(env):
@@ -100,11 +101,10 @@ def plain_env(spec: RunSpec, run_id: str, secret_names: set[str]) -> dict[str, s
             raise SpecError(f"{where}: {k} is set by gptoss-cloud itself; remove it from cluster.env")
         if k in secret_names:
             raise SpecError(f"{where}: {k} is already a secret reference (cluster.truss.secrets); remove it from cluster.env")
-        if _SECRET_LIKE.search(k):
-            raise SpecError(
-                f"{where}: {k} looks like a credential, and cluster.env is written into the pushed project",
-                hint=f"store it as a Baseten secret and reference it: cluster.truss.secrets: {{{k}: <secret name>}}",
-            )
+        problem = credential_problem(k, v)
+        if problem:  # the spec refuses it already; this guards a spec that skipped validation
+            raise SpecError(f"{where} {problem}, and cluster.env is written into the pushed project",
+                            hint=f"reference a Baseten secret instead: {carrier(k, 'truss')}")
         env[k] = str(v)
     return env
 
@@ -253,6 +253,7 @@ def template_dir() -> Path:
 
 def render_truss_project(spec: RunSpec, run_id: str) -> TrussProject:
     """The project folder for one run, as file contents. Reads only the packaged template."""
+    require_plain_env(spec.cluster, "truss")  # before the copy below re-validates it into a raw pydantic error
     spec = spec.model_copy(deep=True)
     spec.cluster.backend = "truss"
     data = truss_job_data(spec, run_id)

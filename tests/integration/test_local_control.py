@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gptoss_cloud.backends import local
+from gptoss_cloud.backends.proc_identity import running
 from gptoss_cloud.errors import GptossError
 from gptoss_cloud.main import app
 from gptoss_cloud.spec import load_spec
@@ -85,9 +86,9 @@ def test_detached_run_reports_running_then_cancels(run, tmp_path, monkeypatch):
         assert r.exit_code == 0, r.output
         rec = json.loads((sd / "run.json").read_text())
         assert rec["state"] == "Cancelled" and rec["returncode"] != 0
-        assert not local._alive(pid) or wait_for(lambda: not local._alive(pid), 10)
+        assert not running(pid) or wait_for(lambda: not running(pid), 10)
         # the workers (own sessions under torchrun) are gone too
-        assert wait_for(lambda: not any(local._alive(p) for p in workers), 30)
+        assert wait_for(lambda: not any(running(p) for p in workers), 30)
     finally:
         _stop(sd, pid)
 
@@ -96,9 +97,9 @@ def _stop(sd: Path, supervisor: int) -> None:
     """Leave nothing running whatever failed: torchrun has its own session, so stop it first."""
     tr = json.loads((sd / "run.json").read_text()).get("torchrun_pid") if (sd / "run.json").exists() else None
     for group in (tr, supervisor):
-        if group and local._alive(group):
+        if group and running(group):
             os.killpg(group, 15)
-    wait_for(lambda: not local._alive(tr) and not local._alive(supervisor), 30)
+    wait_for(lambda: not running(tr) and not running(supervisor), 30)
 
 
 def _worker_pids(sd: Path) -> list[int]:
@@ -124,12 +125,12 @@ def test_a_launcher_killed_hard_leaves_a_run_that_cancel_still_stops(run, tmp_pa
         assert wait_for(lambda: (tmp_path / "ready.0").exists() and (tmp_path / "ready.1").exists())
         workers = _worker_pids(sd)
         os.killpg(pid, 9)                                   # the launcher dies without a word
-        assert wait_for(lambda: not local._alive(pid), 10)
+        assert wait_for(lambda: not running(pid), 10)
         st = local.LocalBackend().status(rid, home)
         assert st.state == "Running" and "torchrun still runs" in st.detail["reason"]
         local.LocalBackend().cancel(rid, home)
         assert local.LocalBackend().status(rid, home).state == "Cancelled"
-        assert wait_for(lambda: not any(local._alive(p) for p in workers), 30)
+        assert wait_for(lambda: not any(running(p) for p in workers), 30)
     finally:
         _stop(sd, pid)
 
