@@ -113,6 +113,27 @@ def publish_local_folder(store: Store, local: str | Path, key: bytes | None = No
     return publish(store, entries(local, rels), key)
 
 
+def replace_local(folder: str | Path, files: dict[str, dict], key: bytes | None = None) -> OutputManifest:
+    """Publish a local folder written again in place: files an earlier manifest of ours named that
+    this one does not (an older merge's extra shards, training's README.md) are removed first, so
+    the folder holds exactly what it vouches for. Files we never published are left alone."""
+    from .keys import contained
+    from .store import open_store
+
+    folder = Path(folder)
+    store = open_store(folder)
+    try:
+        old = json.loads(store.read_bytes(MANIFEST)).get("files") or {}
+    except (StoreNotFound, ValueError, AttributeError):
+        old = {}
+    for rel in set(old) - set(files) - {MANIFEST}:
+        try:
+            contained(folder, rel, where=str(folder / MANIFEST)).unlink(missing_ok=True)
+        except GptossError:
+            continue  # an entry we would never have written: not ours to delete
+    return publish(store, files, key)
+
+
 def open_output(store: Store, *, signed_spec: bool, key: bytes | None = None, where: str | None = None,
                 use_env_key: bool = True) -> OutputManifest | None:
     """The folder's verified manifest, or None for an unsigned older folder (see the module doc)."""

@@ -35,6 +35,7 @@ from gptoss_cloud.fetch import download_prefix, local_output
 from gptoss_cloud.outputs import home_says_signed, open_output
 from gptoss_cloud.outputs import entries as output_entries
 from gptoss_cloud.outputs import publish as publish_output
+from gptoss_cloud.outputs import replace_local
 from gptoss_cloud.shapes import EOS_TOKEN_IDS, HUB_IDS, PAD_TOKEN_ID
 from gptoss_cloud.store import LocalStore, is_remote, join, open_store
 
@@ -258,7 +259,10 @@ class _Sink:
 
     def publish(self) -> None:
         """The folder's manifest, last: signed with the checkpoint key when one is set."""
-        publish_output(self.store, self.entries, signing_key())
+        if self.remote:
+            publish_output(self.store, self.entries, signing_key())
+        else:
+            replace_local(self.dir, self.entries, signing_key())
 
 
 def _write_model(sink: _Sink, entries, get: Callable[[str], torch.Tensor], shard_bytes: int) -> list[str]:

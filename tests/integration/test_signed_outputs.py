@@ -129,3 +129,25 @@ def test_an_unsigned_merged_folder_is_refused_when_the_spec_says_signed(run, tmp
     merged.client.delete_object(Bucket=merged.bucket, Key=merged._k(MANIFEST))  # (not Store.delete: a prefix delete)
     with pytest.raises(OutputError, match="no gptoss-manifest.json"):
         load_run_model(home, spec, device="cpu")
+
+
+def test_a_local_home_verifies_in_place_after_training_and_merge(tmp_path, monkeypatch):
+    """The merge rewrites adapter/ in place: what training left there and the merge did not rewrite
+    (peft's README.md) goes, so the folder holds exactly what its manifest names."""
+    from gptoss_cloud.fetch import local_output
+    from gptoss_cloud.trainer.merge import merge
+    from gptoss_cloud.trainer.train import _put_folder
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    home = str(tmp_path / "r1")
+    _signed_lora_run(home)
+    adapter = tmp_path / "r1" / "adapter"
+    adapter.mkdir()
+    (adapter / "README.md").write_text("written by peft's save_pretrained")
+    (adapter / "adapter_config.json").write_text("{}")
+    _put_folder(adapter, home, "adapter")  # as training publishes it
+    merge(home, join(home, "merged"))
+    assert not (adapter / "README.md").exists()
+    for folder in ("base", "merged", "adapter"):
+        assert local_output(join(home, folder), tmp_path / "unused", signed=True) == tmp_path / "r1" / folder
+    assert not (tmp_path / "unused").exists()

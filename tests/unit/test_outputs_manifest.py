@@ -114,3 +114,15 @@ def test_a_symlink_in_the_destination_does_not_lead_out(tmp_path):
     with pytest.raises(UnsafeKeyError, match="resolves outside"):
         download_prefix(store, "", dest, manifest=open_output(store, signed_spec=True, key=KEY))
     assert not any((tmp_path / "outside").iterdir())
+
+
+def test_republishing_a_local_folder_removes_only_what_an_earlier_manifest_of_ours_named(tmp_path):
+    from gptoss_cloud.outputs import entries, replace_local
+
+    src = _folder(tmp_path, key=None)  # as training leaves adapter/: config.json, sub/w.safetensors
+    (src / "notes.txt").write_text("the user's own file")
+    (src / "config.json").write_text('{"a": 3}')  # rewritten by the merge; sub/w.safetensors is not
+    m = replace_local(src, entries(src, ["config.json"]), KEY)
+    assert sorted(m.files) == ["config.json"] and not (src / "sub" / "w.safetensors").exists()
+    assert (src / "notes.txt").read_text() == "the user's own file"
+    assert open_output(open_store(src), signed_spec=True, key=KEY).files == m.files
