@@ -151,3 +151,37 @@ def test_a_local_home_verifies_in_place_after_training_and_merge(tmp_path, monke
     for folder in ("base", "merged", "adapter"):
         assert local_output(join(home, folder), tmp_path / "unused", signed=True) == tmp_path / "r1" / folder
     assert not (tmp_path / "unused").exists()
+
+
+def test_the_rendered_weights_init_container_verifies_as_a_real_process(run, s3_env, tmp_path):
+    """The vLLM pod's fetch-weights command exactly as rendered (only the volume paths differ), run
+    with the environment its Secret references would give it."""
+    import os
+    import subprocess
+
+    from gptoss_cloud.render import serve as rs
+    from gptoss_cloud.serving import resolve_target
+    from gptoss_cloud.trainer.merge import merge
+
+    home, _ = run
+    merge(home, join(home, "merged"))
+    t, _ = resolve_target(home, "unused", {"cluster.backend": "k8s"}, environ={})
+    init = rs.deployment(t)["spec"]["template"]["spec"]["initContainers"][0]
+    assert init["name"] == "fetch-weights" and "--signed" in init["command"]
+    def run_init(key: str | None, volume) -> subprocess.CompletedProcess:
+        argv = [sys.executable] + [c.replace(rs.MODELS_DIR, str(volume)) for c in init["command"][1:]]
+        env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
+        env.update(s3_env, **({KEY_ENV: key} if key else {}))
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+
+    volume = tmp_path / "models"
+    ok = run_init(KEY, volume)
+    assert ok.returncode == 0, ok.stderr
+    assert (volume / "merged" / "config.json").is_file() and not (volume / "merged" / MANIFEST).exists()
+    merged = open_store(join(home, "merged"))
+    merged.write_bytes("generation_config.json", b'{"do_sample": false}')
+    assert run_init(KEY, volume).returncode == 0  # a restarted pod keeps the copies that verified
+    bad = run_init(KEY, tmp_path / "fresh")
+    assert bad.returncode == 1 and "generation_config.json: size" in bad.stderr and "Traceback" not in bad.stderr
+    no_key = run_init(None, tmp_path / "fresh2")
+    assert no_key.returncode == 1 and f"{KEY_ENV} is not set here" in no_key.stderr
