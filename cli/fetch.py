@@ -50,7 +50,7 @@ def download_prefix(store: Store, prefix: str, dest: str | Path, *, where: str |
     where = where or f"{store.uri.rstrip('/')}/{prefix.strip('/')}".rstrip("/")
     prefix = prefix.strip("/")
     dest = Path(dest)
-    listed = dict((rel, key) for key, rel in relative_keys(store.list(prefix), prefix, where=where))
+    listed = {rel: key for key, rel in relative_keys(store.list(prefix), prefix, where=where)}
     if manifest is not None:
         missing = sorted(set(manifest.files) - set(listed))
         if missing:

@@ -14,7 +14,7 @@ from typing import Any
 
 from gptoss_cloud.errors import GptossError
 from gptoss_cloud.spec import DataSection, RunSpec
-from gptoss_cloud.store import is_remote, join, open_store
+from gptoss_cloud.store import join
 
 
 @dataclass
