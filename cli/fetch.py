@@ -43,16 +43,17 @@ def download_prefix(store: Store, prefix: str, dest: str | Path, *, where: str |
                     log: Callable[[str], None] | None = None) -> list[str]:
     """Copy what is under ``prefix`` of ``store`` into ``dest``; return the relative keys fetched.
 
-    ``keep(rel)`` filters the listing when there is no manifest. A local store read into its own
-    folder is verified in place, and there an object the manifest does not name is refused: the
-    readers load that very folder.
+    ``keep(rel)`` narrows what is copied (of the manifest's files, or of the listing). A local store
+    read into its own folder is verified in place, and there an object the manifest does not name is
+    refused: the readers load that very folder.
     """
     where = where or f"{store.uri.rstrip('/')}/{prefix.strip('/')}".rstrip("/")
     prefix = prefix.strip("/")
     dest = Path(dest)
     listed = {rel: key for key, rel in relative_keys(store.list(prefix), prefix, where=where)}
     if manifest is not None:
-        missing = sorted(set(manifest.files) - set(listed))
+        named = sorted(rel for rel in manifest.files if keep is None or keep(rel))
+        missing = sorted(set(named) - set(listed))
         if missing:
             raise StoreError(f"{where}: {missing[0]!r} is in the manifest but not in the store"
                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
@@ -61,7 +62,7 @@ def download_prefix(store: Store, prefix: str, dest: str | Path, *, where: str |
             if _in_place(store, listed[rel], contained(dest, rel, where=where)):
                 raise StoreError(f"{where}/{rel}: not listed in the folder's manifest; refusing to load the folder with it",
                                  hint="delete the file, or merge into an empty folder")
-        wanted = sorted(manifest.files)
+        wanted = named
     else:
         wanted = sorted(rel for rel in listed if keep is None or keep(rel))
     fetched = []

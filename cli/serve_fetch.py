@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from .errors import GptossError
 from .fetch import download_prefix
@@ -38,16 +39,18 @@ def wait_for(src: str, marker: str, timeout_s: float, poll_s: float = 30.0, log=
         time.sleep(poll_s)
 
 
-def fetch(src: str, dest: str | Path, log=print, *, signed: bool = False, verify: bool = True) -> int:
+def fetch(src: str, dest: str | Path, log=print, *, signed: bool = False, verify: bool = True,
+          keep: Callable[[str], bool] | None = None) -> int:
     """Copy the published folder ``src`` into ``dest`` (only what its manifest names, each file
     verified); return how many files were downloaded. ``signed``: the run's spec says its outputs are
     signed, so a folder without a verified signature is refused. ``verify=False`` is for sources that
-    are not run outputs (a base-weights mirror): every key is still contained under ``dest``."""
+    are not run outputs (a base-weights mirror): every key is still contained under ``dest``.
+    ``keep(rel)`` narrows which files are copied."""
     store = open_store(src)
     manifest = open_output(store, signed_spec=signed) if verify else None
     if manifest is None and not store.list():
         raise GptossError(f"nothing to serve under {src}")
-    return len(download_prefix(store, "", dest, where=src.rstrip("/"), manifest=manifest, log=log))
+    return len(download_prefix(store, "", dest, where=src.rstrip("/"), manifest=manifest, keep=keep, log=log))
 
 
 def copy_vocab(dest: str | Path) -> Path:

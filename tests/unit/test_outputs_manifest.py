@@ -38,6 +38,8 @@ def test_signed_folder_round_trips_and_copies_only_what_the_manifest_names(tmp_p
     assert download_prefix(store, "", dest, manifest=m) == []  # verified copies are kept
     (dest / "config.json").write_text('{"a": 2}')  # a damaged local copy is fetched again
     assert download_prefix(store, "", dest, manifest=m) == ["config.json"]
+    only = download_prefix(store, "", tmp_path / "only-json", manifest=m, keep=lambda rel: rel.endswith(".json"))
+    assert only == ["config.json"] and not (tmp_path / "only-json" / "sub").exists()
 
 
 def test_a_tampered_object_is_refused_naming_it(tmp_path):
