@@ -1,11 +1,13 @@
 """What the vLLM pod's init container runs: copy served weights from the run store into a volume.
 
-    python -m gptoss_cloud.serve_fetch SRC_URI DEST [--wait-for KEY] [--timeout S] [--vocab-to DIR]
+    python -m gptoss_cloud.serve_fetch SRC_URI DEST [--wait-for KEY] [--timeout S] [--vocab-to DIR] [--signed]
 
 It runs in the trainer image (which has this package, boto3 and the harmony vocabulary), so the
 vLLM image needs no S3 client and no internet. ``--wait-for`` polls until the merge Job has
 published the folder (its marker written last), so the Deployment can be applied together with the
-merge Job. Files already present with the right size are kept, so a restarted pod resumes the copy.
+merge Job. Only the files the folder's manifest names are copied, each verified (and signed, with
+``--signed``; see ``outputs.py``); files already present that verify are kept, so a restarted pod
+resumes the copy.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from .errors import GptossError
+from .fetch import download_prefix
+from .integrity import signing_key
+from .outputs import MANIFEST, open_output
 from .store import open_store
 
 VOCAB_FILE = "o200k_base.tiktoken"
@@ -33,30 +39,18 @@ def wait_for(src: str, marker: str, timeout_s: float, poll_s: float = 30.0, log=
         time.sleep(poll_s)
 
 
-def fetch(src: str, dest: str | Path, log=print) -> int:
-    """Copy every file under ``src`` to ``dest``; return how many were downloaded."""
+def fetch(src: str, dest: str | Path, log=print, *, signed: bool = False, verify: bool = True,
+          keep: Callable[[str], bool] | None = None) -> int:
+    """Copy the published folder ``src`` into ``dest`` (only what its manifest names, each file
+    verified); return how many files were downloaded. ``signed``: the run's spec says its outputs are
+    signed, so a folder without a verified signature is refused. ``verify=False`` is for sources that
+    are not run outputs (a base-weights mirror): every key is still contained under ``dest``.
+    ``keep(rel)`` narrows which files are copied."""
     store = open_store(src)
-    keys = store.list()
-    if not keys:
+    manifest = open_output(store, signed_spec=signed) if verify else None
+    if manifest is None and not store.list():
         raise GptossError(f"nothing to serve under {src}")
-    dest = Path(dest)
-    n = 0
-    for key in keys:
-        out = dest / key
-        if out.is_file() and _same_size(store, key, out):
-            continue
-        store.download_file(key, out)
-        n += 1
-        log(f"fetched {key}")
-    return n
-
-
-def _same_size(store, key: str, out: Path) -> bool:
-    client = getattr(store, "client", None)
-    if client is None:  # local store: compare with the file itself
-        return (Path(store.root) / key).stat().st_size == out.stat().st_size
-    head = client.head_object(Bucket=store.bucket, Key=store._k(key))
-    return int(head["ContentLength"]) == out.stat().st_size
+    return len(download_prefix(store, "", dest, where=src.rstrip("/"), manifest=manifest, keep=keep, log=log))
 
 
 def copy_vocab(dest: str | Path) -> Path:
@@ -78,11 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait-for", default=None, help="key under SRC that marks the folder complete")
     p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait for --wait-for")
     p.add_argument("--vocab-to", default=None, help="also copy the harmony vocabulary into this folder")
+    p.add_argument("--signed", action="store_true", help="the run's outputs are signed: refuse SRC unless its manifest verifies")
+    p.add_argument("--no-manifest", action="store_true", help="SRC is not a run output (a base-weights mirror): copy as listed")
     a = p.parse_args(argv)
     try:
         if a.wait_for:
             wait_for(a.src, a.wait_for, a.timeout)
-        n = fetch(a.src, a.dest)
+            if (a.signed or signing_key() is not None) and not a.no_manifest:  # the manifest is written after the marker
+                wait_for(a.src, MANIFEST, a.timeout)
+        n = fetch(a.src, a.dest, signed=a.signed, verify=not a.no_manifest)
         if a.vocab_to:
             copy_vocab(a.vocab_to)
     except GptossError as e:

@@ -180,14 +180,13 @@ def serve_local(t: rs.ServeTarget, cache: Path, dry_run: bool = False) -> list[s
     src_key = "adapter" if t.adapter else t.merged_key
     if not t.adapter and t.needs_merge:
         raise GptossError(f"{t.home}/{t.merged_key}/ is not published yet", hint=f"gptoss-cloud merge {t.run_id}")
-    if is_remote(t.home):
-        local = cache / t.run_id / src_key
-        if not dry_run:
-            from .serve_fetch import fetch
+    # A remote folder is fetched into the cache, a local one verified in place: vLLM loads only verified files.
+    local = cache / t.run_id / src_key if is_remote(t.home) else Path(t.home) / src_key
+    if not dry_run:
+        from .outputs import spec_says_signed
+        from .serve_fetch import fetch
 
-            fetch(join(t.home, src_key), local)
-    else:
-        local = Path(t.home) / src_key
+        fetch(join(t.home, src_key), local, signed=spec_says_signed(t.spec))
     cmd = local_command(t, local if not t.adapter else Path(rs.base_model_ref(t.spec)), local if t.adapter else None)
     if dry_run:
         return cmd

@@ -14,7 +14,7 @@ from typing import Any
 
 from gptoss_cloud.errors import GptossError
 from gptoss_cloud.spec import DataSection, RunSpec
-from gptoss_cloud.store import is_remote, join, open_store
+from gptoss_cloud.store import join
 
 
 @dataclass
@@ -75,23 +75,15 @@ def parse_reply(enc, tokens: list[int]) -> Reply:
 
 
 # ---------------------------------------------------------------------------------------- weights
-def _local_dir(home: str, sub: str, run_id: str) -> Path | None:
-    """A run-home folder on local disk (an S3 one is downloaded once into the cache)."""
-    st = open_store(home)
-    if not is_remote(home):
-        p = Path(home.removeprefix("file://")) / sub
-        return p if p.is_dir() and any(p.iterdir()) else None
-    keys = st.list(sub)
-    if not keys:
-        return None
+def _local_dir(home: str, sub: str, run_id: str, signed: bool) -> Path | None:
+    """A run-home folder on local disk, verified against its manifest: a local home in place, an S3
+    one downloaded once into the cache."""
     import os
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "gptoss-cloud" / "runs" / run_id
-    for key in keys:
-        dst = cache / key
-        if not dst.exists():
-            st.download_file(key, dst)
-    return cache / sub
+    from gptoss_cloud.fetch import local_output
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "gptoss-cloud" / "runs" / run_id / sub
+    return local_output(join(home, sub), cache, signed=signed)
 
 
 def load_run_model(home: str, spec: RunSpec, *, device: str | None = None):
@@ -103,12 +95,15 @@ def load_run_model(home: str, spec: RunSpec, *, device: str | None = None):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # bf16 on GPUs; fp32 on CPU, where bf16 matmuls are slow and greedy argmax ties are likelier.
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    merged = _local_dir(home, "merged", run_id)
+    from gptoss_cloud.outputs import spec_says_signed
+
+    signed = spec_says_signed(spec)
+    merged = _local_dir(home, "merged", run_id, signed)
     if merged is not None:
         model = AutoModelForCausalLM.from_pretrained(merged, dtype=dtype)
         return model.to(device).eval(), join(home, "merged")
-    adapter = _local_dir(home, "adapter", run_id)
-    base_dir = _local_dir(home, "base", run_id)
+    adapter = _local_dir(home, "adapter", run_id, signed)
+    base_dir = _local_dir(home, "base", run_id, signed)
     if base_dir is not None:
         base, base_src = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype), join(home, "base")
     elif adapter is not None:

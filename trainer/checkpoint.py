@@ -73,6 +73,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from gptoss_cloud.keys import contained
 from gptoss_cloud.store import LocalStore, StoreNotFound, open_store, upload_files
 
 from . import ckpt_state
@@ -180,7 +181,11 @@ def make_fetcher(ckpts, step: int, folder: Path, manifest: Manifest, where: str,
     in_place = isinstance(ckpts, LocalStore)
 
     def one(rel: str) -> None:
-        local = folder / rel
+        # Only what the manifest names (its keys are checked when it is read), never outside ``folder``:
+        # DCP's metadata names the files too, and a bucket writer chooses both.
+        if rel not in manifest.files:
+            raise CheckpointError(f"{where}/{rel}: not listed in the manifest")
+        local = contained(folder, rel, where=where)
         if local.exists():  # a local copy (this node wrote it, or an earlier attempt fetched it)
             try:
                 manifest.check_file(rel, local, where)

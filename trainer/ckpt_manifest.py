@@ -14,8 +14,6 @@ signature is missing or wrong. No torch here: the CLI lists and checks checkpoin
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import re
@@ -25,12 +23,13 @@ from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
 from gptoss_cloud.errors import GptossError
+from gptoss_cloud.integrity import KEY_ENV, check_signature, sha256_file, sign, signing_key  # noqa: F401 (re-exported)
+from gptoss_cloud.keys import check_key
 from gptoss_cloud.store import Store, StoreNotFound
 
 FORMAT = "gptoss-cloud-checkpoint/1"
 MANIFEST = "manifest.json"
 PARTS_DIR = "_parts"  # per-rank lists of uploaded files; rank 0 folds them into the manifest
-KEY_ENV = "GPTOSS_CHECKPOINT_KEY"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 T = TypeVar("T")
 
@@ -46,18 +45,6 @@ def step_dir(step: int) -> str:
 def parse_step(name: str) -> int | None:
     m = _STEP_RE.match(name.strip("/"))
     return int(m.group(1)) if m else None
-
-
-def sha256_file(path: str | Path, bufsize: int = 8 * 1024 * 1024) -> str:
-    # One reused buffer (no 8 MiB allocation per read); hashlib drops the GIL while hashing it, so
-    # several files hash at once from a thread pool (see ``file_entries``).
-    h = hashlib.sha256()
-    buf = bytearray(bufsize)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def file_entry(path: str | Path) -> dict:
@@ -82,22 +69,6 @@ def file_entries(folder: str | Path, rels: Iterable[str], threads: int = 1) -> d
     folder = Path(folder)
     return parallel_map(lambda rel: file_entry(folder / rel), rels, threads,
                         size=lambda rel: os.path.getsize(folder / rel))
-
-
-def signing_key(environ=None) -> bytes | None:
-    environ = os.environ if environ is None else environ
-    key = environ.get(KEY_ENV, "").strip()
-    return key.encode() if key else None
-
-
-def _canonical(body: dict) -> bytes:
-    return json.dumps({k: v for k, v in body.items() if k != "signature"}, sort_keys=True, separators=(",", ":")).encode()
-
-
-def sign(body: dict, key: bytes) -> dict:
-    out = dict(body)
-    out["signature"] = {"alg": "HMAC-SHA256", "value": hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()}
-    return out
 
 
 @dataclass
@@ -126,19 +97,14 @@ class Manifest:
             if body.get("format") != FORMAT:
                 raise ValueError(f"unknown format {body.get('format')!r}")
             files = body["files"]
-            assert isinstance(files, dict) and all({"size", "sha256"} <= set(v) for v in files.values())
+            assert isinstance(files, dict) and all(isinstance(v, dict) and {"size", "sha256"} <= set(v) for v in files.values())
         except (ValueError, KeyError, AssertionError, TypeError) as e:
             raise CheckpointError(f"{where}: unreadable manifest ({e or type(e).__name__})") from None
-        sig = body.get("signature")
-        if key is not None:
-            if not isinstance(sig, dict) or sig.get("alg") != "HMAC-SHA256":
-                raise CheckpointError(f"{where}: manifest is not signed but {KEY_ENV} is set; refusing it")
-            want = hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()
-            if not hmac.compare_digest(want, str(sig.get("value", ""))):
-                raise CheckpointError(f"{where}: manifest signature does not verify (tampered, or another key); refusing it")
+        signed = check_signature(body, key, where, CheckpointError)
+        check_entries(files, f"{where}/{MANIFEST}")
         return cls(step=int(body["step"]), world_size=int(body["world_size"]), files=files,
                    spec_hash=body.get("spec_hash"), method=body.get("method"), extra=body.get("extra") or {},
-                   signed=sig is not None)
+                   signed=signed)
 
     def check_file(self, rel: str, path: str | Path, where: str) -> None:
         """Raise CheckpointError unless the local file matches the manifest's size and sha256."""
@@ -151,6 +117,16 @@ class Manifest:
         got = sha256_file(path)
         if got != want["sha256"]:
             raise CheckpointError(f"{where}/{rel}: sha256 mismatch (corrupted); manifest {want['sha256'][:12]}…, file {got[:12]}…")
+
+
+def check_entries(files: dict, where: str) -> None:
+    """Every file a manifest (or a rank's part) names must be a plain relative key: the readers join
+    them to local folders, and a bucket writer chooses them."""
+    for rel in files:
+        try:
+            check_key(rel, where=where)
+        except GptossError as e:
+            raise CheckpointError(e.message, hint=e.hint) from None
 
 
 def list_published(ckpts: Store) -> list[int]:
@@ -188,9 +164,12 @@ def read_parts(ckpts: Store, step: int, world_size: int) -> dict[str, dict] | No
     files: dict[str, dict] = {}
     for r in range(world_size):
         try:
-            files.update(json.loads(ckpts.read_bytes(f"{step_dir(step)}/{PARTS_DIR}/rank-{r}.json")))
+            key = f"{step_dir(step)}/{PARTS_DIR}/rank-{r}.json"
+            part = json.loads(ckpts.read_bytes(key))
         except StoreNotFound:
             return None
+        check_entries(part, f"{ckpts.uri.rstrip('/')}/{key}")
+        files.update(part)
     return files
 
 

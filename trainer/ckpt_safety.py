@@ -20,6 +20,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 
+from gptoss_cloud.keys import contained
+
 from .ckpt_manifest import CheckpointError
 
 _DCP_METADATA_CLASSES = {
@@ -130,7 +132,7 @@ class FetchingReader(FileSystemReader):
         root = Path(self.path) / "_ranges"
         for item in ranged:
             info = self.storage_data[item.storage_index]
-            dest = root / info.relative_path
+            dest = contained(root, info.relative_path, where=f"{self._where}/.metadata")  # DCP metadata is bucket input
             dest.parent.mkdir(parents=True, exist_ok=True)
             with open(dest, "r+b" if dest.exists() else "wb") as f:  # sparse: only the read ranges hold data
                 f.seek(info.offset)

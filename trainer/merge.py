@@ -31,13 +31,18 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from gptoss_cloud.errors import GptossError
+from gptoss_cloud.fetch import download_prefix, local_output
+from gptoss_cloud.outputs import home_says_signed, open_output
+from gptoss_cloud.outputs import entries as output_entries
+from gptoss_cloud.outputs import publish as publish_output
+from gptoss_cloud.outputs import replace_local
 from gptoss_cloud.shapes import EOS_TOKEN_IDS, HUB_IDS, PAD_TOKEN_ID
 from gptoss_cloud.store import LocalStore, is_remote, join, open_store
 
 from . import ckpt_safetensors as st
 from .ckpt_stats import GiB, PeakRss
 from .checkpoint import make_fetcher
-from .ckpt_manifest import CheckpointError, list_published, parse_step, read_manifest, signing_key, step_dir
+from .ckpt_manifest import KEY_ENV, CheckpointError, list_published, parse_step, read_manifest, signing_key, step_dir
 from .ckpt_safety import FetchingReader, SafeLoadPlanner, safe_load_metadata
 
 log = logging.getLogger("gptoss_cloud.merge")
@@ -91,6 +96,11 @@ class Source:
             step = published[0]
         self.step = step
         self.where = f"{self.ckpts.uri.rstrip('/')}/{step_dir(step)}"
+        self.signed = home_says_signed(self.home)
+        if self.signed and signing_key() is None:
+            raise CheckpointError(f"{self.where}: the run's spec says its checkpoints are signed (cluster.checkpoint_key_secret), "
+                                  f"but {KEY_ENV} is not set here; refusing to merge it unverified",
+                                  hint=f"export {KEY_ENV}=<the key in that Secret> (the merge Job gets it from the Secret)")
         self.manifest = read_manifest(self.ckpts, step, signing_key())
         self.folder = (Path(self.ckpts.root) if isinstance(self.ckpts, LocalStore) else cache) / step_dir(step)
         self.fetch = make_fetcher(self.ckpts, step, self.folder, self.manifest, self.where)
@@ -160,19 +170,19 @@ class BaseWeights:
         raise GptossError(f"base weights in {self.folder} have no tensor {name!r}")
 
 
-def resolve_base(home: str, model_name: str | None, base: str | None, cache: Path) -> Path | None:
-    """Base weights: an explicit --base, else the run's <home>/base/, else the spec's model.name."""
-    candidates = [base] if base else [join(home, "base"), model_name]
+def resolve_base(home: str, model_name: str | None, base: str | None, cache: Path, signed: bool = False) -> Path | None:
+    """Base weights: an explicit --base, else the run's <home>/base/ (verified against its manifest),
+    else the spec's model.name."""
+    if not base and (folder := local_output(join(home, "base"), cache / "base", signed=signed)) is not None:
+        return folder
+    candidates = [base] if base else [model_name]
     for ref in candidates:
         if not ref:
             continue
         if is_remote(ref):
             s = open_store(ref)
-            keys = s.list("")
-            if not keys:
+            if not download_prefix(s, "", cache / "base", where=ref) and not (cache / "base").is_dir():
                 continue
-            for k in keys:
-                s.download_file(k, cache / "base" / k)
             return cache / "base"
         p = Path(ref.removeprefix("file://"))
         if (p / "config.json").is_file():
@@ -233,6 +243,7 @@ class _Sink:
         self.dir = stage / "out" if self.remote else Path(out)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.written: list[str] = []
+        self.entries: dict[str, dict] = {}
         self.bytes = 0
 
     def path(self, name: str) -> Path:
@@ -240,10 +251,18 @@ class _Sink:
 
     def done(self, name: str) -> None:
         self.bytes += (self.dir / name).stat().st_size
+        self.entries.update(output_entries(self.dir, [name]))  # hashed here, before it leaves this machine
         if self.remote:
             self.store.upload_file(self.dir / name, name)
             (self.dir / name).unlink()
         self.written.append(name)
+
+    def publish(self) -> None:
+        """The folder's manifest, last: signed with the checkpoint key when one is set."""
+        if self.remote:
+            publish_output(self.store, self.entries, signing_key())
+        else:
+            replace_local(self.dir, self.entries, signing_key())
 
 
 def _write_model(sink: _Sink, entries, get: Callable[[str], torch.Tensor], shard_bytes: int) -> list[str]:
@@ -275,7 +294,7 @@ def merge(ref: str, out: str, *, base: str | None = None, dtype: str | None = No
         sink = _Sink(out, tmp)
         base_dir = None
         if method == "lora" or cfg_text is None:
-            base_dir = resolve_base(src.home, spec.model.name if spec else None, base, tmp)
+            base_dir = resolve_base(src.home, spec.model.name if spec else None, base, tmp, signed=src.signed)
         if cfg_text is None and base_dir is None:
             raise CheckpointError(f"{src.where}: no config.json in the checkpoint and no base model to take it from")
         cfg = json.loads(cfg_text) if cfg_text else json.loads((base_dir / "config.json").read_text())
@@ -297,6 +316,7 @@ def merge(ref: str, out: str, *, base: str | None = None, dtype: str | None = No
             sink.path(name).write_text(json.dumps(body, indent=2))
             sink.done(name)
         _write_tokenizer(sink, base_dir, cfg)
+        sink.publish()
         result = MergeResult(out=out, step=src.step, method=method, tensors=res.tensors, total_bytes=res.total,
                              shards=res.shards, adapter_out=res.adapter_out, files=list(sink.written),
                              bytes_written=sink.bytes, rss_start_bytes=rss.start_rss)
@@ -419,6 +439,7 @@ def _write_adapter(src: Source, adapter_cfg: dict, out: str, tmp: Path) -> None:
     sink.done("adapter_model.safetensors")
     sink.path("adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
     sink.done("adapter_config.json")
+    sink.publish()
 
 
 def _write_tokenizer(sink: _Sink, base_dir: Path | None, cfg: dict) -> None:
@@ -461,8 +482,7 @@ def verify_merged(out: str, src: Source, base_dir: Path | None, adapter_cfg: str
     if is_remote(out):
         local = tmp / "verify"
         s = open_store(out)
-        for k in s.list(""):
-            s.download_file(k, local / k)
+        download_prefix(s, "", local, where=out, manifest=open_output(s, signed_spec=src.signed))
     merged = GptOssForCausalLM.from_pretrained(str(local), dtype=torch.float32, attn_implementation="eager").eval()
     ref = _training_model(src, base_dir, adapter_cfg, merged.config).eval()
     worst = 0.0

@@ -46,9 +46,15 @@ def build_data(spec: RunSpec, info: DistInfo):
 
 # --------------------------------------------------------------------------------------------- model
 def _put_folder(local: Path, home: str, key: str) -> str:
-    store = open_store(home)
-    for f in sorted(p for p in local.rglob("*") if p.is_file()):
-        store.upload_file(f, f"{key}/{f.relative_to(local)}")
+    """``local`` as ``<home>/<key>/`` (uploaded unless it is already there), its manifest written last."""
+    from gptoss_cloud.integrity import signing_key
+    from gptoss_cloud.outputs import publish_local_folder
+
+    if is_remote(home):
+        store = open_store(home)
+        for f in sorted(p for p in local.rglob("*") if p.is_file()):
+            store.upload_file(f, f"{key}/{f.relative_to(local)}")
+    publish_local_folder(open_store(join(home, key)), local, signing_key())
     return join(home, key)
 
 
@@ -56,7 +62,7 @@ def save_base(hf_model, home: str) -> str:
     """The random base weights as a Hugging Face folder at ``<home>/base/`` (adapters are merged onto it)."""
     if not is_remote(home):
         hf_model.save_pretrained(str(Path(home) / "base"))
-        return join(home, "base")
+        return _put_folder(Path(home) / "base", home, "base")
     with tempfile.TemporaryDirectory(prefix="gptoss-base-") as tmp:
         hf_model.save_pretrained(tmp)
         return _put_folder(Path(tmp), home, "base")
@@ -181,7 +187,7 @@ def save_result(module, spec: RunSpec, info: DistInfo, home: str, *, checkpointe
             lm.save_pretrained(str(target), state_dict=sd)
         else:
             M.hf_model(lm).save_pretrained(str(target), state_dict=sd)
-        return _put_folder(target, home, key) if is_remote(home) else join(home, key)
+        return _put_folder(target, home, key)
 
 
 # -------------------------------------------------------------------------------------------- entry

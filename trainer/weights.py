@@ -63,12 +63,12 @@ def fetch_pretrained(
 def _download_s3(uri: str, dest: Path) -> None:
     from gptoss_cloud.store import open_store
 
+    from gptoss_cloud.fetch import download_prefix
+
     store = open_store(uri)
-    keys = [k for k in store.list("") if k.endswith((".json", ".safetensors"))]
-    if not any(k.endswith(".safetensors") for k in keys):
+    if not any(k.endswith(".safetensors") for k in store.list("")):
         raise GptossError(f"no .safetensors weights under {uri}", hint="point model.name at the folder holding config.json and *.safetensors")
-    for k in keys:
-        store.download_file(k, dest / k)
+    download_prefix(store, "", dest, where=uri.rstrip("/"), keep=lambda rel: rel.endswith((".json", ".safetensors")))
 
 
 def _download_hub(repo_id: str, revision: str | None, dest: Path) -> None:

@@ -104,6 +104,7 @@ def push(
 ) -> None:
     """Upload a run's merged folder (or adapter) to the Hugging Face Hub; the token comes from HF_TOKEN."""
     from ..errors import GptossError
+    from ..outputs import MANIFEST, home_says_signed
     from ..progress import read_spec
     from ..runs import resolve_run
     from ..serve_fetch import fetch
@@ -125,14 +126,12 @@ def push(
         raise GptossError("huggingface_hub is not installed", hint="pip install 'gptoss-cloud[hub]'") from e
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
-        if is_remote(home):
-            folder = Path(tmp) / key
-            fetch(join(home, key), folder, log=lambda m: None)
-        else:
-            folder = Path(home) / key
+        # A local home is verified in place; a remote one is fetched (contained, verified) first.
+        folder = Path(tmp) / key if is_remote(home) else Path(home) / key
+        fetch(join(home, key), folder, log=lambda m: None, signed=home_says_signed(home))
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
-            info = api.upload_folder(folder_path=str(folder), repo_id=repo_id,
+            info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, ignore_patterns=[MANIFEST],
                                      commit_message=f"gptoss-cloud run {run_id} ({key})")
         except HfHubHTTPError as e:
             status = getattr(getattr(e, "response", None), "status_code", None)

@@ -184,20 +184,6 @@ def weights_source(spec: RunSpec) -> tuple[str, str] | None:
     return None  # a folder already inside the image or a mounted volume
 
 
-# Copies an s3:// prefix into a folder with the package's own store client (same credentials chain
-# as the trainer); a marker file makes a refilled cache volume a no-op.
-_S3_FETCH = (
-    "import sys, pathlib\n"
-    "from gptoss_cloud.store import open_store\n"
-    "src, dst = sys.argv[1], pathlib.Path(sys.argv[2])\n"
-    "if (dst / '.complete').exists(): sys.exit(0)\n"
-    "store = open_store(src)\n"
-    "for key in store.list():\n"
-    "    store.download_file(key, dst / key)\n"
-    "(dst / '.complete').write_text(src)\n"
-)
-
-
 def weights_init_container(spec: RunSpec, image: str, env: list[dict], env_from: list[dict]) -> dict | None:
     src = weights_source(spec)
     if src is None:
@@ -208,7 +194,9 @@ def weights_init_container(spec: RunSpec, image: str, env: list[dict], env_from:
         if spec.model.revision:
             cmd += ["--revision", spec.model.revision]
     else:
-        cmd = ["python", "-c", _S3_FETCH, where, MIRROR_DIR]
+        # The package's own copier (same credentials chain as the trainer; every key contained under the
+        # folder; a marker file makes a refilled cache volume a no-op).
+        cmd = ["python", "-m", "gptoss_cloud.fetch", where, MIRROR_DIR]
     return {
         "name": "fetch-weights",
         "image": image,

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from ..images import serve_image, trainer_image
 from ..errors import GptossError
+from ..integrity import KEY_ENV
+from ..outputs import spec_says_signed
 from ..shapes import HUB_IDS, ModelShape
 from ..spec import RunSpec
 from ..store import join
@@ -146,6 +148,14 @@ def hf_token_env(spec: RunSpec) -> list[dict]:
     return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key or "token"}}}]
 
 
+def checkpoint_key_env(spec: RunSpec) -> list[dict]:
+    """The signing key, by reference, for every pod that reads or writes the run's signed outputs."""
+    ref = spec.cluster.checkpoint_key_secret
+    if ref is None:
+        return []
+    return [{"name": KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key or "key"}}}]
+
+
 # ------------------------------------------------------------------------------------- merge Job
 def merge_command(t: ServeTarget) -> list[str]:
     src = t.home if t.step is None else join(t.home, "checkpoints", f"step-{t.step}")
@@ -158,7 +168,7 @@ def merge_job(t: ServeTarget) -> dict:
         "name": "merge",
         "image": trainer_image(t.spec),
         "command": merge_command(t),
-        "env": env + hf_token_env(t.spec) + [{"name": "HOME", "value": CACHE_DIR}],
+        "env": env + hf_token_env(t.spec) + checkpoint_key_env(t.spec) + [{"name": "HOME", "value": CACHE_DIR}],
         "resources": {"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"memory": "64Gi"}},
         "securityContext": container_security_context(),
         "volumeMounts": [{"name": "scratch", "mountPath": CACHE_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
@@ -237,16 +247,21 @@ def vllm_args(t: ServeTarget) -> list[str]:
 
 def _fetch_container(t: ServeTarget, name: str, src_key: str, marker: str | None, dest: str, vocab: bool) -> dict:
     env, env_from = store_env(t.spec)
-    cmd = ["python", "-m", "gptoss_cloud.serve_fetch", src_key if "://" in src_key else join(t.home, src_key), dest]
+    run_output = "://" not in src_key  # a folder of the run home (verified), not a base-weights mirror
+    cmd = ["python", "-m", "gptoss_cloud.serve_fetch", join(t.home, src_key) if run_output else src_key, dest]
     if marker:
         cmd += ["--wait-for", marker]
     if vocab:
         cmd += ["--vocab-to", VOCAB_DIR]
+    if not run_output:
+        cmd += ["--no-manifest"]
+    elif spec_says_signed(t.spec):
+        cmd += ["--signed"]
     c = {
         "name": name,
         "image": trainer_image(t.spec),
         "command": cmd,
-        "env": env + [{"name": "HOME", "value": CACHE_DIR}],
+        "env": env + (checkpoint_key_env(t.spec) if run_output else []) + [{"name": "HOME", "value": CACHE_DIR}],
         "resources": {"requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"memory": "8Gi"}},
         "securityContext": container_security_context(),
         "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR}, {"name": "cache", "mountPath": CACHE_DIR}],
