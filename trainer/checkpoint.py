@@ -505,7 +505,7 @@ class Checkpointer:
             base, _, name = mode.rstrip("/").rpartition("/")
             if parse_step(name) is None:
                 raise CheckpointError(f"checkpoint.resume {mode!r}: expected auto, never, or a URI ending in /step-N")
-            ckpts, candidates = open_store(base), [parse_step(name)]
+            ckpts, candidates = open_store(base, retry_s=self.cfg.store_retry_s), [parse_step(name)]
         else:
             candidates = self._bcast(list_published(ckpts) if self.rank == 0 else None)
         if not candidates:
