@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 log = logging.getLogger("gptoss_cloud.store")
 T = TypeVar("T")
@@ -28,7 +29,7 @@ TRANSIENT_CODES = frozenset({
 })
 # What boto3's transfer manager leaves of a connection failure once it wraps it into S3UploadFailedError.
 _TRANSIENT_TEXT = re.compile(r"Could not connect to the endpoint|Connection was closed|Read timeout|Connect timeout|"
-                             r"Connection reset|Broken pipe|IncompleteRead", re.I)
+                             r"Connection reset|Broken pipe|IncompleteRead", re.IGNORECASE)
 
 
 def error_code(e: BaseException) -> str | None:
@@ -43,7 +44,8 @@ def error_code(e: BaseException) -> str | None:
 
 def is_transient(e: BaseException) -> bool:
     try:
-        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
     except ImportError:  # no boto3: nothing here talks to S3
         BotoConnectionError = HTTPClientError = ()  # type: ignore[assignment]
     if isinstance(e, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):
@@ -60,7 +62,7 @@ def retrying(fn: Callable[[], T], budget_s: float, what: str, *, sleep=time.slee
     while True:
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001 - classified right here; the rest is re-raised untouched
+        except Exception as e:  # classified right here; anything else is re-raised untouched
             if not is_transient(e):
                 raise
             now = clock()

@@ -18,13 +18,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from ckpt_worker import DataPosition, build_model  # noqa: E402
-from gptoss_cloud.spec import RunSpec  # noqa: E402
-from gptoss_cloud.store import open_store  # noqa: E402
-from gptoss_cloud.trainer import ckpt_faults  # noqa: E402
-from gptoss_cloud.trainer import ckpt_manifest as cm  # noqa: E402
-from gptoss_cloud.trainer.checkpoint import Checkpointer  # noqa: E402
-from gptoss_cloud.trainer.ckpt_safety import FetchingReader  # noqa: E402
+from ckpt_worker import DataPosition, build_model
+from gptoss_cloud.spec import RunSpec
+from gptoss_cloud.store import open_store
+from gptoss_cloud.trainer import ckpt_faults
+from gptoss_cloud.trainer import ckpt_manifest as cm
+from gptoss_cloud.trainer.checkpoint import Checkpointer
+from gptoss_cloud.trainer.ckpt_safety import FetchingReader
 
 
 def _state():

@@ -21,14 +21,14 @@ import pytest
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from ckpt_worker import DataPosition, build_model  # noqa: E402
-from gptoss_cloud.errors import StoreError  # noqa: E402
-from gptoss_cloud.spec import RunSpec  # noqa: E402
-from gptoss_cloud.store import open_store  # noqa: E402
-from gptoss_cloud.trainer import checkpoint as ckpt_mod  # noqa: E402
-from gptoss_cloud.trainer import ckpt_manifest as cm  # noqa: E402
-from gptoss_cloud.trainer.checkpoint import Checkpointer  # noqa: E402
-from support import free_port  # noqa: E402
+from ckpt_worker import DataPosition, build_model
+from gptoss_cloud.errors import StoreError
+from gptoss_cloud.spec import RunSpec
+from gptoss_cloud.store import open_store
+from gptoss_cloud.trainer import checkpoint as ckpt_mod
+from gptoss_cloud.trainer import ckpt_manifest as cm
+from gptoss_cloud.trainer.checkpoint import Checkpointer
+from support import free_port
 
 PROXY = pathlib.Path(__file__).with_name("tcp_proxy.py")
 

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from support import free_port
 
 WORKER = Path(__file__).with_name("ckpt_worker.py")

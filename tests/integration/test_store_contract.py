@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from gptoss_cloud import store as store_mod
 from gptoss_cloud.store import PUBLISH_MARKER, S3Store, StoreNotFound, open_store
 

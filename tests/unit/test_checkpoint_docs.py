@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import re
 
-from support import REPO
-
 from gptoss_cloud.spec import CheckpointSection
+from support import REPO
 
 DOC = (REPO / "docs" / "checkpoints.md").read_text()
 
@@ -36,6 +35,6 @@ def test_functions_named_exist():
 
 def test_tests_named_exist():
     for path, name in re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", DOC):
-        assert re.search(rf"^def {name}\(", (REPO / path).read_text(), re.M), f"{path}::{name}"
+        assert re.search(rf"^def {name}\(", (REPO / path).read_text(), re.MULTILINE), f"{path}::{name}"
     for path in re.findall(r"`(tests/[\w/]+\.py)`", DOC):
         assert (REPO / path).is_file(), path

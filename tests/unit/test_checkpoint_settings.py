@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from gptoss_cloud.errors import SpecError
 from gptoss_cloud.spec import RunSpec, spec_from_yaml_text
 from gptoss_cloud.store import S3Store, open_store

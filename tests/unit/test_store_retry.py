@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
-
 from gptoss_cloud.store_retry import is_transient, retrying
 
 
