@@ -39,6 +39,7 @@ class Relay:
         self.host, self.port, self.listen = u.hostname, u.port, free_port()
         self.url = f"http://127.0.0.1:{self.listen}"
         self.proc = None
+        self.timers: list[threading.Timer] = []
         self.start()
 
     def start(self) -> None:
@@ -50,14 +51,25 @@ class Relay:
         self.proc.kill()
         self.proc.wait()
 
+    def start_later(self, delay: float) -> None:
+        t = threading.Timer(delay, self.start)
+        self.timers.append(t)
+        t.start()
+
+    def close(self) -> None:
+        for t in self.timers:  # a failed test must not leave a relay started after it
+            t.cancel()
+            t.join()
+        if self.proc.poll() is None:
+            self.kill()
+
 
 @pytest.fixture
 def relay(s3_env, s3_bucket, monkeypatch):
     r = Relay(s3_env["AWS_ENDPOINT_URL"])
     monkeypatch.setenv("AWS_ENDPOINT_URL", r.url)  # the trainer only ever sees the relay
     yield r
-    if r.proc.poll() is None:
-        r.kill()
+    r.close()
 
 
 def _state():
@@ -82,7 +94,7 @@ def _cut_during_upload(monkeypatch, relay: Relay, step: int, back_after: float |
         real(store, items[:1], **kw)
         relay.kill()
         if back_after is not None:
-            threading.Timer(back_after, relay.start).start()
+            relay.start_later(back_after)
         return real(store, items[1:], **kw)
 
     monkeypatch.setattr(ckpt_mod, "upload_files", cut)
