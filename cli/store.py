@@ -311,25 +311,35 @@ class S3Store:
 
     def _iter(self, prefix: str) -> Iterator[str]:
         full = self._k(prefix)
+        # A folder first ("ckpt/", never "ckpt-old/..."); only when it is empty can the prefix be a key itself.
+        folder = f"{full}/" if full else ""
         paginator = self.client.get_paginator("list_objects_v2")
-        pages = self._call("list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full)))
-        for page in pages:
-            for obj in page.get("Contents", []):
-                k = obj["Key"]
-                # The key itself or what is under it as a folder: "ckpt" must not also list "ckpt-old/...".
-                if full and k != full and not k.startswith(full + "/"):
-                    continue
-                yield k[len(self.prefix) + 1:] if self.prefix else k
+        pages = self._call("list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=folder)))
+        keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        if not keys and full:
+            try:
+                self._call("stat", prefix, self.client.head_object, Bucket=self.bucket, Key=full, missing=True)
+                keys = [full]
+            except StoreNotFound:
+                pass
+        for k in keys:
+            yield k[len(self.prefix) + 1:] if self.prefix else k
 
     def list(self, prefix: str = "") -> list[str]:
         return sorted(self._iter(prefix))
 
     def exists(self, key: str) -> bool:
+        full = self._k(key)
         try:
-            self._call("stat", key, self.client.head_object, Bucket=self.bucket, Key=self._k(key), missing=True)
-            return True
+            if full:
+                self._call("stat", key, self.client.head_object, Bucket=self.bucket, Key=full, missing=True)
+                return True
         except StoreNotFound:
-            return bool(self.list(key))  # a folder: S3 has no object for it
+            pass
+        # A folder: S3 has no object for it, only keys under it.
+        r = self._call("list", key, self.client.list_objects_v2, Bucket=self.bucket, Prefix=f"{full}/" if full else "",
+                       MaxKeys=1)
+        return bool(r.get("Contents"))
 
     def delete(self, prefix: str) -> int:
         keys = self.list(prefix)
