@@ -186,6 +186,10 @@ class CheckpointSection(Section):
     async_save: bool = False
     resume: str = Field("auto", description="auto | never | a checkpoint URI")
     local_dir: str | None = Field(None, description="local scratch for shards before upload")
+    peer_timeout_s: float = Field(300.0, gt=0, le=86400, description="how long a save waits for the other ranks "
+                                  "(their uploaded shards, the save's collectives) before failing, unpublished")
+    store_retry_s: float = Field(180.0, ge=0, le=86400, description="how long S3 transient errors (connection "
+                                 "errors, 5xx, throttling) are retried with backoff before a checkpoint read or write fails")
     writer_threads: Union[Literal["auto"], Annotated[int, Field(ge=1, le=64)]] = Field(
         "auto", description="files each rank writes its shards into, written and checksummed in parallel (1-64). auto: "
         "this rank's share of the CPU cores it may use (affinity capped by a container's CPU limit, / LOCAL_WORLD_SIZE), at most 8"

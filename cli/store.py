@@ -3,6 +3,13 @@
 Keys are '/'-separated paths relative to the store's root URI. S3 credentials come from the standard
 AWS chain (env, shared config, IRSA / pod identity); ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``)
 selects an S3-compatible server. Errors become one line naming the URI and the AWS error code.
+
+Both backends keep one contract (tests/integration/test_store_contract.py runs it on each):
+``list(p)`` and ``delete(p)`` take ``p`` as a key or a folder alike (``p`` and ``p/`` are the same, and
+``ckpt`` never reaches ``ckpt-old/``); reading a missing key raises StoreNotFound; writes overwrite;
+``read_range`` past the end returns what exists (maybe nothing). A delete removes every
+``manifest.json`` under the prefix before anything else, so no reader ever finds a published folder
+whose files are half gone. S3 transient errors are retried for ``retry_s`` seconds (store_retry.py).
 """
 
 from __future__ import annotations
@@ -14,8 +21,16 @@ from pathlib import Path
 from typing import Iterator, Protocol
 
 from .errors import StoreError
+from .store_retry import DEFAULT_RETRY_S, error_code, is_transient, retrying
 
 MiB = 1024 * 1024
+PUBLISH_MARKER = "manifest.json"  # the file whose presence publishes a folder; deleted first
+_NOT_FOUND = ("404", "NoSuchKey", "NotFound")
+
+
+def _markers_first(keys: list[str]) -> list[list[str]]:
+    first = [k for k in keys if k.rsplit("/", 1)[-1] == PUBLISH_MARKER]
+    return [first, [k for k in keys if k.rsplit("/", 1)[-1] != PUBLISH_MARKER]]
 
 
 class StoreNotFound(StoreError):
@@ -50,10 +65,11 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
-def open_store(uri: str | Path) -> Store:
+def open_store(uri: str | Path, *, retry_s: float | None = None) -> Store:
+    """``retry_s``: how long S3 transient errors are retried (default DEFAULT_RETRY_S); a folder ignores it."""
     uri = str(uri)
     if uri.startswith("s3://"):
-        return S3Store(uri)
+        return S3Store(uri, retry_s=DEFAULT_RETRY_S if retry_s is None else float(retry_s))
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if "://" in uri:
@@ -130,7 +146,10 @@ class LocalStore:
             p.unlink()
             return 1
         if p.is_dir():
-            n = sum(1 for q in p.rglob("*") if q.is_file())
+            markers = [q for q in p.rglob(PUBLISH_MARKER) if q.is_file()]
+            for q in markers:
+                q.unlink()
+            n = len(markers) + sum(1 for q in p.rglob("*") if q.is_file())
             shutil.rmtree(p)
             return n
         return 0
@@ -162,7 +181,9 @@ def _s3_client():
     # boto3 clients are thread-safe and slow to build: share one per process and credential source.
     key = (os.getpid(), endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"), os.environ.get("AWS_SECRET_ACCESS_KEY"))
     if key not in _CLIENTS:
-        cfg = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=120,
+        # Few quick attempts here: the long, bounded wait for an outage is store_retry.retrying's, so
+        # that checkpoint.store_retry_s is what a run actually waits.
+        cfg = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=120,
                      max_pool_connections=32)
         # A fresh session: boto3's default one caches the credentials it first found.
         _CLIENTS[key] = boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg)
@@ -199,7 +220,8 @@ def translate_aws_error(e: Exception, uri: str, action: str) -> StoreError:
     if name == "NoCredentialsError":
         return StoreError(f"{action} {uri}: no AWS credentials found (NoCredentialsError)",
                           hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with an IAM role")
-    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError") or (
+            name == "S3UploadFailedError" and "Could not connect to the endpoint" in str(e)):
         return StoreError(f"{action} {uri}: cannot reach the S3 endpoint ({name})", hint="check AWS_ENDPOINT_URL and the network")
     return StoreError(f"{action} {uri}: {code or name}" + (f" ({e})" if not code else ""), hint=hints.get(code or ""))
 
@@ -207,6 +229,7 @@ def translate_aws_error(e: Exception, uri: str, action: str) -> StoreError:
 @dataclass
 class S3Store:
     uri: str
+    retry_s: float = DEFAULT_RETRY_S
 
     def __post_init__(self) -> None:
         rest = self.uri[len("s3://"):]
@@ -229,27 +252,28 @@ class S3Store:
     def _uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._k(key)}"
 
-    def _call(self, action: str, key: str, fn, *a, **kw):
+    def _call(self, action: str, key: str, fn, *a, missing: bool = False, **kw):
+        """``fn(*a, **kw)`` with transient errors retried for ``retry_s``; failures become one StoreError line
+        (``missing``: a 404 is StoreNotFound, the normal answer of a probe)."""
         from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return fn(*a, **kw)
+            return retrying(lambda: fn(*a, **kw), self.retry_s, f"{action} {self._uri(key)}")
         except (ClientError, BotoCoreError, Boto3Error) as e:
-            raise translate_aws_error(e, self._uri(key), action) from e
+            if missing and error_code(e) in _NOT_FOUND:
+                raise StoreNotFound(f"not found: {self._uri(key)}") from None
+            err = translate_aws_error(e, self._uri(key), action)
+            if is_transient(e):
+                err = StoreError(f"{err.message}; still failing after {self.retry_s:.0f}s of retries",
+                                 hint="check the endpoint and the network; checkpoint.store_retry_s sets how long to retry")
+            raise err from e
 
     def read_bytes(self, key: str) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError
+        def get() -> bytes:  # the body is read inside the retry: a connection can drop mid-body too
+            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
 
-        try:
-            r = self.client.get_object(Bucket=self.bucket, Key=self._k(key))
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                raise StoreNotFound(f"not found: {self._uri(key)}") from None
-            raise translate_aws_error(e, self._uri(key), "read") from e
-        except BotoCoreError as e:  # no credentials, unreachable endpoint
-            raise translate_aws_error(e, self._uri(key), "read") from e
-        return self._call("read", key, r["Body"].read)
+        return self._call("read", key, get, missing=True)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._call("write", key, self.client.put_object, Bucket=self.bucket, Key=self._k(key), Body=data)
@@ -258,51 +282,81 @@ class S3Store:
         self._call("upload", key, self.client.upload_file, str(local), self.bucket, self._k(key), Config=_transfer_config())
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
+        from botocore.exceptions import ClientError
+
         if length <= 0:
             return b""
-        r = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._k(key),
-                       Range=f"bytes={start}-{start + length - 1}")
-        return self._call("read", key, r["Body"].read)
+
+        def get() -> bytes:
+            try:
+                r = self.client.get_object(Bucket=self.bucket, Key=self._k(key), Range=f"bytes={start}-{start + length - 1}")
+            except ClientError as e:
+                if error_code(e) == "InvalidRange":  # starts past the end: nothing there, as for a file
+                    return b""
+                raise
+            return r["Body"].read()
+
+        return self._call("read", key, get, missing=True)
 
     def download_file(self, key: str, local: str | Path) -> None:
         Path(local).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(str(local) + ".part")
-        self._call("download", key, self.client.download_file, self.bucket, self._k(key), str(tmp), Config=_transfer_config())
+        try:
+            self._call("download", key, self.client.download_file, self.bucket, self._k(key), str(tmp),
+                       Config=_transfer_config(), missing=True)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # never leave half a download beside the real name
+            raise
         os.replace(tmp, local)
 
     def _iter(self, prefix: str) -> Iterator[str]:
         full = self._k(prefix)
-        # A prefix is a folder: "ckpt" must not also list "ckpt-old/...".
-        full_dir = full + "/" if full and not full.endswith("/") else full
+        # A folder first ("ckpt/", never "ckpt-old/..."); only when it is empty can the prefix be a key itself.
+        folder = f"{full}/" if full else ""
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in self._call("list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full_dir))):
-            for obj in page.get("Contents", []):
-                k = obj["Key"]
-                yield k[len(self.prefix) + 1:] if self.prefix else k
+        pages = self._call("list", prefix, lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=folder)))
+        keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        if not keys and full:
+            try:
+                self._call("stat", prefix, self.client.head_object, Bucket=self.bucket, Key=full, missing=True)
+                keys = [full]
+            except StoreNotFound:
+                pass
+        for k in keys:
+            yield k[len(self.prefix) + 1:] if self.prefix else k
 
     def list(self, prefix: str = "") -> list[str]:
         return sorted(self._iter(prefix))
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
-
+        full = self._k(key)
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._k(key))
-            return True
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return bool(self.list(key))
-            raise translate_aws_error(e, self._uri(key), "stat") from e
+            if full:
+                self._call("stat", key, self.client.head_object, Bucket=self.bucket, Key=full, missing=True)
+                return True
+        except StoreNotFound:
+            pass
+        # A folder: S3 has no object for it, only keys under it.
+        r = self._call("list", key, self.client.list_objects_v2, Bucket=self.bucket, Prefix=f"{full}/" if full else "",
+                       MaxKeys=1)
+        return bool(r.get("Contents"))
 
     def delete(self, prefix: str) -> int:
         keys = self.list(prefix)
-        for i in range(0, len(keys), 1000):
-            batch = [{"Key": self._k(k)} for k in keys[i:i + 1000]]
-            self._call("delete", prefix, self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": batch})
+        for group in _markers_first(keys):  # one request per group: S3 deletes a batch in no set order
+            for i in range(0, len(group), 1000):
+                batch = [{"Key": self._k(k)} for k in group[i:i + 1000]]
+                resp = self._call("delete", prefix, self.client.delete_objects, Bucket=self.bucket,
+                                  Delete={"Objects": batch, "Quiet": True})
+                errors = (resp or {}).get("Errors") or []
+                if errors:  # a 200 answer that refused some keys: the caller must not think them gone
+                    first = errors[0]
+                    raise StoreError(f"delete s3://{self.bucket}/{first.get('Key')}: {first.get('Code')} "
+                                     f"({len(errors)} of {len(batch)} keys not deleted)", hint=None)
         return len(keys)
 
     def child(self, key: str) -> "S3Store":
-        return S3Store(join(self.uri, key))
+        return S3Store(join(self.uri, key), retry_s=self.retry_s)
 
     def check_access(self, write: bool = True) -> None:
         """Fail early, before training, with one clear line if the bucket is unreachable or read-only."""

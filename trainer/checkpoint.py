@@ -64,6 +64,8 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -76,10 +78,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from gptoss_cloud.keys import contained
 from gptoss_cloud.store import LocalStore, StoreNotFound, open_store, upload_files
 
-from . import ckpt_state
+from . import ckpt_faults, ckpt_state
 from .ckpt_manifest import (
-    MANIFEST, CheckpointError, Manifest, file_entries, list_published, parallel_map, parse_step, prune, publish,
-    read_manifest, read_parts, signing_key, step_dir, write_part,
+    MANIFEST, CheckpointError, Manifest, file_entries, list_published, parallel_map, parse_step, parts_status, prune,
+    publish, read_manifest, signing_key, step_dir, write_part,
 )
 from .ckpt_room import check_local_room, checkpoint_bytes, preflight  # noqa: F401 (re-exported for the planner)
 from .ckpt_safety import FetchingReader, SafeLoadPlanner, safe_load_metadata
@@ -87,7 +89,6 @@ from .ckpt_stats import checkpoint_line
 
 log = logging.getLogger("gptoss_cloud.checkpoint")
 MODEL_KEYS = ("model", "optimizer")
-PUBLISH_TIMEOUT_S = float(os.environ.get("GPTOSS_PUBLISH_TIMEOUT_S", "1800"))
 
 
 MAX_AUTO_WRITER_THREADS = 8  # past this a rank's writes are bound by the disk, not by threads
@@ -118,13 +119,7 @@ def _unwrap_optimizer(opt):
     return getattr(opt, "optimizer", opt) if not isinstance(opt, torch.optim.Optimizer) else opt
 
 
-def _reason(e: BaseException) -> str:
-    # DCP's CheckpointException (a BaseException) carries each failed rank's own exception.
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict) and failures:
-        e = next(iter(failures.values()))
-        e = getattr(e, "exc", e[0] if isinstance(e, tuple) else e)  # (exception, traceback) per rank
-    return getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+_reason = ckpt_faults.reason
 
 
 class _Progress:
@@ -218,7 +213,7 @@ class Checkpointer:
         the state (the loop does, before each optimizer step)."""
         self.cfg = cfg
         self.home = str(home).rstrip("/")
-        self.store = open_store(self.home)
+        self.store = open_store(self.home, retry_s=cfg.store_retry_s)
         self.ckpts = self.store.child("checkpoints")
         self.spec_yaml = spec.to_yaml() if spec is not None else None
         self.spec_hash = spec_hash(self.spec_yaml) if self.spec_yaml else None
@@ -231,6 +226,7 @@ class Checkpointer:
         self._spec = spec
         self._ready = False
         self.dist, self.rank, self.world = False, 0, 1
+        self.attempt = ""  # shared by every rank of this process group; stamped on each part it uploads
         self.local_root, self.in_place = Path("."), False
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -253,7 +249,10 @@ class Checkpointer:
         if self.dist and self.pg is None:
             # Our own CPU group: an async save's background thread runs DCP collectives on it while the
             # training thread keeps using the default group; sharing one group would interleave them.
-            self.pg = dist.new_group(backend="gloo")
+            # Its timeout bounds every wait of a save on a peer (checkpoint.peer_timeout_s), not gloo's 30 min.
+            self.pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.cfg.peer_timeout_s))
+        # A fresh id per attempt: a part a killed attempt left behind never completes this one's checkpoint.
+        self.attempt = self._bcast(uuid.uuid4().hex[:16] if self.rank == 0 else None)
         local = self._local_dir
         if isinstance(self.ckpts, LocalStore) and not local:
             # A local store is already local disk: write in place, no second copy.
@@ -292,15 +291,10 @@ class Checkpointer:
             self.last_saved = step
             return
         folder = self.local_root / step_dir(step)
-        (folder / "extra").mkdir(parents=True, exist_ok=True)
-        extras = {k: v.state_dict() for k, v in state.items() if k not in MODEL_KEYS}
-        (folder / "extra" / f"rank-{self.rank}.json").write_bytes(ckpt_state.dumps(extras))
-        if self.rank == 0:
-            if self.spec_yaml:
-                (folder / "spec.yaml").write_text(self.spec_yaml)
-            self._write_adapter_config(state.get("model"), folder)
-            if (cfg := model_config(state.get("model"))) is not None:
-                (folder / "config.json").write_text(cfg.to_json_string())
+        try:
+            self._write_small_files(folder, state)
+        except OSError as e:
+            raise self._write_failed(step, folder, e) from e
         sd = self._model_state(state)
         # Several files per rank, written by as many threads: one file per rank writes (and later hashes)
         # at one core's speed, which for a 26 GB shard is most of a sync save.
@@ -325,7 +319,10 @@ class Checkpointer:
                                             name=f"ckpt-publish-{step}")
             self._thread.start()
         else:
-            dcp.save(sd, storage_writer=writer, process_group=self.pg)
+            try:
+                dcp.save(sd, storage_writer=writer, process_group=self.pg)
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's error is a BaseException
+                raise self._write_failed(step, folder, e) from e
             ev["write_s"] = time.perf_counter() - t0
             self._publish(step, folder, ev, t0)
             ev["blocking_s"] = time.perf_counter() - t0
@@ -335,9 +332,33 @@ class Checkpointer:
             self._thread.start()
         self.last_saved = step
 
+    def _write_small_files(self, folder: Path, state: Mapping[str, Any]) -> None:
+        (folder / "extra").mkdir(parents=True, exist_ok=True)
+        extras = {k: v.state_dict() for k, v in state.items() if k not in MODEL_KEYS}
+        (folder / "extra" / f"rank-{self.rank}.json").write_bytes(ckpt_state.dumps(extras))
+        if self.rank == 0:
+            if self.spec_yaml:
+                (folder / "spec.yaml").write_text(self.spec_yaml)
+            self._write_adapter_config(state.get("model"), folder)
+            if (cfg := model_config(state.get("model"))) is not None:
+                (folder / "config.json").write_text(cfg.to_json_string())
+
+    def _write_failed(self, step: int, folder: Path, e: BaseException) -> CheckpointError:
+        """One line for a save whose local write failed: nothing of it was published."""
+        if ckpt_faults.is_disk_full(e):
+            usage = shutil.disk_usage(folder if folder.exists() else self.local_root)
+            return CheckpointError(
+                f"step {step}: the disk holding {folder} is full ({usage.free / 2**20:.1f} MiB free of "
+                f"{usage.total / 2**20:.0f} MiB) while writing the checkpoint; not published (the previous one stays)",
+                hint="free space there or point checkpoint.local_dir at a larger volume")
+        return CheckpointError(f"step {step}: writing the checkpoint to {folder} failed: {_reason(e)}; not published")
+
     def _background(self, step, folder, fut, ev, t0) -> None:
         try:
-            fut.result()
+            try:
+                fut.result()
+            except (Exception, CheckpointException) as e:  # noqa: BLE001
+                raise self._write_failed(step, folder, e) from e
             ev["write_s"] = time.perf_counter() - t0
             self._publish(step, folder, ev, t0)
         except BaseException as e:  # surfaced by wait()
@@ -402,7 +423,7 @@ class Checkpointer:
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
-            raise CheckpointError(f"saving a checkpoint failed: {err}") from err
+            raise CheckpointError(f"saving a checkpoint failed: {_reason(err)}") from err
 
     def close(self) -> None:
         try:
@@ -430,16 +451,22 @@ class Checkpointer:
         if not self.in_place:
             upload_files(self.ckpts, [(folder / rel, f"{step_dir(step)}/{rel}") for rel in files])
             ev["upload_s"] = time.perf_counter() - t0
-        write_part(self.ckpts, step, self.rank, files)
+        write_part(self.ckpts, step, self.rank, files, attempt=self.attempt)
         if self.rank != 0:
             return
-        deadline = time.time() + PUBLISH_TIMEOUT_S
-        while (all_files := read_parts(self.ckpts, step, self.world)) is None:
-            if time.time() > deadline:
-                raise CheckpointError(f"step {step}: not every rank uploaded its shards within {PUBLISH_TIMEOUT_S:.0f}s; not published")
+        timeout = self.cfg.peer_timeout_s
+        deadline = time.monotonic() + timeout
+        while (status := parts_status(self.ckpts, step, self.world, attempt=self.attempt))[1]:
+            if time.monotonic() > deadline:
+                ranks = ", ".join(map(str, status[1]))
+                raise CheckpointError(f"step {step}: rank {ranks} did not report its uploaded shards within {timeout:g}s "
+                                      "(checkpoint.peer_timeout_s; a dead or stuck peer); not published, the previous "
+                                      "checkpoint stays")
             time.sleep(0.2)
+        all_files = status[0]
         manifest = Manifest(step=step, world_size=self.world, files=all_files, spec_hash=self.spec_hash,
-                            method=self.method, extra={"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                            method=self.method, extra={"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                                       "attempt": self.attempt})
         publish(self.ckpts, manifest, self.key)
         ev["total_s"] = time.perf_counter() - t0
         ev["bytes"] = sum(f["size"] for rel, f in all_files.items() if rel.endswith(".distcp"))
@@ -483,14 +510,14 @@ class Checkpointer:
             base, _, name = mode.rstrip("/").rpartition("/")
             if parse_step(name) is None:
                 raise CheckpointError(f"checkpoint.resume {mode!r}: expected auto, never, or a URI ending in /step-N")
-            ckpts, candidates = open_store(base), [parse_step(name)]
+            ckpts, candidates = open_store(base, retry_s=self.cfg.store_retry_s), [parse_step(name)]
         else:
             candidates = self._bcast(list_published(ckpts) if self.rank == 0 else None)
         if not candidates:
             return 0
         errors = []
         for step in candidates:
-            err = self._try_load(ckpts, step, state)
+            err = self._load_with_retries(ckpts, step, state)
             if err is None:
                 if errors:
                     log.warning("resumed from the older checkpoint %s/%s", ckpts.uri, step_dir(step))
@@ -503,6 +530,24 @@ class Checkpointer:
             f"no usable checkpoint under {ckpts.uri} ({len(candidates)} published): " + "; ".join(errors),
             hint="set checkpoint.resume: never to start over (new checkpoints replace these)",
         )
+
+    def _load_with_retries(self, ckpts, step: int, state: Mapping[str, Any]) -> str | None:
+        """None once ``step`` is loaded; its integrity failure otherwise. A transient failure is retried and,
+        if it persists, fails the run: the checkpoint stays published for the next attempt."""
+        where = f"{ckpts.uri.rstrip('/')}/{step_dir(step)}"
+        delays = list(ckpt_faults.LOAD_RETRY_DELAYS_S)
+        while True:
+            kind, err = self._try_load(ckpts, step, state)
+            if kind != ckpt_faults.TRANSIENT:
+                return err
+            if not delays:
+                raise CheckpointError(
+                    f"{where}: loading failed {len(ckpt_faults.LOAD_RETRY_DELAYS_S) + 1} times with a transient "
+                    f"error ({err}); the checkpoint stays published and the next attempt retries it",
+                    hint="check the node's memory, disk and network, then restart the run")
+            delay = delays.pop(0)
+            log.warning("loading %s failed with a transient error (%s); retrying in %.0fs", where, err, delay)
+            time.sleep(delay)
 
     def _reject(self, steps: list[int], ckpts) -> None:
         """Unpublish checkpoints every rank found unusable, so this run's next saves replace them.
@@ -518,7 +563,8 @@ class Checkpointer:
             log.warning("unpublished the unusable checkpoint %s/%s (its manifest is kept as manifest.rejected.json)",
                         ckpts.uri, step_dir(s))
 
-    def _try_load(self, ckpts, step: int, state: Mapping[str, Any]) -> str | None:
+    def _try_load(self, ckpts, step: int, state: Mapping[str, Any]) -> tuple[str | None, str | None]:
+        """(None, None) once loaded, else (ckpt_faults.INTEGRITY or TRANSIENT, why), agreed by every rank."""
         where = f"{ckpts.uri.rstrip('/')}/{step_dir(step)}"
         # A local store is read in place; S3 checkpoints are fetched into the local folder.
         folder = (Path(ckpts.root) if isinstance(ckpts, LocalStore) else self.local_root) / step_dir(step)
@@ -535,11 +581,11 @@ class Checkpointer:
             src_rank = self.rank if self.rank < manifest.world_size else 0
             fetch([f"extra/rank-{src_rank}.json"])
             extras = ckpt_state.loads((folder / "extra" / f"rank-{src_rank}.json").read_bytes())
-            err = None
-        except (CheckpointError, StoreNotFound) as e:
-            err = e.message
-        if (err := self._agree(err)) is not None:
-            return err
+            failure = None
+        except Exception as e:  # noqa: BLE001 - classified, then agreed on by every rank
+            failure = (ckpt_faults.kind(e), _reason(e))
+        if (failure := self._agree(failure)) is not None:
+            return failure
         if manifest.world_size != self.world:
             log.warning("resharding checkpoint %s from %d to %d processes", where, manifest.world_size, self.world)
         if self.spec_hash and manifest.spec_hash and manifest.spec_hash != self.spec_hash and self.rank == 0:
@@ -566,13 +612,13 @@ class Checkpointer:
                 if k not in extras:
                     raise CheckpointError(f"{where}: no saved state for {k!r}")
                 state[k].load_state_dict(extras[k])
-            err = None
+            failure = None
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - agreed on below, then a fallback reason
-            err = _reason(e)
-        err = self._agree(err)
-        if err is None:
+            failure = (ckpt_faults.kind(e), _reason(e))
+        if (failure := self._agree(failure)) is None:
             log.info("rank %d restored %s; downloaded %s", self.rank, where, sorted(fetch.downloaded) or "nothing (local copy)")
-        return err
+            return None, None
+        return failure
 
     def _fetcher(self, ckpts, step: int, folder: Path, manifest: Manifest, where: str):
         return make_fetcher(ckpts, step, folder, manifest, where, threads=self.threads)
@@ -621,11 +667,16 @@ class Checkpointer:
         dist.broadcast_object_list(box, src=0, group=self.pg)
         return box[0]
 
-    def _agree(self, err: str | None) -> str | None:
-        """Every rank learns whether any rank failed, so all fall back together."""
+    def _agree(self, failure: tuple[str, str] | None) -> tuple[str, str] | None:
+        """Every rank learns whether any rank failed, so all fall back (or retry) together. Any rank's integrity
+        failure makes the checkpoint unusable for all; otherwise any rank's transient failure is retried by all."""
         if not self.dist:
-            return err
-        errs: list = [None] * self.world
-        dist.all_gather_object(errs, err, group=self.pg)
-        bad = [f"rank {r}: {e}" if self.world > 1 else e for r, e in enumerate(errs) if e]
-        return "; ".join(dict.fromkeys(bad)) if bad else None
+            return failure
+        fails: list = [None] * self.world
+        dist.all_gather_object(fails, failure, group=self.pg)
+        bad = [(r, f) for r, f in enumerate(fails) if f]
+        if not bad:
+            return None
+        kinds = {f[0] for _, f in bad}
+        kind = ckpt_faults.INTEGRITY if ckpt_faults.INTEGRITY in kinds else ckpt_faults.TRANSIENT
+        return kind, "; ".join(dict.fromkeys(f"rank {r}: {f[1]}" if self.world > 1 else f[1] for r, f in bad if f[0] == kind))

@@ -25,10 +25,10 @@ from typing import Callable, Iterable, TypeVar
 from gptoss_cloud.errors import GptossError
 from gptoss_cloud.integrity import KEY_ENV, check_signature, sha256_file, sign, signing_key  # noqa: F401 (re-exported)
 from gptoss_cloud.keys import check_key
-from gptoss_cloud.store import Store, StoreNotFound
+from gptoss_cloud.store import PUBLISH_MARKER, Store, StoreNotFound
 
 FORMAT = "gptoss-cloud-checkpoint/1"
-MANIFEST = "manifest.json"
+MANIFEST = PUBLISH_MARKER  # one name: the store deletes it first
 PARTS_DIR = "_parts"  # per-rank lists of uploaded files; rank 0 folds them into the manifest
 _STEP_RE = re.compile(r"^step-(\d+)$")
 T = TypeVar("T")
@@ -155,22 +155,40 @@ def read_manifest(ckpts: Store, step: int, key: bytes | None) -> Manifest:
     return m
 
 
-def write_part(ckpts: Store, step: int, rank: int, files: dict[str, dict]) -> None:
-    ckpts.write_bytes(f"{step_dir(step)}/{PARTS_DIR}/rank-{rank}.json", json.dumps(files, sort_keys=True).encode())
+def write_part(ckpts: Store, step: int, rank: int, files: dict[str, dict], *, attempt: str) -> None:
+    """Rank ``rank`` uploaded ``files`` for ``step`` in ``attempt`` (an id every rank of one run attempt shares)."""
+    body = {"attempt": attempt, "files": files}
+    ckpts.write_bytes(f"{step_dir(step)}/{PARTS_DIR}/rank-{rank}.json", json.dumps(body, sort_keys=True).encode())
 
 
-def read_parts(ckpts: Store, step: int, world_size: int) -> dict[str, dict] | None:
-    """All ranks' file lists merged, or None while some rank has not finished uploading."""
+def parts_status(ckpts: Store, step: int, world_size: int, *, attempt: str) -> tuple[dict[str, dict], list[int]]:
+    """(the files of every part ``attempt`` wrote, merged; the ranks whose part is missing or stale).
+
+    A part left by another attempt (one killed mid-save, whose steps were then re-run with different
+    bytes) counts as missing: it vouches for files this attempt may have overwritten since."""
     files: dict[str, dict] = {}
+    missing = []
     for r in range(world_size):
+        key = f"{step_dir(step)}/{PARTS_DIR}/rank-{r}.json"
         try:
-            key = f"{step_dir(step)}/{PARTS_DIR}/rank-{r}.json"
-            part = json.loads(ckpts.read_bytes(key))
+            body = json.loads(ckpts.read_bytes(key))
         except StoreNotFound:
-            return None
-        check_entries(part, f"{ckpts.uri.rstrip('/')}/{key}")
-        files.update(part)
-    return files
+            missing.append(r)
+            continue
+        except ValueError:
+            raise CheckpointError(f"{ckpts.uri.rstrip('/')}/{key}: unreadable part (not JSON)") from None
+        if not isinstance(body, dict) or body.get("attempt") != attempt or not isinstance(body.get("files"), dict):
+            missing.append(r)
+            continue
+        check_entries(body["files"], f"{ckpts.uri.rstrip('/')}/{key}")
+        files.update(body["files"])
+    return files, missing
+
+
+def read_parts(ckpts: Store, step: int, world_size: int, *, attempt: str) -> dict[str, dict] | None:
+    """All ranks' file lists of ``attempt`` merged, or None while some rank has not finished uploading."""
+    files, missing = parts_status(ckpts, step, world_size, attempt=attempt)
+    return None if missing else files
 
 
 def publish(ckpts: Store, manifest: Manifest, key: bytes | None) -> None:

@@ -96,8 +96,24 @@ def main() -> None:
     ap.add_argument("--fingerprint", action="store_true")
     ap.add_argument("--keep", type=int, default=3)
     ap.add_argument("--writer-threads", default="auto", help="checkpoint.writer_threads")
+    ap.add_argument("--peer-timeout-s", type=float, default=None, help="checkpoint.peer_timeout_s")
+    ap.add_argument("--die-once-peers-reported", action="store_true",
+                    help="with --die-during-upload: die only once every other rank has written its part")
+    ap.add_argument("--nudge", type=float, default=0.0, help="scale the weights by 1+NUDGE after restore: other bytes, "
+                    "as other GPU kernels give")
+    ap.add_argument("--slow-upload-rank", type=int, default=None, help="this rank waits --slow-upload-s before uploading")
+    ap.add_argument("--slow-upload-s", type=float, default=2.0)
     a = ap.parse_args()
+    from gptoss_cloud.errors import GptossError
 
+    try:
+        run(a)
+    except GptossError as e:  # what `gptoss-cloud train` prints: one line
+        print(f"error: {e.message}", flush=True)
+        os._exit(1)  # peers may be dead: no collective clean-up to wait on
+
+
+def run(a) -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -113,7 +129,8 @@ def main() -> None:
     local_dir = a.local_dir.format(rank=rank) if a.local_dir else None  # "{rank}": one folder per simulated node
     spec = RunSpec.model_validate({"method": {"kind": a.method}, "checkpoint": {
         "every_steps": a.every, "keep_last": a.keep, "async_save": a.async_save, "local_dir": local_dir,
-        "writer_threads": a.writer_threads if a.writer_threads == "auto" else int(a.writer_threads)}})
+        "writer_threads": a.writer_threads if a.writer_threads == "auto" else int(a.writer_threads),
+        **({"peer_timeout_s": a.peer_timeout_s} if a.peer_timeout_s else {})}})
     model = build_model(a.method)
     base = model.base_model.model if a.method == "lora" else model
     for layer in base.model.layers:
@@ -124,22 +141,41 @@ def main() -> None:
     data = DataPosition(world, rank)
     state = {"model": model, "optimizer": opt, "scheduler": sched, "data": data, "rng": RNGState()}
 
+    import gptoss_cloud.trainer.checkpoint as ck
+
+    real = ck.upload_files
     if a.die_during_upload is not None:  # the test's fault: die in the middle of publishing a step
-        import gptoss_cloud.trainer.checkpoint as ck
-
-        real = ck.upload_files
-
         def dying_upload(store, items, **kw):
-            if any(f"step-{a.die_during_upload}/" in key for _, key in items) and rank == a.die_rank:
+            step = a.die_during_upload
+            if any(f"step-{step}/" in key for _, key in items) and rank == a.die_rank:
                 real(store, items[:1], **kw)
+                if a.die_once_peers_reported:
+                    import time
+
+                    others = [f"step-{step}/_parts/rank-{r}.json" for r in range(world) if r != rank]
+                    deadline = time.time() + 60
+                    while not all(store.exists(k) for k in others) and time.time() < deadline:
+                        time.sleep(0.1)
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(store, items, **kw)
 
         ck.upload_files = dying_upload
+    elif a.slow_upload_rank == rank:
+        def slow_upload(store, items, **kw):
+            import time
+
+            time.sleep(a.slow_upload_s)
+            return real(store, items, **kw)
+
+        ck.upload_files = slow_upload
 
     ckpt = Checkpointer(spec.checkpoint, a.home, spec=spec)
     torch.manual_seed(1234 + rank)  # the RNG stream a fresh run starts from (restore overrides it)
     start = ckpt.restore(state)
+    if a.nudge:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + a.nudge)
     log = open(a.log, "a") if rank == 0 else None
     if a.fingerprint:
         fp = fingerprint(model)

@@ -185,3 +185,36 @@ def test_loop_trainstate_is_accepted(tmp_path):
     assert Checkpointer(spec.checkpoint, home, spec=spec).restore(ts2) == 1
     assert (ts2.step, ts2.tokens, ts2.extra, ts2.data.samples) == (1, 8, {"note": "x"}, 1)
     assert ts2.scheduler.state_dict()["last_epoch"] == 1 and ts2.optimizer.param_groups[0]["lr"] == sched.get_last_lr()[0]
+
+
+def test_planted_pickle_on_s3_is_rejected_unpublished_and_re_saved(s3_bucket, s3_env, tmp_path, monkeypatch, caplog):
+    """On S3 a rejected checkpoint must really lose its manifest (a single-key delete), so the run's
+    next save of that step is made rather than skipped as "already published"."""
+    spec = RunSpec.model_validate({"method": {"kind": "full"}, "checkpoint": {"keep_last": 5, "local_dir": str(tmp_path / "l1")}})
+    home = f"{s3_bucket}/pickled"
+    ck = Checkpointer(spec.checkpoint, home, spec=spec)
+    st = _state()
+    for step in (1, 2):
+        _train_step(st)
+        ck.save(step, st)
+    ck.close()
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("EVIL_MARKER", str(marker))
+    _rewrite(home, 2, ".metadata", pickle.dumps(_Evil()))
+    ckpts = open_store(home).child("checkpoints")
+    spec2 = RunSpec.model_validate({"method": {"kind": "full"}, "checkpoint": {"keep_last": 5, "local_dir": str(tmp_path / "l2")}})
+    st2 = _state()
+    ck2 = Checkpointer(spec2.checkpoint, home, spec=spec2)
+    with caplog.at_level(logging.WARNING, logger="gptoss_cloud.checkpoint"):
+        assert ck2.restore(st2) == 1
+    assert not marker.exists() and "refusing to unpickle" in caplog.text
+    assert cm.list_published(ckpts) == [1]  # the manifest is gone from the bucket, kept aside as evidence
+    assert ckpts.exists("step-2/manifest.rejected.json") and not ckpts.exists("step-2/manifest.json")
+    _train_step(st2)
+    assert ck2.maybe_save(2, st2, last=True)  # saved again, not skipped
+    ck2.close()
+    m = cm.read_manifest(ckpts, 2, None)
+    assert m.files[".metadata"]["sha256"] == cm.sha256_file(tmp_path / "l2" / "step-2" / ".metadata")
+    want = _params(st2["model"])
+    step, st3 = _restore(spec2, home)
+    assert step == 2 and all(torch.equal(v, want[k]) for k, v in _params(st3["model"]).items())

@@ -106,8 +106,8 @@ def _fake_checkpoint(ckpts, step, tmp_path, world=2):
         p = tmp_path / f"s{step}-r{r}.bin"
         p.write_bytes(os.urandom(100) + bytes([r]))
         ckpts.upload_file(p, f"step-{step}/__{r}_0.distcp")
-        cm.write_part(ckpts, step, r, {f"__{r}_0.distcp": cm.file_entry(p)})
-    files = cm.read_parts(ckpts, step, world)
+        cm.write_part(ckpts, step, r, {f"__{r}_0.distcp": cm.file_entry(p)}, attempt="a1")
+    files = cm.read_parts(ckpts, step, world, attempt="a1")
     return cm.Manifest(step=step, world_size=world, files=files, spec_hash="abc", method="full")
 
 
@@ -117,14 +117,14 @@ def test_only_manifested_checkpoints_count_and_prune(root, tmp_path):
         m = _fake_checkpoint(ckpts, step, tmp_path)
         cm.publish(ckpts, m, None)
     _fake_checkpoint(ckpts, 40, tmp_path)  # uploaded, never published (the writer died)
-    assert cm.read_parts(ckpts, 50, 2) is None
+    assert cm.read_parts(ckpts, 50, 2, attempt="a1") is None
     assert cm.list_published(ckpts) == [30, 20, 10]
     with pytest.raises(cm.CheckpointError, match="not published"):
         cm.read_manifest(ckpts, 40, None)
     m = cm.read_manifest(ckpts, 30, None)
     assert m.world_size == 2 and set(m.files) == {"__0_0.distcp", "__1_0.distcp"}
     _fake_checkpoint(ckpts, 50, tmp_path)
-    cm.publish(ckpts, cm.Manifest(step=50, world_size=2, files=cm.read_parts(ckpts, 50, 2)), None)
+    cm.publish(ckpts, cm.Manifest(step=50, world_size=2, files=cm.read_parts(ckpts, 50, 2, attempt="a1")), None)
     dropped = cm.prune(ckpts, keep_last=2, newest=50)
     assert sorted(dropped) == [10, 20, 40]
     assert cm.list_published(ckpts) == [50, 30]
