@@ -96,9 +96,9 @@ def test_resume_refuses_a_manifest_entry_that_escapes(s3_bucket):
     cm.publish(ckpts, m, None)
     with pytest.raises(cm.CheckpointError, match=r"refusing key '__0_/\.\./\.\./x\.distcp'"):
         cm.read_manifest(ckpts, 3, None)
-    cm.write_part(ckpts, 4, 0, {"/etc/cron.d/x": {"size": 1, "sha256": "0" * 64}})
+    cm.write_part(ckpts, 4, 0, {"/etc/cron.d/x": {"size": 1, "sha256": "0" * 64}}, attempt="a1")
     with pytest.raises(cm.CheckpointError, match="rank-0.json: refusing key '/etc/cron.d/x'"):
-        cm.read_parts(ckpts, 4, 1)
+        cm.read_parts(ckpts, 4, 1, attempt="a1")
 
 
 def test_resume_fetches_only_what_the_manifest_names(s3_bucket, tmp_path):
