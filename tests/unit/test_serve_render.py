@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from gptoss_cloud.errors import GptossError
 from gptoss_cloud.main import app
 from gptoss_cloud.render import serve as rs
-from gptoss_cloud.serving import render_truss, resolve_target, serve_local
+from gptoss_cloud.serving import render_truss, resolve_target
 from gptoss_cloud.spec import RunSpec
 from k8s_schemas import validate_object
 
@@ -98,7 +98,8 @@ def test_120b_renders_merge_job_deployment_service_networkpolicy_all_valid(tmp_p
     pod = k["Deployment"]["spec"]["template"]["spec"]
     vllm = pod["containers"][0]
     args = vllm["args"]
-    assert vllm["command"] == ["vllm"] and args[:2] == ["serve", "/models/merged"]
+    assert vllm["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    assert args[:2] == ["--model", "/models/merged"]
     assert args[args.index("--tensor-parallel-size") + 1] == "4"   # bf16 120b on 80 GB cards
     assert args[args.index("--served-model-name") + 1] == RUN
     assert args[args.index("--max-model-len") + 1] == "32768"
@@ -244,7 +245,8 @@ def test_truss_config_loads_through_truss_and_serves_merged(tmp_path):
     cfg = render_truss(replace(t, home=f"s3://bucket/runs/{RUN}"))
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     loaded = TrussConfig.from_yaml(tmp_path / "config.yaml")
-    assert loaded.docker_server.start_command.startswith("vllm serve /models/merged ")
+    assert loaded.docker_server.start_command.startswith("python3 -m vllm.entrypoints.openai.api_server --model /models/merged ")
+    assert "--middleware" not in loaded.docker_server.start_command   # Baseten's gateway holds the key
     assert "--tensor-parallel-size 4" in loaded.docker_server.start_command
     assert loaded.resources.accelerator.count == 4
     assert [w.source for w in loaded.weights.root] == [f"s3://bucket/runs/{RUN}/merged"]
@@ -271,17 +273,36 @@ def test_truss_needs_published_weights(tmp_path):
 
 # ------------------------------------------------------------------------------------------ local
 def test_local_without_vllm_points_to_chat(tmp_path):
-    import importlib.util
+    from gptoss_cloud import serve_local as sl
 
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vLLM is installed here; this checks the message shown where it is not")
-    make_run(tmp_path, merged=True)
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexit 1\n")   # an interpreter on which vllm cannot be found
+    fake.chmod(0o755)
     with pytest.raises(GptossError) as e:
-        serve_local(target(tmp_path, cluster__backend="local"), tmp_path / "cache")
-    assert "vLLM is not installed" in e.value.message and f"gptoss-cloud chat {RUN}" in e.value.hint
+        sl.check_python(str(fake))
+    assert "vLLM is not installed" in e.value.message and "--vllm-python" in e.value.hint
+    with pytest.raises(GptossError, match="no such executable"):
+        sl.check_python(str(tmp_path / "missing"))
 
 
 def test_local_dry_run_command_points_at_the_merged_folder(tmp_path):
     make_run(tmp_path, merged=True, model={"name": "20b"})
-    cmd = serve_local(target(tmp_path, cluster__backend="local"), tmp_path / "cache", dry_run=True)
-    assert cmd[:3] == ["vllm", "serve", str(tmp_path / RUN / "merged")]
+    r = CliRunner().invoke(app, ["serve", RUN, "--store", str(tmp_path), "--backend", "local", "--dry-run",
+                                 "--vllm-python", "/venv/bin/python", "--port", "18001"])
+    assert r.exit_code == 0, r.output
+    argv = r.stdout.splitlines()[0].split()
+    assert argv[:5] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path / RUN / "merged")]
+    assert argv[argv.index("--port") + 1] == "18001" and argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert "--middleware" not in argv and "API key:  none" in r.stdout
+
+
+def test_local_api_key_env_must_hold_a_key(tmp_path, monkeypatch):
+    make_run(tmp_path, merged=True, model={"name": "20b"})
+    monkeypatch.delenv("MY_KEY", raising=False)
+    r = CliRunner().invoke(app, ["serve", RUN, "--store", str(tmp_path), "--backend", "local", "--dry-run", "--api-key-env", "MY_KEY"])
+    assert r.exit_code != 0 and "--api-key-env MY_KEY" in str(r.exception)
+    monkeypatch.setenv("MY_KEY", "k")
+    r = CliRunner().invoke(app, ["serve", RUN, "--store", str(tmp_path), "--backend", "local", "--dry-run", "--api-key-env", "MY_KEY"])
+    argv = r.stdout.splitlines()[0].split()
+    assert argv[argv.index("--middleware") + 1] == "gptoss_serve_auth.ApiKeyMiddleware"
+    assert "k" not in argv and "$MY_KEY" in r.stdout   # the key itself never appears in the command line
