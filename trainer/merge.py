@@ -181,7 +181,10 @@ def resolve_base(home: str, model_name: str | None, base: str | None, cache: Pat
             try:
                 from huggingface_hub import snapshot_download
 
-                return Path(snapshot_download(HUB_IDS.get(ref, ref), allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
+                from gptoss_cloud.hub_files import WEIGHT_INCLUDE
+
+                # The same files (and HF_HUB_CACHE) as the trainer and the pod's init container.
+                return Path(snapshot_download(HUB_IDS.get(ref, ref), allow_patterns=list(WEIGHT_INCLUDE)))
             except Exception as e:  # offline, not installed, gated
                 raise GptossError(f"cannot fetch base weights {ref!r} from the hub ({type(e).__name__})",
                                   hint="pass --base with a local folder or s3:// prefix holding the base model") from None

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from ..hub_files import WEIGHT_INCLUDE
 from ..images import trainer_image
 from ..errors import SpecError
 from ..shapes import HUB_IDS
@@ -186,10 +187,12 @@ def weights_source(spec: RunSpec) -> tuple[str, str] | None:
 _S3_FETCH = (
     "import sys, pathlib\n"
     "from gptoss_cloud.store import open_store\n"
+    "from gptoss_cloud.hub_files import wanted\n"
     "src, dst = sys.argv[1], pathlib.Path(sys.argv[2])\n"
     "if (dst / '.complete').exists(): sys.exit(0)\n"
     "store = open_store(src)\n"
     "for key in store.list():\n"
+    "    if not wanted(key): continue\n"
     "    store.download_file(key, dst / key)\n"
     "(dst / '.complete').write_text(src)\n"
 )
@@ -201,7 +204,8 @@ def weights_init_container(spec: RunSpec, image: str, env: list[dict], env_from:
         return None
     kind, where = src
     if kind == "hub":
-        cmd = ["hf", "download", where, "--cache-dir", HF_CACHE]
+        # Only the HF-format files: the published repos also hold original/ and metal/ copies.
+        cmd = ["hf", "download", where, "--cache-dir", HF_CACHE, "--include", *WEIGHT_INCLUDE]
         if spec.model.revision:
             cmd += ["--revision", spec.model.revision]
     else:
