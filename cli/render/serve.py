@@ -242,6 +242,13 @@ def _probe(port_name: str, period: int, failures: int, timeout: int = 5) -> dict
             "failureThreshold": failures, "timeoutSeconds": timeout}
 
 
+METRICS_PATH = "/metrics"   # vLLM's Prometheus endpoint, left open by gptoss_serve_auth
+
+
+def scrape_annotations(t: ServeTarget) -> dict[str, str]:
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(t.port), "prometheus.io/path": METRICS_PATH}
+
+
 def deployment(t: ServeTarget) -> dict:
     s = t.spec.serve
     init = []
@@ -294,6 +301,7 @@ def deployment(t: ServeTarget) -> dict:
     }
     pod = {
         "securityContext": pod_security_context(),
+        "automountServiceAccountToken": False,   # vLLM never talks to the Kubernetes API
         "initContainers": init,
         "containers": [container],
         "terminationGracePeriodSeconds": 60,
@@ -312,6 +320,9 @@ def deployment(t: ServeTarget) -> dict:
     }
     meta = _meta(deployment_name(t.run_id), t, "serve")
     meta["annotations"] = annotations
+    template_meta: dict = {"labels": labels(t.run_id, "serve")}
+    if s.pod_monitor:
+        template_meta["annotations"] = scrape_annotations(t)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -321,7 +332,7 @@ def deployment(t: ServeTarget) -> dict:
             # Recreate: a rolling update would need a second set of GPUs during the roll.
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": selector(t.run_id)},
-            "template": {"metadata": {"labels": labels(t.run_id, "serve")}, "spec": pod},
+            "template": {"metadata": template_meta, "spec": pod},
         },
     }
 
@@ -341,11 +352,13 @@ def service(t: ServeTarget) -> dict:
 
 
 def allowed_namespaces(t: ServeTarget) -> list[str]:
-    return sorted(set(t.spec.serve.allowed_namespaces) or {t.namespace})
+    """Clients' namespaces, and Prometheus's: it scrapes /metrics on the same port."""
+    scrapers = {t.spec.serve.metrics_namespace} if t.spec.serve.pod_monitor else set()
+    return sorted((set(t.spec.serve.allowed_namespaces) or {t.namespace}) | scrapers)
 
 
 def network_policy(t: ServeTarget) -> dict:
-    """vLLM's API key guards only /v1 routes: admit nothing but the named namespaces, on the API port."""
+    """Defence in depth beside the API key on every route: admit only the named namespaces, on the API port."""
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -366,7 +379,9 @@ def network_policy(t: ServeTarget) -> dict:
 def serve_objects(t: ServeTarget) -> list[dict]:
     """In apply order: the merge Job (when needed) first; the Deployment's init container waits for it."""
     objs = [merge_job(t)] if (t.needs_merge and not t.adapter) else []
-    return objs + [deployment(t), service(t), network_policy(t)]
+    from .serve_extras import extras
+
+    return objs + [deployment(t), service(t), network_policy(t)] + extras(t)
 
 
 # ----------------------------------------------------------------------------------- user output

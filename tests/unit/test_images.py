@@ -176,3 +176,16 @@ def test_trainer_user_creation_works_on_ubuntu_24_04_bases():
 
 def users_uid() -> str:
     return instructions("trainer", "USER")[-1].split(":")[0]
+
+
+def test_serve_image_ships_the_auth_middleware_where_the_renderers_point():
+    from gptoss_cloud.images import MIDDLEWARE_DIR
+    from gptoss_cloud.render.vllm import AUTH_MIDDLEWARE
+
+    module = AUTH_MIDDLEWARE.rsplit(".", 1)[0]
+    assert env("serve")["PYTHONPATH"] == MIDDLEWARE_DIR
+    (copy,) = [c.split() for c in instructions("serve", "COPY") if module in c]
+    src, dest = copy
+    assert (REPO / src).is_file() and Path(dest) == Path(MIDDLEWARE_DIR) / f"{module}.py"
+    ignore = (IMAGES / "serve.Dockerfile.dockerignore").read_text().split()
+    assert f"!{src}" in ignore, "the build context would not send the middleware"
