@@ -1,8 +1,8 @@
 """Pure builder of a Truss ``config.yaml`` that serves a run with vLLM on Baseten.
 
 A docker_server Truss on the serve image: Baseten mounts the weights (``weights:`` sources, s3:// for
-the run's merged folder or adapter, hf:// for a published base) and runs ``vllm serve`` on them.
-Baseten guards the endpoint with its own API keys, so no vLLM key is set. Credentials are Baseten
+the run's merged folder or adapter, hf:// for a published base) and runs vLLM's OpenAI server on them
+(the command render/vllm.py builds for every backend). Baseten guards the endpoint with its own API keys, so no vLLM key is set. Credentials are Baseten
 secret *names*, never values.
 """
 
