@@ -109,10 +109,13 @@ COMPLETE_MARKER = ".complete"
 def main(argv: list[str] | None = None) -> int:
     """``python -m gptoss_cloud.fetch SRC DEST``: what the rendered weights-mirror init container runs.
 
-    Copies the prefix SRC (every key contained under DEST) and then writes DEST/.complete, so a node
-    cache volume already filled is a no-op."""
+    Copies the HF-format weight files of the prefix SRC (``hub_files.wanted``: never ``original/`` or
+    ``metal/``; every key contained under DEST) and then writes DEST/.complete, so a node cache volume
+    already filled is a no-op."""
     import argparse
     import sys
+
+    from .hub_files import wanted
 
     p = argparse.ArgumentParser(prog="python -m gptoss_cloud.fetch", description="copy a store prefix into a folder")
     p.add_argument("src", help="store URI of the prefix (an s3:// weights mirror)")
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{dest} already holds {a.src}")
         return 0
     try:
-        n = len(download_prefix(open_store(a.src), "", dest, where=a.src.rstrip("/")))
+        n = len(download_prefix(open_store(a.src), "", dest, where=a.src.rstrip("/"), keep=wanted))
     except GptossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -7,6 +7,11 @@ from . import __version__
 
 TRAINER_REPO = "ghcr.io/gptoss-cloud/trainer"
 SERVE_REPO = "ghcr.io/gptoss-cloud/serve"
+# Where both images bake the harmony vocabulary (their TIKTOKEN_ENCODINGS_BASE); every renderer that
+# points a container at it uses this, and tests/unit/test_images.py reads it back from the Dockerfiles.
+VOCAB_DIR = "/opt/gptoss/tiktoken"
+# Where the serve image puts gptoss_serve_auth (the API key middleware) on PYTHONPATH.
+MIDDLEWARE_DIR = "/opt/gptoss/python"
 
 
 def image_tag(version: str = __version__) -> str:

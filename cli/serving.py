@@ -7,17 +7,15 @@ rendered), whether the adapter exists, and a custom model's shape.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+from . import prompt_rule
 from .errors import GptossError
 from .render import serve as rs
 from .runs import resolve_run
@@ -97,6 +95,10 @@ def resolve_target(run_ref: str, store_uri: str, overrides: Mapping[str, Any], e
         raise GptossError(f"no published checkpoint step-{step} in {home}/checkpoints/",
                           hint=f"published: {', '.join(steps) or 'none'}")
     shape = model_shape(spec, home)
+    if spec.serve.max_model_len > shape.max_position_embeddings:
+        notes.append(f"note: serving with --max-model-len {shape.max_position_embeddings}, {shape.name}'s "
+                     f"max_position_embeddings (serve.max_model_len is {spec.serve.max_model_len})")
+    notes += [f"note: {d}" for d in prompt_rule.vllm_differences(spec.data)]
     tp = pick_tp(spec, shape, notes)
     key = "merged" if step is None else f"merged-step-{step}"
     needs_merge = not spec.serve.adapter and not store.exists(f"{key}/{rs.MERGED_MARKER}")
@@ -161,36 +163,3 @@ def usage_lines(t: rs.ServeTarget, base_url: str) -> list[str]:
         out.append(f"from your machine: kubectl -n {t.namespace} port-forward svc/{rs.deployment_name(t.run_id)} {t.port}:{t.port}")
     out.append(rs.curl_example(base_url, t.run_id, api_key=t.spec.serve.api_key and t.spec.cluster.backend == "k8s"))
     return out
-
-
-# ----------------------------------------------------------------------------------------- local
-def local_command(t: rs.ServeTarget, model_dir: Path, adapter_dir: Path | None) -> list[str]:
-    args = rs.vllm_args(t)
-    args[1] = str(model_dir) if adapter_dir is None else args[1]
-    if adapter_dir is not None:
-        args = [a if not a.startswith(f"{t.run_id}=") else f"{t.run_id}={adapter_dir}" for a in args]
-    return ["vllm", *args]
-
-
-def serve_local(t: rs.ServeTarget, cache: Path, dry_run: bool = False) -> list[str]:
-    """Run `vllm serve` here (replacing this process) or explain the fallback."""
-    if not dry_run and importlib.util.find_spec("vllm") is None:
-        raise GptossError("vLLM is not installed here, so `serve --backend local` cannot start a server",
-                          hint=f"pip install vllm on a GPU machine, or try the model on CPU with: gptoss-cloud chat {t.run_id}")
-    src_key = "adapter" if t.adapter else t.merged_key
-    if not t.adapter and t.needs_merge:
-        raise GptossError(f"{t.home}/{t.merged_key}/ is not published yet", hint=f"gptoss-cloud merge {t.run_id}")
-    # A remote folder is fetched into the cache, a local one verified in place: vLLM loads only verified files.
-    local = cache / t.run_id / src_key if is_remote(t.home) else Path(t.home) / src_key
-    if not dry_run:
-        from .outputs import spec_says_signed
-        from .serve_fetch import fetch
-
-        fetch(join(t.home, src_key), local, signed=spec_says_signed(t.spec))
-    cmd = local_command(t, local if not t.adapter else Path(rs.base_model_ref(t.spec)), local if t.adapter else None)
-    if dry_run:
-        return cmd
-    vllm = shutil.which("vllm") or sys.executable
-    argv = cmd if vllm != sys.executable else [sys.executable, "-m", "vllm.entrypoints.cli.main", *cmd[1:]]
-    os.execvp(argv[0], argv)  # hand the terminal to vLLM (Ctrl-C stops it)
-    return cmd  # pragma: no cover

@@ -103,9 +103,11 @@ GPT_OSS_20B = ModelShape(
     num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
 )
 GPT_OSS_120B = replace(GPT_OSS_20B, name="120b", num_hidden_layers=36, num_local_experts=128)
+# head_dim 64 as in the real model: vLLM's CPU attention refuses 16 ("Unsupported CPU attention
+# configuration"), and the tiny model is what the real-vLLM serving test serves.
 TINY = ModelShape(
     name="tiny", num_hidden_layers=2, hidden_size=64, intermediate_size=64, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=8192,
+    num_key_value_heads=2, head_dim=64, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=8192,
 )
 
 PRESETS: dict[str, ModelShape] = {"20b": GPT_OSS_20B, "120b": GPT_OSS_120B, "tiny": TINY}

@@ -297,9 +297,11 @@ class ServeSection(Section):
     max_model_len: int = Field(32768, ge=256, le=1 << 24)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     port: int = Field(8000, ge=1024, le=65535, description="container port of the OpenAI-compatible server (non-root: >= 1024)")
-    api_key: bool = Field(True, description="require an API key on /v1 routes (VLLM_API_KEY from a Secret)")
+    api_key: bool = Field(True, description="require an API key on every route but /health and /metrics (VLLM_API_KEY from a Secret)")
     api_key_secret: SecretRef | None = Field(None, description="Secret holding the API key (default: <deployment>-api-key, key api-key)")
     allowed_namespaces: list[str] = Field(default_factory=list, description="namespaces whose pods may reach the server (default: its own)")
+    pod_monitor: bool = Field(False, description="scrape vLLM's /metrics: a Prometheus Operator PodMonitor, prometheus.io annotations, and the NetworkPolicy admitting metrics_namespace")
+    metrics_namespace: str = Field("monitoring", description="namespace of the Prometheus that scrapes /metrics (admitted by the NetworkPolicy)")
     image: str | None = Field(None, description="vLLM image; default ghcr.io/gptoss-cloud/serve:<version>")
 
     @field_validator("checkpoint")

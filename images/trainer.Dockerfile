@@ -44,9 +44,11 @@ COPY trainer /src/trainer
 COPY truss /src/truss
 RUN pip install "/src[train]" && rm -rf /src
 
-# Non-root by default (Kubernetes "restricted" profile). Baseten mounts its caches under /root/.cache:
-# let the trainer user traverse /root to reach them.
-RUN useradd --create-home --uid 1000 --user-group gptoss && chmod 0755 /root
+# Non-root by default (Kubernetes "restricted" profile). Ubuntu 24.04 bases already have user and group
+# `ubuntu` at UID/GID 1000, so `useradd --uid 1000` fails there: remove it first (and only it).
+# Baseten mounts its caches under /root/.cache: let the trainer user traverse /root to reach them.
+RUN if id -u ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
+ && useradd --create-home --uid 1000 --user-group gptoss && chmod 0755 /root
 USER 1000:1000
 WORKDIR /home/gptoss
 

@@ -24,5 +24,5 @@ def shared() -> Path:
 @pytest.fixture(autouse=True)
 def _clean_gptoss_env(monkeypatch):
     for k in list(os.environ):
-        if k.startswith("GPTOSS_") and k not in ("GPTOSS_CONFIG", "GPTOSS_SHARED_DIR"):
+        if k.startswith("GPTOSS_") and k not in ("GPTOSS_CONFIG", "GPTOSS_SHARED_DIR", "GPTOSS_VLLM_PYTHON"):
             monkeypatch.delenv(k, raising=False)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -191,7 +192,10 @@ def resolve_base(home: str, model_name: str | None, base: str | None, cache: Pat
             try:
                 from huggingface_hub import snapshot_download
 
-                return Path(snapshot_download(HUB_IDS.get(ref, ref), allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
+                from gptoss_cloud.hub_files import WEIGHT_INCLUDE
+
+                # The same files (and HF_HUB_CACHE) as the trainer and the pod's init container.
+                return Path(snapshot_download(HUB_IDS.get(ref, ref), allow_patterns=list(WEIGHT_INCLUDE)))
             except Exception as e:  # offline, not installed, gated
                 raise GptossError(f"cannot fetch base weights {ref!r} from the hub ({type(e).__name__})",
                                   hint="pass --base with a local folder or s3:// prefix holding the base model") from None
@@ -222,8 +226,15 @@ def servable_config(cfg: dict, dtype: torch.dtype) -> dict:
     name = str(dtype).removeprefix("torch.")
     cfg["torch_dtype"] = name
     cfg["dtype"] = name
-    for k in ("_name_or_path", "transformers_version", "_attn_implementation_autoset"):
+    for k in ("_name_or_path", "_attn_implementation_autoset"):
         cfg.pop(k, None)
+    # Training turns the KV cache off (no generation there); a served model generates, and vLLM and
+    # transformers read use_cache. transformers_version tells loaders which config conventions apply.
+    cfg["use_cache"] = True
+    if not cfg.get("transformers_version"):
+        import transformers
+
+        cfg["transformers_version"] = transformers.__version__
     return cfg
 
 
@@ -315,7 +326,7 @@ def merge(ref: str, out: str, *, base: str | None = None, dtype: str | None = No
         for name, body in (("config.json", final_cfg), ("generation_config.json", generation_config(final_cfg))):
             sink.path(name).write_text(json.dumps(body, indent=2))
             sink.done(name)
-        _write_tokenizer(sink, base_dir, cfg)
+        _write_tokenizer(sink, base_dir or published_tokenizer_dir(spec), cfg)
         sink.publish()
         result = MergeResult(out=out, step=src.step, method=method, tensors=res.tensors, total_bytes=res.total,
                              shards=res.shards, adapter_out=res.adapter_out, files=list(sink.written),
@@ -440,6 +451,25 @@ def _write_adapter(src: Source, adapter_cfg: dict, out: str, tmp: Path) -> None:
     sink.path("adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
     sink.done("adapter_config.json")
     sink.publish()
+
+
+def published_tokenizer_dir(spec) -> Path | None:
+    """The hub snapshot holding a published base's tokenizer (its chat template knows tools and
+    channels), for full fine-tunes, whose merge reads no base weights. None for random-init bases and
+    folders, and when the hub cannot answer (then the generated tokenizer is written)."""
+    if spec is None or spec.model.init == "random":
+        return None
+    name = spec.model.name
+    repo = HUB_IDS.get(name, name)
+    if repo == name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, revision=spec.model.revision, allow_patterns=list(TOKENIZER_FILES)))
+    except Exception as e:  # offline, gated, not installed: the generated tokenizer still serves
+        log.warning("merge: no tokenizer from %s (%s); writing the generated one", repo, type(e).__name__)
+        return None
 
 
 def _write_tokenizer(sink: _Sink, base_dir: Path | None, cfg: dict) -> None:

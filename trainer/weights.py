@@ -16,12 +16,12 @@ from typing import Callable, Iterator
 import torch
 
 from gptoss_cloud.errors import GptossError
+from gptoss_cloud.hub_files import WEIGHT_INCLUDE, wanted
 from gptoss_cloud.shapes import HUB_IDS
 
 from .kernels.mxfp4 import dequantize_expert_weight
 
 COMPLETE_MARKER = ".gptoss-complete"
-WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.safetensors.index.json")
 
 
 def default_cache_dir() -> Path:
@@ -45,14 +45,19 @@ def fetch_pretrained(
     source = resolve_source(name)
     if Path(source).expanduser().is_dir():
         return Path(source).expanduser()
+    if not source.startswith("s3://"):
+        # The hub's own cache (HF_HUB_CACHE), which the pod's init container has already filled with
+        # the same files: a second download is then a no-op, and the other local ranks read it too.
+        hub_cache = str(Path(cache_dir).expanduser() / "hub") if cache_dir else None   # None: HF_HUB_CACHE
+        if local_rank == 0:
+            _download_hub(source, revision, hub_cache)
+        barrier()
+        return _download_hub(source, revision, hub_cache, local_files_only=local_rank != 0)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     key = hashlib.sha256(f"{source}@{revision or ''}".encode()).hexdigest()[:16]
     dest = cache / f"{source.replace('://', '_').replace('/', '_')[-60:]}-{key}"
     if local_rank == 0 and not (dest / COMPLETE_MARKER).exists():
-        if source.startswith("s3://"):
-            _download_s3(source, dest)
-        else:
-            _download_hub(source, revision, dest)
+        _download_s3(source, dest)
         (dest / COMPLETE_MARKER).write_text(source)
     barrier()
     if not (dest / COMPLETE_MARKER).exists():
@@ -66,12 +71,12 @@ def _download_s3(uri: str, dest: Path) -> None:
     from gptoss_cloud.fetch import download_prefix
 
     store = open_store(uri)
-    if not any(k.endswith(".safetensors") for k in store.list("")):
+    if not any(k.endswith(".safetensors") for k in store.list("") if wanted(k)):
         raise GptossError(f"no .safetensors weights under {uri}", hint="point model.name at the folder holding config.json and *.safetensors")
-    download_prefix(store, "", dest, where=uri.rstrip("/"), keep=lambda rel: rel.endswith((".json", ".safetensors")))
+    download_prefix(store, "", dest, where=uri.rstrip("/"), keep=wanted)
 
 
-def _download_hub(repo_id: str, revision: str | None, dest: Path) -> None:
+def _download_hub(repo_id: str, revision: str | None, cache_dir: str | None = None, *, local_files_only: bool = False) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
@@ -80,8 +85,8 @@ def _download_hub(repo_id: str, revision: str | None, dest: Path) -> None:
             hint="pip install 'gptoss-cloud[hub]', or point model.name at a local folder or s3:// prefix",
         ) from e
     try:
-        # original/ and metal/ hold other formats of the same weights; skip them.
-        snapshot_download(repo_id, revision=revision, local_dir=str(dest), allow_patterns=list(WEIGHT_PATTERNS))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(WEIGHT_INCLUDE),
+                                      cache_dir=cache_dir, local_files_only=local_files_only))
     except Exception as e:  # network, auth, missing repo: one line naming the model
         raise GptossError(f"cannot download {repo_id!r} from the Hugging Face hub: {type(e).__name__}: {e}",
                           hint="check the id, HF_TOKEN, and network access; or use a local folder / s3:// prefix") from e

@@ -30,9 +30,7 @@ def render(
     if schedule is not None:
         objects = gitops.schedule_objects(s, schedule)
     else:
-        from ..render.k8s import render_run  # the training JobSet + its spec ConfigMap
-
-        objects = render_run(s, gitops.run_name(s))
+        objects = gitops.single_run_objects(s)   # the training JobSet + its spec ConfigMap
     files = gitops.tree(objects)
     _write_tree(out, files, GptossError)
     if not is_remote(s.output.store):

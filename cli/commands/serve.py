@@ -28,6 +28,10 @@ def serve(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print (or write to --out) what would be applied; talk to no server")] = False,
     output: Annotated[str, typer.Option("--output", "-o", help="yaml | json (with --dry-run)")] = "yaml",
     out: Annotated[Optional[Path], typer.Option("--out", help="write the rendered objects / Truss config into this folder")] = None,
+    vllm_python: Annotated[Optional[str], typer.Option("--vllm-python", envvar="GPTOSS_VLLM_PYTHON",
+                                                       help="local: the python whose environment has vLLM (default: this one)")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", min=1024, max=65535, help=f"server port; {OVERRIDES}")] = None,
+    api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="local: require the API key held in this environment variable on every route but /health and /metrics")] = None,
     store: StoreOpt = None,
 ) -> None:
     """Serve a trained run with vLLM and print its endpoint and a ready-to-paste curl."""
@@ -39,7 +43,7 @@ def serve(
     store_uri = resolve(None, output__store=store).output.store
     overrides = {
         "serve.checkpoint": checkpoint, "serve.tp": tp, "serve.replicas": replicas, "serve.adapter": adapter,
-        "cluster.backend": backend, "cluster.namespace": namespace, "cluster.context": context,
+        "serve.port": port, "cluster.backend": backend, "cluster.namespace": namespace, "cluster.context": context,
     }
     target, notes = serving.resolve_target(run, store_uri, overrides)
     for n in notes:
@@ -50,11 +54,28 @@ def serve(
     elif which == "truss":
         _truss(serving, target, dry_run, out)
     else:
-        cmd = serving.serve_local(target, Path("~/.cache/gptoss-cloud/serve").expanduser(), dry_run=dry_run)
-        typer.echo(" ".join(cmd))
-        if dry_run:
-            for line in serving.usage_lines(target, f"http://localhost:{target.port}/v1"):
-                typer.echo(line, err=True)
+        _local(target, dry_run, vllm_python, api_key_env)
+
+
+def _local(target, dry_run: bool, vllm_python: Optional[str], api_key_env: Optional[str]) -> None:
+    import os
+    import shlex
+    import sys
+
+    from .. import serve_local as sl
+
+    python = vllm_python or sys.executable
+    if not dry_run:
+        sl.check_python(python)
+    folder = sl.model_folder(target, Path("~/.cache/gptoss-cloud/serve").expanduser(), fetch=(lambda *_: None) if dry_run else None)
+    server = sl.plan(target, folder, python=python, key_env=api_key_env, environ=os.environ)
+    typer.echo(shlex.join(server.argv))
+    for line in sl.usage_lines(server, target.run_id):
+        typer.echo(line)
+    if dry_run:
+        return
+    sys.stdout.flush()   # the endpoint lines before vLLM's own log
+    raise typer.Exit(sl.run(server))
 
 
 def _k8s(serving, target, dry_run: bool, output: str, out: Optional[Path]) -> None:

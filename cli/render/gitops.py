@@ -65,6 +65,21 @@ def tree(objects: list[dict]) -> dict[str, str]:
     return dict(sorted(files.items()))
 
 
+# ------------------------------------------------------------------------------------ single run
+def single_run_objects(spec: RunSpec) -> list[dict]:
+    """The run's JobSet and ConfigMap for a Git folder, named by the spec hash.
+
+    No ``ttlSecondsAfterFinished`` unless the spec sets one itself: once the TTL deletes the finished
+    JobSet, Flux (and Argo CD with self-heal) sees it missing from the cluster and applies it again,
+    training the same run once more. A finished JobSet stays; deleting it is removing its folder."""
+    from .k8s import render_run
+
+    name = run_name(spec)
+    if "ttl_seconds_after_finished" not in spec.cluster.model_fields_set:
+        spec = spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"ttl_seconds_after_finished": None})})
+    return render_run(spec, name)
+
+
 # -------------------------------------------------------------------------------------- schedule
 _FIELDS = [  # (name, low, high, names)
     ("minute", 0, 59, None),

@@ -19,7 +19,9 @@ from typing import Any
 import yaml
 
 from ..credentials import require_plain_env
+from ..hub_files import WEIGHT_INCLUDE
 from ..images import trainer_image
+from .k8s_pod import jobset_failure_policy, pod_failure_policy, trainer_resources
 from ..errors import SpecError
 from ..shapes import HUB_IDS
 from ..spec import RunSpec
@@ -123,7 +125,9 @@ def rdma_settings(spec: RunSpec) -> dict[str, Any]:
             "capabilities": ["IPC_LOCK"],  # libfabric pins (mlocks) its registered memory
             "host_paths": [],
             "env": {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "NCCL_NET_GDR_LEVEL": "PHB"},
-            "relaxed": f"baseline: capability IPC_LOCK added (EFA memory registration); resource {resource}",
+            # Pod Security "baseline" allows only its fixed capability list, which has no IPC_LOCK.
+            "relaxed": (f"privileged: the namespace needs pod-security.kubernetes.io/enforce=privileged for "
+                        f"capability IPC_LOCK (EFA memory registration); resource {resource}"),
         }
     resource = c.rdma_resource or "rdma/rdma_shared_device_a"
     return {
@@ -132,7 +136,8 @@ def rdma_settings(spec: RunSpec) -> dict[str, Any]:
         "host_paths": [("infiniband", "/dev/infiniband")],
         "env": {"NCCL_IB_DISABLE": "0", "NCCL_NET_GDR_LEVEL": "PHB"},
         "relaxed": (
-            f"privileged-profile exceptions: capability IPC_LOCK (RDMA memory registration), "
+            f"privileged: the namespace needs pod-security.kubernetes.io/enforce=privileged for "
+            f"capability IPC_LOCK (RDMA memory registration), "
             f"hostPath /dev/infiniband (verbs devices); resource {resource}"
         ),
     }
@@ -190,7 +195,8 @@ def weights_init_container(spec: RunSpec, image: str, env: list[dict], env_from:
         return None
     kind, where = src
     if kind == "hub":
-        cmd = ["hf", "download", where, "--cache-dir", HF_CACHE]
+        # Only the HF-format files: the published repos also hold original/ and metal/ copies.
+        cmd = ["hf", "download", where, "--cache-dir", HF_CACHE, "--include", *WEIGHT_INCLUDE]
         if spec.model.revision:
             cmd += ["--revision", spec.model.revision]
     else:
@@ -241,6 +247,11 @@ def spec_configmap(spec: RunSpec, run_id: str) -> dict:
     }
 
 
+def _resources(spec: RunSpec, devices: dict[str, str]) -> dict:
+    host = trainer_resources(spec)
+    return {"requests": {**devices, **host["requests"]}, "limits": {**devices, **host["limits"]}}
+
+
 def trainer_container(spec: RunSpec, run_id: str, image: str, env: list[dict], env_from: list[dict], rdma: dict) -> dict:
     p = spec.parallelism
     topology = [
@@ -276,7 +287,7 @@ def trainer_container(spec: RunSpec, run_id: str, image: str, env: list[dict], e
         "env": topology + env,
         **({"envFrom": env_from} if env_from else {}),
         "ports": [{"name": "rendezvous", "containerPort": spec.cluster.rendezvous_port}],
-        "resources": {"limits": limits, "requests": dict(limits)},
+        "resources": _resources(spec, limits),
         "volumeMounts": mounts,
         "securityContext": container_security_context(rdma["capabilities"]),
     }
@@ -330,7 +341,7 @@ def jobset(spec: RunSpec, run_id: str, *, cache_gib: float = 100.0) -> dict:
         meta_labels[KUEUE_LABEL] = check_name(c.queue, "cluster.queue")
     js_spec: dict[str, Any] = {
         "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
-        "failurePolicy": {"maxRestarts": c.max_restarts},
+        "failurePolicy": jobset_failure_policy(spec),
         "replicatedJobs": [{
             "name": REPLICATED_JOB,
             "replicas": 1,
@@ -341,6 +352,7 @@ def jobset(spec: RunSpec, run_id: str, *, cache_gib: float = 100.0) -> dict:
                     "completions": nodes,
                     "completionMode": "Indexed",
                     "backoffLimit": 0,
+                    "podFailurePolicy": pod_failure_policy(),
                     "template": pod_template(spec, run_id, cache_gib=cache_gib),
                 },
             },

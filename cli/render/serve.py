@@ -18,22 +18,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..images import serve_image, trainer_image
+from .. import prompt_rule
+from ..images import MIDDLEWARE_DIR, VOCAB_DIR, serve_image, trainer_image
 from ..errors import GptossError
 from ..integrity import KEY_ENV
 from ..outputs import spec_says_signed
 from ..shapes import HUB_IDS, ModelShape
 from ..spec import RunSpec
 from ..store import join
+from . import vllm as vv
+from .vllm import lora_rank  # noqa: F401  (imported from here by the Truss renderer and tests)
 
 MERGED_MARKER = "model.safetensors.index.json"  # the merge writes the index after every shard
 ADAPTER_MARKER = "adapter_config.json"
 MODELS_DIR = "/models"
-VOCAB_DIR = "/models/tiktoken"
 CACHE_DIR = "/cache"
 RUN_AS = 1000
-# vLLM accepts only these LoRA ranks for --max-lora-rank.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 @dataclass(frozen=True)
@@ -202,13 +202,6 @@ def startup_budget_s(shape: ModelShape, tp: int) -> int:
     return 600 + 5 * math.ceil(_gib(shape) / tp)
 
 
-def lora_rank(r: int) -> int:
-    for allowed in VLLM_LORA_RANKS:
-        if r <= allowed:
-            return allowed
-    raise GptossError(f"LoRA rank {r} is above vLLM's largest supported rank {VLLM_LORA_RANKS[-1]}")
-
-
 def base_model_ref(spec: RunSpec) -> str:
     """What vLLM loads as the base in --adapter mode: a hub id, or an s3:// mirror fetched into the pod."""
     name = spec.model.name
@@ -222,37 +215,25 @@ def base_model_ref(spec: RunSpec) -> str:
     )
 
 
-def vllm_args(t: ServeTarget) -> list[str]:
-    s = t.spec.serve
+def vllm_args(t: ServeTarget, *, host: str = "0.0.0.0", model: str | None = None, adapter: str | None = None,
+              api_key: bool | None = None) -> list[str]:
+    """The server flags for this target; ``model``/``adapter`` replace the pod's /models paths (local)."""
     if t.adapter:
         base = base_model_ref(t.spec)
-        model = f"{MODELS_DIR}/base" if base.startswith("s3://") else base
-        served = f"{t.run_id}-base"
+        default, served = (f"{MODELS_DIR}/base" if base.startswith("s3://") else base), f"{t.run_id}-base"
+        lora = (t.run_id, adapter or f"{MODELS_DIR}/adapter")
     else:
-        model, served = f"{MODELS_DIR}/merged", t.run_id
-    args = [
-        "serve", model,
-        "--served-model-name", served,
-        "--host", "0.0.0.0",
-        "--port", str(t.port),
-        "--tensor-parallel-size", str(t.tp),
-        "--max-model-len", str(s.max_model_len),
-        "--gpu-memory-utilization", f"{s.gpu_memory_utilization:g}",
-    ]
-    if t.adapter:
-        args += ["--enable-lora", "--lora-modules", f"{t.run_id}={MODELS_DIR}/adapter",
-                 "--max-lora-rank", str(lora_rank(t.spec.method.lora.r))]
-    return args
+        default, served, lora = f"{MODELS_DIR}/merged", t.run_id, None
+    return vv.server_args(t.spec, t.shape, model=model or default, served_name=served, tp=t.tp, host=host,
+                          port=t.port, adapter=lora, api_key=t.spec.serve.api_key if api_key is None else api_key)
 
 
-def _fetch_container(t: ServeTarget, name: str, src_key: str, marker: str | None, dest: str, vocab: bool) -> dict:
+def _fetch_container(t: ServeTarget, name: str, src_key: str, marker: str | None, dest: str) -> dict:
     env, env_from = store_env(t.spec)
     run_output = "://" not in src_key  # a folder of the run home (verified), not a base-weights mirror
     cmd = ["python", "-m", "gptoss_cloud.serve_fetch", join(t.home, src_key) if run_output else src_key, dest]
     if marker:
         cmd += ["--wait-for", marker]
-    if vocab:
-        cmd += ["--vocab-to", VOCAB_DIR]
     if not run_output:
         cmd += ["--no-manifest"]
     elif spec_says_signed(t.spec):
@@ -276,20 +257,28 @@ def _probe(port_name: str, period: int, failures: int, timeout: int = 5) -> dict
             "failureThreshold": failures, "timeoutSeconds": timeout}
 
 
+METRICS_PATH = "/metrics"   # vLLM's Prometheus endpoint, left open by gptoss_serve_auth
+
+
+def scrape_annotations(t: ServeTarget) -> dict[str, str]:
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(t.port), "prometheus.io/path": METRICS_PATH}
+
+
 def deployment(t: ServeTarget) -> dict:
     s = t.spec.serve
     init = []
     if t.adapter:
         base = base_model_ref(t.spec)
         if base.startswith("s3://"):
-            init.append(_fetch_container(t, "fetch-base", base, "config.json", f"{MODELS_DIR}/base", vocab=False))
-        init.append(_fetch_container(t, "fetch-adapter", "adapter", ADAPTER_MARKER, f"{MODELS_DIR}/adapter", vocab=True))
+            init.append(_fetch_container(t, "fetch-base", base, "config.json", f"{MODELS_DIR}/base"))
+        init.append(_fetch_container(t, "fetch-adapter", "adapter", ADAPTER_MARKER, f"{MODELS_DIR}/adapter"))
     else:
-        init.append(_fetch_container(t, "fetch-weights", t.merged_key, MERGED_MARKER, f"{MODELS_DIR}/merged", vocab=True))
+        init.append(_fetch_container(t, "fetch-weights", t.merged_key, MERGED_MARKER, f"{MODELS_DIR}/merged"))
 
     env = [{"name": k, "value": v} for k, v in sorted(t.spec.cluster.env.items()) if not k.startswith("AWS_")]
     env += [
-        {"name": "TIKTOKEN_ENCODINGS_BASE", "value": VOCAB_DIR},   # harmony vocabulary without internet
+        {"name": "TIKTOKEN_ENCODINGS_BASE", "value": VOCAB_DIR},   # baked into the serve image: no internet needed
+        {"name": "PYTHONPATH", "value": MIDDLEWARE_DIR},           # gptoss_serve_auth, for --middleware
         {"name": "HOME", "value": CACHE_DIR},
         {"name": "HF_HOME", "value": f"{MODELS_DIR}/hf"},
     ]
@@ -297,16 +286,17 @@ def deployment(t: ServeTarget) -> dict:
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
     else:
         env += hf_token_env(t.spec)
+    env += [{"name": k, "value": v} for k, v in sorted(prompt_rule.vllm_env(t.spec.data).items())]
     if s.api_key:
         name, key = api_key_ref(t.spec, t.run_id)
-        # vLLM reads VLLM_API_KEY itself: the key never appears in the command line.
+        # vLLM and gptoss_serve_auth read VLLM_API_KEY themselves: the key never appears in the command line.
         env.append({"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": name, "key": key}}})
 
     startup = startup_budget_s(t.shape, t.tp)
     container = {
         "name": "vllm",
         "image": serve_image(t.spec),
-        "command": ["vllm"],
+        "command": vv.server_command("python3", []),
         "args": vllm_args(t),
         "env": env,
         "ports": [{"name": "http", "containerPort": t.port, "protocol": "TCP"}],
@@ -326,6 +316,7 @@ def deployment(t: ServeTarget) -> dict:
     }
     pod = {
         "securityContext": pod_security_context(),
+        "automountServiceAccountToken": False,   # vLLM never talks to the Kubernetes API
         "initContainers": init,
         "containers": [container],
         "terminationGracePeriodSeconds": 60,
@@ -344,6 +335,9 @@ def deployment(t: ServeTarget) -> dict:
     }
     meta = _meta(deployment_name(t.run_id), t, "serve")
     meta["annotations"] = annotations
+    template_meta: dict = {"labels": labels(t.run_id, "serve")}
+    if s.pod_monitor:
+        template_meta["annotations"] = scrape_annotations(t)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -353,7 +347,7 @@ def deployment(t: ServeTarget) -> dict:
             # Recreate: a rolling update would need a second set of GPUs during the roll.
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": selector(t.run_id)},
-            "template": {"metadata": {"labels": labels(t.run_id, "serve")}, "spec": pod},
+            "template": {"metadata": template_meta, "spec": pod},
         },
     }
 
@@ -373,11 +367,13 @@ def service(t: ServeTarget) -> dict:
 
 
 def allowed_namespaces(t: ServeTarget) -> list[str]:
-    return sorted(set(t.spec.serve.allowed_namespaces) or {t.namespace})
+    """Clients' namespaces, and Prometheus's: it scrapes /metrics on the same port."""
+    scrapers = {t.spec.serve.metrics_namespace} if t.spec.serve.pod_monitor else set()
+    return sorted((set(t.spec.serve.allowed_namespaces) or {t.namespace}) | scrapers)
 
 
 def network_policy(t: ServeTarget) -> dict:
-    """vLLM's API key guards only /v1 routes: admit nothing but the named namespaces, on the API port."""
+    """Defence in depth beside the API key on every route: admit only the named namespaces, on the API port."""
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -398,7 +394,9 @@ def network_policy(t: ServeTarget) -> dict:
 def serve_objects(t: ServeTarget) -> list[dict]:
     """In apply order: the merge Job (when needed) first; the Deployment's init container waits for it."""
     objs = [merge_job(t)] if (t.needs_merge and not t.adapter) else []
-    return objs + [deployment(t), service(t), network_policy(t)]
+    from .serve_extras import extras
+
+    return objs + [deployment(t), service(t), network_policy(t)] + extras(t)
 
 
 # ----------------------------------------------------------------------------------- user output

@@ -1,21 +1,25 @@
 """Pure builder of a Truss ``config.yaml`` that serves a run with vLLM on Baseten.
 
 A docker_server Truss on the serve image: Baseten mounts the weights (``weights:`` sources, s3:// for
-the run's merged folder or adapter, hf:// for a published base) and runs ``vllm serve`` on them.
-Baseten guards the endpoint with its own API keys, so no vLLM key is set. Credentials are Baseten
+the run's merged folder or adapter, hf:// for a published base) and runs vLLM's OpenAI server on them
+(the command render/vllm.py builds for every backend). Baseten guards the endpoint with its own API keys, so no vLLM key is set. Credentials are Baseten
 secret *names*, never values.
 """
 
 from __future__ import annotations
 
+import shlex
+
+from .. import prompt_rule
+from ..images import VOCAB_DIR
 from ..spec import RunSpec
 from ..store import join
-from .serve import ServeTarget, base_model_ref, lora_rank, serve_image
+from . import vllm as vv
+from .serve import MODELS_DIR, ServeTarget, base_model_ref, serve_image, vllm_args
 
 STORE_SECRET = "gptoss_store_aws"      # Baseten secret with the store's AWS credentials
 HF_SECRET = "hf_access_token"          # Baseten's conventional name for a Hugging Face token
-SERVE_VOCAB_DIR = "/opt/gptoss/tokenizers"  # where images/serve.Dockerfile bakes the harmony vocabulary
-MOUNT = "/models"
+MOUNT = MODELS_DIR   # the same paths the Deployment mounts, so vllm_args serves both
 
 
 def _source(uri: str, mount: str) -> dict:
@@ -28,19 +32,8 @@ def _source(uri: str, mount: str) -> dict:
 
 
 def start_command(t: ServeTarget) -> str:
-    s = t.spec.serve
-    if t.adapter:
-        model, served = f"{MOUNT}/base", f"{t.run_id}-base"
-    else:
-        model, served = f"{MOUNT}/merged", t.run_id
-    parts = [
-        "vllm", "serve", model, "--served-model-name", served, "--host", "0.0.0.0", "--port", str(s.port),
-        "--tensor-parallel-size", str(t.tp), "--max-model-len", str(s.max_model_len),
-        "--gpu-memory-utilization", f"{s.gpu_memory_utilization:g}",
-    ]
-    if t.adapter:
-        parts += ["--enable-lora", "--lora-modules", f"{t.run_id}={MOUNT}/adapter", "--max-lora-rank", str(lora_rank(t.spec.method.lora.r))]
-    return " ".join(parts)
+    # Baseten's gateway requires its API key on every route, so vLLM's own key check stays off here.
+    return shlex.join(vv.server_command("python3", vllm_args(t, api_key=False)))
 
 
 def truss_config(t: ServeTarget, spec: RunSpec | None = None) -> dict:
@@ -65,7 +58,8 @@ def truss_config(t: ServeTarget, spec: RunSpec | None = None) -> dict:
             "readiness_endpoint": "/health",
             "liveness_endpoint": "/health",
         },
-        "environment_variables": {"TIKTOKEN_ENCODINGS_BASE": SERVE_VOCAB_DIR, "HF_HUB_OFFLINE": "0" if t.adapter else "1"},
+        "environment_variables": {"TIKTOKEN_ENCODINGS_BASE": VOCAB_DIR, "HF_HUB_OFFLINE": "0" if t.adapter else "1",
+                                  **prompt_rule.vllm_env(spec.data)},
         "resources": {"accelerator": f"{spec.cluster.gpu_type}:{t.tp}", "use_gpu": True, "cpu": str(4 * t.tp),
                       "memory": f"{16 + 16 * t.tp}Gi"},
         "runtime": {"predict_concurrency": 256},

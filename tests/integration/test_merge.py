@@ -49,6 +49,7 @@ def _logits(model, ids):
 def _check_servable(out: pathlib.Path, dtype: str):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["GptOssForCausalLM"] and "quantization_config" not in cfg and cfg["dtype"] == dtype
+    assert cfg["use_cache"] is True and cfg["transformers_version"]   # served models generate
     assert (out / "generation_config.json").is_file()
     index = json.loads((out / "model.safetensors.index.json").read_text())
     from safetensors import safe_open

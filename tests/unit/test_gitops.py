@@ -166,3 +166,21 @@ def test_render_without_schedule_is_one_deterministic_jobset_run(tmp_path):
         validate_object(d)   # the JobSet against the v0.12.0 CRD, strict
     js = next(d for d in docs if d["kind"] == "JobSet")
     assert js["metadata"]["name"] == name
+
+
+def test_single_run_folder_has_no_ttl_unless_the_spec_sets_one(tmp_path):
+    """A TTL-deleted JobSet would be re-applied by Flux / Argo CD self-heal and train again."""
+    from gptoss_cloud.render import gitops
+    from gptoss_cloud.spec import spec_from_yaml_text
+
+    base = "name: g\nmodel: {name: 20b}\ncluster: {backend: k8s, namespace: ml}\noutput: {store: s3://b/p}\n"
+    (js,) = [o for o in gitops.single_run_objects(spec_from_yaml_text(base, "a.yaml")) if o["kind"] == "JobSet"]
+    assert "ttlSecondsAfterFinished" not in js["spec"]
+    explicit = base.replace("namespace: ml}", "namespace: ml, ttl_seconds_after_finished: 600}")
+    (js,) = [o for o in gitops.single_run_objects(spec_from_yaml_text(explicit, "b.yaml")) if o["kind"] == "JobSet"]
+    assert js["spec"]["ttlSecondsAfterFinished"] == 600
+    from gptoss_cloud.render.k8s import render_run
+
+    s = spec_from_yaml_text(base, "a.yaml")
+    (js,) = [o for o in render_run(s, "g-1") if o["kind"] == "JobSet"]
+    assert js["spec"]["ttlSecondsAfterFinished"] == 86400   # `submit` keeps the cluster's clean-up

@@ -153,3 +153,39 @@ def test_entrypoint_is_a_command_of_this_package():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert script in scripts
     assert _train_command_exists() and command == "train"
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_vocabulary_dir_is_the_one_constant_the_renderers_use(name):
+    from gptoss_cloud.images import VOCAB_DIR
+
+    assert env(name)["TIKTOKEN_ENCODINGS_BASE"] == VOCAB_DIR, f"{name}.Dockerfile bakes the vocabulary elsewhere"
+
+
+def test_trainer_user_creation_works_on_ubuntu_24_04_bases():
+    """Ubuntu 24.04 images ship user `ubuntu` at UID 1000: `useradd --uid 1000` fails unless it goes first."""
+    _, repo, tag = from_image("trainer")
+    run = next(r for r in instructions("trainer", "RUN") if "useradd" in r)
+    if "ubuntu24" in tag or "24.04" in tag:
+        steps = [s.strip() for s in run.split("&&")]
+        drop = next(i for i, s in enumerate(steps) if "userdel" in s and "ubuntu" in s)
+        add = next(i for i, s in enumerate(steps) if s.startswith("useradd"))
+        assert drop < add, "remove user ubuntu (UID 1000) before useradd --uid 1000"
+    assert "--uid 1000" in run and users_uid() == "1000"
+
+
+def users_uid() -> str:
+    return instructions("trainer", "USER")[-1].split(":")[0]
+
+
+def test_serve_image_ships_the_auth_middleware_where_the_renderers_point():
+    from gptoss_cloud.images import MIDDLEWARE_DIR
+    from gptoss_cloud.render.vllm import AUTH_MIDDLEWARE
+
+    module = AUTH_MIDDLEWARE.rsplit(".", 1)[0]
+    assert env("serve")["PYTHONPATH"] == MIDDLEWARE_DIR
+    (copy,) = [c.split() for c in instructions("serve", "COPY") if module in c]
+    src, dest = copy
+    assert (REPO / src).is_file() and Path(dest) == Path(MIDDLEWARE_DIR) / f"{module}.py"
+    ignore = (IMAGES / "serve.Dockerfile.dockerignore").read_text().split()
+    assert f"!{src}" in ignore, "the build context would not send the middleware"

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from gptoss_cloud.errors import GptossError
 from gptoss_cloud.main import app
 from gptoss_cloud.render import serve as rs
-from gptoss_cloud.serving import render_truss, resolve_target, serve_local
+from gptoss_cloud.serving import render_truss, resolve_target
 from gptoss_cloud.spec import RunSpec
 from k8s_schemas import validate_object
 
@@ -85,7 +85,7 @@ def test_120b_renders_merge_job_deployment_service_networkpolicy_all_valid(tmp_p
     make_run(tmp_path)
     t = target(tmp_path)
     objs = rs.serve_objects(t)
-    assert [o["kind"] for o in objs] == ["Job", "Deployment", "Service", "NetworkPolicy"]
+    assert [o["kind"] for o in objs] == ["Job", "Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget"]
     for o in objs:
         validate_k8s(o)
         assert len(o["metadata"]["name"]) <= 63
@@ -98,7 +98,8 @@ def test_120b_renders_merge_job_deployment_service_networkpolicy_all_valid(tmp_p
     pod = k["Deployment"]["spec"]["template"]["spec"]
     vllm = pod["containers"][0]
     args = vllm["args"]
-    assert vllm["command"] == ["vllm"] and args[:2] == ["serve", "/models/merged"]
+    assert vllm["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    assert args[:2] == ["--model", "/models/merged"]
     assert args[args.index("--tensor-parallel-size") + 1] == "4"   # bf16 120b on 80 GB cards
     assert args[args.index("--served-model-name") + 1] == RUN
     assert args[args.index("--max-model-len") + 1] == "32768"
@@ -125,7 +126,7 @@ def test_120b_renders_merge_job_deployment_service_networkpolicy_all_valid(tmp_p
 
 def test_merge_job_skipped_when_merged_is_published(tmp_path):
     make_run(tmp_path, merged=True)
-    assert [o["kind"] for o in rs.serve_objects(target(tmp_path))] == ["Deployment", "Service", "NetworkPolicy"]
+    assert [o["kind"] for o in rs.serve_objects(target(tmp_path))] == ["Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget"]
 
 
 def test_20b_fits_one_gpu_and_flags_override_the_run_spec(tmp_path):
@@ -156,7 +157,7 @@ def test_adapter_serves_hub_base_plus_lora(tmp_path):
              cluster={"backend": "k8s", "namespace": "ml", "hf_token_secret": {"name": "hf", "key": "token"}})
     t = target(tmp_path, serve__adapter=True)
     objs = rs.serve_objects(t)
-    assert [o["kind"] for o in objs] == ["Deployment", "Service", "NetworkPolicy"]  # no merge for --adapter
+    assert [o["kind"] for o in objs] == ["Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget"]  # no merge for --adapter
     for o in objs:
         validate_k8s(o)
     c = objs[0]["spec"]["template"]["spec"]["containers"][0]
@@ -209,7 +210,7 @@ def test_cli_dry_run_prints_the_four_objects_and_a_curl(tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["serve", RUN, "--store", str(tmp_path), "--backend", "k8s", "--dry-run", "-o", "yaml"])
     assert r.exit_code == 0, r.output
     docs = [d for d in yaml.safe_load_all(r.stdout) if d]
-    assert [d["kind"] for d in docs] == ["Job", "Deployment", "Service", "NetworkPolicy"]
+    assert [d["kind"] for d in docs] == ["Job", "Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget"]
     assert "curl http://vllm-" in r.stderr and "/v1/chat/completions" in r.stderr and "Authorization: Bearer $VLLM_API_KEY" in r.stderr
     assert all(d["kind"] != "Secret" for d in docs)
     for v in secret_values.values():
@@ -217,7 +218,7 @@ def test_cli_dry_run_prints_the_four_objects_and_a_curl(tmp_path, monkeypatch):
 
     r = CliRunner().invoke(app, ["serve", RUN, "--store", str(tmp_path), "--backend", "k8s", "--dry-run", "-o", "json"])
     assert r.exit_code == 0, r.output
-    assert [o["kind"] for o in json.loads(r.stdout)] == ["Job", "Deployment", "Service", "NetworkPolicy"]
+    assert [o["kind"] for o in json.loads(r.stdout)] == ["Job", "Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget"]
 
 
 def test_cli_out_writes_one_file_per_object(tmp_path):
@@ -225,7 +226,8 @@ def test_cli_out_writes_one_file_per_object(tmp_path):
     r = CliRunner().invoke(app, ["serve", RUN, "--store", str(tmp_path / "store"), "--backend", "k8s", "--out", str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == [f"00-deployment-vllm-{RUN}.yaml", f"01-service-vllm-{RUN}.yaml", f"02-networkpolicy-vllm-{RUN}.yaml"]
+    assert files == [f"00-deployment-vllm-{RUN}.yaml", f"01-service-vllm-{RUN}.yaml", f"02-networkpolicy-vllm-{RUN}.yaml",
+                     f"03-poddisruptionbudget-vllm-{RUN}.yaml"]
 
 
 def test_unknown_run_is_one_clear_line(tmp_path):
@@ -244,7 +246,8 @@ def test_truss_config_loads_through_truss_and_serves_merged(tmp_path):
     cfg = render_truss(replace(t, home=f"s3://bucket/runs/{RUN}"))
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     loaded = TrussConfig.from_yaml(tmp_path / "config.yaml")
-    assert loaded.docker_server.start_command.startswith("vllm serve /models/merged ")
+    assert loaded.docker_server.start_command.startswith("python3 -m vllm.entrypoints.openai.api_server --model /models/merged ")
+    assert "--middleware" not in loaded.docker_server.start_command   # Baseten's gateway holds the key
     assert "--tensor-parallel-size 4" in loaded.docker_server.start_command
     assert loaded.resources.accelerator.count == 4
     assert [w.source for w in loaded.weights.root] == [f"s3://bucket/runs/{RUN}/merged"]
@@ -271,17 +274,89 @@ def test_truss_needs_published_weights(tmp_path):
 
 # ------------------------------------------------------------------------------------------ local
 def test_local_without_vllm_points_to_chat(tmp_path):
-    import importlib.util
+    from gptoss_cloud import serve_local as sl
 
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vLLM is installed here; this checks the message shown where it is not")
-    make_run(tmp_path, merged=True)
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexit 1\n")   # an interpreter on which vllm cannot be found
+    fake.chmod(0o755)
     with pytest.raises(GptossError) as e:
-        serve_local(target(tmp_path, cluster__backend="local"), tmp_path / "cache")
-    assert "vLLM is not installed" in e.value.message and f"gptoss-cloud chat {RUN}" in e.value.hint
+        sl.check_python(str(fake))
+    assert "vLLM is not installed" in e.value.message and "--vllm-python" in e.value.hint
+    with pytest.raises(GptossError, match="no such executable"):
+        sl.check_python(str(tmp_path / "missing"))
 
 
 def test_local_dry_run_command_points_at_the_merged_folder(tmp_path):
     make_run(tmp_path, merged=True, model={"name": "20b"})
-    cmd = serve_local(target(tmp_path, cluster__backend="local"), tmp_path / "cache", dry_run=True)
-    assert cmd[:3] == ["vllm", "serve", str(tmp_path / RUN / "merged")]
+    r = CliRunner().invoke(app, ["serve", RUN, "--store", str(tmp_path), "--backend", "local", "--dry-run",
+                                 "--vllm-python", "/venv/bin/python", "--port", "18001"])
+    assert r.exit_code == 0, r.output
+    argv = r.stdout.splitlines()[0].split()
+    assert argv[:5] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path / RUN / "merged")]
+    assert argv[argv.index("--port") + 1] == "18001" and argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert "--middleware" not in argv and "API key:  none" in r.stdout
+
+
+def test_local_api_key_env_must_hold_a_key(tmp_path, monkeypatch):
+    make_run(tmp_path, merged=True, model={"name": "20b"})
+    monkeypatch.delenv("MY_KEY", raising=False)
+    r = CliRunner().invoke(app, ["serve", RUN, "--store", str(tmp_path), "--backend", "local", "--dry-run", "--api-key-env", "MY_KEY"])
+    assert r.exit_code != 0 and "--api-key-env MY_KEY" in str(r.exception)
+    monkeypatch.setenv("MY_KEY", "k")
+    r = CliRunner().invoke(app, ["serve", RUN, "--store", str(tmp_path), "--backend", "local", "--dry-run", "--api-key-env", "MY_KEY"])
+    argv = r.stdout.splitlines()[0].split()
+    assert argv[argv.index("--middleware") + 1] == "gptoss_serve_auth.ApiKeyMiddleware"
+    assert "k" not in argv and "$MY_KEY" in r.stdout   # the key itself never appears in the command line
+
+
+# ------------------------------------------------------------------------------- derived flags
+def flag(args, name):
+    return args[args.index(name) + 1]
+
+
+def test_flags_come_from_the_model_and_the_spec_in_every_backend(tmp_path):
+    """tiny: max_position_embeddings 8192 caps the spec's 32768 (vLLM's ModelConfig refuses more);
+    gpt-oss parsers; the trained date reaches vLLM; k8s, Truss and local share one builder."""
+    import shlex
+
+    make_run(tmp_path, merged=True, model={"name": "tiny"}, data={"conversation_date": "2026-01-01"})
+    t = target(tmp_path)
+    (dep,) = [o for o in rs.serve_objects(t) if o["kind"] == "Deployment"]
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert dep["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    k8s = c["args"]
+    assert flag(k8s, "--max-model-len") == "8192"
+    assert flag(k8s, "--tool-call-parser") == "openai" and "--enable-auto-tool-choice" in k8s
+    assert flag(k8s, "--reasoning-parser") == "openai_gptoss"
+    assert flag(k8s, "--middleware") == "gptoss_serve_auth.ApiKeyMiddleware"
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["VLLM_SYSTEM_START_DATE"] == "2026-01-01" and env["PYTHONPATH"] == "/opt/gptoss/python"
+    assert env["TIKTOKEN_ENCODINGS_BASE"] == "/opt/gptoss/tiktoken"
+
+    truss = render_truss(replace(target(tmp_path, cluster__backend="truss"), home=f"s3://bucket/runs/{RUN}"))
+    argv = shlex.split(truss["docker_server"]["start_command"])
+    assert argv[3:] == [a for a in k8s if a not in ("--middleware", "gptoss_serve_auth.ApiKeyMiddleware")]
+    assert truss["environment_variables"]["VLLM_SYSTEM_START_DATE"] == "2026-01-01"
+
+
+def test_prompt_fields_vllm_cannot_reproduce_are_named(tmp_path):
+    make_run(tmp_path, merged=True, data={"model_identity": "You are Oona.", "reasoning_effort": "low"})
+    _, notes = resolve_target(RUN, str(tmp_path), {}, environ={})
+    text = "\n".join(notes)
+    assert "data.conversation_date is not set" in text and "model_identity" in text and "reasoning_effort" in text
+
+
+def test_pdb_always_and_pod_monitor_on_request_are_valid_and_admitted(tmp_path):
+    make_run(tmp_path, merged=True, serve={"pod_monitor": True})
+    k = by_kind(rs.serve_objects(target(tmp_path)))
+    validate_k8s(k["PodDisruptionBudget"])
+    assert k["PodDisruptionBudget"]["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": rs.selector(RUN)}}
+    pm = k["PodMonitor"]["spec"]
+    assert pm["selector"]["matchLabels"] == rs.selector(RUN) and pm["podMetricsEndpoints"][0]["path"] == "/metrics"
+    tmpl = k["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    assert tmpl["prometheus.io/scrape"] == "true" and tmpl["prometheus.io/port"] == "8000"
+    admitted = k["NetworkPolicy"]["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchExpressions"][0]["values"]
+    assert admitted == ["ml", "monitoring"]
+    make_run(tmp_path / "b", merged=True)
+    plain = by_kind(rs.serve_objects(target(tmp_path / "b")))
+    assert "PodMonitor" not in plain and "annotations" not in plain["Deployment"]["spec"]["template"]["metadata"]

@@ -51,7 +51,7 @@ def test_without_a_key_secret_nothing_refers_to_one(tmp_path, adapter):
 
 
 def test_serve_local_hands_vllm_only_a_verified_folder(tmp_path, monkeypatch):
-    from gptoss_cloud import serving
+    from gptoss_cloud import serve_local
     from gptoss_cloud.outputs import OutputError, publish_local_folder
     from gptoss_cloud.store import open_store
 
@@ -59,17 +59,11 @@ def test_serve_local_hands_vllm_only_a_verified_folder(tmp_path, monkeypatch):
     merged = home / "merged"
     monkeypatch.setenv("GPTOSS_CHECKPOINT_KEY", "k")
     publish_local_folder(open_store(merged), merged, b"k")
-    monkeypatch.setattr(serving.importlib.util, "find_spec", lambda name: object())  # as if vLLM were installed
-    started = []
-    monkeypatch.setattr(serving.os, "execvp", lambda prog, argv: started.append(argv))
     t = target(tmp_path, cluster__backend="local")
-    serving.serve_local(t, tmp_path / "cache")
-    assert started and str(merged) in started[0]
+    assert serve_local.model_folder(t, tmp_path / "cache") == merged  # verified in place
     (merged / "config.json").write_text('{"planted": true}')
-    started.clear()
     with pytest.raises(OutputError, match="merged/config.json: size"):
-        serving.serve_local(t, tmp_path / "cache")
-    assert not started
+        serve_local.model_folder(t, tmp_path / "cache")
     monkeypatch.delenv("GPTOSS_CHECKPOINT_KEY")
     with pytest.raises(OutputError, match="GPTOSS_CHECKPOINT_KEY is not set here"):
-        serving.serve_local(t, tmp_path / "cache")
+        serve_local.model_folder(t, tmp_path / "cache")
