@@ -14,6 +14,7 @@ MODULES = [
     "plan",
     "train",
     "serve",
+    "report",
     "render",
     "lifecycle",
     "merge",
