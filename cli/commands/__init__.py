@@ -15,6 +15,7 @@ MODULES = [
     "train",
     "serve",
     "report",
+    "eval",
     "render",
     "lifecycle",
     "merge",
