@@ -26,3 +26,10 @@ def test_every_tracker_is_documented_with_its_extra():
 def test_the_plot_table_lists_every_plot():
     table = re.findall(r"^\| `(\w+)` \|", DOC.split("| plot | from |")[1].split("\n\n")[0], re.M)
     assert table == [name for name, *_ in PLOTS]
+
+
+def test_the_eval_check_table_lists_every_check():
+    from gptoss_cloud.trainer.eval_checks import CHECKS
+
+    table = re.findall(r"^\| `(\w+)` \|", DOC.split("| check | passes when |")[1].split("\n\n")[0], re.M)
+    assert table == [*CHECKS, "format_valid"]
