@@ -156,7 +156,7 @@ class MLflow:
 
     def __init__(self, spec: RunSpec, run_id: str, home: str):
         _needs("mlflow", "mlflow", self.name)
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -183,7 +183,6 @@ class MLflow:
         except Exception as e:
             raise GptossError(f"output.report_to: mlflow at {uri}: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
                               hint="check MLFLOW_TRACKING_URI and its credentials (MLFLOW_TRACKING_TOKEN or _USERNAME/_PASSWORD)") from e
-        self._tag = RunTag
 
     def log(self, record: dict[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -195,7 +194,9 @@ class MLflow:
             self.client.log_batch(self.run_id, metrics=metrics)
 
     def finish(self, outputs: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[self._tag(f"gptoss.output.{k}", v) for k, v in outputs.items()])
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(f"gptoss.output.{k}", v) for k, v in outputs.items()])
         self.client.log_dict(self.run_id, outputs, "outputs.json")
 
     def close(self, ok: bool) -> None:
