@@ -102,10 +102,12 @@ def _table(rows: list[list[Any]], head: list[str] | None = None) -> str:
 
 
 def _eval_table(evaluations: list[dict[str, Any]]) -> str:
+    """One column per evaluation, one row per number: the breakdowns make many numbers, few evaluations."""
     keys: list[str] = []
     for ev in evaluations:
         keys += [k for k, v in ev.items() if k != "step" and number(v) is not None and k not in keys]
-    return _table([[ev.get("step")] + [number(ev.get(k)) for k in keys] for ev in evaluations], ["step"] + keys)
+    head = ["evaluation"] + [f"#{i + 1} at step {_fmt(ev.get('step'))}" for i, ev in enumerate(evaluations)]
+    return _table([[k] + [number(ev.get(k)) for ev in evaluations] for k in keys], head)
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:60em;color:#222}

@@ -66,6 +66,7 @@ def _line(s: "Series", keys: list[tuple[str, str]], title: str, ylabel: str) -> 
         ax.plot(*zip(*pts), label=label, marker="." if len(pts) < 30 else None)
     _checkpoint_marks(ax, s)
     ax.set(xlabel="step", ylabel=ylabel, title=title)
+    ax.set_ylim(bottom=0)  # rates and sizes: a flat 31% MFU must not look like a swing
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     return _png(fig)
