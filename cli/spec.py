@@ -207,6 +207,18 @@ class CheckpointSection(Section):
 class OutputSection(Section):
     store: str = Field("./runs", description="s3://bucket/prefix or a local folder; each run lives at <store>/<run-id>/")
     merge: bool = Field(True, description="merge into a servable Hugging Face folder at the end of training")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="experiment trackers rank 0 also reports to (any of tensorboard, wandb, mlflow; "
+        "each needs its extra: pip install 'gptoss-cloud[tensorboard]'); credentials from the environment, see docs/tracking.md"
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        dup = sorted({x for x in v if v.count(x) > 1})
+        if dup:
+            raise ValueError(f"output.report_to names {', '.join(dup)} more than once")
+        return v
 
 
 # ------------------------------------------------------------------------------------------- cluster

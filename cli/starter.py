@@ -64,6 +64,7 @@ checkpoint:
 output:
   # store: s3://my-bucket/gptoss-runs   # default ./runs ; GPTOSS_STORE or --store override
   merge: true                # write a servable Hugging Face folder at the end
+  # report_to: [tensorboard] # any of tensorboard, mlflow, wandb (docs/tracking.md)
 
 cluster:
   # backend: k8s             # local | k8s | truss ; default from the user config, else local

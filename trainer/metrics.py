@@ -69,6 +69,7 @@ class MetricsWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
         self._lock = threading.Lock()  # step records (loop) and checkpoint events (an async save's thread)
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # the experiment trackers (trainer/tracking.py)
 
     def write(self, record: dict[str, Any]) -> None:
         with self._lock:
@@ -76,6 +77,8 @@ class MetricsWriter:
                 f.write(json.dumps(record) + "\n")
             if self.remote:
                 self.store.upload_file(self.path, "metrics.jsonl")
+            for listen in self.listeners:
+                listen(record)
 
     @property
     def uri(self) -> str:

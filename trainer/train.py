@@ -213,8 +213,33 @@ def run_training(spec: RunSpec, run_id: str, home: str, *, datasets: Any = None,
     """Train ``spec`` as run ``run_id`` with its outputs under ``home``; returns the summary (all ranks).
 
     ``datasets`` (an object with ``train``/``validation`` lists of PackedSample) skips the data
-    pipeline (benchmarks, tests); ``checkpointer`` is called by the loop (default: none).
+    pipeline (benchmarks, tests); ``checkpointer`` is called by the loop (default: none). Rank 0 also
+    reports to the trackers of ``output.report_to``, started before anything loads.
     """
+    import os
+
+    kw = dict(datasets=datasets, checkpointer=checkpointer, interactive=interactive)
+    if not spec.output.report_to or os.environ.get("RANK", "0") != "0":
+        return _train(spec, run_id, home, **kw)
+    from .metrics import writer_for
+    from .tracking import open_trackers
+
+    trackers = open_trackers(spec, run_id, home)
+    writer = writer_for(home)
+    writer.listeners.append(trackers.on_record)
+    ok = False
+    try:
+        summary = _train(spec, run_id, home, **kw)
+        trackers.finish(summary)
+        ok = True
+        return summary
+    finally:
+        writer.listeners.remove(trackers.on_record)
+        trackers.close(ok)
+
+
+def _train(spec: RunSpec, run_id: str, home: str, *, datasets: Any, checkpointer: Checkpointer | None,
+           interactive: bool | None) -> dict:
     t_start = time.perf_counter()
     info = init_distributed(spec.parallelism.collective_timeout_s)
     random.seed(spec.optim.seed)

@@ -14,6 +14,8 @@ MODULES = [
     "plan",
     "train",
     "serve",
+    "report",
+    "eval",
     "render",
     "lifecycle",
     "merge",

@@ -199,11 +199,13 @@ def status(
     """State of a run (from its backend) and its progress (from metrics.jsonl in the store)."""
     from ..backends.base import get_backend
     from ..progress import format_progress, progress, read_metrics, read_spec
+    from ..sparkline import loss_line
 
     run_id, home = _find_run(run, store)
     spec = read_spec(home)
     st = get_backend(spec.cluster.backend).status(run_id, home)
-    prog = progress(read_metrics(home), spec)
+    metrics = read_metrics(home)
+    prog = progress(metrics, spec)
     if output == "json":
         typer.echo(json.dumps({"run_id": run_id, "home": home, "backend": st.backend, "state": st.state,
                                "progress": prog, "detail": st.detail}, default=str))
@@ -212,6 +214,8 @@ def status(
     con.print(f"[bold]{run_id}[/]  {st.state}  ({st.backend})")
     con.print(f"  home: {home}")
     con.print(f"  progress: {format_progress(prog)}")
+    if line := loss_line(metrics):
+        con.print(f"  loss: {line}")
     for k, v in st.detail.items():
         if k not in ("command",):
             con.print(f"  {k}: {v}")

@@ -243,6 +243,13 @@ def plan_sequences(items: list[_Item], train_on: str, thinking_turns: str) -> li
 # ------------------------------------------------------------------------------------ rendering
 def render_with_labels(items: list[_Item], trained: set[int]) -> tuple[list[int], list[int]]:
     """Render with openai-harmony and mask: see the module docstring for how spans are found."""
+    ids, labels, _ = render_with_kinds(items, trained)
+    return ids, labels
+
+
+def render_with_kinds(items: list[_Item], trained: set[int]) -> tuple[list[int], list[int], list[str | None]]:
+    """``render_with_labels`` plus, for each position, the kind of the item whose trained span holds it
+    (analysis | commentary | call | final; None where not trained): evaluation's per-kind loss."""
     from openai_harmony import Conversation, RenderConversationConfig, RenderOptions, Role
 
     enc = load_encoding()
@@ -268,6 +275,7 @@ def render_with_labels(items: list[_Item], trained: set[int]) -> tuple[list[int]
         raise RuntimeError("internal: rendered messages do not tile the conversation")
 
     labels = [IGNORE] * len(ids)
+    kinds: list[str | None] = [None] * len(ids)
     for k, it in enumerate(items):
         if not it.assistant or it.response not in trained or not it.train:
             continue
@@ -281,7 +289,8 @@ def render_with_labels(items: list[_Item], trained: set[int]) -> tuple[list[int]
         if it.kind == "final" and k != len(items) - 1:
             b -= 1  # an earlier final answer closes with <|end|> as history stores it: not trained
         labels[a:b] = ids[a:b]
-    return ids, labels
+        kinds[a:b] = [it.kind] * (b - a)
+    return ids, labels, kinds
 
 
 # ----------------------------------------------------------------------------------- entry points

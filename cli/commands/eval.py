@@ -1,0 +1,72 @@
+"""`eval RUN --data HELD_OUT`: held-out loss with its breakdowns, and harmony checks on generated replies."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import SpecError
+from .common import StoreOpt, resolve
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_run)
+
+
+def eval_run(
+    run: Annotated[str, typer.Argument(help="run id (looked up in the store) or the full URI/path of a run home", show_default=False)],
+    data: Annotated[str, typer.Option("--data", help="held-out rows (.jsonl/.json/.parquet file or s3:// URI), in the training row format")],
+    checkpoint: Annotated[Optional[int], typer.Option("--checkpoint", min=1, help="evaluate this checkpoint step (merged for the occasion) instead of the run's model")] = None,
+    samples: Annotated[int, typer.Option("--samples", min=0, help="rows whose last prompt is answered and checked")] = 8,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="token limit of each generated reply")] = 256,
+    output: Annotated[str, typer.Option("-o", "--output", help="table | json")] = "table",
+    store: StoreOpt = None,
+) -> None:
+    """Evaluate a trained run on held-out rows: loss by reasoning effort and span kind, and generation checks
+    (final ends with <|return|>, tool-call arguments match their schema, no control-token leaks, analysis present)."""
+    from ..progress import read_spec
+    from ..runs import resolve_run
+
+    if output not in ("table", "json"):
+        raise SpecError(f"-o/--output must be table or json, not {output!r}")
+    run_id, home = resolve_run(run, resolve(None, output__store=store).output.store)
+    spec = read_spec(home)
+
+    from gptoss_cloud.trainer.eval_run import run_eval  # lazy: torch, transformers
+
+    res = run_eval(run_id, home, spec, data, checkpoint=checkpoint, samples=samples, max_new_tokens=max_new_tokens)
+    if output == "json":
+        typer.echo(json.dumps(res, indent=1))
+        return
+    _print_table(res)
+
+
+def _print_table(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(highlight=False, soft_wrap=True)
+    con.print(f"[bold]{res['run_id']}[/] step {res['step']}: {res['model']}\n  data: {res['data']} "
+              f"({res['rows']} rows, {res['sequences']} sequences)")
+    t = Table(title="held-out loss", title_justify="left", box=None, pad_edge=False)
+    for col in ("SLICE", "LOSS", "TOKENS"):
+        t.add_column(col, justify="left" if col == "SLICE" else "right")
+    t.add_row("all", f"{res['loss']:.4f}", f"{res['tokens']:,}")
+    for group, title in (("by_effort", "effort"), ("by_kind", "kind")):
+        for k, v in res[group].items():
+            t.add_row(f"{title} {k}", f"{v['loss']:.4f}", f"{v['tokens']:,}")
+    con.print(t)
+    gen = res["generation"]
+    g = Table(title=f"generation checks ({gen['samples']} replies)", title_justify="left", box=None, pad_edge=False)
+    g.add_column("CHECK")
+    g.add_column("PASSED", justify="right")
+    for k in ("format_valid_rate", "ends_with_return_rate", "tool_args_valid_rate", "no_leak_rate", "analysis_present_rate"):
+        v = gen.get(k)
+        g.add_row(k.removesuffix("_rate"), "n/a" if v is None else f"{v:.0%}")
+    con.print(g)
+    for r in gen["replies"]:
+        if r["problems"]:
+            con.print(f"  row {r['row']}: {'; '.join(r['problems'])}", markup=False)
+    con.print(f"saved {res['saved']}")
