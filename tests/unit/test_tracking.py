@@ -49,7 +49,7 @@ def test_report_to_accepts_any_subset_and_defaults_to_none(tmp_path):
 
 @pytest.mark.parametrize("value, message", [
     ("[comet]", "output.report_to.0: Input should be 'tensorboard', 'wandb' or 'mlflow'; got 'comet'"),
-    ("[wandb, wandb]", "output.report_to: Value error, output.report_to names wandb more than once"),
+    ("[wandb, wandb]", "output.report_to: output.report_to names wandb more than once"),
 ])
 def test_report_to_errors_name_the_key(tmp_path, value, message):
     f = tmp_path / "s.yaml"
