@@ -13,6 +13,7 @@ checked (bit-exact resume, 2 ranks -> 1) and why torchao rather than bitsandbyte
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from gptoss_cloud.spec import OptimSection
@@ -47,34 +48,49 @@ def _low_bit(params: list[nn.Parameter], optim: OptimSection, device: torch.devi
     if wrong:
         # Stochastic rounding applies only to bf16 weights, and fp32 masters must not be bf16 already.
         raise ValueError(f"optim.master_weights is {optim.master_weights} but trainable weights are {', '.join(wrong)}")
-    cls = getattr(ao, LOW_BIT[optim.name])
-    if device.type == "cpu":
-        cls = _eager(cls)
-    # torchao keeps the learning rate as a tensor so that the scheduler's changes reach its compiled step.
+    cls = _wrapped(getattr(ao, LOW_BIT[optim.name]), eager=device.type == "cpu")
     return cls(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay,
                bf16_stochastic_round=optim.master_weights == "bf16")
 
 
-def _eager(cls: type) -> type:
-    """``cls`` with its step run without torch.compile.
+def _wrapped(cls: type, eager: bool) -> type:
+    """``cls`` with a float learning rate between steps and, if ``eager``, its step run without torch.compile.
 
-    torchao compiles its per-parameter step once per parameter shape. On a GPU that is a one-off cost
-    paid back every step; on a CPU (tests, the local demo) Inductor's C++ build takes tens of seconds per
-    shape on a few cores while the eager step of a small model takes milliseconds. The stance is scoped
-    to this optimizer's step; nothing else stops compiling.
+    torchao keeps the learning rate as a 0-d tensor (so that a changed rate does not recompile its step);
+    the scheduler would then hold tensors too, and the checkpoint's scheduler state is JSON. Here the
+    groups hold floats, as torch's AdamW's do, and the step sees them as tensors.
+
+    Eager: torchao compiles its per-parameter step once per parameter shape. On a GPU that is a one-off
+    cost paid back every step; on a CPU (tests, the local demo) Inductor's C++ build takes tens of seconds
+    per shape on a few cores while the eager step of a small model takes milliseconds. The stance is
+    scoped to this optimizer's step; nothing else stops compiling.
     """
 
-    class Eager(cls):  # type: ignore[misc, valid-type]
+    class Wrapped(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, params, **kw):
+            super().__init__(params, **kw)
+            for g in self.param_groups:
+                g["lr"] = float(g["lr"])
+
         @torch.no_grad()
         def step(self, closure=None):
-            with torch.compiler.set_stance("force_eager"):
-                return super().step(closure)
+            rates = [g["lr"] for g in self.param_groups]
+            for g in self.param_groups:
+                g["lr"] = torch.tensor(float(g["lr"]))
+            try:
+                with torch.compiler.set_stance("force_eager") if eager else nullcontext():
+                    return super().step(closure)
+            finally:
+                for g, lr in zip(self.param_groups, rates):
+                    g["lr"] = lr
 
         def _new_buffer(self, p, signed):
+            if not eager or p.dtype == torch.float32:
+                return super()._new_buffer(p, signed)
             # The moments of a bf16 weight appear as bf16 tensors; eager DTensor dispatch (torch 2.13) then
             # refuses the step's fp32 lerp on them, which only the compiled step gets past. Moments that
             # appear as fp32 hold the same 8-bit codes and scales.
-            return super()._new_buffer(p.detach().float() if p.dtype != torch.float32 else p, signed)
+            return super()._new_buffer(p.detach().float(), signed)
 
-    Eager.__name__ = Eager.__qualname__ = cls.__name__
-    return Eager
+    Wrapped.__name__ = Wrapped.__qualname__ = cls.__name__
+    return Wrapped
