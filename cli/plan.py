@@ -7,8 +7,9 @@ against measurements (docs/plan.md lists them and the H100 numbers they were che
 Model of one GPU (FSDP2 over ``world = nodes x gpus_per_node`` ranks, bf16 compute):
 
 * frozen base weights (LoRA): bf16, sharded ``/ world``;
-* trainable parameters: fp32 master + fp32 gradient + two fp32 Adam moments = 16 bytes each,
-  sharded ``/ world`` (on the host instead with ``cpu_offload``);
+* trainable parameters: master weight + gradient + two Adam moments, 16 bytes each with fp32
+  AdamW, 6.03 with 8-bit moments and bf16 masters (``optim_bytes``), sharded ``/ world`` (on the
+  host instead with ``cpu_offload``);
 * FSDP2 all-gather buffers: two unsharded layers in flight (current + prefetch), or the whole
   model when ``reshard_after_forward`` is off; full fine-tuning adds the unsharded gradient of a
   layer (bf16 from autograd + fp32 for the reduce-scatter);
@@ -34,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import PlanError, SpecError
+from .optim_bytes import checkpoint_bytes_per_param, label, trainable_bytes
 from .shapes import ModelShape, shape_for
 from .spec import MAX_SEQ_LEN, RunSpec
 
@@ -43,8 +45,6 @@ GB = 1000**3
 # ---- assumptions (calibrate against docs/benchmarks.md) -------------------------------------
 BF16 = 2
 FP32 = 4
-TRAINABLE_BYTES = FP32 + FP32 + 2 * FP32   # master param, grad, Adam m and v
-CKPT_TRAINABLE_BYTES = FP32 + 2 * FP32     # a checkpoint holds the fp32 params and Adam moments
 LOGITS_BYTES_PER_ELEM = BF16 + FP32 + FP32  # chunk logits, fp32 upcast for the loss, fp32 gradient
 EAGER_ATTN_SCORE_TENSORS = 2.5             # s x s bf16 tensors alive at the peak of an eager layer's backward
 BACKWARD_LAYER_FACTOR = 2.0                # a layer's backward holds its activations and their gradients
@@ -206,13 +206,14 @@ def _gpu_components(shape: ModelShape, spec: RunSpec) -> dict[str, float]:
     full = spec.method.kind == "full"
     trainable = trainable_params(shape, spec)
     offload = p.cpu_offload
+    per_param = trainable_bytes(spec.optim)
     b, s = spec.optim.micro_batch_size, spec.data.max_seq_len
     tokens = b * s
     out: dict[str, float] = {}
 
     # Sharded state (on the host with offload).
     if full:
-        out["params+grads+adam (fp32, sharded)"] = 0.0 if offload else shape.total_params * TRAINABLE_BYTES / world
+        out[f"params+grads+adam ({label(spec.optim)}, sharded)"] = 0.0 if offload else shape.total_params * per_param / world
     elif spec.model.base_format == "mxfp4":
         # Frozen experts stay packed (4-bit + scales) and, being buffers, are not sharded by FSDP2;
         # one chunk of up to 32 experts is dequantised to bf16 at a time inside the expert GEMMs.
@@ -220,10 +221,10 @@ def _gpu_components(shape: ModelShape, spec: RunSpec) -> dict[str, float]:
         out["base weights (bf16 non-expert, sharded)"] = 0.0 if offload else (shape.total_params - experts) * BF16 / world
         out["frozen experts (MXFP4, replicated)"] = experts * MXFP4_BYTES_PER_EXPERT_PARAM
         out["dequantised expert chunk (bf16)"] = min(32, shape.num_local_experts) * shape.expert_params * BF16
-        out["lora params+grads+adam (fp32)"] = 0.0 if offload else trainable * TRAINABLE_BYTES / world
+        out[f"lora params+grads+adam ({label(spec.optim)})"] = 0.0 if offload else trainable * per_param / world
     else:
         out["base weights (bf16, sharded)"] = 0.0 if offload else shape.total_params * BF16 / world
-        out["lora params+grads+adam (fp32)"] = 0.0 if offload else trainable * TRAINABLE_BYTES / world
+        out[f"lora params+grads+adam ({label(spec.optim)})"] = 0.0 if offload else trainable * per_param / world
 
     # FSDP2 unsharded buffers. One rank without offload has nothing to gather.
     biggest = max(shape.layer_params, shape.embedding_params)
@@ -276,9 +277,9 @@ def _host_components(shape: ModelShape, spec: RunSpec) -> dict[str, float]:
     out: dict[str, float] = {}
     if p.cpu_offload:
         if spec.method.kind == "full":
-            state = shape.total_params * TRAINABLE_BYTES / world
+            state = shape.total_params * trainable_bytes(spec.optim) / world
         else:
-            state = shape.total_params * BF16 / world + trainable * TRAINABLE_BYTES / world
+            state = shape.total_params * BF16 / world + trainable * trainable_bytes(spec.optim) / world
         out["offloaded states (pinned)"] = state * p.gpus_per_node
     # Loading: one copy of the model per node while it is sharded out to the ranks: bf16, or with the
     # mxfp4 base the experts as published (4-bit + scales), never dequantised on the host.
@@ -325,7 +326,7 @@ def settings_of(spec: RunSpec, shape: ModelShape | None = None) -> dict[str, Any
         "micro_batch_size": spec.optim.micro_batch_size, "max_seq_len": spec.data.max_seq_len,
         "activation_checkpointing": (f"auto ({'on' if recompute_on(spec, shape) else 'off'})"
                                      if p.activation_checkpointing == "auto" else p.activation_checkpointing),
-        "cpu_offload": p.cpu_offload,
+        "cpu_offload": p.cpu_offload, "optimizer": label(spec.optim),
         "reshard_after_forward": p.reshard_after_forward, "attention": spec.kernels.attention,
         "loss_chunk_tokens": spec.kernels.loss_chunk_tokens,
         "lora_r": spec.method.lora.r if spec.method.kind == "lora" else None,
@@ -428,8 +429,8 @@ def check_fit(spec: RunSpec, shape: ModelShape | None = None) -> MemoryPlan:
 
 # ---------------------------------------------------------------------------------- disk + store
 def checkpoint_bytes(shape: ModelShape, spec: RunSpec) -> float:
-    """One training checkpoint: fp32 trainable parameters and Adam moments (+ small metadata)."""
-    return trainable_params(shape, spec) * CKPT_TRAINABLE_BYTES + 1e6
+    """One training checkpoint: the trainable master weights and Adam moments (+ small metadata)."""
+    return trainable_params(shape, spec) * checkpoint_bytes_per_param(spec.optim) + 1e6
 
 
 def merged_bytes(shape: ModelShape) -> float:

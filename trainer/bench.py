@@ -96,7 +96,9 @@ VARIANT_KEYS = {"experts": ("eager", "grouped_mm", "fused"), "attention": ("eage
                 "offload": ("yes", "no"), "base": ("bf16", "mxfp4"), "recompute": ("auto", "full", "selective", "none"),
                 "dequant": ("auto", "torch", "triton", "gemm"), "compile": ("yes", "no"),
                 # LoRA r on the experts too (method.lora.experts): of every layer, or of the layers named.
-                "lora_experts": ("no", "all", "N+N+...")}
+                "lora_experts": ("no", "all", "N+N+..."),
+                # optim.name / optim.master_weights of our stack: optim=adamw_8bit,masters=bf16
+                "optim": ("adamw", "adamw_8bit"), "masters": ("fp32", "bf16")}
 
 
 def parse_variant(text: str, opts: BenchOptions, on_gpu: bool) -> Variant:
@@ -119,9 +121,11 @@ def parse_variant(text: str, opts: BenchOptions, on_gpu: bool) -> Variant:
             overrides[key] = kv[key] == "yes"
     if "base" in kv:
         overrides["base_format"] = kv["base"]
-    for key in ("recompute", "dequant", "lora_experts"):
+    for key in ("recompute", "dequant", "lora_experts", "optim", "masters"):
         if key in kv:
             overrides[key] = kv[key]
+    if overrides.get("masters") == "bf16" and overrides.get("optim", "adamw") == "adamw":
+        raise ValueError(f"--variant {text!r}: masters=bf16 needs optim=adamw_8bit (stochastic rounding)")
     if overrides.get("lora_experts", "no") != "no":
         if opts.method != "lora":
             raise ValueError(f"--variant {text!r}: lora_experts needs --method lora")
@@ -151,6 +155,8 @@ def ours_variant(opts: BenchOptions, on_gpu: bool, experts: str | None = None, a
         notes.append("compiled layers")
     if eff["offload"]:
         notes.append("cpu offload")
+    if (ov := overrides or {}).get("optim", "adamw") != "adamw" or ov.get("masters", "fp32") != "fp32":
+        notes.append(f"{ov.get('optim', 'adamw')}, {ov.get('masters', 'fp32')} masters")
     if (le := (overrides or {}).get("lora_experts", "no")) != "no":
         notes.append("LoRA on experts" + ("" if le == "all" else f" of layers {le.replace('+', ', ')}"))
     name = f"ours ({experts} + {attention}{''.join(', ' + n for n in notes)})"

@@ -42,6 +42,8 @@ OVERRIDES = {
     "dequant": ("auto", "torch", "triton", "gemm"),
     "compile": (True, False),
     "lora_experts": ("no", "all", "N+N+..."),  # LoRA on the experts of every layer / of the layers named
+    "optim": ("adamw", "adamw_8bit"),  # optim.name
+    "masters": ("fp32", "bf16"),  # optim.master_weights
 }
 
 
@@ -87,6 +89,8 @@ class Setup:
     dequant: str = "auto"  # MXFP4 experts: auto (Triton when installed) | torch ops | the Triton kernel
     compile: bool | None = None  # torch.compile each decoder layer's forward (None: on GPU)
     lora_experts: str = "no"  # LoRA on experts too: "no", "all", or layer numbers joined by "+"
+    optim: str = "adamw"  # optim.name of our stack (the reference keeps torch's fp32 AdamW)
+    masters: str = "fp32"  # optim.master_weights of our stack
 
     def shape(self) -> ModelShape:
         return shape_for(self.model, layers=self.layers)
@@ -158,7 +162,7 @@ def plan_spec(setup: Setup, variant: Variant, gpus: int, gpu_type: str = "H100",
         "model": {"name": setup.model, "init": "random", "layers": setup.layers, "base_format": setup.base_format},
         "data": {"max_seq_len": setup.seq},
         "method": {"kind": setup.method, "lora": lora_dict(setup)},
-        "optim": {"micro_batch_size": 1, "grad_accum": 1},
+        "optim": {"micro_batch_size": 1, "grad_accum": 1, "name": setup.optim, "master_weights": setup.masters},
         "parallelism": {"nodes": 1, "gpus_per_node": gpus, "cpu_offload": setup.offload, "activation_checkpointing": ac},
         "kernels": {"experts": variant.experts, "attention": "eager" if variant.attention == "eager" else "flex",
                     "loss_chunk_tokens": setup.loss_chunk_tokens, "compile": "auto" if setup.compile is None else setup.compile},
@@ -259,6 +263,7 @@ def build_ours(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
 
     from . import model as M
     from .loop import Loop, make_optimizer
+    from .optim import master_dtype
     from .parallel import make_accelerator, shard_model
 
     shape = setup.shape()
@@ -272,19 +277,25 @@ def build_ours(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
     if info.device.type == "cuda" if setup.compile is None else setup.compile:
         M.compile_layers(lm)
     module = M.CausalLMWithChunkedLoss(lm, setup.loss_chunk_tokens)
+    optim = OptimSection(lr=1e-5, warmup_steps=0, schedule="constant", max_grad_norm=1.0, max_steps=1_000_000,
+                         micro_batch_size=1, grad_accum=1, seed=setup.seed, name=setup.optim,
+                         master_weights=setup.masters)
+    masters = master_dtype(optim)
     if sharded:
+        for p in module.parameters():
+            if p.requires_grad and p.dtype != masters:
+                p.data = p.data.to(masters)
         par = ParallelismSection(gpus_per_node=info.world_size, cpu_offload=setup.offload)
-        acc = make_accelerator(par, info, bf16=info.device.type == "cuda" and dtype == torch.bfloat16)
+        acc = make_accelerator(par, info, bf16=info.device.type == "cuda" and dtype == torch.bfloat16,
+                               bf16_masters=masters == torch.bfloat16)
         module = shard_model(module, acc)
         _materialise(module, info, setup.seed, setup.offload)
     else:
-        # Trainable weights in fp32 (bf16 autocast computes); frozen ones stay in the base dtype.
+        # Trainable weights in the master dtype (bf16 autocast computes); frozen ones stay in the base dtype.
         for p in module.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
+            if p.requires_grad and p.dtype != masters:
+                p.data = p.data.to(masters)
     M.reset_rotary_buffers_(module)
-    optim = OptimSection(lr=1e-5, warmup_steps=0, schedule="constant", max_grad_norm=1.0, max_steps=1_000_000,
-                         micro_batch_size=1, grad_accum=1, seed=setup.seed)
     optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], optim, info.device)
     ids = random_batch(shape, setup.seq, setup.seed, torch.device("cpu"))[0].tolist()
     row = _Row(ids, ids, list(range(setup.seq)), [setup.seq])

@@ -118,10 +118,10 @@ class NoCheckpoints:
 
 # ---------------------------------------------------------------------------------------- optimizer
 def make_optimizer(params: Sequence[nn.Parameter], optim: OptimSection, device: torch.device) -> torch.optim.Optimizer:
-    kw: dict[str, Any] = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
-    # Fused: one kernel over all parameters instead of a loop per tensor (CUDA and, since torch 2.4, CPU).
-    kw["fused"] = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(list(params), **kw)
+    """The optimizer ``optim.name`` names (trainer/optim.py: fused AdamW or torchao's low-bit AdamW)."""
+    from .optim import make_optimizer as build
+
+    return build(params, optim, device)
 
 
 def lr_factor(step: int, total: int, optim: OptimSection) -> float:

@@ -82,10 +82,14 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def make_accelerator(par: ParallelismSection, info: DistInfo, bf16: bool, ram_efficient_loading: bool = False):
+def make_accelerator(par: ParallelismSection, info: DistInfo, bf16: bool, ram_efficient_loading: bool = False,
+                     bf16_masters: bool = False):
     """An accelerate Accelerator holding the FSDP2 plugin built from ``parallelism``.
 
     bf16 compute with fp32 gradient reduction when ``bf16``; plain fp32 otherwise (CPU tests).
+    ``bf16_masters`` (optim.master_weights: bf16): the trainable weights stay bf16 shards, which
+    accelerate would otherwise upcast to fp32 whenever its mixed precision is on; on CPU they are
+    gathered in fp32, so CPU runs still compute in fp32.
     Activation checkpointing is applied by the model (transformers' non-reentrant checkpointing per
     decoder layer), not here, so the single-process path uses the same recomputation.
     """
@@ -93,7 +97,12 @@ def make_accelerator(par: ParallelismSection, info: DistInfo, bf16: bool, ram_ef
     from accelerate.utils import FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    if bf16:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    elif bf16_masters:
+        mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2,
         auto_wrap_policy="transformer_based_wrap",
@@ -105,7 +114,9 @@ def make_accelerator(par: ParallelismSection, info: DistInfo, bf16: bool, ram_ef
         cpu_ram_efficient_loading=ram_efficient_loading,
         state_dict_type="SHARDED_STATE_DICT",
     )
-    acc = Accelerator(fsdp_plugin=plugin, mixed_precision="bf16" if bf16 else "no", cpu=info.device.type == "cpu")
+    # mixed_precision "no" with bf16 masters: the plugin's policy above still casts for compute.
+    acc = Accelerator(fsdp_plugin=plugin, mixed_precision="bf16" if bf16 and not bf16_masters else "no",
+                      cpu=info.device.type == "cpu")
     if getattr(acc.state, "fsdp_plugin", None) is None:
         # accelerate switches to its FSDP mode only for accelerator devices; the FSDP2 wrapping itself
         # is device-agnostic and is what the 2-process gloo tests exercise on CPU.

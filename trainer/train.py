@@ -24,6 +24,7 @@ from gptoss_cloud.store import is_remote, join, open_store
 from . import model as M
 from .loop import Checkpointer, Loop, NoCheckpoints, make_optimizer
 from .metrics import Metrics
+from .optim import master_dtype
 from .parallel import DistInfo, barrier, init_distributed, make_accelerator, offload_host_threads, shard_model
 
 log = logging.getLogger("gptoss_cloud.trainer")
@@ -134,9 +135,15 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
     on_meta = any(p.device.type == "meta" for p in module.parameters())
     pretrained_meta = on_meta and not M.is_random(spec.model)
 
+    masters = master_dtype(spec.optim)
     if info.distributed:
+        if masters != torch.float32:
+            for p in module.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(masters)
         acc = make_accelerator(spec.parallelism, info, bf16=on_gpu and dtype == torch.bfloat16,
-                               ram_efficient_loading=pretrained_meta or (not M.is_random(spec.model)))
+                               ram_efficient_loading=pretrained_meta or (not M.is_random(spec.model)),
+                               bf16_masters=masters == torch.bfloat16)
         offload = spec.parallelism.cpu_offload
         if offload and on_meta and M.is_random(spec.model):
             # FSDP2's CPU offload takes parameters that already live on the host.
@@ -151,10 +158,10 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
             module.to_empty(device=info.device)
             M.init_sharded_weights_(module, config.initializer_range, spec.optim.seed)
         module.to(info.device)
-        # Trainable weights in fp32 (bf16 autocast computes); frozen ones stay in the base dtype.
+        # Trainable weights in the master dtype (bf16 autocast computes); frozen ones stay in the base dtype.
         for p in module.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
+            if p.requires_grad and p.dtype != masters:
+                p.data = p.data.to(masters)
     M.reset_rotary_buffers_(module, info.device)
     return module, config, dtype, shape
 

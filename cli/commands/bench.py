@@ -79,7 +79,7 @@ def bench(
     recompute: Annotated[Recompute, typer.Option("--recompute", help="activation checkpointing per decoder layer: auto (the trainer's default: off when the planner finds it fits this card), full, selective (GEMM outputs kept) or none")] = Recompute.auto,
     dequant: Annotated[Dequant, typer.Option("--dequant", help="MXFP4 base: dequantise with the Triton kernel when installed (auto), torch ops or Triton, or decode inside the grouped GEMM (gemm)")] = Dequant.auto,
     compile_layers: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="ours: torch.compile each decoder layer's forward (default: on GPU, as the trainer)")] = None,
-    variant: Annotated[Optional[list[str]], typer.Option("--variant", help="one of our configurations, e.g. 'experts=fused,recompute=none,base=mxfp4,dequant=triton' (repeatable; keys: experts, attention, offload, base, recompute, dequant, compile, lora_experts=no|all|0+12+24)")] = None,
+    variant: Annotated[Optional[list[str]], typer.Option("--variant", help="one of our configurations, e.g. 'experts=fused,recompute=none,base=mxfp4,dequant=triton' (repeatable; keys: experts, attention, offload, base, recompute, dequant, compile, lora_experts=no|all|0+12+24, optim=adamw|adamw_8bit, masters=fp32|bf16)")] = None,
     profile: Annotated[bool, typer.Option("--profile", help="one more step per variant under torch.profiler: device time by kernel category")] = False,
     peak_tflops: Annotated[Optional[float], typer.Option("--peak-tflops", min=1, help="peak bf16 TFLOP/s per GPU for MFU (default: the card's datasheet figure)")] = None,
     device: Annotated[Optional[Device], typer.Option("--device", help="default: cuda when available")] = None,

@@ -39,6 +39,7 @@ def plan(
 ) -> None:
     """Plan memory, disk, time and cost for a run (exit 1 if it cannot fit). Talks to no server."""
     from ..plan import longest_seq, plan_run
+    from ..plan_configs import configs_table, configurations
 
     s = resolve(
         spec, model__name=model, parallelism__nodes=nodes, parallelism__gpus_per_node=gpus_per_node,
@@ -47,12 +48,14 @@ def plan(
     shape = local_shape(s.model.name, s.model.layers)
     rp = plan_run(s, shape, dataset_tokens=tokens, gpu_price=gpu_price, mfu=mfu)
     ls = longest_seq(s, shape) if longest else None
+    configs = configurations(s, shape)
     if output is PlanFormat.json:
-        typer.echo(json.dumps(rp.to_dict() | ({"longest_seq": ls.to_dict()} if ls else {}), indent=2))
+        extra = {"configurations": [c.to_dict() for c in configs]} | ({"longest_seq": ls.to_dict()} if ls else {})
+        typer.echo(json.dumps(rp.to_dict() | extra, indent=2))
     else:
         from rich.console import Console
 
-        Console(highlight=False).print(*plan_tables(rp))
+        Console(highlight=False).print(*plan_tables(rp), configs_table(configs, s))
         if ls:
             Console(highlight=False).print(longest_line(ls))
     if not rp.fits:
@@ -109,7 +112,7 @@ def plan_tables(rp) -> list:
     disk = Table(title="Disk and store", title_justify="left")
     disk.add_column("what")
     disk.add_column("GB", justify="right")
-    disk.add_row("one checkpoint (fp32 trainable + Adam)", f"{d.checkpoint_gb:,.2f}")
+    disk.add_row("one checkpoint (trainable weights + Adam moments)", f"{d.checkpoint_gb:,.2f}")
     if d.adapter_gb:
         disk.add_row("adapter", f"{d.adapter_gb:,.3f}")
     disk.add_row("merged bf16 model", f"{d.merged_gb:,.1f}")

@@ -203,6 +203,21 @@ def test_lora_on_experts_is_a_variant_of_ours(tmp_path):
     assert experts["trainable_params"] > plain["trainable_params"]  # layer 1's experts carry adapters too
 
 
+def test_optimizer_variant_of_ours_trains_and_is_planned(tmp_path):
+    """optim=adamw_8bit,masters=bf16: ours with torchao's 8-bit moments on bf16 weights, full fine-tuning
+    on CPU beside fp32 AdamW; the planner sees the same choice."""
+    pytest.importorskip("torchao")
+    from gptoss_cloud.trainer.bench_variants import plan_spec
+
+    opts = tiny(method="full", variant_specs=["optim=adamw", "optim=adamw_8bit,masters=bf16"], baseline=False)
+    vs = B.variants(opts, on_gpu=False)
+    assert vs[1].name == "ours (eager + eager, adamw_8bit, bf16 masters)"
+    spec = plan_spec(vs[1].apply(opts.setup()), vs[1], 1)
+    assert (spec.optim.name, spec.optim.master_weights) == ("adamw_8bit", "bf16")
+    r = B.run_benchmark(opts, runner=B.run_in_process)
+    assert [x["status"] for x in r["results"]] == ["ok", "ok"], r["results"]
+
+
 def test_profiled_cpu_bench_reports_where_the_step_goes(tmp_path):
     r = B.run_benchmark(tiny(profile=True, variant_specs=["recompute=selective"]), runner=B.run_in_process)
     prof = r["results"][0]["profile"]
@@ -225,6 +240,8 @@ def test_profiled_cpu_bench_reports_where_the_step_goes(tmp_path):
     (dict(variant_specs=["lora_experts=some"]), "lora_experts must be no, all or layer numbers joined by"),
     (dict(variant_specs=["lora_experts=all,base=mxfp4"]), "cannot adapt experts kept in MXFP4"),
     (dict(method="full", variant_specs=["lora_experts=0"]), "lora_experts needs --method lora"),
+    (dict(variant_specs=["masters=bf16"]), "masters=bf16 needs optim=adamw_8bit"),
+    (dict(variant_specs=["optim=adamw_4bit"]), "optim must be one of adamw, adamw_8bit"),
 ])
 def test_bad_options_are_refused_before_anything_is_built(kw, msg):
     with pytest.raises(ValueError, match=msg):
