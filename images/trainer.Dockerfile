@@ -35,6 +35,8 @@ RUN pip install \
       accelerate==1.15.0 \
       safetensors==0.8.0 \
       pyarrow==26.0.1 \
+      jsonschema==4.26.0 \
+      torchao==0.18.0 \
       openai-harmony==0.0.8
 
 # Then this package with the train extra; the pins above already satisfy it, so pip keeps them.
