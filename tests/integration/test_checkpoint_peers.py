@@ -81,7 +81,8 @@ def test_stale_part_of_a_killed_rank0_is_never_trusted(s3_bucket, s3_env, tmp_pa
     assert ckpts.read_bytes("step-4/__1_0.distcp") != stale  # rank 1's shard really changed
     assert _matches_objects(ckpts, 4) == []  # nothing lost: what the manifest names is what is stored
     m = cm.read_manifest(ckpts, 4, None)
-    assert m.extra["attempt"] and "error" not in out
+    # No user-facing failure line (libraries' own warnings may contain the word "error").
+    assert m.extra["attempt"] and not [ln for ln in out.splitlines() if ln.startswith("error:")] and "Traceback" not in out
 
 
 def test_a_dead_peer_fails_the_save_within_peer_timeout(s3_bucket, s3_env, tmp_path):
