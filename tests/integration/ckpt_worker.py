@@ -69,6 +69,24 @@ def build_model(method: str, seed: int = 0):
     return model
 
 
+def train_state(method: str = "full", **extra) -> dict:
+    """What the in-process checkpoint tests save: a tiny model, AdamW over what trains, a data position."""
+    model = build_model(method)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    return {"model": model, "optimizer": opt, "data": DataPosition(1, 0), **extra}
+
+
+def train_step(state: dict) -> None:
+    ids = state["data"].next_batch(8, 256)
+    state["model"](input_ids=ids, labels=ids).loss.backward()
+    state["optimizer"].step()
+    state["optimizer"].zero_grad()
+
+
+def params(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def fingerprint(model) -> str:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

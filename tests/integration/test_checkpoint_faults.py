@@ -18,30 +18,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from ckpt_worker import DataPosition, build_model
+from ckpt_worker import params, train_state, train_step
 from gptoss_cloud.spec import RunSpec
 from gptoss_cloud.store import open_store
 from gptoss_cloud.trainer import ckpt_faults
 from gptoss_cloud.trainer import ckpt_manifest as cm
 from gptoss_cloud.trainer.checkpoint import Checkpointer
 from gptoss_cloud.trainer.ckpt_safety import FetchingReader
-
-
-def _state():
-    model = build_model("full")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    return {"model": model, "optimizer": opt, "data": DataPosition(1, 0)}
-
-
-def _train_step(state):
-    ids = state["data"].next_batch(8, 256)
-    state["model"](input_ids=ids, labels=ids).loss.backward()
-    state["optimizer"].step()
-    state["optimizer"].zero_grad()
-
-
-def _params(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _one_line(msg: str) -> str:
@@ -54,12 +37,12 @@ def two_saved(tmp_path):
     spec = RunSpec.model_validate({"method": {"kind": "full"}, "checkpoint": {"keep_last": 5}})
     home = str(tmp_path / "run")
     ck = Checkpointer(spec.checkpoint, home, spec=spec)
-    st = _state()
+    st = train_state()
     for step in (1, 2):
-        _train_step(st)
+        train_step(st)
         ck.save(step, st)
     ck.close()
-    return spec, home, _params(st["model"])
+    return spec, home, params(st["model"])
 
 
 def _inject(monkeypatch, errors: list[BaseException]):
@@ -78,11 +61,11 @@ def test_one_transient_load_error_is_retried_and_nothing_is_rejected(two_saved, 
     spec, home, want = two_saved
     monkeypatch.setattr(ckpt_faults, "LOAD_RETRY_DELAYS_S", (0.1, 0.1))
     _inject(monkeypatch, [MemoryError("could not allocate 2147483648 bytes")])
-    st = _state()
+    st = train_state()
     with caplog.at_level(logging.WARNING, logger="gptoss_cloud.checkpoint"):
         assert Checkpointer(spec.checkpoint, home, spec=spec).restore(st) == 2  # the newest, not a fallback
     assert "transient error (MemoryError: could not allocate" in caplog.text and "falling back" not in caplog.text
-    assert all(torch.equal(v, want[k]) for k, v in _params(st["model"]).items())
+    assert all(torch.equal(v, want[k]) for k, v in params(st["model"]).items())
     ckpts = open_store(home).child("checkpoints")
     assert cm.list_published(ckpts) == [2, 1] and not ckpts.exists("step-2/manifest.rejected.json")
 
@@ -92,15 +75,15 @@ def test_a_persistent_transient_error_fails_the_run_and_the_checkpoint_stays_pub
     monkeypatch.setattr(ckpt_faults, "LOAD_RETRY_DELAYS_S", (0.1, 0.1))
     _inject(monkeypatch, [ConnectionResetError(104, "Connection reset by peer") for _ in range(3)])
     with pytest.raises(cm.CheckpointError) as e:
-        Checkpointer(spec.checkpoint, home, spec=spec).restore(_state())
+        Checkpointer(spec.checkpoint, home, spec=spec).restore(train_state())
     msg = _one_line(e.value.message)
     assert "step-2: loading failed 3 times with a transient error" in msg and "Connection reset by peer" in msg
     assert "stays published" in msg
     ckpts = open_store(home).child("checkpoints")
     assert cm.list_published(ckpts) == [2, 1] and not ckpts.exists("step-2/manifest.rejected.json")
-    st = _state()  # the next attempt, its node healthy again, resumes from the same checkpoint
+    st = train_state()  # the next attempt, its node healthy again, resumes from the same checkpoint
     assert Checkpointer(spec.checkpoint, home, spec=spec).restore(st) == 2
-    assert all(torch.equal(v, want[k]) for k, v in _params(st["model"]).items())
+    assert all(torch.equal(v, want[k]) for k, v in params(st["model"]).items())
 
 
 def test_a_hash_mismatch_still_falls_back(two_saved):
@@ -109,7 +92,7 @@ def test_a_hash_mismatch_still_falls_back(two_saved):
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 0x10
     shard.write_bytes(bytes(data))
-    assert Checkpointer(spec.checkpoint, home, spec=spec).restore(_state()) == 1
+    assert Checkpointer(spec.checkpoint, home, spec=spec).restore(train_state()) == 1
     assert cm.list_published(open_store(home).child("checkpoints")) == [1]  # integrity: rejected
 
 
@@ -140,13 +123,13 @@ def test_disk_full_during_a_save_is_one_line_and_nothing_is_published(small_disk
                                                   "local_dir": str(small_disk / "ck")}})
     home = str(tmp_path / "home")  # the store has room; the local scratch disk fills up
     ck = Checkpointer(spec.checkpoint, home, spec=spec)
-    st = _state()
-    _train_step(st)
+    st = train_state()
+    train_step(st)
     ck.save(1, st)
     ck.wait()
-    saved = _params(st["model"])
+    saved = params(st["model"])
     _fill(small_disk, leave=64 * 1024)
-    _train_step(st)
+    train_step(st)
     with pytest.raises(cm.CheckpointError) as e:
         ck.save(2, st)
         ck.wait()
@@ -156,6 +139,6 @@ def test_disk_full_during_a_save_is_one_line_and_nothing_is_published(small_disk
     assert cm.list_published(ckpts) == [1] and not any(k.startswith("step-2/") for k in ckpts.list(""))
     for filler in small_disk.glob("filler-*"):  # space freed, the next attempt resumes from step 1
         filler.unlink()
-    st2 = _state()
+    st2 = train_state()
     assert Checkpointer(spec.checkpoint, home, spec=spec).restore(st2) == 1
-    assert all(torch.equal(v, saved[k]) for k, v in _params(st2["model"]).items())
+    assert all(torch.equal(v, saved[k]) for k, v in params(st2["model"]).items())

@@ -18,26 +18,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from ckpt_worker import DataPosition, build_model  # noqa: E402
+from ckpt_worker import DataPosition, train_state, train_step  # noqa: E402
 from gptoss_cloud.errors import SpecError, StoreError  # noqa: E402
 from gptoss_cloud.spec import RunSpec, spec_from_yaml_text  # noqa: E402
 from gptoss_cloud.store import open_store  # noqa: E402
 from gptoss_cloud.trainer import checkpoint as ckpt_mod  # noqa: E402
 from gptoss_cloud.trainer import ckpt_manifest as cm  # noqa: E402
 from gptoss_cloud.trainer.checkpoint import Checkpointer, writer_threads  # noqa: E402
-
-
-def _state():
-    model = build_model("full")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    return {"model": model, "optimizer": opt, "data": DataPosition(1, 0)}
-
-
-def _train_step(state):
-    ids = state["data"].next_batch(8, 256)
-    state["model"](input_ids=ids, labels=ids).loss.backward()
-    state["optimizer"].step()
-    state["optimizer"].zero_grad()
 
 
 def _spec(**ckpt):
@@ -84,8 +71,8 @@ def test_parallel_hashing_matches_serial(tmp_path):
 def test_several_files_per_rank_all_in_the_manifest_and_restored_exactly(tmp_path, caplog):
     home = str(tmp_path / "run")
     spec = _spec(writer_threads=3)
-    st = _state()
-    _train_step(st)
+    st = train_state()
+    train_step(st)
     ck = Checkpointer(spec.checkpoint, home, spec=spec)
     ck.save(1, st)
     ck.close()
@@ -101,7 +88,7 @@ def test_several_files_per_rank_all_in_the_manifest_and_restored_exactly(tmp_pat
     (ev,) = _metrics(home)
     assert ev["writer_threads"] == 3 and ev["hash_s"] >= 0 and ev["write_s"] + ev["hash_s"] <= ev["total_s"]
 
-    st2 = _state()
+    st2 = train_state()
     st2["data"] = DataPosition(1, 0)
     assert Checkpointer(spec.checkpoint, home, spec=spec).restore(st2) == 1
     for k, v in st2["model"].state_dict().items():
@@ -115,7 +102,7 @@ def test_several_files_per_rank_all_in_the_manifest_and_restored_exactly(tmp_pat
     data[len(data) // 2] ^= 0xFF
     (folder / "__0_1.distcp").write_bytes(bytes(data))
     with pytest.raises(cm.CheckpointError, match=r"__0_1.distcp: sha256 mismatch"):
-        Checkpointer(spec.checkpoint, home, spec=spec).restore(_state())
+        Checkpointer(spec.checkpoint, home, spec=spec).restore(train_state())
 
 
 # ------------------------------------------------------------------------------- pruning off the loop
@@ -134,13 +121,13 @@ def test_sync_save_returns_before_older_checkpoints_are_pruned(tmp_path, monkeyp
     monkeypatch.setattr(ckpt_mod, "prune", gated_prune)
     ck = Checkpointer(spec.checkpoint, home, spec=spec)
     ckpts = open_store(home).child("checkpoints")
-    st = _state()
+    st = train_state()
     ck.save(1, st)
     gate.set()
     ck.wait()
     gate.clear()
     entered.clear()
-    _train_step(st)
+    train_step(st)
     ck.save(2, st)  # returns with step 2 published and the prune of step 1 still waiting at the gate
     assert entered.wait(10) and not gate.is_set()
     assert cm.list_published(ckpts) == [2, 1] and (tmp_path / "run" / "checkpoints" / "step-1").exists()
@@ -156,7 +143,7 @@ def test_a_failed_prune_surfaces_at_the_next_wait(tmp_path, monkeypatch):
     home = str(tmp_path / "run")
     spec = _spec(keep_last=1)
     ck = Checkpointer(spec.checkpoint, home, spec=spec)
-    st = _state()
+    st = train_state()
     ck.save(1, st)
     ck.wait()
 
@@ -164,7 +151,7 @@ def test_a_failed_prune_surfaces_at_the_next_wait(tmp_path, monkeypatch):
         raise StoreError(f"{ck.ckpts.uri}/{prefix}: AccessDenied (delete)")
 
     monkeypatch.setattr(ck.ckpts, "delete", refused)
-    _train_step(st)
+    train_step(st)
     ck.save(2, st)  # published; the failure comes from the background clean-up
     with pytest.raises(cm.CheckpointError, match=r"step 2 is published, but removing older checkpoints .* AccessDenied"):
         ck.wait()
@@ -172,7 +159,7 @@ def test_a_failed_prune_surfaces_at_the_next_wait(tmp_path, monkeypatch):
     assert cm.list_published(open_store(home).child("checkpoints")) == [2, 1]
     assert [e["step"] for e in _metrics(home)] == [1, 2]  # the save itself is still recorded
     monkeypatch.undo()
-    _train_step(st)
+    train_step(st)
     ck.save(3, st)
     ck.close()
     assert cm.list_published(open_store(home).child("checkpoints")) == [3]
@@ -201,7 +188,7 @@ def test_next_save_joins_the_pending_prune(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt_mod.dcp, "save", recorded_save)
     ck = Checkpointer(spec.checkpoint, home, spec=spec)
-    st = _state()
+    st = train_state()
     for step in (1, 2, 3):
         ck.save(step, st)
     ck.close()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # noqa: E402
-from ckpt_worker import DataPosition, build_model
+from ckpt_worker import DataPosition, build_model, params, train_state, train_step
 from gptoss_cloud.errors import PlanError
 from gptoss_cloud.spec import RunSpec
 from gptoss_cloud.store import open_store
@@ -26,20 +26,7 @@ from gptoss_cloud.trainer.ckpt_state import RNGState
 
 
 def _state(method="full"):
-    model = build_model(method)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    return {"model": model, "optimizer": opt, "data": DataPosition(1, 0), "rng": RNGState()}
-
-
-def _train_step(state):
-    ids = state["data"].next_batch(8, 256)
-    state["model"](input_ids=ids, labels=ids).loss.backward()
-    state["optimizer"].step()
-    state["optimizer"].zero_grad()
-
-
-def _params(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return train_state(method, rng=RNGState())
 
 
 @pytest.fixture
@@ -50,9 +37,9 @@ def two_checkpoints(tmp_path):
     st = _state()
     snaps = {}
     for step in (1, 2):
-        _train_step(st)
+        train_step(st)
         ck.save(step, st)
-        snaps[step] = _params(st["model"])
+        snaps[step] = params(st["model"])
     ck.close()
     return spec, home, snaps
 
@@ -67,7 +54,7 @@ def test_round_trip_and_no_overwrite(two_checkpoints):
     spec, home, snaps = two_checkpoints
     step, st = _restore(spec, home)
     assert step == 2 and st["data"].samples == 2
-    for k, v in _params(st["model"]).items():
+    for k, v in params(st["model"]).items():
         assert torch.equal(v, snaps[2][k]), k
     m = cm.read_manifest(open_store(home).child("checkpoints"), 2, None)
     assert {".metadata", "__0_0.distcp", "extra/rank-0.json", "spec.yaml"} <= set(m.files)
@@ -99,7 +86,7 @@ def test_malicious_metadata_is_refused_and_never_run(two_checkpoints, tmp_path, 
         step, st = _restore(spec, home)
     assert step == 1 and not marker.exists()
     assert "step-2 is unusable" in caplog.text and "refusing to unpickle" in caplog.text
-    for k, v in _params(st["model"]).items():
+    for k, v in params(st["model"]).items():
         assert torch.equal(v, snaps[1][k]), k
 
 
@@ -122,7 +109,7 @@ def test_signed_checkpoints_refuse_tampering(tmp_path, monkeypatch, caplog):
     ck = Checkpointer(spec.checkpoint, home, spec=spec)
     st = _state()
     for step in (1, 2):
-        _train_step(st)
+        train_step(st)
         ck.save(step, st)
     assert cm.read_manifest(open_store(home).child("checkpoints"), 2, b"k3y").signed
     _rewrite(home, 2, "extra/rank-0.json", b'{"__dict__": {}}')
@@ -138,7 +125,7 @@ def test_lora_checkpoint_holds_only_the_adapter(tmp_path):
     spec = RunSpec.model_validate({"method": {"kind": "lora"}})
     home = str(tmp_path / "run-l")
     st = _state("lora")
-    _train_step(st)
+    train_step(st)
     Checkpointer(spec.checkpoint, home, spec=spec).save(1, st)
     want = {k: v.detach().clone() for k, v in st["model"].named_parameters() if v.requires_grad}
     st2 = _state("lora")
@@ -175,7 +162,7 @@ def test_loop_trainstate_is_accepted(tmp_path):
     ts = SimpleNamespace(module=model, optimizer=opt, scheduler=sched, data=DataPosition(1, 0), step=0, tokens=0, extra={})
     ck = Checkpointer(spec.checkpoint, home, spec=spec)
     ck.restore(ts)
-    _train_step({"model": model, "optimizer": opt, "data": ts.data})
+    train_step({"model": model, "optimizer": opt, "data": ts.data})
     sched.step()
     ts.step, ts.tokens, ts.extra["note"] = 1, 8, "x"
     assert ck.maybe_save(1, ts, final=True)
@@ -195,7 +182,7 @@ def test_planted_pickle_on_s3_is_rejected_unpublished_and_re_saved(s3_bucket, s3
     ck = Checkpointer(spec.checkpoint, home, spec=spec)
     st = _state()
     for step in (1, 2):
-        _train_step(st)
+        train_step(st)
         ck.save(step, st)
     ck.close()
     marker = tmp_path / "pwned"
@@ -210,11 +197,11 @@ def test_planted_pickle_on_s3_is_rejected_unpublished_and_re_saved(s3_bucket, s3
     assert not marker.exists() and "refusing to unpickle" in caplog.text
     assert cm.list_published(ckpts) == [1]  # the manifest is gone from the bucket, kept aside as evidence
     assert ckpts.exists("step-2/manifest.rejected.json") and not ckpts.exists("step-2/manifest.json")
-    _train_step(st2)
+    train_step(st2)
     assert ck2.maybe_save(2, st2, last=True)  # saved again, not skipped
     ck2.close()
     m = cm.read_manifest(ckpts, 2, None)
     assert m.files[".metadata"]["sha256"] == cm.sha256_file(tmp_path / "l2" / "step-2" / ".metadata")
-    want = _params(st2["model"])
+    want = params(st2["model"])
     step, st3 = _restore(spec2, home)
-    assert step == 2 and all(torch.equal(v, want[k]) for k, v in _params(st3["model"]).items())
+    assert step == 2 and all(torch.equal(v, want[k]) for k, v in params(st3["model"]).items())
