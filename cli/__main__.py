@@ -1,3 +1,3 @@
-from .main import main
+from gptoss_cloud.main import main
 
 main()

@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 
-from .errors import GptossError
+from gptoss_cloud.contract.errors import GptossError
 
 DEBUG_ENV = "GPTOSS_DEBUG"
 MESSAGE_CHARS = 300

@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
-from .commands import register_all
-from .failure import DEBUG_ENV, report, set_debug
+from gptoss_cloud.commands import (
+    bench, data, eval as eval_cmd, lifecycle, merge, plan, rehearse, render, report, run, serve, spec_cmds, train,
+)
+from gptoss_cloud.failure import DEBUG_ENV, report, set_debug
 
 app = typer.Typer(
     name="gptoss-cloud",
@@ -26,7 +28,9 @@ def _global(
     set_debug(debug)
 
 
-register_all(app)
+# The order here is the order of `--help`.
+for group in (spec_cmds, run, data, plan, train, serve, report, eval_cmd, render, lifecycle, merge, bench, rehearse):
+    group.register(app)
 
 
 def main() -> None:

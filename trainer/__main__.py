@@ -11,10 +11,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gptoss_cloud.errors import GptossError
-    from gptoss_cloud.runs import run_home
-    from gptoss_cloud.spec import load_spec
-    from gptoss_cloud.store import open_store
+    from gptoss_cloud.contract.errors import GptossError
+    from gptoss_cloud.contract.runs import run_home
+    from gptoss_cloud.contract.spec import load_spec
+    from gptoss_cloud.contract.store.objects import open_store
 
     p = argparse.ArgumentParser(prog="python -m gptoss_cloud.trainer", description=__doc__)
     p.add_argument("spec", help="the run spec (YAML)")
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec)
         home = args.home or run_home(spec.output.store, args.run_id)
-        from .train import run_training, shutdown
+        from gptoss_cloud.trainer.train import run_training, shutdown
 
         import os
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptoss_cloud.errors import GptossError
-from gptoss_cloud.spec import DataSection, RunSpec
-from gptoss_cloud.store import join
+from gptoss_cloud.contract.errors import GptossError
+from gptoss_cloud.contract.spec import DataSection, RunSpec
+from gptoss_cloud.contract.store.objects import join
 
 
 @dataclass
@@ -80,7 +80,7 @@ def _local_dir(home: str, sub: str, run_id: str, signed: bool) -> Path | None:
     one downloaded once into the cache."""
     import os
 
-    from gptoss_cloud.fetch import local_output
+    from gptoss_cloud.contract.store.fetch import local_output
 
     cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "gptoss-cloud" / "runs" / run_id / sub
     return local_output(join(home, sub), cache, signed=signed)
@@ -95,7 +95,7 @@ def load_run_model(home: str, spec: RunSpec, *, device: str | None = None):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # bf16 on GPUs; fp32 on CPU, where bf16 matmuls are slow and greedy argmax ties are likelier.
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    from gptoss_cloud.outputs import spec_says_signed
+    from gptoss_cloud.contract.outputs import spec_says_signed
 
     signed = spec_says_signed(spec)
     merged = _local_dir(home, "merged", run_id, signed)

@@ -53,7 +53,7 @@ CHAT_TEMPLATE = (
 def vocab_path() -> Path:
     base = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
     if not base or not (Path(base) / VOCAB_FILE).is_file():
-        from gptoss_cloud.errors import GptossError
+        from gptoss_cloud.contract.errors import GptossError
 
         raise GptossError(f"no {VOCAB_FILE} under TIKTOKEN_ENCODINGS_BASE={base!r}",
                           hint="point TIKTOKEN_ENCODINGS_BASE at a folder holding the o200k_base vocabulary")

@@ -22,12 +22,12 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import nn
 
-from gptoss_cloud.flops import attended_keys
-from gptoss_cloud.spec import OptimSection
+from gptoss_cloud.contract.plan.flops import attended_keys
+from gptoss_cloud.contract.spec import OptimSection
 
-from .kernels.loss import IGNORE_INDEX, shift_packed_labels
-from .model import Batch, run_batch
-from .parallel import DistInfo, all_reduce_sum
+from gptoss_cloud.trainer.kernels.loss import IGNORE_INDEX, shift_packed_labels
+from gptoss_cloud.trainer.model import Batch, run_batch
+from gptoss_cloud.trainer.parallel import DistInfo, all_reduce_sum
 
 
 # ------------------------------------------------------------------------------------ data position
@@ -119,7 +119,7 @@ class NoCheckpoints:
 # ---------------------------------------------------------------------------------------- optimizer
 def make_optimizer(params: Sequence[nn.Parameter], optim: OptimSection, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer ``optim.name`` names (trainer/optim.py: fused AdamW or torchao's low-bit AdamW)."""
-    from .optim import make_optimizer as build
+    from gptoss_cloud.trainer.optim import make_optimizer as build
 
     return build(params, optim, device)
 

@@ -5,13 +5,13 @@ Every ``log_every`` steps one JSON object is appended to ``metrics.jsonl`` with 
 mem_reserved_gib`` (+ ``eval_loss`` when computed, ``aux_loss`` when the router loss is on, ``epoch``).
 ``tokens`` is trained tokens so far (labels != -100, all ranks); ``tokens_per_s`` counts every packed
 position processed per second, all ranks; ``mfu`` = the FLOPs the window's steps executed
-(``gptoss_cloud.flops``: LoRA or full, recomputation as resolved, the attention pairs of the packed
+(``gptoss_cloud.contract.plan.flops``: LoRA or full, recomputation as resolved, the attention pairs of the packed
 documents) / its seconds / (peak bf16 FLOP/s x GPUs), None on CPU or an unknown GPU. For an s3:// home the file is kept locally and the
 whole (small) file is uploaded at each log.
 
 With ``GPTOSS_STEP_SPLIT=1`` each record also has that step's ``step_s, data_s, fwd_bwd_s,
 optimizer_s, optimizer_share`` (see ``Loop.step_split``). Other events share the file, told apart by
-an ``event`` key: ``"checkpoint"`` (one per save, see ``trainer/checkpoint.py``) and ``"merge"`` (the
+an ``event`` key: ``"checkpoint"`` (one per save, see ``trainer/checkpoint/checkpointer.py``) and ``"merge"`` (the
 end-of-run merge: ``wall_s, bytes_written, peak_rss_gib, peak_rss_scope``).
 """
 
@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from gptoss_cloud.store import is_remote, join, open_store
+from gptoss_cloud.contract.store.objects import is_remote, join, open_store
 
 GiB = 1024**3
 

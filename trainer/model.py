@@ -1,6 +1,6 @@
 """Build GPT-OSS (transformers' GptOssForCausalLM) for training: shape, kernels, weights, LoRA/full.
 
-- Shapes come from ``gptoss_cloud.shapes`` (presets) or the weights folder's config.json.
+- Shapes come from ``gptoss_cloud.contract.shapes`` (presets) or the weights folder's config.json.
 - Attention and expert implementations are transformers' own, chosen by ``spec.kernels``:
   on GPU flex attention (learned sinks, sliding windows and packed segments through one block mask)
   and grouped_mm experts; on CPU the eager implementations (the references).
@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from gptoss_cloud.shapes import ModelShape, shape_for, shape_from_config
-from gptoss_cloud.spec import KernelsSection, MethodSection, ModelSection
+from gptoss_cloud.contract.shapes import ModelShape, shape_for, shape_from_config
+from gptoss_cloud.contract.spec import KernelsSection, MethodSection, ModelSection
 
-from .kernels import attention
-from .kernels.loss import chunked_linear_cross_entropy, shift_packed_labels
+from gptoss_cloud.trainer.kernels import attention
+from gptoss_cloud.trainer.kernels.loss import chunked_linear_cross_entropy, shift_packed_labels
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def resolve_implementations(kernels: KernelsSection, device_type: str) -> tuple[
     if experts == "auto":
         experts = "fused" if on_gpu else "eager"
     if experts == "fused":
-        from .kernels.experts import register
+        from gptoss_cloud.trainer.kernels.experts import register
 
         register()  # transformers validates the name when the model is built
     return ATTENTION_IMPLS[attn], EXPERTS_IMPLS[experts]
@@ -120,7 +120,7 @@ def create_model(config, dtype: torch.dtype, device: str | torch.device = "cpu",
     # keeps fp32 master weights, but its merge is served in this dtype (bf16 on GPUs).
     model.config.dtype = dtype
     if mxfp4:
-        from .kernels.experts_mxfp4 import quantize_model_experts_
+        from gptoss_cloud.trainer.kernels.experts_mxfp4 import quantize_model_experts_
 
         quantize_model_experts_(model)
         if str(device) != "meta":
@@ -139,7 +139,7 @@ def init_sharded_weights_(model: nn.Module, std: float, seed: int) -> None:
     """
     from torch.distributed.tensor import DTensor
 
-    from .kernels.experts_mxfp4 import init_random_mxfp4_, mxfp4_experts_modules
+    from gptoss_cloud.trainer.kernels.experts_mxfp4 import init_random_mxfp4_, mxfp4_experts_modules
 
     for i, (_, experts) in enumerate(mxfp4_experts_modules(model)):
         init_random_mxfp4_(experts, std, seed * 1009 + i)  # packed buffers: not parameters, filled here
@@ -203,9 +203,9 @@ def lora_config(method: MethodSection, num_layers: int):
 
 def check_method_fits_base(model: nn.Module, method: MethodSection) -> None:
     """Frozen MXFP4 experts have no trainable weight: refuse the methods that would train them."""
-    from gptoss_cloud.errors import GptossError
+    from gptoss_cloud.contract.errors import GptossError
 
-    from .kernels.experts_mxfp4 import mxfp4_experts_modules
+    from gptoss_cloud.trainer.kernels.experts_mxfp4 import mxfp4_experts_modules
 
     if not mxfp4_experts_modules(model):
         return
@@ -249,7 +249,7 @@ def resolve_recompute(spec, device: torch.device, shape: ModelShape | None = Non
         return bool(ac)
     if device.type != "cuda":
         return False
-    from gptoss_cloud.plan import recompute_on, with_settings
+    from gptoss_cloud.contract.plan.memory import recompute_on, with_settings
 
     gib = torch.cuda.get_device_properties(device).total_memory / 2**30
     return recompute_on(with_settings(spec, cluster__gpu_memory_gib=round(gib, 1)), shape)

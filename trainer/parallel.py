@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gptoss_cloud.spec import ParallelismSection
+from gptoss_cloud.contract.spec import ParallelismSection
 
 DECODER_LAYER = "GptOssDecoderLayer"
 
@@ -64,7 +64,7 @@ def offload_host_threads(info: DistInfo) -> int:
     torchrun sets OMP_NUM_THREADS=1 per worker, which left the offloaded Adam step single-threaded
     (3.4 s of a 6.3 s step for the 20b shape at 6 layers on two H100s). The cores are those the process
     may use within its container's CPU limit. ``GPTOSS_CPU_THREADS`` overrides."""
-    from gptoss_cloud.hostinfo import usable_cpus
+    from gptoss_cloud.contract.hostinfo import usable_cpus
 
     n = int(os.environ.get("GPTOSS_CPU_THREADS") or max(1, usable_cpus() // max(1, info.local_world_size)))
     torch.set_num_threads(n)

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from gptoss_cloud.errors import GptossError
-from gptoss_cloud.spec import RunSpec
-from gptoss_cloud.store import is_remote, open_store
+from gptoss_cloud.contract.errors import GptossError
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.contract.store.objects import is_remote, open_store
 
 log = logging.getLogger("gptoss_cloud.trainer")
 

@@ -17,15 +17,15 @@ from typing import Any
 
 import torch
 
-from gptoss_cloud.errors import GptossError
-from gptoss_cloud.spec import RunSpec
-from gptoss_cloud.store import is_remote, join, open_store
+from gptoss_cloud.contract.errors import GptossError
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.contract.store.objects import is_remote, join, open_store
 
-from . import model as M
-from .loop import Checkpointer, Loop, NoCheckpoints, make_optimizer
-from .metrics import Metrics
-from .optim import master_dtype
-from .parallel import DistInfo, barrier, init_distributed, make_accelerator, offload_host_threads, shard_model
+from gptoss_cloud.trainer import model as M
+from gptoss_cloud.trainer.loop import Checkpointer, Loop, NoCheckpoints, make_optimizer
+from gptoss_cloud.trainer.metrics import Metrics
+from gptoss_cloud.trainer.optim import master_dtype
+from gptoss_cloud.trainer.parallel import DistInfo, barrier, init_distributed, make_accelerator, offload_host_threads, shard_model
 
 log = logging.getLogger("gptoss_cloud.trainer")
 
@@ -34,7 +34,7 @@ log = logging.getLogger("gptoss_cloud.trainer")
 def build_data(spec: RunSpec, info: DistInfo):
     """Rank 0 tokenizes and packs first (filling the pipeline's cache); the others then read the cache."""
     try:
-        from .data import build_datasets  # the harmony pipeline
+        from gptoss_cloud.trainer.data import build_datasets  # the harmony pipeline
     except ImportError as e:
         raise GptossError("the data pipeline (gptoss_cloud.trainer.data) is not installed in this build") from e
     if info.is_main:
@@ -48,8 +48,8 @@ def build_data(spec: RunSpec, info: DistInfo):
 # --------------------------------------------------------------------------------------------- model
 def _put_folder(local: Path, home: str, key: str) -> str:
     """``local`` as ``<home>/<key>/`` (uploaded unless it is already there), its manifest written last."""
-    from gptoss_cloud.integrity import signing_key
-    from gptoss_cloud.outputs import publish_local_folder
+    from gptoss_cloud.contract.integrity import signing_key
+    from gptoss_cloud.contract.outputs import publish_local_folder
 
     if is_remote(home):
         store = open_store(home)
@@ -78,8 +78,8 @@ def recompute_policy(spec: RunSpec, info: DistInfo, shape=None) -> bool:
 
 
 def step_flops(spec: RunSpec, shape, recompute: bool):
-    """StepStats -> the FLOPs that step executed on every rank (the formula in ``gptoss_cloud.flops``)."""
-    from gptoss_cloud.flops import flops_from_pairs
+    """StepStats -> the FLOPs that step executed on every rank (the formula in ``gptoss_cloud.contract.plan.flops``)."""
+    from gptoss_cloud.contract.plan.flops import flops_from_pairs
 
     def count(stats) -> float:
         f = flops_from_pairs(shape, spec.method.kind, recompute, stats.processed_tokens, stats.attended_full,
@@ -109,7 +109,7 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
         else:
             hf = M.create_model(config, dtype, "meta", base_format=spec.model.base_format)
     else:
-        from .weights import fetch_pretrained, load_state_dict, read_config
+        from gptoss_cloud.trainer.weights import fetch_pretrained, load_state_dict, read_config
 
         folder = fetch_pretrained(spec.model.name, revision=spec.model.revision, cache_dir=spec.model.cache_dir,
                                   local_rank=info.local_rank, barrier=lambda: barrier(info))
@@ -201,7 +201,7 @@ def save_result(module, spec: RunSpec, info: DistInfo, home: str, *, checkpointe
 def _oom_report(spec: RunSpec, shape, info: DistInfo) -> str:
     lines = [f"CUDA out of memory on rank {info.rank} ({torch.cuda.get_device_name(info.device)})"]
     try:
-        from gptoss_cloud.plan import memory_plan
+        from gptoss_cloud.contract.plan.memory import memory_plan
 
         lines.append("memory plan attempted: " + memory_plan(spec).summary())
     except Exception:  # a custom model whose shape the planner cannot read: report what we know
@@ -228,8 +228,8 @@ def run_training(spec: RunSpec, run_id: str, home: str, *, datasets: Any = None,
     kw = dict(datasets=datasets, checkpointer=checkpointer, interactive=interactive)
     if not spec.output.report_to or os.environ.get("RANK", "0") != "0":
         return _train(spec, run_id, home, **kw)
-    from .metrics import writer_for
-    from .tracking import open_trackers
+    from gptoss_cloud.trainer.metrics import writer_for
+    from gptoss_cloud.trainer.tracking import open_trackers
 
     trackers = open_trackers(spec, run_id, home)
     writer = writer_for(home)
@@ -252,12 +252,12 @@ def _train(spec: RunSpec, run_id: str, home: str, *, datasets: Any, checkpointer
     random.seed(spec.optim.seed)
     torch.manual_seed(spec.optim.seed)
     if info.device.type == "cuda":
-        from gptoss_cloud.plan import check_fit
+        from gptoss_cloud.contract.plan.memory import check_fit
 
         check_fit(spec)  # refuse before any model loads
     if checkpointer is None:
-        from .checkpoint import Checkpointer
-        from .ckpt_room import preflight
+        from gptoss_cloud.trainer.checkpoint.checkpointer import Checkpointer
+        from gptoss_cloud.trainer.checkpoint.room import preflight
 
         if info.local_rank == 0:  # the store is reachable (and writable), and this node has room for two checkpoints
             preflight(spec, home, write=info.is_main)
@@ -309,7 +309,7 @@ def _train(spec: RunSpec, run_id: str, home: str, *, datasets: Any, checkpointer
     if info.is_main and spec.output.merge and not isinstance(checkpointer, NoCheckpoints):
         # Streams the final published checkpoint tensor by tensor into <home>/merged (host memory bounded
         # by a few tensors, never the model), so 120b merges where it trained.
-        from .merge import merge
+        from gptoss_cloud.trainer.merge.export import merge
 
         res = merge(home, join(home, "merged"))
         summary["merged"], summary["merge"] = res.out, res.stats()  # wall time, bytes written, peak host memory

@@ -15,11 +15,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from gptoss_cloud.errors import GptossError
-from gptoss_cloud.hub_files import WEIGHT_INCLUDE, wanted
-from gptoss_cloud.shapes import HUB_IDS
+from gptoss_cloud.contract.errors import GptossError
+from gptoss_cloud.contract.hub_files import WEIGHT_INCLUDE, wanted
+from gptoss_cloud.contract.shapes import HUB_IDS
 
-from .kernels.mxfp4 import dequantize_expert_weight
+from gptoss_cloud.trainer.kernels.mxfp4 import dequantize_expert_weight
 
 COMPLETE_MARKER = ".gptoss-complete"
 
@@ -66,9 +66,9 @@ def fetch_pretrained(
 
 
 def _download_s3(uri: str, dest: Path) -> None:
-    from gptoss_cloud.store import open_store
+    from gptoss_cloud.contract.store.objects import open_store
 
-    from gptoss_cloud.fetch import download_prefix
+    from gptoss_cloud.contract.store.fetch import download_prefix
 
     store = open_store(uri)
     if not any(k.endswith(".safetensors") for k in store.list("") if wanted(k)):

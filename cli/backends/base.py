@@ -7,13 +7,12 @@ Every backend writes the resolved spec to the run home first, so ``status``/``ru
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import GptossError
-from ..spec import RunSpec
+from gptoss_cloud.contract.errors import GptossError
+from gptoss_cloud.contract.spec import RunSpec
 
 
 @dataclass
@@ -78,13 +77,21 @@ class Backend:
         raise GptossError(f"backend {self.name} cannot cancel runs")
 
 
-_BACKENDS = {"local": "local:LocalBackend", "k8s": "k8s:KubernetesBackend", "truss": "truss:TrussBackend"}
+BACKENDS = ("local", "k8s", "truss")
 
 
 def get_backend(name: str) -> Backend:
-    """Import a backend lazily (the Kubernetes and Truss clients are heavy)."""
-    if name not in _BACKENDS:
-        raise GptossError(f"unknown backend {name!r}: choose one of {', '.join(_BACKENDS)}")
-    module, cls = _BACKENDS[name].split(":")
-    mod = importlib.import_module(f"gptoss_cloud.backends.{module}")
-    return getattr(mod, cls)()
+    """The backend called ``name``, imported only when asked for (the Kubernetes and Truss clients are heavy)."""
+    if name == "local":
+        from gptoss_cloud.backends.local import LocalBackend
+
+        return LocalBackend()
+    if name == "k8s":
+        from gptoss_cloud.backends.k8s import KubernetesBackend
+
+        return KubernetesBackend()
+    if name == "truss":
+        from gptoss_cloud.backends.truss import TrussBackend
+
+        return TrussBackend()
+    raise GptossError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")

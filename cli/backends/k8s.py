@@ -12,11 +12,11 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import BackendError, GptossError, StoreError
-from ..render import k8s as rk
-from ..spec import RunSpec, spec_from_yaml_text
-from ..store import is_remote, join, open_store
-from .base import Backend, RunStatus, SubmitOptions, SubmitResult
+from gptoss_cloud.contract.errors import BackendError, GptossError, StoreError
+from gptoss_cloud.render.k8s import jobset as rk
+from gptoss_cloud.contract.spec import RunSpec, spec_from_yaml_text
+from gptoss_cloud.contract.store.objects import is_remote, join, open_store
+from gptoss_cloud.backends.base import Backend, RunStatus, SubmitOptions, SubmitResult
 
 CONTAINER = "trainer"
 
@@ -90,7 +90,7 @@ class KubernetesBackend(Backend):
 
     # ---- connection ---------------------------------------------------------------------------
     def connect(self, spec: RunSpec):
-        from ..kube import connect
+        from gptoss_cloud.kube.client import connect
 
         ns = os.environ.get("GPTOSS_NAMESPACE") or spec.cluster.namespace
         ctx = os.environ.get("GPTOSS_CONTEXT") or spec.cluster.context
@@ -106,8 +106,8 @@ class KubernetesBackend(Backend):
 
     # ---- submit -------------------------------------------------------------------------------
     def _submit(self, spec: RunSpec, run_id: str, home: str, opts: SubmitOptions) -> SubmitResult:
-        from ..errors import SpecError
-        from ..plan import check_fit
+        from gptoss_cloud.contract.errors import SpecError
+        from gptoss_cloud.contract.plan.memory import check_fit
 
         plan_note = None
         if not opts.force:
@@ -131,7 +131,7 @@ class KubernetesBackend(Backend):
                 f"output.store {spec.output.store!r} is a local folder the pods cannot reach",
                 hint="set output.store (or --store / GPTOSS_STORE) to s3://bucket/prefix and cluster.store_secret",
             )
-        from ..kube import create_object, delete_configmap, set_owner
+        from gptoss_cloud.kube.client import create_object, delete_configmap, set_owner
 
         open_store(home).write_bytes("spec.yaml", spec.to_yaml().encode())
         kube = self.connect(spec)
@@ -151,7 +151,7 @@ class KubernetesBackend(Backend):
 
     # ---- status -------------------------------------------------------------------------------
     def _status(self, run_id: str, home: str) -> RunStatus:
-        from ..kube import get_jobset, is_not_found, list_pods
+        from gptoss_cloud.kube.client import get_jobset, is_not_found, list_pods
 
         spec = self.run_spec(home)
         kube = self.connect(spec)
@@ -183,7 +183,7 @@ class KubernetesBackend(Backend):
 
     # ---- logs ---------------------------------------------------------------------------------
     def _logs(self, run_id: str, home: str, *, follow: bool, node: int | None) -> Iterator[str]:
-        from ..kube import list_pods, pod_log_lines
+        from gptoss_cloud.kube.client import list_pods, pod_log_lines
 
         spec = self.run_spec(home)
         kube = self.connect(spec)
@@ -200,7 +200,7 @@ class KubernetesBackend(Backend):
 
     # ---- cancel -------------------------------------------------------------------------------
     def _cancel(self, run_id: str, home: str) -> None:
-        from ..kube import delete_configmap, delete_jobset, is_not_found
+        from gptoss_cloud.kube.client import delete_configmap, delete_jobset, is_not_found
 
         kube = self.connect(self.run_spec(home))
         gone = 0
@@ -218,7 +218,7 @@ class KubernetesBackend(Backend):
     # ---- list ---------------------------------------------------------------------------------
     def list_runs(self, spec: RunSpec) -> list[RunStatus]:
         """Runs with a JobSet in the spec's namespace (newest first)."""
-        from ..kube import list_jobsets
+        from gptoss_cloud.kube.client import list_jobsets
 
         kube = self.connect(spec)
         items = list_jobsets(kube, "app.kubernetes.io/managed-by=gptoss-cloud")

@@ -25,11 +25,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import BackendError, GptossError
-from ..spec import RunSpec
-from ..store import is_remote, join, open_store
-from .base import Backend, RunStatus, SubmitOptions, SubmitResult
-from .proc_identity import identity, is_ours, process_group
+from gptoss_cloud.contract.errors import BackendError, GptossError
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.contract.store.objects import is_remote, join, open_store
+from gptoss_cloud.backends.base import Backend, RunStatus, SubmitOptions, SubmitResult
+from gptoss_cloud.backends.proc_identity import identity, is_ours, process_group
 
 CPU_PROCESSES = 2  # what CI and laptops run: two gloo ranks exercise the real distributed path
 _RANK0_PREFIX = re.compile(rb"^\[[^\]]*?0\]:")
@@ -197,7 +197,7 @@ class LocalBackend(Backend):
 
     # -------------------------------------------------------------------------------------- status
     def _status(self, run_id: str, home: str) -> RunStatus:
-        from ..progress import read_summary, summary_state
+        from gptoss_cloud.contract.progress import read_summary, summary_state
 
         rec = _read_json(state_dir(run_id, home) / "run.json")
         detail: dict = {}
@@ -319,7 +319,7 @@ def run_attempt(run_id: str, home: str, attempt: int, cmd: list[str], *, echo: b
 
     env = dict(os.environ)
     # Share the cores (within a container's CPU limit) between the ranks instead of torchrun's one thread each.
-    from ..hostinfo import usable_cpus
+    from gptoss_cloud.contract.hostinfo import usable_cpus
 
     env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // rec["nproc"])))
     env.setdefault("PYTHONUNBUFFERED", "1")

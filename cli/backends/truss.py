@@ -15,11 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import BackendError, GptossError
-from ..render.truss import CONFIG_FILE, TrussProject, render_truss_project
-from ..spec import RunSpec
-from ..store import is_remote, open_store
-from .base import Backend, RunStatus, SubmitOptions, SubmitResult
+from gptoss_cloud.contract.errors import BackendError, GptossError
+from gptoss_cloud.render.truss.train import CONFIG_FILE, TrussProject, render_truss_project
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.contract.store.objects import is_remote, open_store
+from gptoss_cloud.backends.base import Backend, RunStatus, SubmitOptions, SubmitResult
 
 JOB_FILE = "truss-job.json"
 API_KEY_ENV = "BASETEN_API_KEY"

@@ -90,8 +90,8 @@ def bench(
     """Benchmark a training step at the real shapes with random weights; print a table, write JSON."""
     from rich.console import Console
 
-    from ..errors import GptossError
-    from ..trainer.bench import BenchOptions, default_out, profile_tables, report_table, run_benchmark, write_report
+    from gptoss_cloud.contract.errors import GptossError
+    from gptoss_cloud.trainer.bench.run import BenchOptions, default_out, profile_tables, report_table, run_benchmark, write_report
 
     opts = BenchOptions(
         model=model.value, layers=layers, method=method.value, seq=seq, steps=steps, warmup=warmup, ours=ours,

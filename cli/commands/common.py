@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..spec import RunSpec, load_spec
+from gptoss_cloud.contract.spec import RunSpec, load_spec
 
 SpecArg = Annotated[Optional[Path], typer.Argument(help="run spec YAML (see `gptoss-cloud init`); omitted: defaults + user config", show_default=False)]
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="run store (s3://bucket/prefix or folder); overrides the spec's output.store and GPTOSS_STORE")]

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import resolve
+from gptoss_cloud.commands.common import resolve
 
 app = typer.Typer(help="Tokenize and inspect datasets (harmony format, label masks, packing).", no_args_is_help=True)
 
@@ -27,7 +27,7 @@ def register(root: typer.Typer) -> None:
 
 def _source_for(data, path: str):
     """The spec's entry for this path (its field names and format), else a plain source."""
-    from ..spec import DatasetSource
+    from gptoss_cloud.contract.spec import DatasetSource
 
     for s in data.datasets:
         if s.path == path:
@@ -44,9 +44,9 @@ def tokenize(
     thinking_turns: ThinkingOpt = None,
 ) -> None:
     """Render INPUT with harmony and write every sequence (before packing) with its labels, in input order."""
-    from ..trainer.data.notes import Notes
-    from ..trainer.data.pipeline import check_skipped, tokenize_rows
-    from ..trainer.data.sources import load_source
+    from gptoss_cloud.trainer.data.notes import Notes
+    from gptoss_cloud.trainer.data.pipeline import check_skipped, tokenize_rows
+    from gptoss_cloud.trainer.data.sources import load_source
 
     data = resolve(spec, data__train_on=train_on, data__reasoning_effort=reasoning_effort,
                    data__thinking_turns=thinking_turns).data
@@ -71,7 +71,7 @@ def tokenize(
 
 def _write_tokens(seqs, out: Path, tmp: Path) -> None:
     """Write beside ``out`` and rename, so a failed write never leaves half a file under its name."""
-    from ..errors import DataError
+    from gptoss_cloud.contract.errors import DataError
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +89,7 @@ def _refuse_overwrite(input: str, *outs: Path) -> None:
     """The output must never replace the dataset it is made from (by name, symlink or hard link)."""
     import os
 
-    from ..errors import DataError
+    from gptoss_cloud.contract.errors import DataError
 
     src = Path(input).expanduser()
     if not src.is_file():  # 'sample', s3:// and hub inputs are not local files
@@ -115,9 +115,9 @@ def preview(
     from rich.table import Table
     from rich.text import Text
 
-    from ..trainer.data.pipeline import build_datasets, check_skipped, tokenize_rows
-    from ..trainer.data.sources import load_source
-    from ..trainer.data.vocab import load_encoding
+    from gptoss_cloud.trainer.data.pipeline import build_datasets, check_skipped, tokenize_rows
+    from gptoss_cloud.trainer.data.sources import load_source
+    from gptoss_cloud.trainer.data.vocab import load_encoding
 
     s = resolve(spec, data__train_on=train_on, data__reasoning_effort=reasoning_effort,
                 data__thinking_turns=thinking_turns, data__max_seq_len=max_seq_len)
@@ -169,7 +169,7 @@ def preview(
 
 def _print_notes(console, Table, stats) -> None:
     """What the rows had converted, dropped or defaulted, per kind, with the first row of each."""
-    from ..trainer.data.notes import KINDS
+    from gptoss_cloud.trainer.data.notes import KINDS
 
     kinds = [k for k in KINDS if any(k in x.notes for x in stats)]
     if not kinds:

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import SpecError
-from .common import StoreOpt, resolve
+from gptoss_cloud.contract.errors import SpecError
+from gptoss_cloud.commands.common import StoreOpt, resolve
 
 
 def register(app: typer.Typer) -> None:
@@ -26,15 +26,15 @@ def eval_run(
 ) -> None:
     """Evaluate a trained run on held-out rows: loss by reasoning effort and span kind, and generation checks
     (final ends with <|return|>, tool-call arguments match their schema, no control-token leaks, analysis present)."""
-    from ..progress import read_spec
-    from ..runs import resolve_run
+    from gptoss_cloud.contract.progress import read_spec
+    from gptoss_cloud.contract.runs import resolve_run
 
     if output not in ("table", "json"):
         raise SpecError(f"-o/--output must be table or json, not {output!r}")
     run_id, home = resolve_run(run, resolve(None, output__store=store).output.store)
     spec = read_spec(home)
 
-    from gptoss_cloud.trainer.eval_run import run_eval  # lazy: torch, transformers
+    from gptoss_cloud.trainer.evaluation.run_home import run_eval  # lazy: torch, transformers
 
     res = run_eval(run_id, home, spec, data, checkpoint=checkpoint, samples=samples, max_new_tokens=max_new_tokens)
     if output == "json":

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import StoreOpt, resolve
+from gptoss_cloud.commands.common import StoreOpt, resolve
 
 # Every object gptoss-cloud creates for a run carries this label (JobSet, ConfigMap, merge Job, serving objects).
 RUN_LABEL = "gptoss-cloud.dev/run-id"
@@ -33,11 +33,11 @@ def delete(
 ) -> None:
     """Delete a run: its cluster objects (JobSet, merge Job, server) and everything under its store home.
     A running local run is stopped first."""
-    from ..errors import GptossError
-    from ..progress import read_spec
-    from ..runs import resolve_run
-    from ..serving import run_spec_with_overrides
-    from ..store import open_store
+    from gptoss_cloud.contract.errors import GptossError
+    from gptoss_cloud.contract.progress import read_spec
+    from gptoss_cloud.contract.runs import resolve_run
+    from gptoss_cloud.backends.serving import run_spec_with_overrides
+    from gptoss_cloud.contract.store.objects import open_store
 
     # strict: only a home named like a run id, so `delete ./` or `delete ../project` cannot empty a folder.
     run_id, home = resolve_run(run, resolve(None, output__store=store).output.store, strict=True)
@@ -61,13 +61,13 @@ def delete(
     if not yes and not typer.confirm(f"Delete run {run_id}: {what}?", default=False):
         raise typer.Exit(1)
     if running_here:
-        from ..backends.local import LocalBackend
+        from gptoss_cloud.backends.local import LocalBackend
 
         # Before the files: a live trainer would keep writing checkpoints into the emptied home.
         LocalBackend().cancel(run_id, home)
         typer.echo(f"stopped {run_id}", err=True)
     if on_cluster:
-        from ..kube_apply import Kube
+        from gptoss_cloud.kube.apply import Kube
 
         # Cluster first: a running trainer or server would otherwise keep writing to the home.
         for gone in Kube(spec.cluster.namespace, spec.cluster.context).delete_by_label(f"{RUN_LABEL}={run_id}", CLUSTER_KINDS):
@@ -79,7 +79,7 @@ def delete(
 def _running_locally(run_id: str, home: str) -> bool:
     """Whether this machine runs it, whatever backend its spec names (only the local backend keeps a
     local record; its pids are checked against their start time, so a stale record says no)."""
-    from ..backends.local import LocalBackend, state_dir
+    from gptoss_cloud.backends.local import LocalBackend, state_dir
 
     if not (state_dir(run_id, home) / "run.json").is_file():
         return False
@@ -87,7 +87,7 @@ def _running_locally(run_id: str, home: str) -> bool:
 
 
 def parse_hf_target(uri: str) -> str:
-    from ..errors import GptossError
+    from gptoss_cloud.contract.errors import GptossError
 
     m = _HF_REPO.match(uri)
     if not m:
@@ -103,12 +103,12 @@ def push(
     store: StoreOpt = None,
 ) -> None:
     """Upload a run's merged folder (or adapter) to the Hugging Face Hub; the token comes from HF_TOKEN."""
-    from ..errors import GptossError
-    from ..outputs import MANIFEST, home_says_signed
-    from ..progress import read_spec
-    from ..runs import resolve_run
-    from ..serve_fetch import fetch
-    from ..store import is_remote, join, open_store
+    from gptoss_cloud.contract.errors import GptossError
+    from gptoss_cloud.contract.outputs import MANIFEST, home_says_signed
+    from gptoss_cloud.contract.progress import read_spec
+    from gptoss_cloud.contract.runs import resolve_run
+    from gptoss_cloud.trainer.programs.serve_fetch import fetch
+    from gptoss_cloud.contract.store.objects import is_remote, join, open_store
 
     repo_id = parse_hf_target(to)
     token = os.environ.get("HF_TOKEN")

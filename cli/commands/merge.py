@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import StoreOpt, resolve
+from gptoss_cloud.commands.common import StoreOpt, resolve
 
 
 def register(app: typer.Typer) -> None:
@@ -22,8 +22,8 @@ def merge_cmd(
     store: StoreOpt = None,
 ) -> None:
     """Merge a checkpoint into safetensors shards + config + tokenizer that vLLM and transformers load as is."""
-    from ..errors import GptossError
-    from ..runs import resolve_run
+    from gptoss_cloud.contract.errors import GptossError
+    from gptoss_cloud.contract.runs import resolve_run
 
     if dtype not in (None, "bfloat16", "float32"):
         raise GptossError(f"--dtype {dtype!r}: use bfloat16 or float32")
@@ -33,7 +33,7 @@ def merge_cmd(
         _, home = resolve_run(ref, resolve(None, output__store=store).output.store)
         source = home
     target = out or f"{home.rstrip('/')}/merged"
-    from ..trainer.merge import merge  # heavy (torch, transformers): only when the command runs
+    from gptoss_cloud.trainer.merge.export import merge  # heavy (torch, transformers): only when the command runs
 
     res = merge(source, target, base=base, dtype=dtype, verify=verify)
     typer.echo(f"merged step {res.step} ({res.method}): {res.tensors} tensors, {res.total_bytes / 2**30:.2f} GiB "

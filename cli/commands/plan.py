@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import SpecArg, resolve
+from gptoss_cloud.commands.common import SpecArg, resolve
 
 
 class PlanFormat(str, Enum):
@@ -38,8 +38,8 @@ def plan(
     longest: Annotated[bool, typer.Option("--longest", help="also find the longest data.max_seq_len (a multiple of 1024) that fits these GPUs, all else as the spec says")] = False,
 ) -> None:
     """Plan memory, disk, time and cost for a run (exit 1 if it cannot fit). Talks to no server."""
-    from ..plan import longest_seq, plan_run
-    from ..plan_configs import configs_table, configurations
+    from gptoss_cloud.contract.plan.memory import longest_seq, plan_run
+    from gptoss_cloud.contract.plan.configs import configs_table, configurations
 
     s = resolve(
         spec, model__name=model, parallelism__nodes=nodes, parallelism__gpus_per_node=gpus_per_node,
@@ -74,8 +74,8 @@ def local_shape(model: str, layers: int | None):
     """The shape of a local model folder from its config.json (presets need no file)."""
     from pathlib import Path
 
-    from ..errors import SpecError
-    from ..shapes import shape_for
+    from gptoss_cloud.contract.errors import SpecError
+    from gptoss_cloud.contract.shapes import shape_for
 
     cfg = Path(model) / "config.json"
     if not cfg.is_file():

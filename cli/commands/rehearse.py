@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import resolve
+from gptoss_cloud.commands.common import resolve
 
 OVERRIDES = "overrides the spec"
 
@@ -36,8 +36,8 @@ def rehearse(
     """Rehearse a multi-node run on this host with exactly the environment the rendered JobSet gives its pods."""
     from rich.console import Console
 
-    from ..rehearse import RehearseOptions, rehearse as run_rehearsal, write_report
-    from ..runs import check_run_id, new_run_id
+    from gptoss_cloud.rehearse.run import RehearseOptions, rehearse as run_rehearsal, write_report
+    from gptoss_cloud.contract.runs import check_run_id, new_run_id
 
     s = resolve(spec, output__store=store)
     rid = check_run_id(run_id) if run_id else new_run_id(s.name)

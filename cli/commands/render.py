@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import SpecArg, StoreOpt, resolve
+from gptoss_cloud.commands.common import SpecArg, StoreOpt, resolve
 
 
 def register(app: typer.Typer) -> None:
@@ -22,9 +22,9 @@ def render(
     store: StoreOpt = None,
 ) -> None:
     """Write deterministic Kubernetes manifests (same spec -> byte-identical files) with a kustomization."""
-    from ..errors import GptossError
-    from ..render import gitops
-    from ..store import is_remote
+    from gptoss_cloud.contract.errors import GptossError
+    from gptoss_cloud.render.k8s import gitops
+    from gptoss_cloud.contract.store.objects import is_remote
 
     s = resolve(spec, output__store=store, cluster__namespace=namespace)
     if schedule is not None:
@@ -43,7 +43,7 @@ def render(
 
 def _write_tree(out: Path, files: dict[str, str], error) -> None:
     """Replace a folder we rendered before (stale objects removed); refuse to mix into someone else's."""
-    from ..render.gitops import HEADER
+    from gptoss_cloud.render.k8s.gitops import HEADER
 
     if out.exists():
         if not out.is_dir():

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import StoreOpt, resolve
+from gptoss_cloud.commands.common import StoreOpt, resolve
 
 
 def register(app: typer.Typer) -> None:
@@ -22,8 +22,8 @@ def report(
     """Loss (train and eval), learning rate, throughput, GPU memory, checkpoints and evaluations of a run, as one HTML page."""
     from rich.console import Console
 
-    from ..report import write_report
-    from ..runs import resolve_run
+    from gptoss_cloud.report.html import write_report
+    from gptoss_cloud.contract.runs import resolve_run
 
     run_id, home = resolve_run(run, resolve(None, output__store=store).output.store)
     page, pngs = write_report(run_id, home, out or Path(f"{run_id}.html"))

@@ -15,9 +15,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..errors import GptossError, PlanError, SpecError
-from ..store import is_remote
-from .common import SpecArg, StoreOpt, resolve
+from gptoss_cloud.contract.errors import GptossError, PlanError, SpecError
+from gptoss_cloud.contract.store.objects import is_remote
+from gptoss_cloud.commands.common import SpecArg, StoreOpt, resolve
 
 OVERRIDES = "overrides the spec"
 
@@ -47,7 +47,7 @@ def _store_of(store: str | None) -> str:
 
 
 def _find_run(ref: str, store: str | None, *, strict: bool = False) -> tuple[str, str]:
-    from ..runs import resolve_run
+    from gptoss_cloud.contract.runs import resolve_run
 
     return resolve_run(ref, _store_of(store), strict=strict)
 
@@ -71,8 +71,8 @@ def submit(
     detach: Annotated[bool, typer.Option("--detach", help="local backend: run in the background (follow with `logs -f`)")] = False,
 ) -> None:
     """Submit a fine-tuning run. Flags override the spec (CLI flag > GPTOSS_* > SPEC > user config > defaults)."""
-    from ..backends.base import SubmitOptions, get_backend
-    from ..runs import new_run_id, run_home
+    from gptoss_cloud.backends.base import SubmitOptions, get_backend
+    from gptoss_cloud.contract.runs import new_run_id, run_home
 
     if output not in ("yaml", "json"):
         raise SpecError(f"-o/--output must be yaml or json, not {output!r}")
@@ -130,7 +130,7 @@ def submit(
 
 def _resume_spec(ref: str, spec: Path | None, store: str | None, overrides: dict[str, Any]):
     """Same id and home; the run's stored spec is the base unless a SPEC file is given."""
-    from ..store import open_store
+    from gptoss_cloud.contract.store.objects import open_store
 
     run_id, home = _find_run(ref, store)
     overrides = {**overrides, "checkpoint.resume": "auto", "output.store": home.rsplit("/", 1)[0]}
@@ -145,8 +145,8 @@ def _resume_spec(ref: str, spec: Path | None, store: str | None, overrides: dict
 
 def _check_plan(spec, force: bool) -> None:
     """Refuse a run the memory plan says cannot fit (the numbers and what would fit), unless --force."""
-    from ..plan import check_fit
-    from .plan import local_shape
+    from gptoss_cloud.contract.plan.memory import check_fit
+    from gptoss_cloud.commands.plan import local_shape
 
     try:
         check_fit(spec, local_shape(spec.model.name, spec.model.layers))
@@ -161,7 +161,7 @@ def _check_plan(spec, force: bool) -> None:
 def _launch(be, spec, run_id: str, home: str, opts, *, fresh: bool):
     """Write <home>/spec.yaml, then hand over. A home the backend never got to use is removed again,
     so a refused submit leaves no run behind."""
-    from ..store import open_store
+    from gptoss_cloud.contract.store.objects import open_store
 
     st = open_store(home)
     st.write_bytes("spec.yaml", spec.to_yaml().encode())
@@ -178,7 +178,7 @@ def _remove_unused_home(st, run_id: str, home: str) -> None:
     local state folder the local backend may have made. Deleted as a prefix, which every store honours."""
     import shutil
 
-    from ..backends.local import state_dir
+    from gptoss_cloud.backends.local import state_dir
 
     if st.list("") == ["spec.yaml"]:
         st.delete("")
@@ -197,9 +197,9 @@ def status(
     output: Annotated[str, typer.Option("-o", "--output", help="text | json")] = "text",
 ) -> None:
     """State of a run (from its backend) and its progress (from metrics.jsonl in the store)."""
-    from ..backends.base import get_backend
-    from ..progress import format_progress, progress, read_metrics, read_spec
-    from ..sparkline import loss_line
+    from gptoss_cloud.backends.base import get_backend
+    from gptoss_cloud.contract.progress import format_progress, progress, read_metrics, read_spec
+    from gptoss_cloud.report.sparkline import loss_line
 
     run_id, home = _find_run(run, store)
     spec = read_spec(home)
@@ -228,8 +228,8 @@ def logs(
     store: StoreOpt = None,
 ) -> None:
     """Print a run's logs (rank 0 of node 0 unless --node)."""
-    from ..backends.base import get_backend
-    from ..progress import read_spec
+    from gptoss_cloud.backends.base import get_backend
+    from gptoss_cloud.contract.progress import read_spec
 
     run_id, home = _find_run(run, store)
     be = get_backend(read_spec(home).cluster.backend)
@@ -243,8 +243,8 @@ def logs(
 
 def cancel(run: RunArg, store: StoreOpt = None) -> None:
     """Stop a running run. Its checkpoints stay; `submit --resume RUN` continues it."""
-    from ..backends.base import get_backend
-    from ..progress import read_spec
+    from gptoss_cloud.backends.base import get_backend
+    from gptoss_cloud.contract.progress import read_spec
 
     run_id, home = _find_run(run, store, strict=True)  # a signal goes only to a validated run's own processes
     be = get_backend(read_spec(home).cluster.backend)
@@ -257,11 +257,11 @@ def runs(
     output: Annotated[str, typer.Option("-o", "--output", help="table | json")] = "table",
 ) -> None:
     """List the runs in the store with backend, state and progress."""
-    from ..failure import one_line
-    from ..progress import RunRow, describe_run, format_progress, list_run_ids
-    from ..runs import is_run_id
-    from ..safe_yaml import quote
-    from ..store import join
+    from gptoss_cloud.failure import one_line
+    from gptoss_cloud.contract.progress import RunRow, describe_run, format_progress, list_run_ids
+    from gptoss_cloud.contract.runs import is_run_id
+    from gptoss_cloud.contract.safe_yaml import quote
+    from gptoss_cloud.contract.store.objects import join
 
     uri = _store_of(store)
     rows = []

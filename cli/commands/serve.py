@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import StoreOpt, resolve
+from gptoss_cloud.commands.common import StoreOpt, resolve
 
 OVERRIDES = "overrides the run's spec"
 
@@ -35,8 +35,8 @@ def serve(
     store: StoreOpt = None,
 ) -> None:
     """Serve a trained run with vLLM and print its endpoint and a ready-to-paste curl."""
-    from ..errors import GptossError
-    from .. import serving
+    from gptoss_cloud.contract.errors import GptossError
+    from gptoss_cloud.backends import serving
 
     if output not in ("yaml", "json"):
         raise GptossError(f"--output must be yaml or json, not {output!r}")
@@ -62,7 +62,7 @@ def _local(target, dry_run: bool, vllm_python: Optional[str], api_key_env: Optio
     import shlex
     import sys
 
-    from .. import serve_local as sl
+    from gptoss_cloud.backends import local_serve as sl
 
     python = vllm_python or sys.executable
     if not dry_run:
@@ -79,9 +79,9 @@ def _local(target, dry_run: bool, vllm_python: Optional[str], api_key_env: Optio
 
 
 def _k8s(serving, target, dry_run: bool, output: str, out: Optional[Path]) -> None:
-    from ..render.serve import endpoint
+    from gptoss_cloud.render.k8s.serve import endpoint
 
-    from ..store import is_remote
+    from gptoss_cloud.contract.store.objects import is_remote
 
     objects = serving.render_k8s(target)
     if not is_remote(target.home):
@@ -97,7 +97,7 @@ def _k8s(serving, target, dry_run: bool, output: str, out: Optional[Path]) -> No
         for line in serving.apply_k8s(target, objects):
             typer.echo(line, err=True)
     elif target.spec.serve.api_key and target.spec.serve.api_key_secret is None:
-        from ..render.serve import api_key_ref
+        from gptoss_cloud.render.k8s.serve import api_key_ref
 
         name, key = api_key_ref(target.spec, target.run_id)
         typer.echo(f"note: the Deployment reads its API key from Secret {name} (key {key}); `serve` without --dry-run creates it, "
@@ -109,7 +109,7 @@ def _k8s(serving, target, dry_run: bool, output: str, out: Optional[Path]) -> No
 def _truss(serving, target, dry_run: bool, out: Optional[Path]) -> None:
     import yaml
 
-    from ..errors import GptossError
+    from gptoss_cloud.contract.errors import GptossError
 
     cfg = serving.render_truss(target)
     text = yaml.safe_dump(cfg, sort_keys=True)

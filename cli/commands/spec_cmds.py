@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from ..errors import GptossError
-from .common import SpecArg, resolve
+from gptoss_cloud.contract.errors import GptossError
+from gptoss_cloud.commands.common import SpecArg, resolve
 
 
 def register(app: typer.Typer) -> None:
@@ -24,7 +24,7 @@ def init(
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing file")] = False,
 ) -> None:
     """Write a commented starter run spec."""
-    from ..starter import STARTER_SPEC
+    from gptoss_cloud.starter import STARTER_SPEC
 
     if path.exists() and not force:
         raise GptossError(f"{path} exists", hint="pass --force to overwrite, or choose another path")

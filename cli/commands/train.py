@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import SpecError
-from .common import StoreOpt, resolve
+from gptoss_cloud.contract.errors import SpecError
+from gptoss_cloud.commands.common import StoreOpt, resolve
 
 
 def register(app: typer.Typer) -> None:
@@ -22,7 +22,7 @@ def train(
     run_id: Annotated[Optional[str], typer.Option("--run-id", help="run id (required under torchrun with several processes, so every rank writes the same home)")] = None,
 ) -> None:
     """Train on this node (run it under torchrun; `submit` does that for you)."""
-    from ..runs import check_run_id, new_run_id, run_home
+    from gptoss_cloud.contract.runs import check_run_id, new_run_id, run_home
 
     s = resolve(spec)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -51,8 +51,8 @@ def chat(
     """Answer one user message with a trained run's model (greedy decoding through harmony)."""
     from rich.console import Console
 
-    from ..progress import read_spec
-    from ..runs import resolve_run
+    from gptoss_cloud.contract.progress import read_spec
+    from gptoss_cloud.contract.runs import resolve_run
 
     if reasoning_effort is not None and reasoning_effort not in ("low", "medium", "high"):
         raise SpecError(f"--reasoning-effort must be low, medium or high, not {reasoning_effort!r}")

@@ -11,9 +11,9 @@ the same server in every build (vllm/entrypoints/openai/api_server.py, vllm 0.32
 
 from __future__ import annotations
 
-from ..errors import GptossError
-from ..shapes import ModelShape
-from ..spec import RunSpec
+from gptoss_cloud.contract.errors import GptossError
+from gptoss_cloud.contract.shapes import ModelShape
+from gptoss_cloud.contract.spec import RunSpec
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # vllm/tool_parsers/__init__.py maps "openai" to gptoss_tool_parser; vllm/reasoning/__init__.py maps

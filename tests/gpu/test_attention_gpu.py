@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 from transformers.integrations.flex_attention import flex_attention_forward as hf_flex_attention_forward  # noqa: E402
 from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward  # noqa: E402
 
-from gptoss_cloud.shapes import TINY  # noqa: E402
+from gptoss_cloud.contract.shapes import TINY  # noqa: E402
 from gptoss_cloud.trainer import model as M  # noqa: E402
 from gptoss_cloud.trainer.kernels import attention as A  # noqa: E402
 from gptoss_cloud.trainer.kernels.loss import shift_packed_labels  # noqa: E402

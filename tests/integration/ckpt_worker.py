@@ -40,7 +40,7 @@ class DataPosition:
 def tiny_config(vocab: int = 256):
     from transformers import GptOssConfig
 
-    from gptoss_cloud.shapes import TINY
+    from gptoss_cloud.contract.shapes import TINY
 
     shape = replace(TINY, vocab_size=vocab, hidden_size=32, intermediate_size=48, head_dim=8, max_position_embeddings=4096)
     kw = shape.hf_config_dict()
@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--slow-upload-rank", type=int, default=None, help="this rank waits --slow-upload-s before uploading")
     ap.add_argument("--slow-upload-s", type=float, default=2.0)
     a = ap.parse_args()
-    from gptoss_cloud.errors import GptossError
+    from gptoss_cloud.contract.errors import GptossError
 
     try:
         run(a)
@@ -140,9 +140,9 @@ def run(a) -> None:
     rank = dist.get_rank()
     from torch.distributed.fsdp import fully_shard
 
-    from gptoss_cloud.spec import RunSpec
-    from gptoss_cloud.trainer.checkpoint import Checkpointer
-    from gptoss_cloud.trainer.ckpt_state import RNGState
+    from gptoss_cloud.contract.spec import RunSpec
+    from gptoss_cloud.trainer.checkpoint.checkpointer import Checkpointer
+    from gptoss_cloud.trainer.checkpoint.state import RNGState
 
     local_dir = a.local_dir.format(rank=rank) if a.local_dir else None  # "{rank}": one folder per simulated node
     spec = RunSpec.model_validate({"method": {"kind": a.method}, "checkpoint": {
@@ -159,7 +159,7 @@ def run(a) -> None:
     data = DataPosition(world, rank)
     state = {"model": model, "optimizer": opt, "scheduler": sched, "data": data, "rng": RNGState()}
 
-    import gptoss_cloud.trainer.checkpoint as ck
+    import gptoss_cloud.trainer.checkpoint.checkpointer as ck
 
     real = ck.upload_files
     if a.die_during_upload is not None:  # the test's fault: die in the middle of publishing a step

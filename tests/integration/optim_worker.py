@@ -50,8 +50,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from gptoss_cloud.spec import RunSpec
-    from gptoss_cloud.trainer.checkpoint import Checkpointer
+    from gptoss_cloud.contract.spec import RunSpec
+    from gptoss_cloud.trainer.checkpoint.checkpointer import Checkpointer
     from gptoss_cloud.trainer.train import run_training, shutdown
 
     spec = RunSpec.model_validate({

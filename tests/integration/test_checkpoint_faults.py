@@ -19,12 +19,12 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from ckpt_worker import params, train_state, train_step
-from gptoss_cloud.spec import RunSpec
-from gptoss_cloud.store import open_store
-from gptoss_cloud.trainer import ckpt_faults
-from gptoss_cloud.trainer import ckpt_manifest as cm
-from gptoss_cloud.trainer.checkpoint import Checkpointer
-from gptoss_cloud.trainer.ckpt_safety import FetchingReader
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.contract.store.objects import open_store
+from gptoss_cloud.trainer.checkpoint import faults as ckpt_faults
+from gptoss_cloud.trainer.checkpoint import manifest as cm
+from gptoss_cloud.trainer.checkpoint.checkpointer import Checkpointer
+from gptoss_cloud.trainer.checkpoint.safety import FetchingReader
 
 
 def _one_line(msg: str) -> str:

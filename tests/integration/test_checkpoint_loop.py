@@ -42,8 +42,8 @@ def step_losses(home: Path) -> list[tuple[int, float]]:
 
 
 def test_real_loop_sigkill_resume_is_exact_and_merges(tmp_path):
-    from gptoss_cloud.trainer import ckpt_manifest as cm
-    from gptoss_cloud.store import open_store
+    from gptoss_cloud.trainer.checkpoint import manifest as cm
+    from gptoss_cloud.contract.store.objects import open_store
 
     home = tmp_path / "run"
     out = tmp_path / "summary.json"
@@ -60,7 +60,7 @@ def test_real_loop_sigkill_resume_is_exact_and_merges(tmp_path):
     assert dict(resumed[:2]) == {5: uninterrupted[5], 6: uninterrupted[6]}  # bit-exact
     assert summary["final_loss"] == uninterrupted[6] and summary["steps"] == 6
 
-    from gptoss_cloud.trainer.merge import merge
+    from gptoss_cloud.trainer.merge.export import merge
 
     res = merge(str(home), str(home / "merged"), verify=True)
     assert res.method == "lora" and res.step == 6 and res.max_abs_logit_diff < 1e-4

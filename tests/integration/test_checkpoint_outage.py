@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from ckpt_worker import DataPosition, build_model
-from gptoss_cloud.errors import StoreError
-from gptoss_cloud.spec import RunSpec
-from gptoss_cloud.store import open_store
-from gptoss_cloud.trainer import checkpoint as ckpt_mod
-from gptoss_cloud.trainer import ckpt_manifest as cm
-from gptoss_cloud.trainer.checkpoint import Checkpointer
+from gptoss_cloud.contract.errors import StoreError
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.contract.store.objects import open_store
+from gptoss_cloud.trainer.checkpoint import checkpointer as ckpt_mod
+from gptoss_cloud.trainer.checkpoint import manifest as cm
+from gptoss_cloud.trainer.checkpoint.checkpointer import Checkpointer
 from support import free_port
 
 PROXY = pathlib.Path(__file__).with_name("tcp_proxy.py")

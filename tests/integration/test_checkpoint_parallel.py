@@ -19,12 +19,12 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from ckpt_worker import DataPosition, train_state, train_step  # noqa: E402
-from gptoss_cloud.errors import SpecError, StoreError  # noqa: E402
-from gptoss_cloud.spec import RunSpec, spec_from_yaml_text  # noqa: E402
-from gptoss_cloud.store import open_store  # noqa: E402
-from gptoss_cloud.trainer import checkpoint as ckpt_mod  # noqa: E402
-from gptoss_cloud.trainer import ckpt_manifest as cm  # noqa: E402
-from gptoss_cloud.trainer.checkpoint import Checkpointer, writer_threads  # noqa: E402
+from gptoss_cloud.contract.errors import SpecError, StoreError  # noqa: E402
+from gptoss_cloud.contract.spec import RunSpec, spec_from_yaml_text  # noqa: E402
+from gptoss_cloud.contract.store.objects import open_store  # noqa: E402
+from gptoss_cloud.trainer.checkpoint import checkpointer as ckpt_mod  # noqa: E402
+from gptoss_cloud.trainer.checkpoint import manifest as cm  # noqa: E402
+from gptoss_cloud.trainer.checkpoint.checkpointer import Checkpointer, writer_threads  # noqa: E402
 
 
 def _spec(**ckpt):

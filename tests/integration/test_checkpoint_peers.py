@@ -50,7 +50,7 @@ def launch(*args: str, env: dict, timeout: float = 120, stop_all_on_death: bool 
 
 def _matches_objects(ckpts, step: int) -> list[str]:
     """The files whose bytes in the store are not what the published manifest says."""
-    from gptoss_cloud.trainer import ckpt_manifest as cm
+    from gptoss_cloud.trainer.checkpoint import manifest as cm
 
     m = cm.read_manifest(ckpts, step, None)
     bad = []
@@ -62,8 +62,8 @@ def _matches_objects(ckpts, step: int) -> list[str]:
 
 
 def test_stale_part_of_a_killed_rank0_is_never_trusted(s3_bucket, s3_env, tmp_path):
-    from gptoss_cloud.store import open_store
-    from gptoss_cloud.trainer import ckpt_manifest as cm
+    from gptoss_cloud.contract.store.objects import open_store
+    from gptoss_cloud.trainer.checkpoint import manifest as cm
 
     home = f"{s3_bucket}/stale-part"
     common = ["--home", home, "--log", str(tmp_path / "log"), "--steps", "4", "--every", "2"]
@@ -86,8 +86,8 @@ def test_stale_part_of_a_killed_rank0_is_never_trusted(s3_bucket, s3_env, tmp_pa
 
 
 def test_a_dead_peer_fails_the_save_within_peer_timeout(s3_bucket, s3_env, tmp_path):
-    from gptoss_cloud.store import open_store
-    from gptoss_cloud.trainer import ckpt_manifest as cm
+    from gptoss_cloud.contract.store.objects import open_store
+    from gptoss_cloud.trainer.checkpoint import manifest as cm
 
     home = f"{s3_bucket}/dead-peer"
     rc, out, ended = launch("--home", home, "--log", str(tmp_path / "log"), "--steps", "4", "--every", "2",

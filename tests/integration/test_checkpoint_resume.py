@@ -79,8 +79,8 @@ def test_sigkill_mid_run_resumes_bit_exact_from_s3(baseline, s3_bucket, s3_env, 
 
 
 def test_killed_upload_and_corrupted_shard_fall_back(baseline, s3_bucket, s3_env, tmp_path):
-    from gptoss_cloud.store import open_store
-    from gptoss_cloud.trainer import ckpt_manifest as cm
+    from gptoss_cloud.contract.store.objects import open_store
+    from gptoss_cloud.trainer.checkpoint import manifest as cm
 
     home = f"{s3_bucket}/fault-run"
     log = tmp_path / "log"
@@ -111,8 +111,8 @@ def test_killed_upload_and_corrupted_shard_fall_back(baseline, s3_bucket, s3_env
 def test_several_shard_files_per_rank_resume_bit_exact(baseline, tmp_path):
     """checkpoint.writer_threads 3: each rank writes three shard files; a run killed at step 5 resumes
     from them on 2 fresh processes exactly where the uninterrupted (one file per rank) run was."""
-    from gptoss_cloud.store import open_store
-    from gptoss_cloud.trainer import ckpt_manifest as cm
+    from gptoss_cloud.contract.store.objects import open_store
+    from gptoss_cloud.trainer.checkpoint import manifest as cm
 
     home, log = tmp_path / "run", tmp_path / "log"
     common = ["--home", str(home), "--log", str(log), "--steps", "6", "--every", "2", "--fingerprint", "--writer-threads", "3"]
@@ -148,7 +148,7 @@ def test_reshard_two_processes_to_one(baseline, tmp_path):
 
 def test_merge_of_a_two_process_checkpoint(baseline, tmp_path):
     """The consolidated weights of a sharded (2-rank FSDP2) checkpoint load in transformers and match it."""
-    from gptoss_cloud.trainer.merge import merge
+    from gptoss_cloud.trainer.merge.export import merge
 
     res = merge(str(baseline["home"]), str(tmp_path / "merged"), verify=True)
     assert res.step == 6 and res.method == "full" and res.max_abs_logit_diff < 1e-4

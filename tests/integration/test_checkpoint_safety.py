@@ -16,13 +16,13 @@ import torch
 
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # noqa: E402
 from ckpt_worker import DataPosition, build_model, params, train_state, train_step
-from gptoss_cloud.errors import PlanError
-from gptoss_cloud.spec import RunSpec
-from gptoss_cloud.store import open_store
-from gptoss_cloud.trainer import ckpt_manifest as cm
-from gptoss_cloud.trainer.checkpoint import Checkpointer, check_local_room, checkpoint_bytes
-from gptoss_cloud.trainer.ckpt_safety import UnsafeCheckpointError, safe_load_metadata
-from gptoss_cloud.trainer.ckpt_state import RNGState
+from gptoss_cloud.contract.errors import PlanError
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.contract.store.objects import open_store
+from gptoss_cloud.trainer.checkpoint import manifest as cm
+from gptoss_cloud.trainer.checkpoint.checkpointer import Checkpointer, check_local_room, checkpoint_bytes
+from gptoss_cloud.trainer.checkpoint.safety import UnsafeCheckpointError, safe_load_metadata
+from gptoss_cloud.trainer.checkpoint.state import RNGState
 
 
 def _state(method="full"):

@@ -11,8 +11,8 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from ckpt_worker import DataPosition, build_model  # noqa: E402
-from gptoss_cloud.spec import RunSpec  # noqa: E402
-from gptoss_cloud.trainer.checkpoint import Checkpointer  # noqa: E402
+from gptoss_cloud.contract.spec import RunSpec  # noqa: E402
+from gptoss_cloud.trainer.checkpoint.checkpointer import Checkpointer  # noqa: E402
 
 
 def _state():

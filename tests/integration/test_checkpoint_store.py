@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from gptoss_cloud import store as store_mod
-from gptoss_cloud.errors import StoreError
-from gptoss_cloud.store import StoreNotFound, open_store, upload_files
-from gptoss_cloud.trainer import ckpt_manifest as cm
+from gptoss_cloud.contract.store import objects as store_mod
+from gptoss_cloud.contract.errors import StoreError
+from gptoss_cloud.contract.store.objects import StoreNotFound, open_store, upload_files
+from gptoss_cloud.trainer.checkpoint import manifest as cm
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -152,9 +152,9 @@ def test_signed_manifest_and_tampering(root, tmp_path):
 
 
 def test_preflight_fails_before_training(s3_env, s3_bucket, tmp_path):
-    from gptoss_cloud.errors import PlanError
-    from gptoss_cloud.spec import RunSpec
-    from gptoss_cloud.trainer.ckpt_room import preflight
+    from gptoss_cloud.contract.errors import PlanError
+    from gptoss_cloud.contract.spec import RunSpec
+    from gptoss_cloud.trainer.checkpoint.room import preflight
 
     tiny = RunSpec.model_validate({"model": {"name": "tiny"}, "checkpoint": {"local_dir": str(tmp_path / "ck")}})
     preflight(tiny, f"{s3_bucket}/run-ok")

@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from ckpt_worker import DataPosition, build_model  # noqa: E402
-from gptoss_cloud.spec import RunSpec  # noqa: E402
-from gptoss_cloud.trainer.checkpoint import Checkpointer  # noqa: E402
+from gptoss_cloud.contract.spec import RunSpec  # noqa: E402
+from gptoss_cloud.trainer.checkpoint.checkpointer import Checkpointer  # noqa: E402
 
 FIELDS = {"event", "step", "mode", "wait_prev_s", "blocking_s", "write_s", "hash_s", "upload_s", "total_s", "prune_s",
           "bytes", "manifest_bytes", "files", "rank_bytes", "writer_threads"}
@@ -119,7 +119,7 @@ def test_trainer_records_step_split_checkpoints_and_merge(tmp_path, monkeypatch)
     (m,) = events(home, "merge")
     assert m["step"] == 3 and m["wall_s"] > 0 and m["peak_rss_gib"] > 0
     merged = home / "merged"
-    from gptoss_cloud.outputs import MANIFEST
+    from gptoss_cloud.contract.outputs import MANIFEST
 
     # Every file of the model; the folder's manifest, written after them, vouches for them and is not counted.
     assert m["bytes_written"] == sum(p.stat().st_size for p in merged.iterdir() if p.is_file() and p.name != MANIFEST)

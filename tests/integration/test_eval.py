@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from gptoss_cloud.main import app
-from gptoss_cloud.spec import RunSpec
+from gptoss_cloud.contract.spec import RunSpec
 
 pytestmark = pytest.mark.slow
 

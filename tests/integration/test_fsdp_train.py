@@ -44,7 +44,7 @@ def _sample(length: int, seed: int) -> Sample:
 
 
 def _spec():
-    from gptoss_cloud.spec import RunSpec
+    from gptoss_cloud.contract.spec import RunSpec
 
     return RunSpec.model_validate({
         "model": {"name": "tiny", "init": "random"},

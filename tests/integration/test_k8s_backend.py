@@ -19,10 +19,10 @@ import pytest
 import yaml
 
 from gptoss_cloud.backends.base import SubmitOptions, get_backend
-from gptoss_cloud.errors import BackendError, GptossError, PlanError
-from gptoss_cloud.render import k8s as rk
-from gptoss_cloud.spec import RunSpec
-from gptoss_cloud.store import open_store
+from gptoss_cloud.contract.errors import BackendError, GptossError, PlanError
+from gptoss_cloud.render.k8s import jobset as rk
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.contract.store.objects import open_store
 
 RUN = "ft-20250101-120000-abcd"
 TOKEN = "sha256~kubeconfig-bearer-token"

@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 
 from gptoss_cloud.backends import local
 from gptoss_cloud.backends.proc_identity import identity, running
-from gptoss_cloud.errors import GptossError
+from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.main import app
-from gptoss_cloud.spec import load_spec
-from gptoss_cloud.store import open_store
+from gptoss_cloud.contract.spec import load_spec
+from gptoss_cloud.contract.store.objects import open_store
 
 RID = "ctl-20250101-000000-abcd"
 

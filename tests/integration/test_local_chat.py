@@ -7,9 +7,9 @@ import torch
 import transformers
 from typer.testing import CliRunner
 
-from gptoss_cloud.errors import GptossError
+from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.main import app
-from gptoss_cloud.spec import load_spec
+from gptoss_cloud.contract.spec import load_spec
 
 
 def tiny_model(seed: int = 0):
@@ -92,7 +92,7 @@ def test_chat_answers_from_merged_and_warns_on_unparsable_output(home):
 def test_base_plus_adapter_decodes_like_the_model_that_was_trained(home):
     from peft import LoraConfig, get_peft_model
 
-    from gptoss_cloud.progress import read_spec
+    from gptoss_cloud.contract.progress import read_spec
     from gptoss_cloud.trainer.chat import chat_once
 
     base = tiny_model(seed=1)

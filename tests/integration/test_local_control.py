@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from gptoss_cloud.backends import local
 from gptoss_cloud.backends.proc_identity import running
-from gptoss_cloud.errors import GptossError
+from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.main import app
-from gptoss_cloud.spec import load_spec
+from gptoss_cloud.contract.spec import load_spec
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from gptoss_cloud.backends import local
 from gptoss_cloud.main import app
-from gptoss_cloud.spec import load_spec
-from gptoss_cloud.store import open_store
+from gptoss_cloud.contract.spec import load_spec
+from gptoss_cloud.contract.store.objects import open_store
 
 pytestmark = pytest.mark.slow
 

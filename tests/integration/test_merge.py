@@ -11,10 +11,10 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from ckpt_worker import DataPosition, build_model  # noqa: E402
-from gptoss_cloud.spec import RunSpec  # noqa: E402
-from gptoss_cloud.store import open_store  # noqa: E402
-from gptoss_cloud.trainer.checkpoint import Checkpointer  # noqa: E402
-from gptoss_cloud.trainer.merge import harmony_prompts, merge  # noqa: E402
+from gptoss_cloud.contract.spec import RunSpec  # noqa: E402
+from gptoss_cloud.contract.store.objects import open_store  # noqa: E402
+from gptoss_cloud.trainer.checkpoint.checkpointer import Checkpointer  # noqa: E402
+from gptoss_cloud.trainer.merge.export import harmony_prompts, merge  # noqa: E402
 
 
 def _trained_run(home: str, method: str, declared: torch.dtype | None = None):
@@ -147,7 +147,7 @@ def test_full_merge_peak_memory_is_a_few_tensors_not_the_model(tmp_path):
 
     from transformers import GptOssConfig, GptOssForCausalLM
 
-    from gptoss_cloud.shapes import TINY
+    from gptoss_cloud.contract.shapes import TINY
 
     shape = replace(TINY, vocab_size=32768, hidden_size=256, intermediate_size=512, num_local_experts=32,
                     num_hidden_layers=8, head_dim=32, max_position_embeddings=4096)

@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-from gptoss_cloud.spec import RunSpec
-from gptoss_cloud.trainer.checkpoint import Checkpointer
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.trainer.checkpoint.checkpointer import Checkpointer
 
 # The process's own peak resident set, read by the test itself (not ru_maxrss: a child inherits the
 # peak of the pytest process it was forked from).
@@ -22,7 +22,7 @@ def hwm():
 # Imports everything the merge imports, then reports the peak.
 BASELINE = HWM + """
 import json
-import gptoss_cloud.trainer.merge
+import gptoss_cloud.trainer.merge.export
 print(json.dumps({"maxrss": hwm()}))
 """
 MERGE = HWM + """

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gptoss_cloud.store import open_store
-from gptoss_cloud.trainer.ckpt_manifest import list_published
+from gptoss_cloud.contract.store.objects import open_store
+from gptoss_cloud.trainer.checkpoint.manifest import list_published
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_kill_a_node_group_and_resume_like_an_uninterrupted_run(s3_bucket, s3_en
     assert (out_dir / "node-0.log").is_file() and (out_dir / "node-1.log").is_file()
     assert (out_dir / "node-0.log").read_text().count(f"===== {run_id} attempt ") == 2
     # metrics.jsonl in the store keeps the killed attempt's steps: the resumed attempt appends to them.
-    from gptoss_cloud.progress import read_metrics
+    from gptoss_cloud.contract.progress import read_metrics
 
     steps = [m["step"] for m in read_metrics(f"{s3_bucket}/{run_id}") if "loss" in m and "eval_loss" not in m]
     assert steps[0] == 1 and steps[-1] == 4 and set(range(1, 5)) <= set(steps)

@@ -7,8 +7,8 @@ import json
 from typer.testing import CliRunner
 
 from gptoss_cloud.main import app
-from gptoss_cloud.spec import RunSpec
-from gptoss_cloud.store import join, open_store
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.contract.store.objects import join, open_store
 
 RUN = "s3run-20261202-060000-abcd"
 

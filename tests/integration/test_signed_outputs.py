@@ -12,11 +12,11 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from ckpt_worker import DataPosition, build_model  # noqa: E402
-from gptoss_cloud import serve_fetch  # noqa: E402
-from gptoss_cloud.integrity import KEY_ENV  # noqa: E402
-from gptoss_cloud.outputs import MANIFEST, OutputError, open_output  # noqa: E402
-from gptoss_cloud.spec import RunSpec  # noqa: E402
-from gptoss_cloud.store import join, open_store  # noqa: E402
+from gptoss_cloud.trainer.programs import serve_fetch  # noqa: E402
+from gptoss_cloud.contract.integrity import KEY_ENV  # noqa: E402
+from gptoss_cloud.contract.outputs import MANIFEST, OutputError, open_output  # noqa: E402
+from gptoss_cloud.contract.spec import RunSpec  # noqa: E402
+from gptoss_cloud.contract.store.objects import join, open_store  # noqa: E402
 
 KEY = "hmac-key-for-tests"
 SPEC = {"method": {"kind": "lora"}, "cluster": {"checkpoint_key_secret": {"name": "ckpt-key"}}}
@@ -24,7 +24,7 @@ SPEC = {"method": {"kind": "lora"}, "cluster": {"checkpoint_key_secret": {"name"
 
 def _signed_lora_run(home: str) -> RunSpec:
     """A LoRA run trained and checkpointed with the key set, its spec naming the key's Secret."""
-    from gptoss_cloud.trainer.checkpoint import Checkpointer
+    from gptoss_cloud.trainer.checkpoint.checkpointer import Checkpointer
     from gptoss_cloud.trainer.train import save_base
 
     spec = RunSpec.model_validate(SPEC)
@@ -53,8 +53,8 @@ def run(s3_bucket, monkeypatch, tmp_path):
 
 
 def test_merge_without_the_key_refuses_and_with_it_publishes_signed_folders(run, monkeypatch):
-    from gptoss_cloud.trainer.ckpt_manifest import CheckpointError
-    from gptoss_cloud.trainer.merge import merge
+    from gptoss_cloud.trainer.checkpoint.manifest import CheckpointError
+    from gptoss_cloud.trainer.merge.export import merge
 
     home, _ = run
     monkeypatch.delenv(KEY_ENV)
@@ -70,7 +70,7 @@ def test_merge_without_the_key_refuses_and_with_it_publishes_signed_folders(run,
 
 
 def test_a_tampered_base_is_refused_by_the_merge(run):
-    from gptoss_cloud.trainer.merge import merge
+    from gptoss_cloud.trainer.merge.export import merge
 
     home, _ = run
     base = open_store(join(home, "base"))
@@ -85,7 +85,7 @@ def test_every_reader_refuses_a_tampered_merged_object(run, tmp_path, monkeypatc
 
     from gptoss_cloud.main import app
     from gptoss_cloud.trainer.chat import load_run_model
-    from gptoss_cloud.trainer.merge import merge
+    from gptoss_cloud.trainer.merge.export import merge
 
     home, spec = run
     merge(home, join(home, "merged"))
@@ -109,9 +109,9 @@ def test_every_reader_refuses_a_tampered_merged_object(run, tmp_path, monkeypatc
 
 
 def test_an_unsigned_merged_folder_is_refused_when_the_spec_says_signed(run, tmp_path, monkeypatch, capsys):
-    from gptoss_cloud.outputs import OutputManifest
+    from gptoss_cloud.contract.outputs import OutputManifest
     from gptoss_cloud.trainer.chat import load_run_model
-    from gptoss_cloud.trainer.merge import merge
+    from gptoss_cloud.trainer.merge.export import merge
 
     home, spec = run
     merge(home, join(home, "merged"))
@@ -134,8 +134,8 @@ def test_an_unsigned_merged_folder_is_refused_when_the_spec_says_signed(run, tmp
 def test_a_local_home_verifies_in_place_after_training_and_merge(tmp_path, monkeypatch):
     """The merge rewrites adapter/ in place: what training left there and the merge did not rewrite
     (peft's README.md) goes, so the folder holds exactly what its manifest names."""
-    from gptoss_cloud.fetch import local_output
-    from gptoss_cloud.trainer.merge import merge
+    from gptoss_cloud.contract.store.fetch import local_output
+    from gptoss_cloud.trainer.merge.export import merge
     from gptoss_cloud.trainer.train import _put_folder
 
     monkeypatch.setenv(KEY_ENV, KEY)
@@ -159,9 +159,9 @@ def test_the_rendered_weights_init_container_verifies_as_a_real_process(run, s3_
     import os
     import subprocess
 
-    from gptoss_cloud.render import serve as rs
-    from gptoss_cloud.serving import resolve_target
-    from gptoss_cloud.trainer.merge import merge
+    from gptoss_cloud.render.k8s import serve as rs
+    from gptoss_cloud.backends.serving import resolve_target
+    from gptoss_cloud.trainer.merge.export import merge
 
     home, _ = run
     merge(home, join(home, "merged"))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from gptoss_cloud import store as store_mod
-from gptoss_cloud.store import PUBLISH_MARKER, S3Store, StoreNotFound, open_store
+from gptoss_cloud.contract.store import objects as store_mod
+from gptoss_cloud.contract.store.objects import PUBLISH_MARKER, S3Store, StoreNotFound, open_store
 
 
 @pytest.fixture(params=["local", "s3"])

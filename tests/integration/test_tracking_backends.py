@@ -18,8 +18,8 @@ import torch
 import wandb_records
 from support import free_port
 
-from gptoss_cloud.errors import GptossError
-from gptoss_cloud.spec import RunSpec
+from gptoss_cloud.contract.errors import GptossError
+from gptoss_cloud.contract.spec import RunSpec
 
 pytestmark = pytest.mark.slow
 
@@ -172,7 +172,7 @@ def test_an_unreachable_mlflow_fails_before_the_model_loads(tmp_path, monkeypatc
 
 
 def test_an_s3_home_keeps_its_tensorboard_files(tmp_path, s3_bucket):
-    from gptoss_cloud.store import join, open_store
+    from gptoss_cloud.contract.store.objects import join, open_store
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     home = join(s3_bucket, "tracked-4")

@@ -15,10 +15,10 @@ import sys
 
 import pytest
 
-from gptoss_cloud import serve_fetch
-from gptoss_cloud.keys import UnsafeKeyError
-from gptoss_cloud.spec import RunSpec
-from gptoss_cloud.store import join, open_store
+from gptoss_cloud.trainer.programs import serve_fetch
+from gptoss_cloud.contract.store.keys import UnsafeKeyError
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.contract.store.objects import join, open_store
 
 ESCAPE = "../../../escaped"  # from <tmp>/a/b/<folder> this lands in <tmp>/escaped
 
@@ -51,7 +51,7 @@ def test_serve_fetch_refuses_a_planted_key(s3_bucket, tmp_path, capsys):
 
 
 def test_serve_fetch_refuses_a_planted_key_beside_a_signed_manifest(s3_bucket, tmp_path, monkeypatch):
-    from gptoss_cloud.outputs import publish
+    from gptoss_cloud.contract.outputs import publish
 
     monkeypatch.setenv("GPTOSS_CHECKPOINT_KEY", "k")
     home = _home(s3_bucket)
@@ -89,7 +89,7 @@ def test_push_refuses_a_planted_key_before_anything_is_uploaded(s3_bucket, tmp_p
 
 
 def test_resume_refuses_a_manifest_entry_that_escapes(s3_bucket):
-    from gptoss_cloud.trainer import ckpt_manifest as cm
+    from gptoss_cloud.trainer.checkpoint import manifest as cm
 
     ckpts = open_store(join(s3_bucket, "r1", "checkpoints"))
     m = cm.Manifest(step=3, world_size=1, files={"__0_/../../x.distcp": {"size": 1, "sha256": "0" * 64}})
@@ -103,8 +103,8 @@ def test_resume_refuses_a_manifest_entry_that_escapes(s3_bucket):
 
 def test_resume_fetches_only_what_the_manifest_names(s3_bucket, tmp_path):
     """DCP's .metadata names the files to read too; one it names outside the manifest is never downloaded."""
-    from gptoss_cloud.trainer import ckpt_manifest as cm
-    from gptoss_cloud.trainer.checkpoint import make_fetcher
+    from gptoss_cloud.trainer.checkpoint import manifest as cm
+    from gptoss_cloud.trainer.checkpoint.checkpointer import make_fetcher
 
     ckpts = open_store(join(s3_bucket, "r1", "checkpoints"))
     ckpts.write_bytes(f"step-3/{ESCAPE}", b"pwned")
@@ -118,8 +118,8 @@ def test_resume_fetches_only_what_the_manifest_names(s3_bucket, tmp_path):
 def test_resume_from_a_tampered_manifest_falls_back_to_an_intact_checkpoint(s3_bucket, tmp_path, monkeypatch):
     import torch
 
-    from gptoss_cloud.trainer import ckpt_manifest as cm
-    from gptoss_cloud.trainer.checkpoint import Checkpointer
+    from gptoss_cloud.trainer.checkpoint import manifest as cm
+    from gptoss_cloud.trainer.checkpoint.checkpointer import Checkpointer
 
     spec = RunSpec.model_validate({"checkpoint": {"local_dir": str(tmp_path / "a" / "b" / "local")}})
     home = join(s3_bucket, "r1")
@@ -140,7 +140,7 @@ def test_resume_from_a_tampered_manifest_falls_back_to_an_intact_checkpoint(s3_b
 
 
 def test_merge_refuses_a_planted_key_in_the_base_folder_and_in_a_base_mirror(s3_bucket, tmp_path):
-    from gptoss_cloud.trainer.merge import resolve_base
+    from gptoss_cloud.trainer.merge.export import resolve_base
 
     home = _home(s3_bucket)
     _plant(home, "base")
@@ -165,7 +165,7 @@ def test_training_weights_download_refuses_a_planted_key(s3_bucket, tmp_path):
 
 def test_the_rendered_weights_mirror_init_container_refuses_a_planted_key(s3_bucket, s3_env, tmp_path):
     """The init container's command exactly as rendered, run as a real process (only the volume path differs)."""
-    from gptoss_cloud.render.k8s import MIRROR_DIR, weights_init_container
+    from gptoss_cloud.render.k8s.jobset import MIRROR_DIR, weights_init_container
 
     mirror = join(s3_bucket, "mirror")
     spec = RunSpec.model_validate({"model": {"name": "20b"}, "cluster": {"weights_mirror": mirror}})

@@ -8,9 +8,9 @@ import pytest
 
 from gptoss_cloud.backends.base import SubmitOptions, get_backend
 from gptoss_cloud.backends.truss import load_project
-from gptoss_cloud.errors import BackendError
-from gptoss_cloud.runs import new_run_id, run_home
-from gptoss_cloud.spec import load_spec
+from gptoss_cloud.contract.errors import BackendError
+from gptoss_cloud.contract.runs import new_run_id, run_home
+from gptoss_cloud.contract.spec import load_spec
 
 
 def submit(tmp_path, opts: SubmitOptions, **overrides):

@@ -17,9 +17,9 @@ import pytest
 
 from gptoss_cloud.backends.base import SubmitOptions, get_backend
 from gptoss_cloud.backends.truss import JOB_FILE
-from gptoss_cloud.runs import new_run_id, run_home
-from gptoss_cloud.spec import load_spec
-from gptoss_cloud.store import open_store
+from gptoss_cloud.contract.runs import new_run_id, run_home
+from gptoss_cloud.contract.spec import load_spec
+from gptoss_cloud.contract.store.objects import open_store
 
 API_KEY = "bt_test_key_not_a_real_one"
 SECRET_VALUES = ["AKIASTOREKEYVALUE001", "store/secret+value/0000000000000000001", "hf_tokenvalue000001"]
@@ -202,7 +202,7 @@ def test_api_errors_become_one_line(baseten, tmp_path):
     home = tmp_path / "runs" / "r-20260101-000000-abcd"
     home.mkdir(parents=True)
     (home / JOB_FILE).write_text(json.dumps({"project_id": "proj-9", "job_id": "job-9"}))
-    from gptoss_cloud.errors import BackendError
+    from gptoss_cloud.contract.errors import BackendError
 
     with pytest.raises(BackendError, match=r"^Baseten refused to read training job job-9 of run r-20260101-000000-abcd: ") as e:
         get_backend("truss").status("r-20260101-000000-abcd", str(home))

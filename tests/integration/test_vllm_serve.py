@@ -162,7 +162,7 @@ def test_a_trained_tool_call_comes_back_as_tool_calls(server):
 @pytest.mark.parametrize("messages,tools", [([{"role": "user", "content": SECRET_Q}], None), ("tool-row", "tool-row")])
 def test_vllm_renders_the_prompt_the_trainer_trained_on(server, messages, tools):
     """The server's own harmony path (prompt_token_ids of a real request) against the trainer's tokens."""
-    from gptoss_cloud.spec import spec_from_yaml_text
+    from gptoss_cloud.contract.spec import spec_from_yaml_text
     from gptoss_cloud.trainer.data import tokenize_row
 
     home = server["store"] / server["rid"]
@@ -203,8 +203,8 @@ def test_every_model_route_needs_the_key_and_health_is_open(server):
 
 def test_the_local_server_has_the_deployments_flags(server):
     """`serve --backend local` and the Kubernetes Deployment come from one argument builder."""
-    from gptoss_cloud.render import serve as rs
-    from gptoss_cloud.serving import resolve_target
+    from gptoss_cloud.render.k8s import serve as rs
+    from gptoss_cloud.backends.serving import resolve_target
 
     t, _ = resolve_target(server["rid"], str(server["store"]), {"cluster.backend": "k8s"}, environ={})
     (deploy,) = [o for o in rs.serve_objects(t) if o["kind"] == "Deployment"]

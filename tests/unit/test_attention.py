@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssAttention, GptOssRotaryEmbedding, eager_attention_forward  # noqa: E402
 from torch.nn.attention.flex_attention import BlockMask  # noqa: E402
 
-from gptoss_cloud.shapes import TINY  # noqa: E402
+from gptoss_cloud.contract.shapes import TINY  # noqa: E402
 from gptoss_cloud.trainer import model as M  # noqa: E402
 from gptoss_cloud.trainer.kernels import attention as A  # noqa: E402
 

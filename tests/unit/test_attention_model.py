@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from gptoss_cloud.shapes import TINY  # noqa: E402
+from gptoss_cloud.contract.shapes import TINY  # noqa: E402
 from gptoss_cloud.trainer import model as M  # noqa: E402
 from gptoss_cloud.trainer.data.pack import PackedSample  # noqa: E402
 from gptoss_cloud.trainer.kernels import attention as A  # noqa: E402
@@ -90,7 +90,7 @@ def test_model_matches_eager_model_loss_and_gradients():
 
 
 def test_flex_is_refused_for_cpu_training():
-    from gptoss_cloud.spec import KernelsSection
+    from gptoss_cloud.contract.spec import KernelsSection
 
     assert M.resolve_implementations(KernelsSection(attention="flex"), "cuda")[0] == "gptoss_flex"
     assert M.resolve_implementations(KernelsSection(attention="hf_flex"), "cuda")[0] == "flex_attention"

@@ -9,10 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from gptoss_cloud.main import app
-from gptoss_cloud.trainer import bench as B
-from gptoss_cloud.trainer.bench_variants import Prepared, Variant, build
+from gptoss_cloud.trainer.bench import run as B
+from gptoss_cloud.trainer.bench.variants import Prepared, Variant, build
 from gptoss_cloud.trainer.parallel import DistInfo
-from gptoss_cloud.trainer.bench_worker import measure_variant
+from gptoss_cloud.trainer.bench.worker import measure_variant
 
 ROW_KEYS = {
     "variant", "status", "error", "step_times_s", "losses", "world_size", "build_s", "trainable_params",
@@ -159,7 +159,7 @@ def test_variant_options_make_one_row_each_with_their_overrides():
 def test_profile_categories_attribute_each_op_once():
     from types import SimpleNamespace as E
 
-    from gptoss_cloud.trainer import bench_profile as P
+    from gptoss_cloud.trainer.bench import profile as P
 
     assert P.categorise("aten::_grouped_mm") == "expert GEMMs"
     assert P.categorise("_mxfp4_gmm_nt") == "expert GEMMs"  # decodes MXFP4 inside the GEMM
@@ -187,7 +187,7 @@ def test_profile_categories_attribute_each_op_once():
 
 def test_lora_on_experts_is_a_variant_of_ours(tmp_path):
     """lora_experts=all|0+12: method.lora.experts for the build and the planner; trains on CPU."""
-    from gptoss_cloud.trainer.bench_variants import method_section, plan_spec
+    from gptoss_cloud.trainer.bench.variants import method_section, plan_spec
 
     opts = tiny(variant_specs=["lora_experts=no", "lora_experts=1"], baseline=False)
     vs = B.variants(opts, on_gpu=False)
@@ -207,7 +207,7 @@ def test_optimizer_variant_of_ours_trains_and_is_planned(tmp_path):
     """optim=adamw_8bit,masters=bf16: ours with torchao's 8-bit moments on bf16 weights, full fine-tuning
     on CPU beside fp32 AdamW; the planner sees the same choice."""
     pytest.importorskip("torchao")
-    from gptoss_cloud.trainer.bench_variants import plan_spec
+    from gptoss_cloud.trainer.bench.variants import plan_spec
 
     opts = tiny(method="full", variant_specs=["optim=adamw", "optim=adamw_8bit,masters=bf16"], baseline=False)
     vs = B.variants(opts, on_gpu=False)

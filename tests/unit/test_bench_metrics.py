@@ -2,9 +2,9 @@
 
 import pytest
 
-from gptoss_cloud.flops import training_flops
-from gptoss_cloud.shapes import GPT_OSS_20B
-from gptoss_cloud.trainer import bench_metrics as BM
+from gptoss_cloud.contract.plan.flops import training_flops
+from gptoss_cloud.contract.shapes import GPT_OSS_20B
+from gptoss_cloud.trainer.bench import metrics as BM
 
 
 def test_issue_8_floor_numbers():

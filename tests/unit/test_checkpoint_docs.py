@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from gptoss_cloud.spec import CheckpointSection
+from gptoss_cloud.contract.spec import CheckpointSection
 from support import REPO
 
 DOC = (REPO / "docs" / "checkpoints.md").read_text()
@@ -20,8 +20,8 @@ def test_settings_and_defaults_named_exist():
 
 
 def test_functions_named_exist():
-    from gptoss_cloud import store
-    from gptoss_cloud.trainer import checkpoint, ckpt_faults, ckpt_manifest
+    from gptoss_cloud.contract.store import objects as store
+    from gptoss_cloud.trainer.checkpoint import checkpointer as checkpoint, faults as ckpt_faults, manifest as ckpt_manifest
 
     where = {"Checkpointer": checkpoint.Checkpointer, "LocalStore": store.LocalStore, "S3Store": store.S3Store,
              "ckpt_faults": ckpt_faults}

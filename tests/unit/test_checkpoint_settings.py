@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from gptoss_cloud.errors import SpecError
-from gptoss_cloud.spec import RunSpec, spec_from_yaml_text
-from gptoss_cloud.store import S3Store, open_store
-from gptoss_cloud.store_retry import DEFAULT_RETRY_S
+from gptoss_cloud.contract.errors import SpecError
+from gptoss_cloud.contract.spec import RunSpec, spec_from_yaml_text
+from gptoss_cloud.contract.store.objects import S3Store, open_store
+from gptoss_cloud.contract.store.retry import DEFAULT_RETRY_S
 
 
 def test_defaults_are_minutes_not_half_hours():

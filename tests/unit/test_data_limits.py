@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from gptoss_cloud.errors import DataError
-from gptoss_cloud.spec import DataSection, DatasetSource
+from gptoss_cloud.contract.errors import DataError
+from gptoss_cloud.contract.spec import DataSection, DatasetSource
 from gptoss_cloud.trainer.data import limits
 from gptoss_cloud.trainer.data.pipeline import build_datasets
 from gptoss_cloud.trainer.data.rows import RowError

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from gptoss_cloud.errors import DataError
-from gptoss_cloud.spec import DataSection, DatasetSource
+from gptoss_cloud.contract.errors import DataError
+from gptoss_cloud.contract.spec import DataSection, DatasetSource
 from gptoss_cloud.trainer.data.harmony import tokenize_row
 from gptoss_cloud.trainer.data.sources import is_hub_id, load_source, sample_path
 from gptoss_cloud.trainer.data.vocab import load_encoding
@@ -91,7 +91,7 @@ def test_s3_source(files, s3):
     want = _tokens(DatasetSource(path=str(files / "d.jsonl")))
     assert _tokens(DatasetSource(path="s3://data/chats/d.jsonl")) == want
     assert _tokens(DatasetSource(path="s3://data/chats/d.parquet")) == want
-    from gptoss_cloud.errors import StoreError
+    from gptoss_cloud.contract.errors import StoreError
 
     with pytest.raises(StoreError, match="s3://data/chats/missing.jsonl"):
         load_source(DatasetSource(path="s3://data/chats/missing.jsonl"))

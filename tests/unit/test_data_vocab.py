@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gptoss_cloud.errors import DataError
+from gptoss_cloud.contract.errors import DataError
 from gptoss_cloud.trainer.data import vocab
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from gptoss_cloud.spec import RunSpec
-from gptoss_cloud.trainer.eval_checks import check_completion, rates
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.trainer.evaluation.checks import check_completion, rates
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False}
 
@@ -102,7 +102,7 @@ def test_held_out_rows_know_each_trained_tokens_kind(tmp_path, enc):
 
     from openai_harmony import Conversation, Message, Role
 
-    from gptoss_cloud.trainer.evaluate import held_out
+    from gptoss_cloud.trainer.evaluation.evaluate import held_out
 
     row = {"reasoning_effort": "high", "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}],
            "messages": [{"role": "user", "content": "Weather in Oslo?"},
@@ -126,7 +126,7 @@ def test_held_out_rows_know_each_trained_tokens_kind(tmp_path, enc):
 
 def test_a_malformed_held_out_row_names_the_file_and_row(tmp_path):
     from gptoss_cloud.trainer.data.rows import RowError
-    from gptoss_cloud.trainer.evaluate import held_out
+    from gptoss_cloud.trainer.evaluation.evaluate import held_out
 
     f = tmp_path / "held.jsonl"
     f.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}\n{"messages": 3}\n')

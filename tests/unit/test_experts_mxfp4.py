@@ -11,9 +11,9 @@ pytest.importorskip("transformers")
 from transformers import GptOssConfig  # noqa: E402
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts  # noqa: E402
 
-from gptoss_cloud.errors import GptossError  # noqa: E402
-from gptoss_cloud.shapes import ModelShape  # noqa: E402
-from gptoss_cloud.spec import MethodSection  # noqa: E402
+from gptoss_cloud.contract.errors import GptossError  # noqa: E402
+from gptoss_cloud.contract.shapes import ModelShape  # noqa: E402
+from gptoss_cloud.contract.spec import MethodSection  # noqa: E402
 from gptoss_cloud.trainer import model as M  # noqa: E402
 from gptoss_cloud.trainer.kernels.experts_mxfp4 import Mxfp4Experts, mxfp4_experts_modules  # noqa: E402
 

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from gptoss_cloud.flops import attended_keys, dense_multiplier, training_flops
-from gptoss_cloud.shapes import shape_for as preset
+from gptoss_cloud.contract.plan.flops import attended_keys, dense_multiplier, training_flops
+from gptoss_cloud.contract.shapes import shape_for as preset
 
 
 @pytest.mark.parametrize("method,recompute,mult", [
@@ -51,7 +51,7 @@ def test_the_trainer_metric_counts_what_the_step_ran():
     torch = pytest.importorskip("torch")  # noqa: F841  (the trainer package imports torch)
     from types import SimpleNamespace
 
-    from gptoss_cloud.spec import RunSpec
+    from gptoss_cloud.contract.spec import RunSpec
     from gptoss_cloud.trainer.train import step_flops
 
     shape = preset("20b")
@@ -67,7 +67,7 @@ def test_version_1_reports_are_recounted_for_what_each_row_ran():
     import json
     from pathlib import Path
 
-    from gptoss_cloud.trainer.bench_rederive import rederive
+    from gptoss_cloud.trainer.bench.rederive import rederive
 
     report = json.loads((Path(__file__).parents[2] / "docs/benchmarks/2026-11-25-h100-20b-lora-4k-compile.json").read_text())
     rows = {r["variant"]: r for r in rederive(report)}

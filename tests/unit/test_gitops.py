@@ -10,10 +10,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from gptoss_cloud.errors import GptossError
+from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.main import app
-from gptoss_cloud.render import gitops
-from gptoss_cloud.spec import RunSpec
+from gptoss_cloud.render.k8s import gitops
+from gptoss_cloud.contract.spec import RunSpec
 from k8s_schemas import validate_object
 from test_serve_render import assert_restricted, validate_k8s
 
@@ -170,8 +170,8 @@ def test_render_without_schedule_is_one_deterministic_jobset_run(tmp_path):
 
 def test_single_run_folder_has_no_ttl_unless_the_spec_sets_one(tmp_path):
     """A TTL-deleted JobSet would be re-applied by Flux / Argo CD self-heal and train again."""
-    from gptoss_cloud.render import gitops
-    from gptoss_cloud.spec import spec_from_yaml_text
+    from gptoss_cloud.render.k8s import gitops
+    from gptoss_cloud.contract.spec import spec_from_yaml_text
 
     base = "name: g\nmodel: {name: 20b}\ncluster: {backend: k8s, namespace: ml}\noutput: {store: s3://b/p}\n"
     (js,) = [o for o in gitops.single_run_objects(spec_from_yaml_text(base, "a.yaml")) if o["kind"] == "JobSet"]
@@ -179,7 +179,7 @@ def test_single_run_folder_has_no_ttl_unless_the_spec_sets_one(tmp_path):
     explicit = base.replace("namespace: ml}", "namespace: ml, ttl_seconds_after_finished: 600}")
     (js,) = [o for o in gitops.single_run_objects(spec_from_yaml_text(explicit, "b.yaml")) if o["kind"] == "JobSet"]
     assert js["spec"]["ttlSecondsAfterFinished"] == 600
-    from gptoss_cloud.render.k8s import render_run
+    from gptoss_cloud.render.k8s.jobset import render_run
 
     s = spec_from_yaml_text(base, "a.yaml")
     (js,) = [o for o in render_run(s, "g-1") if o["kind"] == "JobSet"]

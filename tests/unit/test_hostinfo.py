@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from gptoss_cloud.hostinfo import cgroup_cpu_quota, usable_cpus
+from gptoss_cloud.contract.hostinfo import cgroup_cpu_quota, usable_cpus
 
 
 def _affinity() -> int:
@@ -37,8 +37,8 @@ def test_usable_cpus_is_the_affinity_capped_by_the_quota(tmp_path):
 
 
 def test_checkpoint_writers_and_offload_threads_respect_the_limit(monkeypatch):
-    from gptoss_cloud import hostinfo
-    from gptoss_cloud.trainer.checkpoint import writer_threads
+    from gptoss_cloud.contract import hostinfo
+    from gptoss_cloud.trainer.checkpoint.checkpointer import writer_threads
     from gptoss_cloud.trainer.parallel import DistInfo, offload_host_threads
 
     monkeypatch.setattr(hostinfo, "usable_cpus", lambda root=hostinfo.CGROUP_ROOT: 6)

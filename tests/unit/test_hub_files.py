@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gptoss_cloud.hub_files import WEIGHT_INCLUDE, wanted
+from gptoss_cloud.contract.hub_files import WEIGHT_INCLUDE, wanted
 
 # openai/gpt-oss-120b as published: HF shards at the top, the same weights again under original/ and metal/.
 PUBLISHED = [
@@ -68,8 +68,8 @@ def test_trainer_reads_the_cache_the_init_container_filled(tmp_path, monkeypatch
 
 
 def test_init_container_downloads_with_the_same_patterns():
-    from gptoss_cloud.render.k8s import weights_init_container
-    from gptoss_cloud.spec import load_spec
+    from gptoss_cloud.render.k8s.jobset import weights_init_container
+    from gptoss_cloud.contract.spec import load_spec
 
     spec = load_spec(overrides={"model.name": "120b", "model.init": "pretrained", "method.kind": "lora"})
     c = weights_init_container(spec, "img", [], [])

@@ -157,7 +157,7 @@ def test_entrypoint_is_a_command_of_this_package():
 
 @pytest.mark.parametrize("name", sorted(DOCKERFILES))
 def test_vocabulary_dir_is_the_one_constant_the_renderers_use(name):
-    from gptoss_cloud.images import VOCAB_DIR
+    from gptoss_cloud.contract.images import VOCAB_DIR
 
     assert env(name)["TIKTOKEN_ENCODINGS_BASE"] == VOCAB_DIR, f"{name}.Dockerfile bakes the vocabulary elsewhere"
 
@@ -179,7 +179,7 @@ def users_uid() -> str:
 
 
 def test_serve_image_ships_the_auth_middleware_where_the_renderers_point():
-    from gptoss_cloud.images import MIDDLEWARE_DIR
+    from gptoss_cloud.contract.images import MIDDLEWARE_DIR
     from gptoss_cloud.render.vllm import AUTH_MIDDLEWARE
 
     module = AUTH_MIDDLEWARE.rsplit(".", 1)[0]

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from gptoss_cloud.keys import UnsafeKeyError, check_key, contained, relative_keys
+from gptoss_cloud.contract.store.keys import UnsafeKeyError, check_key, contained, relative_keys
 
 BAD = ["../x", "a/../../x", "merged/../../../../tmp/x", "/etc/passwd", "a//b", "./a", "a/./b", "a\\..\\b",
        "C:/x", "a\x00b", "a\nb", "", "x" * 1025]

@@ -6,12 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from gptoss_cloud.trainer.kernels.loss import (  # noqa: E402
-    IGNORE_INDEX,
-    chunked_linear_cross_entropy,
-    reference_linear_cross_entropy,
-    shift_packed_labels,
-)
+from gptoss_cloud.trainer.kernels.loss import IGNORE_INDEX, chunked_linear_cross_entropy, reference_linear_cross_entropy, shift_packed_labels
 
 
 def _inputs(n=37, h=24, v=301, masked=0.4, seed=0, dtype=torch.float32):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gptoss_cloud.spec import load_spec
+from gptoss_cloud.contract.spec import load_spec
 
 
 @pytest.fixture
@@ -25,14 +25,14 @@ def hub_cache(tmp_path, monkeypatch):
 
 
 def test_published_base_gives_its_tokenizer(hub_cache):
-    from gptoss_cloud.trainer.merge import published_tokenizer_dir
+    from gptoss_cloud.trainer.merge.export import published_tokenizer_dir
 
     spec = load_spec(overrides={"model.name": "20b", "model.init": "pretrained", "method.kind": "full"})
     assert published_tokenizer_dir(spec) == hub_cache
 
 
 def test_random_init_and_unreachable_bases_get_the_generated_one(hub_cache):
-    from gptoss_cloud.trainer.merge import published_tokenizer_dir
+    from gptoss_cloud.trainer.merge.export import published_tokenizer_dir
 
     assert published_tokenizer_dir(load_spec(overrides={"model.name": "tiny", "model.init": "random"})) is None
     assert published_tokenizer_dir(load_spec(overrides={"model.name": "20b", "model.init": "random"})) is None

@@ -8,8 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from gptoss_cloud.shapes import TINY  # noqa: E402
-from gptoss_cloud.spec import KernelsSection, MethodSection  # noqa: E402
+from gptoss_cloud.contract.shapes import TINY  # noqa: E402
+from gptoss_cloud.contract.spec import KernelsSection, MethodSection  # noqa: E402
 from gptoss_cloud.trainer import model as M  # noqa: E402
 from gptoss_cloud.trainer.data.pack import PackedSample  # noqa: E402
 
@@ -50,7 +50,7 @@ def test_resolve_implementations():
     assert M.resolve_implementations(KernelsSection(), "cuda") == ("gptoss_flex", "gptoss_fused")  # the fast paths
     assert M.compile_enabled(KernelsSection(), "cuda") and not M.compile_enabled(KernelsSection(), "cpu")
     assert not M.compile_enabled(KernelsSection(compile=False), "cuda")
-    from gptoss_cloud.spec import RunSpec
+    from gptoss_cloud.contract.spec import RunSpec
 
     cpu = torch.device("cpu")  # auto keeps every activation on CPU; explicit settings are kept as given
     assert M.resolve_recompute(RunSpec(), cpu) is False

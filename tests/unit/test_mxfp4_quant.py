@@ -8,9 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from gptoss_cloud.trainer.kernels.mxfp4 import (  # noqa: E402
-    FP4_E2M1, dequantize_expert_weight, dequantize_mxfp4, quantize_expert_weight, quantize_mxfp4,
-)
+from gptoss_cloud.trainer.kernels.mxfp4 import FP4_E2M1, dequantize_expert_weight, dequantize_mxfp4, quantize_expert_weight, quantize_mxfp4
 
 GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 

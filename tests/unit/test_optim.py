@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from gptoss_cloud.optim_bytes import checkpoint_bytes_per_param, trainable_bytes
-from gptoss_cloud.plan import checkpoint_bytes, memory_plan
-from gptoss_cloud.plan_configs import configurations, fastest
-from gptoss_cloud.shapes import GPT_OSS_120B
-from gptoss_cloud.spec import OptimSection, RunSpec
+from gptoss_cloud.contract.plan.optim_bytes import checkpoint_bytes_per_param, trainable_bytes
+from gptoss_cloud.contract.plan.memory import checkpoint_bytes, memory_plan
+from gptoss_cloud.contract.plan.configs import configurations, fastest
+from gptoss_cloud.contract.shapes import GPT_OSS_120B
+from gptoss_cloud.contract.spec import OptimSection, RunSpec
 
 
 def spec(nodes=2, gpus=8, gpu="H100", **optim):

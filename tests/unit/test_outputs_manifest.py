@@ -7,12 +7,12 @@ import os
 
 import pytest
 
-from gptoss_cloud.errors import GptossError
-from gptoss_cloud.fetch import download_prefix, local_output
-from gptoss_cloud.integrity import KEY_ENV
-from gptoss_cloud.keys import UnsafeKeyError
-from gptoss_cloud.outputs import MANIFEST, OutputError, OutputManifest, open_output, publish_local_folder
-from gptoss_cloud.store import open_store
+from gptoss_cloud.contract.errors import GptossError
+from gptoss_cloud.contract.store.fetch import download_prefix, local_output
+from gptoss_cloud.contract.integrity import KEY_ENV
+from gptoss_cloud.contract.store.keys import UnsafeKeyError
+from gptoss_cloud.contract.outputs import MANIFEST, OutputError, OutputManifest, open_output, publish_local_folder
+from gptoss_cloud.contract.store.objects import open_store
 
 KEY = b"s3cret"
 
@@ -119,7 +119,7 @@ def test_a_symlink_in_the_destination_does_not_lead_out(tmp_path):
 
 
 def test_republishing_a_local_folder_removes_only_what_an_earlier_manifest_of_ours_named(tmp_path):
-    from gptoss_cloud.outputs import entries, replace_local
+    from gptoss_cloud.contract.outputs import entries, replace_local
 
     src = _folder(tmp_path, key=None)  # as training leaves adapter/: config.json, sub/w.safetensors
     (src / "notes.txt").write_text("the user's own file")

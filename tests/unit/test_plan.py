@@ -6,12 +6,10 @@ import json
 
 import pytest
 
-from gptoss_cloud.errors import PlanError, SpecError
-from gptoss_cloud.plan import (
-    GiB, check_fit, disk_plan, flops_per_token, longest_seq, lora_params, memory_plan, plan_run, time_plan,
-)
-from gptoss_cloud.shapes import GPT_OSS_20B, GPT_OSS_120B
-from gptoss_cloud.spec import RunSpec
+from gptoss_cloud.contract.errors import PlanError, SpecError
+from gptoss_cloud.contract.plan.memory import GiB, check_fit, disk_plan, flops_per_token, longest_seq, lora_params, memory_plan, plan_run, time_plan
+from gptoss_cloud.contract.shapes import GPT_OSS_20B, GPT_OSS_120B
+from gptoss_cloud.contract.spec import RunSpec
 
 
 def spec(model="20b", method="lora", nodes=1, gpus=8, seq=4096, offload=False, attention="auto", chunk=1024, ac=True, **extra):
@@ -259,7 +257,7 @@ def _one_gpu(model: str, base: str = "bf16", gpu: str = "H100") -> RunSpec:
 
 
 def test_longest_sequence_is_the_edge_of_the_plan():
-    from gptoss_cloud.plan import _with
+    from gptoss_cloud.contract.plan.memory import _with
 
     ls = longest_seq(_one_gpu("20b"))
     assert ls.tokens % 1024 == 0 and ls.recompute  # auto turns recomputation on long before the edge
@@ -287,7 +285,7 @@ def test_plan_longest_flag():
 
 def test_changed_settings_keep_the_cards_memory():
     """Trying other settings (recompute auto, suggestions, --longest) keeps an H200's 141 GB, not the 80 GB default."""
-    from gptoss_cloud.plan import _with, recompute_on
+    from gptoss_cloud.contract.plan.memory import _with, recompute_on
 
     h200 = _one_gpu("20b", gpu="H200")
     assert memory_plan(_with(h200, data__max_seq_len=8192), suggest=False).gpu_capacity_gib == pytest.approx(141 * 0.95)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gptoss_cloud.plan import memory_plan
-from gptoss_cloud.spec import RunSpec
+from gptoss_cloud.contract.plan.memory import memory_plan
+from gptoss_cloud.contract.spec import RunSpec
 
 REPO = Path(__file__).resolve().parents[2]
 REPORTS = sorted((REPO / "docs" / "benchmarks").glob("*-h100-20b-lora-1gpu.json"))
@@ -44,8 +44,8 @@ def _bench_rows():
     """Every measured row of ours in docs/benchmarks/*.json with what the planner predicts for it."""
     from dataclasses import fields
 
-    from gptoss_cloud.trainer import bench as B
-    from gptoss_cloud.trainer.bench_variants import Variant
+    from gptoss_cloud.trainer.bench import run as B
+    from gptoss_cloud.trainer.bench.variants import Variant
 
     known = {f.name for f in fields(B.BenchOptions)}
     for path in sorted((REPO / "docs" / "benchmarks").glob("*.json")):

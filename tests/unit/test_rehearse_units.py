@@ -11,14 +11,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from gptoss_cloud.errors import BackendError, SpecError
+from gptoss_cloud.contract.errors import BackendError, SpecError
 from gptoss_cloud.main import app
-from gptoss_cloud.rehearse import (
-    RehearseOptions, compare_losses, first_step_logged, prepare_spec, read_losses, reference_spec, rehearse,
-)
-from gptoss_cloud.rehearse_pods import base_environ, expand, plan_groups, render
-from gptoss_cloud.render import k8s as K
-from gptoss_cloud.spec import RunSpec
+from gptoss_cloud.rehearse.run import RehearseOptions, compare_losses, first_step_logged, prepare_spec, read_losses, reference_spec, rehearse
+from gptoss_cloud.rehearse.pods import base_environ, expand, plan_groups, render
+from gptoss_cloud.render.k8s import jobset as K
+from gptoss_cloud.contract.spec import RunSpec
 
 RID = "rh-unit-20260101-000000-abcd"
 
@@ -214,7 +212,7 @@ def test_a_group_is_killed_with_every_process_it_started():
     import subprocess
     import time
 
-    from gptoss_cloud.rehearse_procs import _tree_alive, kill_tree, process_tree
+    from gptoss_cloud.rehearse.procs import _tree_alive, kill_tree, process_tree
 
     proc = subprocess.Popen(["sh", "-c", "setsid sleep 60 & sleep 60; wait"], start_new_session=True)
     try:
@@ -236,7 +234,7 @@ def test_a_group_is_killed_with_every_process_it_started():
 @pytest.mark.parametrize("per_node", [1, 4])
 def test_the_gpu_rehearsal_spec_is_accepted_as_the_script_runs_it(tmp_path, per_node):
     """scripts/gpu_rehearse.sh: 2 groups x GPUS_PER_NODE, node 1 killed after step 3's checkpoint."""
-    from gptoss_cloud.spec import load_spec
+    from gptoss_cloud.contract.spec import load_spec
 
     spec = load_spec(Path(__file__).resolve().parents[2] / "examples" / "gpu-rehearse-20b-L1-full.yaml", environ={})
     s = prepare_spec(spec, RehearseOptions(nodes=2, gpus_per_node=per_node, kill_node=1, kill_at_step=3, reference=True,
@@ -250,7 +248,7 @@ def test_the_gpu_rehearsal_spec_is_accepted_as_the_script_runs_it(tmp_path, per_
 def test_a_used_run_id_is_refused(tmp_path):
     (tmp_path / RID / "checkpoints" / "step-2").mkdir(parents=True)
     (tmp_path / RID / "checkpoints" / "step-2" / "manifest.json").write_text("{}")
-    from gptoss_cloud.rehearse import rehearse
+    from gptoss_cloud.rehearse.run import rehearse
 
     with pytest.raises(SpecError, match=f"run id {RID} is already used"):
         rehearse(make_spec(**{"output.store": str(tmp_path)}), RehearseOptions(run_id=RID, out_dir=tmp_path / "out"), gpus=0)

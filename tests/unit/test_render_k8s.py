@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from gptoss_cloud import __version__
-from gptoss_cloud.errors import SpecError
-from gptoss_cloud.render import k8s as rk
-from gptoss_cloud.runs import new_run_id
-from gptoss_cloud.spec import RunSpec
+from gptoss_cloud.contract.errors import SpecError
+from gptoss_cloud.render.k8s import jobset as rk
+from gptoss_cloud.contract.runs import new_run_id
+from gptoss_cloud.contract.spec import RunSpec
 from k8s_schemas import check_jobset_webhook_rules, validate_jobset, validate_object
 
 SECRET_VALUES = ["AKIAEXAMPLEKEY", "wJalrXUtnFEMI/K7MDENG", "hf_supersecret"]
@@ -208,7 +208,7 @@ def test_schema_check_rejects_unknown_and_wrong_fields():
 
 def test_dry_run_of_120b_on_two_nodes_validates_and_full_is_refused(tmp_path):
     from gptoss_cloud.backends.base import SubmitOptions, get_backend
-    from gptoss_cloud.errors import PlanError
+    from gptoss_cloud.contract.errors import PlanError
 
     s = spec()
     res = get_backend("k8s").submit(s, RUN, f"s3://bucket/runs/{RUN}", SubmitOptions(dry_run=True))

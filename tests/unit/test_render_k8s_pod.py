@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from gptoss_cloud.plan import HOST_HEADROOM, _host_components, host_capacity_gib, resolve_shape
-from gptoss_cloud.render import k8s as rk
-from gptoss_cloud.spec import RunSpec
+from gptoss_cloud.contract.plan.memory import HOST_HEADROOM, _host_components, host_capacity_gib, resolve_shape
+from gptoss_cloud.render.k8s import jobset as rk
+from gptoss_cloud.contract.spec import RunSpec
 from k8s_schemas import validate_jobset
 
 RUN = "ft-20250101-120000-abcd"

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from gptoss_cloud.backends.truss import load_project, write_project
-from gptoss_cloud.errors import BackendError, SpecError
-from gptoss_cloud.render.truss import CONFIG_FILE, SPEC_FILE, START_SCRIPT, render_truss_project
-from gptoss_cloud.spec import load_spec, spec_from_yaml_text
+from gptoss_cloud.contract.errors import BackendError, SpecError
+from gptoss_cloud.render.truss.train import CONFIG_FILE, SPEC_FILE, START_SCRIPT, render_truss_project
+from gptoss_cloud.contract.spec import load_spec, spec_from_yaml_text
 
 RUN_ID = "ft120b-20260101-120000-beef"
 

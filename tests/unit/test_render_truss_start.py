@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from gptoss_cloud.backends.truss import load_project, write_project
-from gptoss_cloud.render.truss import CONFIG_FILE, START_SCRIPT, render_truss_project
-from gptoss_cloud.spec import load_spec
+from gptoss_cloud.render.truss.train import CONFIG_FILE, START_SCRIPT, render_truss_project
+from gptoss_cloud.contract.spec import load_spec
 
 RUN_ID = "ft120b-20260101-120000-beef"
 BASH = shutil.which("bash")

@@ -13,9 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from gptoss_cloud.main import app
-from gptoss_cloud.report import series
-from gptoss_cloud.sparkline import loss_line, sparkline
-from gptoss_cloud.spec import RunSpec
+from gptoss_cloud.report.html import series
+from gptoss_cloud.report.sparkline import loss_line, sparkline
+from gptoss_cloud.contract.spec import RunSpec
 
 RUN = "demo-20261202-060000-abcd"
 

@@ -13,9 +13,9 @@ import yaml
 from typer.testing import CliRunner
 
 from gptoss_cloud.backends.local import local_gpu_count
-from gptoss_cloud.errors import GptossError
+from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.main import app
-from gptoss_cloud.spec import RunSpec, load_spec
+from gptoss_cloud.contract.spec import RunSpec, load_spec
 
 RUN_ID = r"[a-z0-9-]+-\d{8}-\d{6}-[0-9a-f]{4}"
 

@@ -7,10 +7,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from gptoss_cloud.errors import GptossError
+from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.main import app
-from gptoss_cloud.progress import list_run_ids, progress, read_metrics
-from gptoss_cloud.spec import load_spec
+from gptoss_cloud.contract.progress import list_run_ids, progress, read_metrics
+from gptoss_cloud.contract.spec import load_spec
 
 
 def invoke(*args: str):
@@ -102,6 +102,6 @@ def test_metrics_reader_skips_a_half_written_line(tmp_path):
     rows = read_metrics(str(tmp_path))
     assert rows == [{"step": 1, "loss": 2.0}]
     assert progress(rows) == {"step": 1, "loss": 2.0}
-    from gptoss_cloud.progress import format_progress
+    from gptoss_cloud.contract.progress import format_progress
 
     assert format_progress(progress([{"step": 3, "loss": 1.25, "epoch": 0.5}])) == "step 3 (epoch 0.50), loss 1.25"

@@ -10,12 +10,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from gptoss_cloud.errors import SpecError
+from gptoss_cloud.contract.errors import SpecError
 from gptoss_cloud.main import app
-from gptoss_cloud.render import gitops
-from gptoss_cloud.render.k8s import render_run
-from gptoss_cloud.render.truss import render_truss_project
-from gptoss_cloud.spec import RunSpec, load_spec
+from gptoss_cloud.render.k8s import gitops
+from gptoss_cloud.render.k8s.jobset import render_run
+from gptoss_cloud.render.truss.train import render_truss_project
+from gptoss_cloud.contract.spec import RunSpec, load_spec
 
 RUN = "leak-20250101-000000-abcd"
 # Values shaped like the real thing, each unique, so a find means a leak (not a coincidence).

@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 
-from gptoss_cloud.serve_local import MIDDLEWARE_DIR
+from gptoss_cloud.backends.local_serve import MIDDLEWARE_DIR
 
 
 def load():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from gptoss_cloud import serve_fetch
+from gptoss_cloud.trainer.programs import serve_fetch
 from gptoss_cloud.commands.lifecycle import parse_hf_target
-from gptoss_cloud.errors import GptossError
+from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.main import app
 from test_serve_render import RUN, make_run
 

@@ -10,11 +10,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from gptoss_cloud.errors import GptossError
+from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.main import app
-from gptoss_cloud.render import serve as rs
-from gptoss_cloud.serving import render_truss, resolve_target
-from gptoss_cloud.spec import RunSpec
+from gptoss_cloud.render.k8s import serve as rs
+from gptoss_cloud.backends.serving import render_truss, resolve_target
+from gptoss_cloud.contract.spec import RunSpec
 from k8s_schemas import validate_object
 
 RUN = "demo-20250101-000000-abcd"
@@ -115,7 +115,7 @@ def test_120b_renders_merge_job_deployment_service_networkpolicy_all_valid(tmp_p
     assert startup >= rs.startup_budget_s(t.shape, 4) > 600
 
     init = pod["initContainers"][0]
-    assert init["command"][:3] == ["python", "-m", "gptoss_cloud.serve_fetch"]
+    assert init["command"][:3] == ["python", "-m", "gptoss_cloud.trainer.programs.serve_fetch"]
     assert "--wait-for" in init["command"] and rs.MERGED_MARKER in init["command"]
     assert init["envFrom"] == [{"secretRef": {"name": "store-creds"}}]
 
@@ -274,7 +274,7 @@ def test_truss_needs_published_weights(tmp_path):
 
 # ------------------------------------------------------------------------------------------ local
 def test_local_without_vllm_points_to_chat(tmp_path):
-    from gptoss_cloud import serve_local as sl
+    from gptoss_cloud.backends import local_serve as sl
 
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\nexit 1\n")   # an interpreter on which vllm cannot be found

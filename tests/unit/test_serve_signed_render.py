@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from gptoss_cloud.render import serve as rs
+from gptoss_cloud.render.k8s import serve as rs
 from k8s_schemas import validate_object
 from test_serve_render import by_kind, make_run, target
 
@@ -51,9 +51,9 @@ def test_without_a_key_secret_nothing_refers_to_one(tmp_path, adapter):
 
 
 def test_serve_local_hands_vllm_only_a_verified_folder(tmp_path, monkeypatch):
-    from gptoss_cloud import serve_local
-    from gptoss_cloud.outputs import OutputError, publish_local_folder
-    from gptoss_cloud.store import open_store
+    from gptoss_cloud.backends import local_serve as serve_local
+    from gptoss_cloud.contract.outputs import OutputError, publish_local_folder
+    from gptoss_cloud.contract.store.objects import open_store
 
     home = make_run(tmp_path, merged=True, model={"name": "20b"}, cluster={**SIGNED, "backend": "local"})
     merged = home / "merged"

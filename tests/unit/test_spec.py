@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from gptoss_cloud.errors import SpecError
-from gptoss_cloud.spec import SPEC_VERSION, RunSpec, load_spec
+from gptoss_cloud.contract.errors import SpecError
+from gptoss_cloud.contract.spec import SPEC_VERSION, RunSpec, load_spec
 from gptoss_cloud.starter import STARTER_SPEC
 
 

@@ -9,10 +9,10 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from gptoss_cloud import safe_yaml
-from gptoss_cloud.errors import SpecError
+from gptoss_cloud.contract import safe_yaml
+from gptoss_cloud.contract.errors import SpecError
 from gptoss_cloud.main import app
-from gptoss_cloud.spec import load_spec, spec_from_yaml_text
+from gptoss_cloud.contract.spec import load_spec, spec_from_yaml_text
 
 # Nine levels of ten aliases: a billion leaves once anything walks it as a tree.
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
-from gptoss_cloud.store_retry import is_transient, retrying
+from gptoss_cloud.contract.store.retry import is_transient, retrying
 
 
 def _client_error(code: str, status: int = 400) -> ClientError:

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 
 def test_rng_and_scheduler_state_round_trip():
-    from gptoss_cloud.trainer.ckpt_state import RNGState, dumps, loads
+    from gptoss_cloud.trainer.checkpoint.state import RNGState, dumps, loads
 
     rng = RNGState()
     random.seed(3)
@@ -29,7 +29,7 @@ def test_rng_and_scheduler_state_round_trip():
 
 
 def test_unknown_types_are_refused_not_pickled():
-    from gptoss_cloud.trainer.ckpt_state import dumps
+    from gptoss_cloud.trainer.checkpoint.state import dumps
 
     with pytest.raises(TypeError, match="cannot checkpoint a object"):
         dumps({"x": object()})

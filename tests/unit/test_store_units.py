@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from gptoss_cloud.errors import StoreError
-from gptoss_cloud.store import LocalStore, StoreNotFound, open_store, translate_aws_error
+from gptoss_cloud.contract.errors import StoreError
+from gptoss_cloud.contract.store.objects import LocalStore, StoreNotFound, open_store, translate_aws_error
 
 
 def test_local_store_not_found_and_atomic_write(tmp_path):
@@ -31,7 +31,7 @@ def test_aws_error_code_from_transfer_manager_text():
 
 
 def test_manifest_signature_covers_every_field():
-    from gptoss_cloud.trainer.ckpt_manifest import CheckpointError, Manifest
+    from gptoss_cloud.trainer.checkpoint.manifest import CheckpointError, Manifest
 
     m = Manifest(step=3, world_size=2, files={"a": {"size": 1, "sha256": "0" * 64}}, spec_hash="h")
     signed = m.to_json(b"k")

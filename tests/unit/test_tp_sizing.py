@@ -1,8 +1,8 @@
 import pytest
 
-from gptoss_cloud.errors import GptossError
-from gptoss_cloud.serve_sizing import kv_bytes_per_sequence, per_gpu, size_tp, valid_tp, weight_bytes
-from gptoss_cloud.shapes import GPT_OSS_20B, GPT_OSS_120B, TINY
+from gptoss_cloud.contract.errors import GptossError
+from gptoss_cloud.contract.plan.serving import kv_bytes_per_sequence, per_gpu, size_tp, valid_tp, weight_bytes
+from gptoss_cloud.contract.shapes import GPT_OSS_20B, GPT_OSS_120B, TINY
 
 
 def test_bf16_weights_match_the_published_sizes():

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from gptoss_cloud.errors import GptossError, SpecError
-from gptoss_cloud.spec import RunSpec, load_spec
+from gptoss_cloud.contract.errors import GptossError, SpecError
+from gptoss_cloud.contract.spec import RunSpec, load_spec
 from gptoss_cloud.trainer.tracking import Trackers, flat_params, open_trackers, outputs_of, scalars
 
 

@@ -6,8 +6,8 @@ import re
 import tomllib
 from pathlib import Path
 
-from gptoss_cloud.report_plots import PLOTS
-from gptoss_cloud.spec import OutputSection
+from gptoss_cloud.report.plots import PLOTS
+from gptoss_cloud.contract.spec import OutputSection
 from gptoss_cloud.trainer.tracking import BACKENDS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ def test_the_plot_table_lists_every_plot():
 
 
 def test_the_eval_check_table_lists_every_check():
-    from gptoss_cloud.trainer.eval_checks import CHECKS
+    from gptoss_cloud.trainer.evaluation.checks import CHECKS
 
     table = re.findall(r"^\| `(\w+)` \|", DOC.split("| check | passes when |")[1].split("\n\n")[0], re.M)
     assert table == [*CHECKS, "format_valid"]

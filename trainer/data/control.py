@@ -13,14 +13,14 @@ import functools
 import json
 import re
 
-from .notes import Problem, clip
+from gptoss_cloud.trainer.data.notes import Problem, clip
 
 _TAG = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>")
 
 
 @functools.lru_cache(maxsize=1)
 def _specials() -> frozenset[str]:
-    from .vocab import load_encoding
+    from gptoss_cloud.trainer.data.vocab import load_encoding
 
     return frozenset(load_encoding().special_tokens_set)  # the vocabulary's own list, reserved ones too
 

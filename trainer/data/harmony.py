@@ -16,14 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gptoss_cloud.datafields import role_names
+from gptoss_cloud.contract.datafields import role_names
 
-from .notes import Notes, clip, short
-from .rows import ChatMessage, Row, RowError, parse_row
-from .vocab import load_encoding
+from gptoss_cloud.trainer.data.notes import Notes, clip, short
+from gptoss_cloud.trainer.data.rows import ChatMessage, Row, RowError, parse_row
+from gptoss_cloud.trainer.data.vocab import load_encoding
 
 if TYPE_CHECKING:
-    from gptoss_cloud.spec import DataSection, DatasetSource
+    from gptoss_cloud.contract.spec import DataSection, DatasetSource
 
 IGNORE = -100
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gptoss_cloud.errors import DataError
+from gptoss_cloud.contract.errors import DataError
 
-from .notes import RowError
+from gptoss_cloud.trainer.data.notes import RowError
 
 # Deepest nesting a row may have. Real rows reach ~10 (a tool schema inside a tool list inside a row);
 # 64 leaves room for deep schemas while keeping every later recursive step (schema cleanup, JSON

@@ -7,7 +7,7 @@ tokenize`` and the run's dataset statistics list these counts per kind.
 
 from __future__ import annotations
 
-from gptoss_cloud.errors import DataError
+from gptoss_cloud.contract.errors import DataError
 
 # kind -> (what happened, description)
 KINDS: dict[str, tuple[str, str]] = {

@@ -10,8 +10,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from .harmony import IGNORE, TokenizedSequence
-from .vocab import PAD_ID
+from gptoss_cloud.trainer.data.harmony import IGNORE, TokenizedSequence
+from gptoss_cloud.trainer.data.vocab import PAD_ID
 
 
 @dataclass

@@ -10,12 +10,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from gptoss_cloud.datafields import ROLES, THINKING_FIELDS, role_names
-from .control import check_row
-from .limits import loads
-from .notes import Notes, RowError, clip, short
-from .notes import Problem as _Problem
-from .shapes import legacy_message, legacy_tools, map_message
+from gptoss_cloud.contract.datafields import ROLES, THINKING_FIELDS, role_names
+from gptoss_cloud.trainer.data.control import check_row
+from gptoss_cloud.trainer.data.limits import loads
+from gptoss_cloud.trainer.data.notes import Notes, RowError, clip, short
+from gptoss_cloud.trainer.data.notes import Problem as _Problem
+from gptoss_cloud.trainer.data.shapes import legacy_message, legacy_tools, map_message
 
 EFFORTS = ("low", "medium", "high")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .notes import Problem
+from gptoss_cloud.trainer.data.notes import Problem
 
 
 def map_message(raw: Any, properties: Mapping[str, str], roles: Mapping[str, str]) -> Any:

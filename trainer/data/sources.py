@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gptoss_cloud.errors import DataError
+from gptoss_cloud.contract.errors import DataError
 
-from .limits import checked, json_rows, jsonl_rows
+from gptoss_cloud.trainer.data.limits import checked, json_rows, jsonl_rows
 
 if TYPE_CHECKING:
-    from gptoss_cloud.spec import DatasetSource
+    from gptoss_cloud.contract.spec import DatasetSource
 
 SAMPLE = "sample"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -88,7 +88,7 @@ def load_source(src: "DatasetSource") -> SourceRows:
         data = p.read_bytes()
         return SourceRows("sample", parse_bytes(data, "jsonl", "sample"), _digest(data))
     if path.startswith("s3://"):
-        from gptoss_cloud.store import open_store
+        from gptoss_cloud.contract.store.objects import open_store
 
         data = open_store(path).read_bytes("")
         fmt = _format_of(path, src.format)

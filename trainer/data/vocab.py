@@ -7,7 +7,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from gptoss_cloud.errors import DataError
+from gptoss_cloud.contract.errors import DataError
 
 VOCAB_FILE = "o200k_base.tiktoken"
 PAD_ID = 199999  # <|endoftext|>: never produced by the harmony renderer, so safe as padding

@@ -182,7 +182,7 @@ def register() -> str:
     try:
         from transformers.integrations.moe import ExpertsInterface
     except ImportError as e:  # transformers without the experts interface (< 5)
-        from gptoss_cloud.errors import GptossError
+        from gptoss_cloud.contract.errors import GptossError
 
         raise GptossError("kernels.experts: fused needs transformers >= 5 (its ExpertsInterface)",
                           hint="upgrade transformers, or use kernels.experts: eager | grouped_mm") from e

@@ -18,8 +18,8 @@ import os
 import torch
 from torch import nn
 
-from .experts import compute_dtype, experts_forward, grouped_mm
-from .mxfp4 import GROUP, dequantize_mxfp4, quantize_expert_weight
+from gptoss_cloud.trainer.kernels.experts import compute_dtype, experts_forward, grouped_mm
+from gptoss_cloud.trainer.kernels.mxfp4 import GROUP, dequantize_mxfp4, quantize_expert_weight
 
 # Experts dequantised at once. 20b (32 experts) does a layer's matrix in one piece with no host sync
 # (gate_up: 1.06 GB of transient bf16); 120b (128) goes in 4 pieces with one host read of the offsets.
@@ -33,7 +33,7 @@ def mxfp4_grouped_mm(x: torch.Tensor, offsets: torch.Tensor, blocks: torch.Tenso
     ``x @ W_e.T`` (``transposed``, the forward) or ``x @ W_e`` (the input gradient)."""
     num_experts = blocks.shape[0]
     if x.is_cuda and os.environ.get("GPTOSS_MXFP4_GEMM") == "triton":
-        from .mxfp4_gemm_triton import mxfp4_grouped_mm_triton  # decoded inside the GEMM; opt-in until measured
+        from gptoss_cloud.trainer.kernels.mxfp4_gemm_triton import mxfp4_grouped_mm_triton  # decoded inside the GEMM; opt-in until measured
 
         return mxfp4_grouped_mm_triton(x, offsets, blocks, scales, transposed)
     if experts_per_chunk >= num_experts:

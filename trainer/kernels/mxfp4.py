@@ -66,7 +66,7 @@ def dequantize_mxfp4(
     """
     _check_packed(blocks, scales)
     if blocks.is_cuda and _use_triton():
-        from .mxfp4_triton import dequantize_mxfp4_triton  # one kernel, ~4x less memory traffic
+        from gptoss_cloud.trainer.kernels.mxfp4_triton import dequantize_mxfp4_triton  # one kernel, ~4x less memory traffic
 
         return dequantize_mxfp4_triton(blocks, scales, dtype)
     *prefix, groups, nbytes = blocks.shape

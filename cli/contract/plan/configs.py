@@ -1,0 +1,122 @@
+"""The configurations a spec could run with on its nodes and GPUs, and which of them is fastest.
+
+``gptoss-cloud plan`` prints one row per (optimizer, CPU offload, recomputation): memory per GPU and
+host memory per node from :func:`plan.memory_plan`, and a projected step time = compute (the
+planner's FLOPs at its assumed MFU) + the optimizer step (memory-bound: the bytes it reads and writes
+at a fraction of the card's bandwidth) + with offload the host step and the parameter / gradient
+copies, neither overlapped with compute today. Each term is an assumption written down below, to be
+replaced by measurements (docs/optimizers.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from gptoss_cloud.contract.plan.optim_bytes import MASTER_BYTES, QUANT_BLOCK, label
+from gptoss_cloud.contract.plan.memory import gpu_info, memory_plan, resolve_shape, time_plan, trainable_params, with_settings
+from gptoss_cloud.contract.shapes import ModelShape
+from gptoss_cloud.contract.spec import RunSpec
+
+# (optim.name, optim.master_weights) the table tries; offload only with fp32 AdamW, the one measured.
+OPTIMIZERS = (("adamw", "fp32"), ("adamw_8bit", "fp32"), ("adamw_8bit", "bf16"))
+OFFLOAD_OPTIMIZERS = (("adamw", "fp32"),)
+
+# ---- assumptions ---------------------------------------------------------------------------------
+HBM_TBPS = {"H100": 3.35, "H200": 4.8, "GH200": 4.0, "B200": 8.0, "A100": 2.0, "A100-40GB": 1.55, "L40S": 0.86}
+HBM_FRACTION = 0.5        # of the card's bandwidth an optimizer step reaches (many tensors, small kernels)
+HOST_GBPS_PER_RANK = 25.0  # host memory bandwidth one rank's offloaded Adam step gets (a node's ~200 GB/s / 8)
+PCIE_GBPS = 25.0          # host <-> device copy rate per GPU (PCIe 5 x16, pinned, achieved)
+
+
+def step_bytes_per_param(name: str, masters: str) -> float:
+    """What one Adam step reads and writes per parameter: weight, gradient, m, v in; weight, m, v out."""
+    w = MASTER_BYTES[masters]
+    moment = 4.0 if name == "adamw" else 1 + 4 / QUANT_BLOCK
+    return (w + w + 2 * moment) + (w + 2 * moment)
+
+
+@dataclass
+class Config:
+    optimizer: str            # optim_bytes.label
+    name: str
+    master_weights: str
+    cpu_offload: bool
+    recompute: bool
+    gpu_gib: float
+    gpu_capacity_gib: float
+    host_gib: float
+    host_capacity_gib: float
+    fits: bool
+    compute_s: float
+    optimizer_s: float
+    transfer_s: float
+    step_s: float
+    fastest: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def configurations(spec: RunSpec, shape: ModelShape | None = None) -> list[Config]:
+    """Every configuration of the table for ``spec``'s model, method, nodes and GPUs; the fastest that
+    fits is marked."""
+    shape = resolve_shape(spec, shape)
+    rows = []
+    for offload in (False, True):
+        if offload and spec.world_size < 2:
+            continue  # FSDP2's offload shards the states over ranks
+        for name, masters in OFFLOAD_OPTIMIZERS if offload else OPTIMIZERS:
+            for recompute in (False, True):
+                rows.append(_row(spec, shape, name, masters, offload, recompute))
+    fitting = [r for r in rows if r.fits]
+    if fitting:
+        min(fitting, key=lambda r: r.step_s).fastest = True
+    return rows
+
+
+def fastest(configs: list[Config]) -> Config | None:
+    return next((c for c in configs if c.fastest), None)
+
+
+def _row(spec: RunSpec, shape: ModelShape, name: str, masters: str, offload: bool, recompute: bool) -> Config:
+    cand = with_settings(spec, optim__name=name, optim__master_weights=masters, parallelism__cpu_offload=offload,
+                         parallelism__activation_checkpointing=recompute)
+    mp = memory_plan(cand, shape, suggest=False)
+    compute = time_plan(cand, shape).step_time_s
+    per_rank = trainable_params(shape, cand) / cand.world_size
+    moved = per_rank * step_bytes_per_param(name, masters)
+    if offload:
+        optimizer_s = moved / (HOST_GBPS_PER_RANK * 1e9)
+        # the fp32 shard in and the fp32 gradient shard out, every step
+        transfer_s = per_rank * 2 * MASTER_BYTES[masters] / (PCIE_GBPS * 1e9)
+    else:
+        card = cand.cluster.gpu_type.upper().replace("_", "-")
+        optimizer_s = moved / (HBM_TBPS.get(card, 3.35) * 1e12 * HBM_FRACTION)
+        transfer_s = 0.0
+    return Config(
+        optimizer=label(cand.optim), name=name, master_weights=masters, cpu_offload=offload, recompute=recompute,
+        gpu_gib=mp.gpu_total_gib, gpu_capacity_gib=mp.gpu_capacity_gib, host_gib=mp.host_total_gib,
+        host_capacity_gib=mp.host_capacity_gib, fits=mp.fits, compute_s=round(compute, 3),
+        optimizer_s=round(optimizer_s, 3), transfer_s=round(transfer_s, 3),
+        step_s=round(compute + optimizer_s + transfer_s, 3),
+    )
+
+
+def configs_table(configs: list[Config], spec: RunSpec):
+    """A rich Table of the configurations, the fastest that fits marked."""
+    from rich.table import Table
+
+    card = gpu_info(spec)
+    t = Table(title=f"Configurations on {spec.parallelism.nodes} x {spec.parallelism.gpus_per_node} "
+                    f"{spec.cluster.gpu_type} ({card.memory_gib:.0f} GiB; projected step times)", title_justify="left")
+    # optimizer/masters; the three parts of the projected step time, then their sum.
+    for col in ("optimizer", "offload", "recompute", "GiB/GPU", "host GiB/node", "compute s", "optim s",
+                "copies s", "step s", ""):
+        t.add_column(col, justify="left" if col in ("optimizer", "") else "right")
+    for c in configs:
+        verdict = "fastest that fits" if c.fastest else ("fits" if c.fits else "does not fit")
+        t.add_row(f"{c.name}/{c.master_weights}", "yes" if c.cpu_offload else "no", "yes" if c.recompute else "no",
+                  f"{c.gpu_gib:.1f} / {c.gpu_capacity_gib:.0f}", f"{c.host_gib:.0f} / {c.host_capacity_gib:.0f}",
+                  f"{c.compute_s:.2f}", f"{c.optimizer_s:.2f}", f"{c.transfer_s:.2f}", f"{c.step_s:.2f}", verdict,
+                  style="bold green" if c.fastest else (None if c.fits else "dim"))
+    return t

@@ -1,0 +1,1 @@
+"""The one Kubernetes client: configuration, calls, create-or-update, and API error translation."""

@@ -1,0 +1,1 @@
+"""Rehearse a multi-node run on one host: the rendered JobSet's pods as local node groups."""

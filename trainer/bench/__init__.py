@@ -1,0 +1,1 @@
+"""``gptoss-cloud bench``: our training step against the transformers + peft reference, same card, same run."""

@@ -1,0 +1,547 @@
+"""Merge a published checkpoint into a servable Hugging Face folder, streaming tensor by tensor.
+
+Full fine-tunes are consolidated from the DCP shards one tensor at a time. LoRA adapters are merged
+into the base weights one decoder layer at a time, by peft itself (its merge handles the experts'
+3-D ``target_parameters`` and the attention projections); the adapter is also written on its own.
+Peak host memory is about one decoder layer (LoRA) or one tensor (full), never the whole model.
+
+The output: ``model-0000i-of-0000n.safetensors`` (at most 5 GB each) with
+``model.safetensors.index.json``, ``config.json`` (architectures exactly ``["GptOssForCausalLM"]``, no
+``quantization_config``), ``generation_config.json`` and the tokenizer with its chat template (copied
+from the base, or generated from the harmony vocabulary for random/tiny bases). It goes to a local
+folder or straight to S3 (one shard is staged locally at a time).
+
+Every merge is measured (``MergeResult``): ``wall_s``, ``bytes_written`` (every output file) and
+``peak_rss_bytes``, the host memory high-water mark — of the merge itself where Linux lets the process
+reset its mark (``peak_rss_scope == "section"``), else of the whole process (``"process"``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from gptoss_cloud.contract.errors import GptossError
+from gptoss_cloud.contract.store.fetch import download_prefix, local_output
+from gptoss_cloud.contract.outputs import home_says_signed, open_output
+from gptoss_cloud.contract.outputs import entries as output_entries
+from gptoss_cloud.contract.outputs import publish as publish_output
+from gptoss_cloud.contract.outputs import replace_local
+from gptoss_cloud.contract.shapes import EOS_TOKEN_IDS, HUB_IDS, PAD_TOKEN_ID
+from gptoss_cloud.contract.store.objects import LocalStore, is_remote, join, open_store
+
+from gptoss_cloud.trainer.checkpoint import shards as st
+from gptoss_cloud.trainer.checkpoint.stats import GiB, PeakRss
+from gptoss_cloud.trainer.checkpoint.checkpointer import make_fetcher
+from gptoss_cloud.trainer.checkpoint.manifest import KEY_ENV, CheckpointError, list_published, parse_step, read_manifest, signing_key, step_dir
+from gptoss_cloud.trainer.checkpoint.safety import FetchingReader, SafeLoadPlanner, safe_load_metadata
+
+log = logging.getLogger("gptoss_cloud.merge")
+SHARD_BYTES = 5 * 10**9
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+_DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class MergeResult:
+    out: str
+    step: int
+    method: str
+    tensors: int
+    total_bytes: int
+    shards: list[str]
+    adapter_out: str | None = None
+    max_abs_logit_diff: float | None = None
+    files: list[str] = field(default_factory=list)
+    wall_s: float | None = None
+    bytes_written: int | None = None  # the merged folder's files (the adapter copy of a LoRA merge not included)
+    peak_rss_bytes: int | None = None
+    peak_rss_scope: str | None = None  # "section": this merge's own peak; "process": the process's lifetime peak
+    rss_start_bytes: int | None = None  # resident set when the merge started
+
+    def stats(self) -> dict:
+        """The measurements, as recorded in metrics.jsonl and summary.json."""
+        gib = lambda b: round(b / GiB, 3) if b is not None else None  # noqa: E731
+        return {"wall_s": self.wall_s, "bytes_written": self.bytes_written, "peak_rss_gib": gib(self.peak_rss_bytes),
+                "peak_rss_scope": self.peak_rss_scope, "rss_start_gib": gib(self.rss_start_bytes),
+                "tensors": self.tensors, "model_bytes": self.total_bytes, "out": self.out, "step": self.step}
+
+
+# ------------------------------------------------------------------------------------- the source
+class Source:
+    """One published checkpoint, read lazily: only the files (and byte ranges) a tensor needs."""
+
+    def __init__(self, ref: str, cache: Path):
+        ref = ref.rstrip("/")
+        step = parse_step(ref.rsplit("/", 1)[-1])
+        if step is not None:  # .../checkpoints/step-N
+            self.ckpts = open_store(ref.rsplit("/", 1)[0])
+            self.home = ref.rsplit("/", 2)[0]
+        else:  # a run home: the newest published checkpoint
+            self.home = ref
+            self.ckpts = open_store(join(ref, "checkpoints"))
+            published = list_published(self.ckpts)
+            if not published:
+                raise CheckpointError(f"no published checkpoint under {self.ckpts.uri}",
+                                      hint="a checkpoint counts once its manifest.json is written; is the run still saving?")
+            step = published[0]
+        self.step = step
+        self.where = f"{self.ckpts.uri.rstrip('/')}/{step_dir(step)}"
+        self.signed = home_says_signed(self.home)
+        if self.signed and signing_key() is None:
+            raise CheckpointError(f"{self.where}: the run's spec says its checkpoints are signed (cluster.checkpoint_key_secret), "
+                                  f"but {KEY_ENV} is not set here; refusing to merge it unverified",
+                                  hint=f"export {KEY_ENV}=<the key in that Secret> (the merge Job gets it from the Secret)")
+        self.manifest = read_manifest(self.ckpts, step, signing_key())
+        self.folder = (Path(self.ckpts.root) if isinstance(self.ckpts, LocalStore) else cache) / step_dir(step)
+        self.fetch = make_fetcher(self.ckpts, step, self.folder, self.manifest, self.where)
+        self.fetch([".metadata"])
+        self.metadata = safe_load_metadata((self.folder / ".metadata").read_bytes(), f"{self.where}/.metadata")
+
+    def text(self, rel: str) -> str | None:
+        if rel not in self.manifest.files:
+            return None
+        self.fetch([rel])
+        return (self.folder / rel).read_text()
+
+    def model_entries(self) -> dict[str, tuple[tuple, torch.dtype]]:
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        # The loop trains a wrapper holding the model as ``lm``: names are given without that prefix.
+        self._dcp_key = {k[len("model."):].removeprefix("lm."): k[len("model."):]
+                         for k in self.metadata.state_dict_metadata if k.startswith("model.")}
+        return {k[len("model."):].removeprefix("lm."): (tuple(m.size), m.properties.dtype)
+                for k, m in self.metadata.state_dict_metadata.items()
+                if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        ent = self.model_entries()
+        sd = {"model": {self._dcp_key[n]: torch.empty(ent[n][0], dtype=ent[n][1]) for n in names}}
+        dcp.load(sd, storage_reader=FetchingReader(str(self.folder), self.fetch, self.where),
+                 planner=SafeLoadPlanner(allow_partial_load=True), no_dist=True)
+        return {n: sd["model"][self._dcp_key[n]] for n in names}
+
+
+# ----------------------------------------------------------------------------------------- the base
+class BaseWeights:
+    """A Hugging Face folder of safetensors, read one tensor at a time (MXFP4 experts dequantized)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.folder = folder
+        idx = folder / "model.safetensors.index.json"
+        files = sorted(set(json.loads(idx.read_text())["weight_map"].values())) if idx.exists() else ["model.safetensors"]
+        self.where: dict[str, str] = {}
+        self._handles = {}
+        for f in files:
+            h = safe_open(str(folder / f), framework="pt")
+            self._handles[f] = h
+            for k in h.keys():
+                self.where[k] = f
+
+    def dtype(self) -> torch.dtype:
+        """The dtype of the base's plain (not MXFP4) weights; the merge works in it."""
+        codes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+        for k, f in self.where.items():
+            if not k.endswith(("_blocks", "_scales")):
+                return codes.get(self._handles[f].get_slice(k).get_dtype(), torch.bfloat16)
+        return torch.bfloat16
+
+    def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        if name in self.where:
+            return self._handles[self.where[name]].get_tensor(name).to(dtype)
+        if name + "_blocks" in self.where:  # published checkpoints keep experts in MXFP4
+            from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+            blocks = self._handles[self.where[name + "_blocks"]].get_tensor(name + "_blocks")
+            scales = self._handles[self.where[name + "_scales"]].get_tensor(name + "_scales")
+            # transformers dequantizes straight into the (experts, in, out) layout its GptOssExperts uses
+            return convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+        raise GptossError(f"base weights in {self.folder} have no tensor {name!r}")
+
+
+def resolve_base(home: str, model_name: str | None, base: str | None, cache: Path, signed: bool = False) -> Path | None:
+    """Base weights: an explicit --base, else the run's <home>/base/ (verified against its manifest),
+    else the spec's model.name."""
+    if not base and (folder := local_output(join(home, "base"), cache / "base", signed=signed)) is not None:
+        return folder
+    candidates = [base] if base else [model_name]
+    for ref in candidates:
+        if not ref:
+            continue
+        if is_remote(ref):
+            s = open_store(ref)
+            if not download_prefix(s, "", cache / "base", where=ref) and not (cache / "base").is_dir():
+                continue
+            return cache / "base"
+        p = Path(ref.removeprefix("file://"))
+        if (p / "config.json").is_file():
+            return p
+        if ref in HUB_IDS or ("/" in ref and not p.exists()):
+            try:
+                from huggingface_hub import snapshot_download
+
+                from gptoss_cloud.contract.hub_files import WEIGHT_INCLUDE
+
+                # The same files (and HF_HUB_CACHE) as the trainer and the pod's init container.
+                return Path(snapshot_download(HUB_IDS.get(ref, ref), allow_patterns=list(WEIGHT_INCLUDE)))
+            except Exception as e:  # offline, not installed, gated
+                raise GptossError(f"cannot fetch base weights {ref!r} from the hub ({type(e).__name__})",
+                                  hint="pass --base with a local folder or s3:// prefix holding the base model") from None
+    return None
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def hf_name(peft_key: str) -> str:
+    """A peft parameter name (or the loop's ``lm.``-prefixed one) -> the plain transformers name."""
+    k = peft_key.removeprefix("lm.").removeprefix("base_model.model.")
+    while ".base_layer" in k:
+        k = k.replace(".base_layer", "")
+    return k
+
+
+def declared_dtype(cfg: dict) -> str | None:
+    """The dtype the run computed in, as its config records it (None: unknown, keep the checkpoint's).
+    A full fine-tune checkpoints fp32 master weights; serving them in fp32 would double the model."""
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    return name if name in _DT else None
+
+
+def servable_config(cfg: dict, dtype: torch.dtype) -> dict:
+    cfg = dict(cfg)
+    cfg["architectures"] = ["GptOssForCausalLM"]  # never an FSDP-prefixed class name
+    cfg["model_type"] = "gpt_oss"
+    cfg.pop("quantization_config", None)  # the weights are plain bf16/fp32 now
+    name = str(dtype).removeprefix("torch.")
+    cfg["torch_dtype"] = name
+    cfg["dtype"] = name
+    for k in ("_name_or_path", "_attn_implementation_autoset"):
+        cfg.pop(k, None)
+    # Training turns the KV cache off (no generation there); a served model generates, and vLLM and
+    # transformers read use_cache. transformers_version tells loaders which config conventions apply.
+    cfg["use_cache"] = True
+    if not cfg.get("transformers_version"):
+        import transformers
+
+        cfg["transformers_version"] = transformers.__version__
+    return cfg
+
+
+def generation_config(cfg: dict) -> dict:
+    vocab = int(cfg.get("vocab_size", 0))
+    eos = [t for t in EOS_TOKEN_IDS if t < vocab] or [cfg.get("eos_token_id")]
+    pad = PAD_TOKEN_ID if PAD_TOKEN_ID < vocab else cfg.get("pad_token_id")
+    return {"bos_token_id": 199998 if vocab > 199998 else None, "eos_token_id": eos, "pad_token_id": pad, "do_sample": True}
+
+
+class _Sink:
+    """Where output files go: the local folder itself, or S3 through a one-file staging folder."""
+
+    def __init__(self, out: str, stage: Path):
+        self.remote = is_remote(out)
+        self.store = open_store(out)
+        self.dir = stage / "out" if self.remote else Path(out)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.written: list[str] = []
+        self.entries: dict[str, dict] = {}
+        self.bytes = 0
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def done(self, name: str) -> None:
+        self.bytes += (self.dir / name).stat().st_size
+        self.entries.update(output_entries(self.dir, [name]))  # hashed here, before it leaves this machine
+        if self.remote:
+            self.store.upload_file(self.dir / name, name)
+            (self.dir / name).unlink()
+        self.written.append(name)
+
+    def publish(self) -> None:
+        """The folder's manifest, last: signed with the checkpoint key when one is set."""
+        if self.remote:
+            publish_output(self.store, self.entries, signing_key())
+        else:
+            replace_local(self.dir, self.entries, signing_key())
+
+
+def _write_model(sink: _Sink, entries, get: Callable[[str], torch.Tensor], shard_bytes: int) -> list[str]:
+    shards = st.plan_shards(entries, shard_bytes)
+    names = st.shard_names(len(shards))
+    for shard, fname in zip(shards, names):
+        st.write_shard(sink.path(fname), shard, get)
+        sink.done(fname)
+    st.write_index(sink.path("model.safetensors.index.json"), shards, names)
+    sink.done("model.safetensors.index.json")
+    return names
+
+
+# --------------------------------------------------------------------------------------------- merge
+def merge(ref: str, out: str, *, base: str | None = None, dtype: str | None = None, shard_bytes: int = SHARD_BYTES,
+          adapter_out: str | None = None, verify: bool = False) -> MergeResult:
+    """Merge the checkpoint ``ref`` (a run home or .../checkpoints/step-N) into a servable folder ``out``."""
+    t0 = time.perf_counter()
+    rss = PeakRss().start()
+    with tempfile.TemporaryDirectory(prefix="gptoss-merge-") as tmp:
+        tmp = Path(tmp)
+        src = Source(ref, tmp / "ckpt")
+        cfg_text = src.text("config.json")
+        from gptoss_cloud.contract.spec import spec_from_yaml_text
+
+        spec = spec_from_yaml_text(src.text("spec.yaml"), f"{src.where}/spec.yaml") if src.text("spec.yaml") else None
+        adapter_cfg = src.text("adapter_config.json")
+        method = "lora" if adapter_cfg else "full"
+        sink = _Sink(out, tmp)
+        base_dir = None
+        if method == "lora" or cfg_text is None:
+            base_dir = resolve_base(src.home, spec.model.name if spec else None, base, tmp, signed=src.signed)
+        if cfg_text is None and base_dir is None:
+            raise CheckpointError(f"{src.where}: no config.json in the checkpoint and no base model to take it from")
+        cfg = json.loads(cfg_text) if cfg_text else json.loads((base_dir / "config.json").read_text())
+        dtype = dtype or declared_dtype(cfg)
+        if method == "full":
+            res = _merge_full(src, sink, cfg, dtype, shard_bytes)
+        else:
+            if base_dir is None:
+                raise CheckpointError(f"{src.where}: a LoRA checkpoint needs its base weights",
+                                      hint="pass --base FOLDER|s3://… (random-init runs keep theirs in <run>/base/)")
+            res = _merge_lora(src, sink, cfg, json.loads(adapter_cfg), BaseWeights(base_dir), dtype, shard_bytes)
+            ad_out = adapter_out or (join(out.rsplit("/", 1)[0], "adapter") if out.rstrip("/").endswith("/merged")
+                                     else out.rstrip("/") + "-adapter")
+            _write_adapter(src, json.loads(adapter_cfg), ad_out, tmp)
+            res.adapter_out = ad_out
+        out_dtype = _DT.get(dtype) if dtype else res.dtype
+        final_cfg = servable_config(cfg, out_dtype)
+        for name, body in (("config.json", final_cfg), ("generation_config.json", generation_config(final_cfg))):
+            sink.path(name).write_text(json.dumps(body, indent=2))
+            sink.done(name)
+        _write_tokenizer(sink, base_dir or published_tokenizer_dir(spec), cfg)
+        sink.publish()
+        result = MergeResult(out=out, step=src.step, method=method, tensors=res.tensors, total_bytes=res.total,
+                             shards=res.shards, adapter_out=res.adapter_out, files=list(sink.written),
+                             bytes_written=sink.bytes, rss_start_bytes=rss.start_rss)
+        # Measured before --verify, which loads the whole model on purpose.
+        result.wall_s = round(time.perf_counter() - t0, 3)
+        result.peak_rss_bytes, result.peak_rss_scope = rss.peak(), rss.scope
+        log.info("merged step %d into %s: %.2f GiB written in %.1fs, peak host memory %.2f GiB (%s)", src.step, out,
+                 sink.bytes / GiB, result.wall_s, result.peak_rss_bytes / GiB, result.peak_rss_scope)
+        if verify:
+            result.max_abs_logit_diff = verify_merged(out, src, base_dir, adapter_cfg, tmp)
+        return result
+
+
+@dataclass
+class _Written:
+    tensors: int
+    total: int
+    shards: list[str]
+    dtype: torch.dtype
+    adapter_out: str | None = None
+
+
+def _merge_full(src: Source, sink: _Sink, cfg: dict, dtype: str | None, shard_bytes: int) -> _Written:
+    ent = src.model_entries()
+    want = _DT.get(dtype) if dtype else None
+    entries = [(hf_name(k), shape, want or dt) for k, (shape, dt) in ent.items()]
+    by_hf = {hf_name(k): k for k in ent}
+
+    def get(name: str) -> torch.Tensor:
+        t = src.load([by_hf[name]])[by_hf[name]]
+        return t.to(want) if want else t
+
+    shards = _write_model(sink, entries, get, shard_bytes)
+    out_dtype = want or next(iter(ent.values()))[1]
+    return _Written(len(entries), sum(st.nbytes(s, d) for _, s, d in entries), shards, out_dtype)
+
+
+def _meta_peft_model(cfg: dict, adapter_cfg: dict):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "quantization_config")})
+    lcfg = LoraConfig(**{k: v for k, v in adapter_cfg.items() if k in LoraConfig.__dataclass_fields__ and k != "peft_type"})
+    with torch.device("meta"):
+        model = GptOssForCausalLM(config)
+        model = get_peft_model(model, lcfg)
+    return model
+
+
+def _merge_lora(src: Source, sink: _Sink, cfg: dict, adapter_cfg: dict, base: BaseWeights, dtype: str | None,
+                shard_bytes: int) -> _Written:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = _meta_peft_model(cfg, adapter_cfg)
+    lora_keys = set(src.model_entries())
+    work_dtype = base.dtype()
+    out_dtype = _DT.get(dtype) if dtype else work_dtype
+    inner = model.base_model.model  # GptOssForCausalLM, peft layers inside
+    groups = [("model.embed_tokens", inner.model.embed_tokens)]
+    groups += [(f"model.layers.{i}", layer) for i, layer in enumerate(inner.model.layers)]
+    groups += [("model.norm", inner.model.norm), ("lm_head", inner.lm_head)]
+    entries, owner = [], {}
+    for prefix, mod in groups:
+        for n, p in mod.named_parameters(prefix=prefix):
+            if "lora_" in n:
+                continue
+            entries.append((hf_name(n), tuple(p.shape), out_dtype))
+            owner[hf_name(n)] = prefix
+    cache: dict[str, torch.Tensor] = {}
+    current = [None]
+
+    def materialise(prefix: str, mod: torch.nn.Module) -> None:
+        mod.to_empty(device="cpu")
+        lora = {}
+        with torch.no_grad():
+            for n, p in mod.named_parameters(prefix=prefix):
+                full = "base_model.model." + n
+                if "lora_" in n:
+                    if full not in lora_keys:
+                        raise CheckpointError(f"{src.where}: adapter weight {full} missing from the checkpoint")
+                    lora[full] = p
+                else:
+                    p.copy_(base.get(hf_name(n), work_dtype))
+            if lora:
+                loaded = src.load(sorted(lora))
+                for k, p in lora.items():
+                    p.copy_(loaded[k].to(p.dtype))
+            for sub in mod.modules():
+                if isinstance(sub, BaseTunerLayer) and sub.lora_A:
+                    sub.merge()
+        cache.clear()
+        for n, p in mod.named_parameters(prefix=prefix):
+            if "lora_" not in n:
+                cache[hf_name(n)] = p.detach().to(out_dtype)
+        mod.to_empty(device="meta")  # free the layer
+        current[0] = prefix
+
+    mods = dict(groups)
+
+    def get(name: str) -> torch.Tensor:
+        if current[0] != owner[name]:
+            materialise(owner[name], mods[owner[name]])
+        return cache.pop(name)
+
+    for prefix, mod in groups:  # every module starts on meta; parameters are typed for the merge
+        mod.to(work_dtype)
+    shards = _write_model(sink, entries, get, shard_bytes)
+    return _Written(len(entries), sum(st.nbytes(s, d) for _, s, d in entries), shards, out_dtype)
+
+
+def _write_adapter(src: Source, adapter_cfg: dict, out: str, tmp: Path) -> None:
+    """The adapter on its own, in peft's format (adapter_model.safetensors + adapter_config.json)."""
+    from safetensors.torch import save_file
+
+    keys = sorted(src.model_entries())
+    tensors = src.load(keys)  # adapters are small: all at once
+    renamed = {k.replace(".default.", ".").replace(".default", ""): v.contiguous() for k, v in tensors.items()}
+    sink = _Sink(out, tmp / "adapter")
+    save_file(renamed, str(sink.path("adapter_model.safetensors")), metadata={"format": "pt"})
+    sink.done("adapter_model.safetensors")
+    sink.path("adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
+    sink.done("adapter_config.json")
+    sink.publish()
+
+
+def published_tokenizer_dir(spec) -> Path | None:
+    """The hub snapshot holding a published base's tokenizer (its chat template knows tools and
+    channels), for full fine-tunes, whose merge reads no base weights. None for random-init bases and
+    folders, and when the hub cannot answer (then the generated tokenizer is written)."""
+    if spec is None or spec.model.init == "random":
+        return None
+    name = spec.model.name
+    repo = HUB_IDS.get(name, name)
+    if repo == name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, revision=spec.model.revision, allow_patterns=list(TOKENIZER_FILES)))
+    except Exception as e:  # offline, gated, not installed: the generated tokenizer still serves
+        log.warning("merge: no tokenizer from %s (%s); writing the generated one", repo, type(e).__name__)
+        return None
+
+
+def _write_tokenizer(sink: _Sink, base_dir: Path | None, cfg: dict) -> None:
+    copied = []
+    if base_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (base_dir / name).is_file():
+                shutil.copyfile(base_dir / name, sink.path(name))
+                sink.done(name)
+                copied.append(name)
+    if "tokenizer.json" in copied:
+        return
+    from gptoss_cloud.trainer.hf_tokenizer import write_tokenizer
+
+    stage = sink.dir / ".tok"
+    for name in write_tokenizer(stage):
+        shutil.move(str(stage / name), sink.path(name))
+        sink.done(name)
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+# -------------------------------------------------------------------------------------------- verify
+def harmony_prompts(vocab: int) -> list[list[int]]:
+    import openai_harmony as h
+
+    enc = h.load_harmony_encoding(h.HarmonyEncodingName.HARMONY_GPT_OSS)
+    out = []
+    for text in ("What is the capital of France?", "Write a haiku about checkpoints.", "Call the weather tool for Paris."):
+        conv = h.Conversation.from_messages([h.Message.from_role_and_content(h.Role.USER, text)])
+        ids = enc.render_conversation_for_completion(conv, h.Role.ASSISTANT)
+        out.append([i % vocab for i in ids])  # small test vocabularies: keep ids in range
+    return out
+
+
+def verify_merged(out: str, src: Source, base_dir: Path | None, adapter_cfg: str | None, tmp: Path) -> float:
+    """Load the merged folder with transformers and compare logits with the training-time model."""
+    from transformers import GptOssForCausalLM
+
+    local = Path(out)
+    if is_remote(out):
+        local = tmp / "verify"
+        s = open_store(out)
+        download_prefix(s, "", local, where=out, manifest=open_output(s, signed_spec=src.signed))
+    merged = GptOssForCausalLM.from_pretrained(str(local), dtype=torch.float32, attn_implementation="eager").eval()
+    ref = _training_model(src, base_dir, adapter_cfg, merged.config).eval()
+    worst = 0.0
+    with torch.no_grad():
+        for ids in harmony_prompts(merged.config.vocab_size):
+            x = torch.tensor([ids])
+            a, b = merged(input_ids=x).logits, ref(input_ids=x).logits
+            worst = max(worst, (a - b).abs().max().item())
+    saved = json.loads((local / "config.json").read_text()).get("dtype")
+    tol = 1e-4 if saved == "float32" else 5e-2  # fp32 merges match to rounding; bf16 to bf16 precision
+    if worst > tol:
+        raise CheckpointError(f"merged model {out} differs from the training-time model: max |logit diff| {worst:.3g} > {tol}")
+    log.info("verified %s: max |logit diff| %.3g on %d harmony prompts", out, worst, 3)
+    return worst
+
+
+def _training_model(src: Source, base_dir: Path | None, adapter_cfg: str | None, config):
+    """The model as training saw it, built independently of the merge path (for --verify)."""
+    from transformers import GptOssForCausalLM
+
+    if adapter_cfg is None:
+        model = GptOssForCausalLM(config).float()
+        ent = src.model_entries()
+        loaded = src.load(list(ent))
+        model.load_state_dict({hf_name(k): v.float() for k, v in loaded.items()}, strict=True)
+        return model
+    from peft import PeftModel
+
+    base = GptOssForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation="eager")
+    ad = Path(tempfile.mkdtemp(prefix="gptoss-verify-adapter-"))
+    _write_adapter(src, json.loads(adapter_cfg), str(ad), ad)
+    return PeftModel.from_pretrained(base, str(ad))

@@ -1,0 +1,94 @@
+"""What the vLLM pod's init container runs: copy served weights from the run store into a volume.
+
+    python -m gptoss_cloud.trainer.programs.serve_fetch SRC_URI DEST [--wait-for KEY] [--timeout S] [--vocab-to DIR] [--signed]
+
+It runs in the trainer image (which has this package, boto3 and the harmony vocabulary), so the
+vLLM image needs no S3 client and no internet. ``--wait-for`` polls until the merge Job has
+published the folder (its marker written last), so the Deployment can be applied together with the
+merge Job. Only the files the folder's manifest names are copied, each verified (and signed, with
+``--signed``; see ``outputs.py``); files already present that verify are kept, so a restarted pod
+resumes the copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from gptoss_cloud.contract.errors import GptossError
+from gptoss_cloud.contract.store.fetch import download_prefix
+from gptoss_cloud.contract.integrity import signing_key
+from gptoss_cloud.contract.outputs import MANIFEST, open_output
+from gptoss_cloud.contract.store.objects import open_store
+
+VOCAB_FILE = "o200k_base.tiktoken"
+
+
+def wait_for(src: str, marker: str, timeout_s: float, poll_s: float = 30.0, log=print) -> None:
+    store = open_store(src)
+    deadline = time.monotonic() + timeout_s
+    while not store.exists(marker):
+        if time.monotonic() >= deadline:
+            raise GptossError(f"{src}/{marker} did not appear within {timeout_s:.0f}s", hint="check the merge Job's logs")
+        log(f"waiting for {src}/{marker} (the merge publishes it last)")
+        time.sleep(poll_s)
+
+
+def fetch(src: str, dest: str | Path, log=print, *, signed: bool = False, verify: bool = True,
+          keep: Callable[[str], bool] | None = None) -> int:
+    """Copy the published folder ``src`` into ``dest`` (only what its manifest names, each file
+    verified); return how many files were downloaded. ``signed``: the run's spec says its outputs are
+    signed, so a folder without a verified signature is refused. ``verify=False`` is for sources that
+    are not run outputs (a base-weights mirror): every key is still contained under ``dest``.
+    ``keep(rel)`` narrows which files are copied."""
+    store = open_store(src)
+    manifest = open_output(store, signed_spec=signed) if verify else None
+    if manifest is None and not store.list():
+        raise GptossError(f"nothing to serve under {src}")
+    return len(download_prefix(store, "", dest, where=src.rstrip("/"), manifest=manifest, keep=keep, log=log))
+
+
+def copy_vocab(dest: str | Path) -> Path:
+    """Put the harmony vocabulary where vLLM's TIKTOKEN_ENCODINGS_BASE will point."""
+    base = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
+    src = Path(base or "") / VOCAB_FILE
+    if not base or not src.is_file():
+        raise GptossError(f"harmony vocabulary not found at {src}", hint="the trainer image sets TIKTOKEN_ENCODINGS_BASE to its baked-in copy")
+    out = Path(dest) / VOCAB_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gptoss_cloud.trainer.programs.serve_fetch", description=__doc__.splitlines()[0])
+    p.add_argument("src", help="store URI of the folder to serve (merged/ or adapter/)")
+    p.add_argument("dest", help="local folder (the shared volume)")
+    p.add_argument("--wait-for", default=None, help="key under SRC that marks the folder complete")
+    p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait for --wait-for")
+    p.add_argument("--vocab-to", default=None, help="also copy the harmony vocabulary into this folder")
+    p.add_argument("--signed", action="store_true", help="the run's outputs are signed: refuse SRC unless its manifest verifies")
+    p.add_argument("--no-manifest", action="store_true", help="SRC is not a run output (a base-weights mirror): copy as listed")
+    a = p.parse_args(argv)
+    try:
+        if a.wait_for:
+            wait_for(a.src, a.wait_for, a.timeout)
+            if (a.signed or signing_key() is not None) and not a.no_manifest:  # the manifest is written after the marker
+                wait_for(a.src, MANIFEST, a.timeout)
+        n = fetch(a.src, a.dest, signed=a.signed, verify=not a.no_manifest)
+        if a.vocab_to:
+            copy_vocab(a.vocab_to)
+    except GptossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"ready: {n} file(s) fetched into {a.dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
