@@ -15,7 +15,7 @@ MODES="${MODES:-sync async}"
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}" TORCH_SYMM_MEM_DISABLE_MULTICAST="${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}"
 export PYTHONUNBUFFERED=1 GPTOSS_STEP_SPLIT=1
-STORE="$("$PY" -c 'import sys; from gptoss_cloud.spec import load_spec; print(load_spec(sys.argv[1]).output.store)' "$SPEC")"
+STORE="$("$PY" -c 'import sys; from gptoss_cloud.contract.spec import load_spec; print(load_spec(sys.argv[1]).output.store)' "$SPEC")"
 NAME="$(basename "$SPEC" .yaml | tr "[:upper:]" "[:lower:]")"  # run ids are lowercase
 status=0
 
@@ -52,7 +52,7 @@ done
 "$PY" - "$OUT" $MODES <<'PY'
 import json, sys
 from pathlib import Path
-from gptoss_cloud.trainer.ckpt_stats import checkpoint_line
+from gptoss_cloud.trainer.checkpoint.stats import checkpoint_line
 out, modes = Path(sys.argv[1]), sys.argv[2:]
 for f in sorted(out.glob("*.metrics.jsonl")):
     rid = f.name[: -len(".metrics.jsonl")]

@@ -88,7 +88,7 @@ status=${PIPESTATUS[0]}
 # The small outputs of both runs (metrics, summary, spec) beside the report.
 "$PY" - "$OUT" <<'PY'
 import json, sys
-from gptoss_cloud.store import open_store
+from gptoss_cloud.contract.store.objects import open_store
 out = sys.argv[1]
 try:
     rep = json.load(open(f"{out}/report.json"))

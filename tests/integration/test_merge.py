@@ -121,7 +121,7 @@ def test_full_merge_defaults_to_the_dtype_the_run_computed_in(tmp_path):
 MEASURE = r"""
 import sys, tempfile, pathlib
 import torch
-from gptoss_cloud.trainer import merge as m
+from gptoss_cloud.trainer.merge import export as m
 
 def rss(field):
     for line in open("/proc/self/status"):

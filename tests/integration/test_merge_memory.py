@@ -27,7 +27,7 @@ print(json.dumps({"maxrss": hwm()}))
 """
 MERGE = HWM + """
 import json, sys
-from gptoss_cloud.trainer.merge import merge
+from gptoss_cloud.trainer.merge.export import merge
 r = merge(sys.argv[1], sys.argv[2])
 print(json.dumps({"maxrss": hwm(), "peak": r.peak_rss_bytes, "scope": r.peak_rss_scope,
                   "bytes_written": r.bytes_written, "model_bytes": r.total_bytes, "wall_s": r.wall_s}))

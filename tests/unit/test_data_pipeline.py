@@ -124,7 +124,7 @@ def test_concurrent_builds_agree(two, tmp_path):
 
 def test_the_data_pipeline_never_imports_torch():
     code = ("import sys; from gptoss_cloud.trainer.data.pipeline import build_datasets;"
-            "from gptoss_cloud.spec import DataSection; build_datasets(DataSection(max_seq_len=512), use_cache=False);"
+            "from gptoss_cloud.contract.spec import DataSection; build_datasets(DataSection(max_seq_len=512), use_cache=False);"
             "assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
