@@ -38,7 +38,7 @@ def plan(
     longest: Annotated[bool, typer.Option("--longest", help="also find the longest data.max_seq_len (a multiple of 1024) that fits these GPUs, all else as the spec says")] = False,
 ) -> None:
     """Plan memory, disk, time and cost for a run (exit 1 if it cannot fit). Talks to no server."""
-    from gptoss_cloud.contract.plan.memory import longest_seq, plan_run
+    from gptoss_cloud.contract.plan.run import longest_seq, plan_run
     from gptoss_cloud.contract.plan.configs import configs_table, configurations
 
     s = resolve(

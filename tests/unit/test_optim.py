@@ -7,7 +7,8 @@ import json
 
 import pytest
 from gptoss_cloud.contract.plan.optim_bytes import checkpoint_bytes_per_param, trainable_bytes
-from gptoss_cloud.contract.plan.memory import checkpoint_bytes, memory_plan
+from gptoss_cloud.contract.plan.memory import memory_plan
+from gptoss_cloud.contract.plan.disk import checkpoint_bytes
 from gptoss_cloud.contract.plan.configs import configurations, fastest
 from gptoss_cloud.contract.shapes import GPT_OSS_120B
 from gptoss_cloud.contract.spec import OptimSection, RunSpec

@@ -7,7 +7,11 @@ import json
 import pytest
 
 from gptoss_cloud.contract.errors import PlanError, SpecError
-from gptoss_cloud.contract.plan.memory import GiB, check_fit, disk_plan, flops_per_token, longest_seq, lora_params, memory_plan, plan_run, time_plan
+from gptoss_cloud.contract.plan.memory import check_fit, memory_plan
+from gptoss_cloud.contract.plan.run import longest_seq, plan_run
+from gptoss_cloud.contract.plan.cost import flops_per_token, time_plan
+from gptoss_cloud.contract.plan.disk import disk_plan
+from gptoss_cloud.contract.plan.sizes import GiB, lora_params
 from gptoss_cloud.contract.shapes import GPT_OSS_20B, GPT_OSS_120B
 from gptoss_cloud.contract.spec import RunSpec
 
@@ -51,9 +55,9 @@ def test_20b_lora_one_h100_chunked_loss_near_axolotl():
 def test_lora_param_count_r16_attention():
     s = spec()
     per_layer = 16 * ((2880 + 4096) + 2 * (2880 + 512) + (4096 + 2880))
-    assert lora_params(GPT_OSS_20B, s) == 24 * per_layer
+    assert lora_params(GPT_OSS_20B, s.method.lora) == 24 * per_layer
     with_experts = RunSpec.model_validate({"method": {"lora": {"experts": True}}})
-    assert lora_params(GPT_OSS_20B, with_experts) > lora_params(GPT_OSS_20B, s) * 10
+    assert lora_params(GPT_OSS_20B, with_experts.method.lora) > lora_params(GPT_OSS_20B, s.method.lora) * 10
 
 
 # ---- the grid: 20b / 120b x lora / full --------------------------------------------------------

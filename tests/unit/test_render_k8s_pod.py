@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from gptoss_cloud.contract.plan.memory import HOST_HEADROOM, _host_components, host_capacity_gib, resolve_shape
+from gptoss_cloud.contract.plan.memory import HOST_HEADROOM, _host_components
+from gptoss_cloud.contract.plan.gpus import host_capacity_gib
+from gptoss_cloud.contract.plan.sizes import resolve_shape
 from gptoss_cloud.render.k8s import jobset as rk
 from gptoss_cloud.contract.spec import RunSpec
 from k8s_schemas import validate_jobset

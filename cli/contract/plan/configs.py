@@ -13,7 +13,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from gptoss_cloud.contract.plan.optim_bytes import MASTER_BYTES, QUANT_BLOCK, label
-from gptoss_cloud.contract.plan.memory import gpu_info, memory_plan, resolve_shape, time_plan, trainable_params, with_settings
+from gptoss_cloud.contract.plan.memory import memory_plan, with_settings
+from gptoss_cloud.contract.plan.cost import time_plan
+from gptoss_cloud.contract.plan.gpus import gpu_info
+from gptoss_cloud.contract.plan.sizes import resolve_shape, trainable_params
 from gptoss_cloud.contract.shapes import ModelShape
 from gptoss_cloud.contract.spec import RunSpec
 

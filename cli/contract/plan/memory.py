@@ -30,21 +30,19 @@ Model of one GPU (FSDP2 over ``world = nodes x gpus_per_node`` ranks, bf16 compu
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from gptoss_cloud.contract.errors import PlanError, SpecError
-from gptoss_cloud.contract.plan.optim_bytes import checkpoint_bytes_per_param, label, trainable_bytes
-from gptoss_cloud.contract.shapes import ModelShape, shape_for
-from gptoss_cloud.contract.spec import MAX_SEQ_LEN, RunSpec
+from gptoss_cloud.contract.errors import PlanError
+from gptoss_cloud.contract.plan.disk import checkpoint_bytes
+from gptoss_cloud.contract.plan.gpus import host_capacity_gib, gpu_info
+from gptoss_cloud.contract.plan.optim_bytes import label, trainable_bytes
+from gptoss_cloud.contract.plan.sizes import BF16, FP32, GiB, MXFP4_BYTES_PER_EXPERT_PARAM, resolve_shape, trainable_params
+from gptoss_cloud.contract.shapes import ModelShape
+from gptoss_cloud.contract.spec import RunSpec
 
-GiB = 1024**3
-GB = 1000**3
 
 # ---- assumptions (calibrate against docs/benchmarks.md) -------------------------------------
-BF16 = 2
-FP32 = 4
 LOGITS_BYTES_PER_ELEM = BF16 + FP32 + FP32  # chunk logits, fp32 upcast for the loss, fp32 gradient
 EAGER_ATTN_SCORE_TENSORS = 2.5             # s x s bf16 tensors alive at the peak of an eager layer's backward
 BACKWARD_LAYER_FACTOR = 2.0                # a layer's backward holds its activations and their gradients
@@ -76,58 +74,9 @@ GPU_HEADROOM = 0.95                        # plan to use at most this fraction o
 HOST_PER_PROCESS_GIB = 8.0                 # python, CUDA host state, dataloader per GPU process
 HOST_HEADROOM = 0.9
 ASSUMED_MFU = 0.25                         # achieved / peak bf16 FLOPs, recompute included (transformers+peft measured ~0.18)
-MXFP4_BYTES_PER_EXPERT_PARAM = 4.25 / 8    # the published checkpoints store experts in MXFP4 (4-bit + scales)
-
-
-@dataclass(frozen=True)
-class Gpu:
-    memory_gib: float
-    bf16_tflops: float          # dense peak
-    host_gib_per_gpu: float     # typical host RAM per GPU of a node of these cards
-
-
-GPUS: dict[str, Gpu] = {
-    "H100": Gpu(80, 989, 225),
-    "H200": Gpu(141, 989, 256),
-    "GH200": Gpu(96, 989, 480),
-    "B200": Gpu(180, 2250, 256),
-    "A100": Gpu(80, 312, 140),
-    "A100-40GB": Gpu(40, 312, 140),
-    "L40S": Gpu(48, 362, 128),
-}
-
-
-def gpu_info(spec: RunSpec) -> Gpu:
-    """The card: its catalog entry, with the spec's explicit memory figures winning."""
-    c = spec.cluster
-    base = GPUS.get(c.gpu_type.upper().replace("_", "-"))
-    if base is None:  # unknown card: trust the spec's memory, assume H100-class compute
-        return Gpu(c.gpu_memory_gib, 989, 225)
-    mem = c.gpu_memory_gib if "gpu_memory_gib" in c.model_fields_set else base.memory_gib
-    return Gpu(mem, base.bf16_tflops, base.host_gib_per_gpu)
 
 
 # ---------------------------------------------------------------------------------- parameters
-def lora_params(shape: ModelShape, spec: RunSpec) -> int:
-    """Trainable LoRA parameters for the spec's targets (A: r x in, B: out x r)."""
-    lora = spec.method.lora
-    r, h = lora.r, shape.hidden_size
-    q, kv = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
-    dims = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
-    per_layer = sum(r * (i + o) for name, (i, o) in dims.items() if name in lora.target_modules)
-    total = shape.num_hidden_layers * per_layer
-    if lora.experts:
-        layers = len(lora.expert_layers) if lora.expert_layers is not None else shape.num_hidden_layers
-        i = shape.intermediate_size
-        per_expert = r * (h + 2 * i) + r * (i + h)
-        total += layers * shape.num_local_experts * per_expert
-    if lora.router:
-        total += shape.num_hidden_layers * r * (h + shape.num_local_experts)
-    return total
-
-
-def trainable_params(shape: ModelShape, spec: RunSpec) -> int:
-    return lora_params(shape, spec) if spec.method.kind == "lora" else shape.total_params
 
 
 # ---------------------------------------------------------------------------------- activations
@@ -189,15 +138,6 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def resolve_shape(spec: RunSpec, shape: ModelShape | None = None) -> ModelShape:
-    if shape is not None:
-        return shape
-    try:
-        return shape_for(spec.model.name, spec.model.layers)
-    except ValueError as e:
-        raise SpecError(f"model.name: {e}") from None
 
 
 def _gpu_components(shape: ModelShape, spec: RunSpec) -> dict[str, float]:
@@ -292,13 +232,6 @@ def _host_components(shape: ModelShape, spec: RunSpec) -> dict[str, float]:
         out["async checkpoint staging"] = checkpoint_bytes(shape, spec) / p.nodes
     out["processes"] = HOST_PER_PROCESS_GIB * GiB * p.gpus_per_node
     return {k: v / GiB for k, v in out.items()}
-
-
-def host_capacity_gib(spec: RunSpec) -> float:
-    c = spec.cluster
-    if c.host_memory_gib is not None:
-        return c.host_memory_gib
-    return gpu_info(spec).host_gib_per_gpu * spec.parallelism.gpus_per_node
 
 
 def allocator_overhead(spec: RunSpec) -> float:
@@ -428,187 +361,8 @@ def check_fit(spec: RunSpec, shape: ModelShape | None = None) -> MemoryPlan:
 
 
 # ---------------------------------------------------------------------------------- disk + store
-def checkpoint_bytes(shape: ModelShape, spec: RunSpec) -> float:
-    """One training checkpoint: the trainable master weights and Adam moments (+ small metadata)."""
-    return trainable_params(shape, spec) * checkpoint_bytes_per_param(spec.optim) + 1e6
-
-
-def merged_bytes(shape: ModelShape) -> float:
-    return shape.total_params * BF16
-
-
-def adapter_bytes(shape: ModelShape, spec: RunSpec) -> float:
-    return lora_params(shape, spec) * FP32 if spec.method.kind == "lora" else 0.0
-
-
-def base_weights_bytes(shape: ModelShape, spec: RunSpec) -> float:
-    """What the per-node cache downloads: the published checkpoint (MXFP4 experts, bf16 rest)."""
-    if spec.model.init == "random" or shape.name == "tiny":
-        return 0.0
-    experts = shape.expert_params_total
-    return experts * MXFP4_BYTES_PER_EXPERT_PARAM + (shape.total_params - experts) * BF16
-
-
-@dataclass
-class DiskPlan:
-    checkpoint_gb: float
-    adapter_gb: float
-    merged_gb: float
-    base_weights_gb: float
-    local_disk_per_node_gb: float      # node 0: cache + two checkpoint shards while writing + merge
-    store_gb: float                    # keep_last checkpoints + merged + adapter
-    local_disk_capacity_gb: float | None
-    fits: bool
-
-
-def disk_plan(spec: RunSpec, shape: ModelShape | None = None) -> DiskPlan:
-    shape = resolve_shape(spec, shape)
-    ckpt = checkpoint_bytes(shape, spec)
-    merged = merged_bytes(shape) if spec.output.merge else 0.0
-    adapter = adapter_bytes(shape, spec)
-    base = base_weights_bytes(shape, spec)
-    local = base + 2 * ckpt / spec.parallelism.nodes + merged
-    store = spec.checkpoint.keep_last * ckpt + merged + adapter
-    cap = spec.cluster.local_disk_gib
-    cap_gb = cap * GiB / GB if cap is not None else None
-    return DiskPlan(
-        checkpoint_gb=round(ckpt / GB, 2), adapter_gb=round(adapter / GB, 3), merged_gb=round(merged / GB, 1),
-        base_weights_gb=round(base / GB, 1), local_disk_per_node_gb=round(local / GB, 1), store_gb=round(store / GB, 1),
-        local_disk_capacity_gb=round(cap_gb, 1) if cap_gb is not None else None,
-        fits=cap_gb is None or local / GB <= cap_gb,
-    )
 
 
 # ---------------------------------------------------------------------------------- time + cost
-def flops_per_token(shape: ModelShape, spec: RunSpec) -> float:
-    """Training FLOPs per token actually executed (``flops.training_flops``; recomputation as resolved),
-    for rows of one ``max_seq_len`` document (packing shorter documents lowers only the attention term)."""
-    from gptoss_cloud.contract.plan.flops import training_flops
-
-    return training_flops(shape, spec.method.kind, recompute_on(spec, shape), [spec.data.max_seq_len]).per_token
 
 
-@dataclass
-class TimePlan:
-    mfu: float
-    peak_tflops_per_gpu: float
-    flops_per_token: float
-    tokens_per_step: int
-    step_time_s: float
-    tokens_per_s: float
-    steps: int | None
-    train_tokens: float | None
-    wall_time_h: float | None
-    gpu_hours: float | None
-    gpu_price_per_hour: float | None
-    cost_usd: float | None
-    note: str = ""
-
-
-def time_plan(
-    spec: RunSpec, shape: ModelShape | None = None, *, dataset_tokens: float | None = None,
-    gpu_price: float | None = None, mfu: float | None = None,
-) -> TimePlan:
-    """Step time, wall time, GPU-hours and cost at an assumed MFU (stated in the result).
-
-    Steps come from ``optim.max_steps``, else ``epochs x dataset_tokens / tokens_per_step`` when the
-    dataset size is known; otherwise only rates are given.
-    """
-    shape = resolve_shape(spec, shape)
-    mfu = ASSUMED_MFU if mfu is None else mfu
-    if not 0 < mfu <= 1:
-        raise PlanError(f"mfu must be in (0, 1], got {mfu}")
-    peak = gpu_info(spec).bf16_tflops
-    fpt = flops_per_token(shape, spec)
-    world = spec.world_size
-    tps = mfu * peak * 1e12 * world / fpt
-    tokens_per_step = spec.optim.micro_batch_size * spec.data.max_seq_len * spec.optim.grad_accum * world
-    step_time = tokens_per_step / tps
-    steps: int | None = None
-    note = ""
-    if spec.optim.max_steps:
-        steps = spec.optim.max_steps
-    elif dataset_tokens and spec.optim.epochs:
-        steps = max(1, math.ceil(spec.optim.epochs * dataset_tokens / tokens_per_step))
-    else:
-        note = "wall time unknown: set optim.max_steps or pass the dataset size (--tokens)"
-    price = gpu_price if gpu_price is not None else spec.cluster.gpu_price_per_hour
-    wall_h = steps * step_time / 3600 if steps else None
-    gpu_h = wall_h * world if wall_h is not None else None
-    cost = gpu_h * price if (gpu_h is not None and price is not None) else None
-    return TimePlan(
-        mfu=mfu, peak_tflops_per_gpu=peak, flops_per_token=fpt, tokens_per_step=tokens_per_step,
-        step_time_s=round(step_time, 3), tokens_per_s=round(tps, 1), steps=steps,
-        train_tokens=steps * tokens_per_step if steps else None,
-        wall_time_h=round(wall_h, 3) if wall_h is not None else None,
-        gpu_hours=round(gpu_h, 2) if gpu_h is not None else None, gpu_price_per_hour=price,
-        cost_usd=round(cost, 2) if cost is not None else None, note=note,
-    )
-
-
-@dataclass
-class RunPlan:
-    memory: MemoryPlan
-    disk: DiskPlan
-    time: TimePlan
-    params: dict[str, int]
-
-    @property
-    def fits(self) -> bool:
-        return self.memory.fits and self.disk.fits
-
-    def to_dict(self) -> dict:
-        return {"fits": self.fits, "params": self.params, "memory": asdict(self.memory), "disk": asdict(self.disk), "time": asdict(self.time)}
-
-
-@dataclass
-class LongestSeq:
-    tokens: int | None          # the longest data.max_seq_len that fits the GPUs (None: not even `step`)
-    gpu_total_gib: float | None  # what the plan needs per GPU at that length
-    gpu_capacity_gib: float
-    recompute: bool | None       # whether layers are recomputed at that length
-    step: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def longest_seq(spec: RunSpec, shape: ModelShape | None = None, *, step: int = 1024, limit: int = MAX_SEQ_LEN) -> LongestSeq:
-    """The longest ``data.max_seq_len`` (a multiple of ``step``, at most ``limit``) whose GPU memory plan
-    fits, with everything else as the spec says (``activation_checkpointing: auto`` switches on as the
-    sequence grows). A planner projection: measured long-context rows are in docs/benchmarks.md."""
-    shape = resolve_shape(spec, shape)
-
-    def plan_at(n: int) -> MemoryPlan:
-        return memory_plan(_with(spec, data__max_seq_len=n * step), shape, suggest=False)
-
-    def fits(n: int) -> bool:
-        mp = plan_at(n)
-        return mp.gpu_total_gib <= mp.gpu_capacity_gib
-
-    cap = plan_at(1).gpu_capacity_gib
-    if not fits(1):
-        return LongestSeq(None, None, cap, None, step)
-    # Memory grows with the length whether layers are recomputed or not, so "fits" flips once: bisect.
-    lo, hi = 1, limit // step
-    if fits(hi):
-        lo = hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    at = _with(spec, data__max_seq_len=lo * step)
-    return LongestSeq(lo * step, plan_at(lo).gpu_total_gib, cap, recompute_on(at, shape), step)
-
-
-def plan_run(
-    spec: RunSpec, shape: ModelShape | None = None, *, dataset_tokens: float | None = None,
-    gpu_price: float | None = None, mfu: float | None = None,
-) -> RunPlan:
-    """Everything ``gptoss-cloud plan`` shows. Pure; never raises for a plan that does not fit."""
-    shape = resolve_shape(spec, shape)
-    return RunPlan(
-        memory=memory_plan(spec, shape),
-        disk=disk_plan(spec, shape),
-        time=time_plan(spec, shape, dataset_tokens=dataset_tokens, gpu_price=gpu_price, mfu=mfu),
-        params={"total": shape.total_params, "active": shape.active_params, "trainable": trainable_params(shape, spec)},
-    )

@@ -379,7 +379,8 @@ def render_run(spec: RunSpec, run_id: str, *, cache_gib: float | None = None) ->
     """
     check_name(spec.cluster.namespace, "cluster.namespace")
     if cache_gib is None:
-        from gptoss_cloud.contract.plan.memory import GiB, base_weights_bytes, resolve_shape
+        from gptoss_cloud.contract.plan.disk import base_weights_bytes
+        from gptoss_cloud.contract.plan.sizes import GiB, resolve_shape
 
         try:
             cache_gib = base_weights_bytes(resolve_shape(spec), spec) * 1.2 / GiB + 1

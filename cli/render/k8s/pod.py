@@ -23,7 +23,9 @@ DISRUPTION_REASON = "PodFailurePolicy"
 
 def trainer_resources(spec: RunSpec) -> dict[str, dict[str, str]]:
     """requests {cpu, memory} and limits {memory} of one training pod (one node's ranks)."""
-    from gptoss_cloud.contract.plan.memory import HOST_HEADROOM, _host_components, host_capacity_gib, resolve_shape
+    from gptoss_cloud.contract.plan.memory import HOST_HEADROOM, _host_components
+    from gptoss_cloud.contract.plan.gpus import host_capacity_gib
+    from gptoss_cloud.contract.plan.sizes import resolve_shape
 
     g = spec.parallelism.gpus_per_node
     budget = host_capacity_gib(spec) * HOST_HEADROOM
