@@ -1,5 +1,5 @@
 """End to end on this machine: `gptoss-cloud submit --backend local` trains the tiny model on 2 gloo
-processes through the real trainer, the run home holds what the README says, and `chat` returns the
+processes through the real trainer, the run home holds what docs/run-store.md says, and `chat` returns the
 trained answer. About 2 minutes on 2 cores."""
 
 from __future__ import annotations

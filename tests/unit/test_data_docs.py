@@ -1,4 +1,5 @@
-"""The README's data section: every example row is valid, and the shown mask is what preview prints."""
+"""docs/data.md stays true: every example row is valid, the shown mask is what preview prints, and each
+other dataset shape tokenizes or is refused as shown."""
 
 from __future__ import annotations
 
@@ -14,20 +15,24 @@ from gptoss_cloud.main import app
 from gptoss_cloud.contract.spec import DataSection
 from gptoss_cloud.trainer.data.harmony import tokenize_row
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+PAGE = ROOT / "docs" / "data.md"
+SHAPES_HEADING = "\n## Other dataset shapes\n"
 
 
-class _Section:
-    """The README's `## Data` section, up to the next second-level heading."""
+class _Part:
+    """One part of docs/data.md: the row format (before "Other dataset shapes") or the shapes (from it on)."""
+
+    def __init__(self, shapes: bool):
+        self.shapes = shapes
 
     def read_text(self) -> str:
-        text = README.read_text()
-        start = text.index("\n## Data\n")
-        end = text.find("\n## ", start + 1)
-        return text[start:end if end != -1 else None]
+        text = PAGE.read_text()
+        cut = text.index(SHAPES_HEADING)
+        return text[cut:] if self.shapes else text[:cut]
 
 
-DOC = _Section()
+DOC = _Part(shapes=False)
 
 
 def test_every_example_row_tokenizes():
@@ -48,12 +53,12 @@ def test_shown_mask_matches_preview(tmp_path):
     assert shown in r.output
 
 
-# ------------------------------------------------------------------------------ docs/data.md
-SHAPES = README.parent / "docs" / "data.md"
+# ------------------------------------------------------------ docs/data.md, "Other dataset shapes"
+SHAPES = _Part(shapes=True)
 
 
 def _subsections() -> list[tuple[str, str]]:
-    parts = re.split(r"^## (.+)$", SHAPES.read_text(), flags=re.M)
+    parts = re.split(r"^### (.+)$", SHAPES.read_text(), flags=re.M)
     return list(zip(parts[1::2], parts[2::2]))
 
 
@@ -87,13 +92,14 @@ def test_every_shape_example_tokenizes_or_is_refused_as_shown():
 def test_the_counted_kinds_are_the_ones_listed():
     from gptoss_cloud.trainer.data.notes import KINDS
 
-    table = SHAPES.read_text().split("## What is counted")[1]
+    table = SHAPES.read_text().split("### What is counted")[1]
     listed = re.findall(r"^\| (converted|dropped|defaulted) \| (.+) \|$", table, re.M)
     assert listed == list(KINDS.values())
 
 
-def test_readme_links_the_shapes_page():
-    assert "(docs/data.md)" in DOC.read_text()
+def test_the_format_points_at_the_shapes_and_the_readme_at_the_page():
+    assert "(#other-dataset-shapes)" in DOC.read_text()
+    assert "(docs/data.md)" in (ROOT / "README.md").read_text()
 
 
 def test_every_documented_shape_through_data_preview_in_a_fresh_process(tmp_path):
