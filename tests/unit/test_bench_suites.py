@@ -326,3 +326,22 @@ def test_collect_copies_the_small_files_of_a_rehearsals_runs(tmp_path):
     assert sorted(p.name for p in got) == ["rid-ref.metrics.jsonl", "rid-ref.summary.json", "rid.metrics.jsonl", "rid.summary.json"]
     assert (tmp_path / "out" / "rid-ref.metrics.jsonl").read_text() == "rid-ref\n"
     assert R.main(["collect", str(tmp_path / "missing.json"), str(tmp_path / "out")]) == 1
+
+
+# ------------------------------------------------------------------------------------------ scripts
+# A heredoc (<<WORD, <<-WORD; not a here-string <<<) is how the old scripts carried Python source.
+HEREDOC = re.compile(r"(?<!<)<<-?\s*['\"]?\w+")
+
+
+def test_no_script_embeds_python_in_a_heredoc():
+    for f in sorted((REPO / "scripts").iterdir()):
+        if f.suffix == ".sh":
+            for i, line in enumerate(f.read_text().splitlines(), 1):
+                assert not HEREDOC.search(line), f"{f.name}:{i} holds a heredoc: {line.strip()}"
+
+
+def test_the_heredoc_check_catches_the_forms_the_old_scripts_used():
+    for line in ['"$PY" - "$OUT" <<\'PY\'', "python3 - <<EOF", 'cat <<-"END"']:
+        assert HEREDOC.search(line), line
+    assert not HEREDOC.search('exec "$PY" -m gptoss_cloud bench --suite "$SUITE" --out "$OUT" "$@"')
+    assert not HEREDOC.search('grep x <<< "$text"')
