@@ -328,7 +328,19 @@ def test_collect_copies_the_small_files_of_a_rehearsals_runs(tmp_path):
     assert R.main(["collect", str(tmp_path / "missing.json"), str(tmp_path / "out")]) == 1
 
 
-# ------------------------------------------------------------------------------------------ scripts
+# ----------------------------------------------------------------------------- docs and scripts
+def test_docs_cite_every_suite_and_only_suites_that_exist():
+    cited = set(CITED.findall((REPO / "docs" / "benchmarks.md").read_text()))
+    assert cited - set(SUITES) == set(), "docs/benchmarks.md cites suites that do not exist"
+    assert set(SUITES) - cited == set(), "suites that docs/benchmarks.md does not cite"
+
+
+def test_docs_cite_no_removed_script():
+    text = (REPO / "docs" / "benchmarks.md").read_text()
+    for script in re.findall(r"scripts/[\w.-]+", text):
+        assert (REPO / script).exists(), f"docs/benchmarks.md cites {script}, which does not exist"
+
+
 # A heredoc (<<WORD, <<-WORD; not a here-string <<<) is how the old scripts carried Python source.
 HEREDOC = re.compile(r"(?<!<)<<-?\s*['\"]?\w+")
 
