@@ -32,9 +32,16 @@ FREE_EVERY = 10  # memory samples between two records of the host's free memory
 
 
 # --------------------------------------------------------------------------- memory of the ranks
+def _follows(words: list[str], first: str, second: str) -> bool:
+    return any(a == first and b == second for a, b in zip(words, words[1:]))
+
+
 def is_rank_process(cmdline: str, run_id: str) -> bool:
-    """A trainer rank of this run: not torchrun's agent (it holds the same arguments)."""
-    return f"--run-id {run_id}" in cmdline and "gptoss_cloud.trainer" in cmdline and "torch.distributed.run" not in cmdline
+    """A trainer rank of this run (``-m gptoss_cloud.trainer ... --run-id ID``): not torchrun's agent, which
+    holds the same arguments, nor this launcher (``-m gptoss_cloud.trainer.bench_runs``)."""
+    words = cmdline.split()
+    return (_follows(words, "-m", "gptoss_cloud.trainer") and _follows(words, "--run-id", run_id)
+            and "torch.distributed.run" not in words)
 
 
 def rank_rss_row(t: int, procs: Iterable[tuple[int, str]], run_id: str) -> str:

@@ -269,9 +269,31 @@ def test_rank_memory_counts_only_this_runs_ranks():
     procs = [(1000, "python -m gptoss_cloud.trainer spec.yaml --run-id r1"),
              (3000, "python -m gptoss_cloud.trainer spec.yaml --run-id r1"),
              (9000, "python -m torch.distributed.run --nproc-per-node 2 -m gptoss_cloud.trainer spec.yaml --run-id r1"),
-             (5000, "python -m gptoss_cloud.trainer spec.yaml --run-id r2")]
+             (5000, "python -m gptoss_cloud.trainer spec.yaml --run-id r2"),
+             (7000, "python -m gptoss_cloud.trainer spec.yaml --run-id r10"),
+             (300, "python -m gptoss_cloud.trainer.bench_runs train spec.yaml --nproc 2 --run-id r1 --out o")]
     assert R.rank_rss_row(7, procs, "r1") == "7\t4000\t3000\t2"
     assert R.rank_rss_row(7, [], "r1") == "7\t0\t0\t0"
+
+
+@pytest.mark.slow
+def test_a_trainer_run_is_measured_from_outside_and_summarised(tmp_path):
+    """The tiny model on 2 CPU processes (gloo) through the same launcher the GPU suites use."""
+    out, store = tmp_path / "out", tmp_path / "store"
+    rc = R.main(["train", str(REPO / "examples" / "local-tiny.yaml"), "--nproc", "2", "--run-id", "bench-t", "--out", str(out),
+                 "--set", "optim.max_steps=2", "--set", f"output.store={store}", "--set", "output.merge=false",
+                 "--set", "data.max_seq_len=128", "--set", "optim.log_every=1", "--set", "checkpoint.every_steps=2",
+                 "--drop-home"])
+    assert rc == 0, (out / "bench-t.log").read_text()[-3000:]
+    assert "max_steps: 2" in (out / "bench-t.yaml").read_text()
+    assert [r["step"] for r in R.read_jsonl(out / "bench-t.metrics.jsonl") if "loss" in r] == [1, 2]
+    mem = R.read_mem_tsv(out / "bench-t.mem.tsv")
+    assert max(int(v[3]) for v in mem) == 2 and max(int(v[1]) for v in mem) > 100 * 1024  # both ranks, > 100 MiB
+    assert "checkpoints" in (out / "bench-t.du.txt").read_text()
+    assert not (store / "bench-t").exists()  # --drop-home
+    lines = R.summary(out)
+    assert lines[0] == "## bench-t" and any(line.startswith("checkpoint step 2 (sync)") for line in lines)
+    assert any(line.startswith("host RSS of the ranks: peak sum") for line in lines)
 
 
 def test_spec_overrides_are_yaml_values():
