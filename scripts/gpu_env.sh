@@ -27,7 +27,11 @@ if [ ${#wheels[@]} -gt 0 ]; then
   echo "== installing ${#wheels[@]} wheel(s) from $WHEELS into $SITE"
   "${pip[@]}" "${wheels[@]}"
 fi
-if ! ls "${wheels[@]}" 2>/dev/null | grep -q '/gptoss_cloud-'; then
+ours=0
+for w in "${wheels[@]}"; do
+  case "$(basename "$w")" in gptoss_cloud-*) ours=1 ;; esac
+done
+if [ "$ours" = 0 ]; then
   echo "== installing gptoss-cloud from $REPO into $SITE"
   "${pip[@]}" --no-build-isolation "$REPO"
 fi
