@@ -61,6 +61,7 @@ def register(app: typer.Typer) -> None:
 
 
 def bench(
+    ctx: typer.Context,
     model: Annotated[BenchModel, typer.Option("--model", help="model shape (random weights)")] = BenchModel.b20,
     layers: Annotated[Optional[int], typer.Option("--layers", min=1, help="reduced depth (default: the model's)")] = None,
     method: Annotated[Method, typer.Option("--method", help="LoRA r=16 on attention, or full fine-tuning")] = Method.lora,
@@ -85,9 +86,14 @@ def bench(
     device: Annotated[Optional[Device], typer.Option("--device", help="default: cuda when available")] = None,
     in_process: Annotated[bool, typer.Option("--in-process", help="measure every variant in this process (one GPU; peaks reset between)")] = False,
     timeout: Annotated[float, typer.Option("--timeout", min=10, help="seconds per variant before it is recorded as failed")] = 1800.0,
-    out: Annotated[Optional[Path], typer.Option("--out", help="JSON report (default docs/benchmarks/<date>-<card>.json)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="JSON report (default docs/benchmarks/<date>-<card>.json); with --suite, the folder for its reports and logs (default bench-out/<suite>)")] = None,
+    suite: Annotated[Optional[str], typer.Option("--suite", help="run a named suite of benchmarks (the sets docs/benchmarks.md reports; --list shows them)")] = None,
+    list_suites: Annotated[bool, typer.Option("--list", help="list the suites and exit")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="with --suite: check every step and print its command line; run nothing")] = False,
 ) -> None:
     """Benchmark a training step at the real shapes with random weights; print a table, write JSON."""
+    if suite is not None or list_suites or dry_run:
+        raise typer.Exit(_suite(ctx, suite, list_suites, dry_run, out))
     from rich.console import Console
 
     from gptoss_cloud.contract.errors import GptossError
@@ -117,3 +123,37 @@ def bench(
     for table in profile_tables(report):
         console.print(table)
     console.print(f"report: {path}")
+
+
+SUITE_OPTIONS = {"suite", "list_suites", "dry_run", "out"}
+
+
+def _suite(ctx: typer.Context, name: Optional[str], list_suites: bool, dry_run: bool, out: Optional[Path]) -> int:
+    from gptoss_cloud.contract.errors import GptossError
+    from gptoss_cloud.trainer.bench.suite import SuiteError, dry_run_lines, get_suite, list_lines, load_suites, run_suite
+
+    # By name: typer may bring its own copy of click, whose ParameterSource is not click's.
+    given = sorted(f"--{p.replace('_', '-')}" for p in ctx.params
+                   if p not in SUITE_OPTIONS and getattr(ctx.get_parameter_source(p), "name", None) == "COMMANDLINE")
+    if given:  # a suite's steps carry their own options; a flag here would silently not apply
+        raise GptossError(f"{', '.join(given)} cannot be combined with --suite/--list/--dry-run",
+                          hint="each suite step has its options in the suite file")
+    try:
+        suites = load_suites()
+        if list_suites:
+            for line in list_lines(suites):
+                typer.echo(line)
+            return 0
+        if name is None:
+            raise SuiteError("--dry-run needs --suite NAME")
+        s = get_suite(name, suites)
+        folder = (out or Path("bench-out") / s.name).absolute()
+        if dry_run:
+            for line in dry_run_lines(s, folder):
+                typer.echo(line)
+            return 0
+        run_suite(s, folder)
+    except SuiteError as e:
+        raise GptossError(str(e)) from None
+    typer.echo(f"suite {s.name}: every step passed; reports and logs in {folder}")
+    return 0
