@@ -1,6 +1,7 @@
-"""The backend protocol: submit, status, logs, cancel (serve joins later).
+"""The backend protocol: submit, status, logs, cancel, serve and delete.
 
-Public methods own the guards and the user-facing flow; implementations fill the ``_hooks``.
+Public methods own the guards and the user-facing flow; implementations fill the ``_hooks``. Commands
+pick a backend with :func:`get_backend` and call these methods; none of them branches on a backend's name.
 Every backend writes the resolved spec to the run home first, so ``status``/``runs``/``merge``/
 ``--resume`` work the same whatever backend trained.
 """
@@ -9,10 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.contract.spec import RunSpec
+
+if TYPE_CHECKING:
+    from gptoss_cloud.render.k8s.serve import ServeTarget
+
+# How a backend speaks to the user: emit(text) for results (stdout), emit(text, err=True) for progress and notes.
+Emit = Callable[..., None]
 
 
 @dataclass
@@ -23,6 +30,15 @@ class SubmitOptions:
     force: bool = False              # submit even if the plan says it cannot fit
     resume: bool = False             # continue an existing run id
     detach: bool = False             # local: run in the background (status/logs/cancel find it by pid)
+
+
+@dataclass
+class ServeOptions:
+    dry_run: bool = False
+    out: Path | None = None          # write the rendered objects / Truss config into this folder
+    output_format: str = "yaml"      # yaml | json
+    vllm_python: str | None = None   # local: the python whose environment has vLLM
+    api_key_env: str | None = None   # local: require the API key held in this environment variable
 
 
 @dataclass
@@ -63,6 +79,20 @@ class Backend:
     def cancel(self, run_id: str, home: str) -> None:
         self._cancel(run_id, home)
 
+    def serve(self, target: ServeTarget, opts: ServeOptions, emit: Emit) -> int:
+        """Serve a trained run (``backends.serving.resolve_target`` chose what): render, then apply, write or
+        print. Returns 0, or the server's exit code where it runs in the foreground."""
+        return self._serve(target, opts, emit)
+
+    def describe_delete(self, run_id: str, spec: RunSpec) -> str | None:
+        """What :meth:`delete` would remove outside the store, for the confirmation prompt (None: nothing)."""
+        return None
+
+    def delete(self, run_id: str, home: str, spec: RunSpec) -> list[str]:
+        """Remove what this backend made for a run outside its store home; return one line per thing removed.
+        The store home itself is the caller's to delete, after this."""
+        return self._delete(run_id, home, spec)
+
     # ---- hooks --------------------------------------------------------------------------------
     def _submit(self, spec: RunSpec, run_id: str, home: str, opts: SubmitOptions) -> SubmitResult:
         raise GptossError(f"backend {self.name} cannot submit")
@@ -75,6 +105,12 @@ class Backend:
 
     def _cancel(self, run_id: str, home: str) -> None:
         raise GptossError(f"backend {self.name} cannot cancel runs")
+
+    def _serve(self, target: ServeTarget, opts: ServeOptions, emit: Emit) -> int:
+        raise GptossError(f"backend {self.name} cannot serve runs")
+
+    def _delete(self, run_id: str, home: str, spec: RunSpec) -> list[str]:
+        return []
 
 
 BACKENDS = ("local", "k8s", "truss")

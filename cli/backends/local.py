@@ -4,8 +4,8 @@ All local GPUs (one process each), or 2 CPU processes with gloo when there is no
 default: rank 0's output streams to the terminal and every line is kept in ``<home>/logs/attempt-K.log``
 (uploaded when the store is S3). ``--detach`` runs the same supervisor in the background.
 
-The supervisor (this process in the foreground, a detached ``python -m gptoss_cloud.backends.local``
-otherwise) records itself in ``run.json`` in the run's local state folder — ``<home>/local/`` for a local
+The supervisor (this process in the foreground, a detached ``python -m gptoss_cloud.trainer.programs.supervisor``
+otherwise; trainer/programs/supervisor.py) records itself in ``run.json`` in the run's local state folder — ``<home>/local/`` for a local
 store, ``~/.cache/gptoss-cloud/local-runs/<run-id>/`` for an S3 one — so ``status``, ``logs`` and
 ``cancel`` work from any terminal. Each attempt is one torchrun with ``--standalone``, which binds a
 fresh rendezvous port every time (a restarted torchrun reusing a port fails under gloo).
@@ -21,28 +21,21 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from gptoss_cloud.contract.errors import BackendError, GptossError
+from gptoss_cloud.contract.errors import BackendError
 from gptoss_cloud.contract.spec import RunSpec
 from gptoss_cloud.contract.store.objects import is_remote, join, open_store
-from gptoss_cloud.backends.base import Backend, RunStatus, SubmitOptions, SubmitResult
-from gptoss_cloud.backends.proc_identity import identity, is_ours, process_group
+from gptoss_cloud.backends.base import Backend, Emit, RunStatus, ServeOptions, SubmitOptions, SubmitResult
+from gptoss_cloud.trainer.programs.proc_identity import is_ours, process_group
+from gptoss_cloud.trainer.programs.supervisor import now, read_json, run_attempt, state_dir, write_json
 
 CPU_PROCESSES = 2  # what CI and laptops run: two gloo ranks exercise the real distributed path
-_RANK0_PREFIX = re.compile(rb"^\[[^\]]*?0\]:")
 _ATTEMPT_LOG = re.compile(r"logs/attempt-(\d+)\.log$")
-_ROOT_CAUSE = re.compile(r"local_rank:\s*(\d+)")
 
 
 # ---------------------------------------------------------------------------------- where things live
-def state_dir(run_id: str, home: str) -> Path:
-    if not is_remote(home):
-        return Path(home) / "local"
-    cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
-    return cache / "gptoss-cloud" / "local-runs" / run_id
 
 
 def local_gpu_count() -> int:
@@ -62,24 +55,6 @@ def local_gpu() -> tuple[str, float]:
             name = known
             break
     return name, round(props.total_memory / 2**30, 1)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def _alive(rec: dict, role: str) -> bool:
@@ -172,7 +147,7 @@ class LocalBackend(Backend):
                 written.append(target)
             return SubmitResult(run_id, home, self.name, rendered=rendered, written=written,
                                 details={"command": cmd, "nproc": nproc})
-        rec = _read_json(sd / "run.json")
+        rec = read_json(sd / "run.json")
         if rec and not rec.get("state") and _alive(rec, "supervisor"):
             raise BackendError(f"run {run_id} is still running locally (pid {rec['supervisor_pid']})",
                                hint=f"wait for it, or `gptoss-cloud cancel {run_id}` first")
@@ -187,7 +162,7 @@ class LocalBackend(Backend):
             details["pid"] = pid
             return SubmitResult(run_id, home, self.name, details={**details, "state": "Running"})
         rc = run_attempt(run_id, home, attempt, cmd, echo=True)
-        state = _read_json(sd / "run.json") or {}
+        state = read_json(sd / "run.json") or {}
         details.update(returncode=rc, state=state.get("state", "Failed"))
         if rc != 0:
             what = "was cancelled" if details["state"] == "Cancelled" else f"failed (exit code {rc})"
@@ -199,7 +174,7 @@ class LocalBackend(Backend):
     def _status(self, run_id: str, home: str) -> RunStatus:
         from gptoss_cloud.contract.progress import read_summary, summary_state
 
-        rec = _read_json(state_dir(run_id, home) / "run.json")
+        rec = read_json(state_dir(run_id, home) / "run.json")
         detail: dict = {}
         if rec is None:
             state = summary_state(read_summary(home))
@@ -225,7 +200,7 @@ class LocalBackend(Backend):
         if node not in (None, 0):
             raise BackendError(f"a local run has one node (0), not node {node}")
         sd = state_dir(run_id, home)
-        rec = _read_json(sd / "run.json") or {}
+        rec = read_json(sd / "run.json") or {}
         attempt = rec.get("attempt") or (next_attempt(run_id, home) - 1)
         if attempt < 1:
             raise BackendError(f"run {run_id} has no logs yet")
@@ -245,8 +220,8 @@ class LocalBackend(Backend):
         st = self._status(run_id, home)
         if st.state != "Running":
             raise BackendError(f"run {run_id} is not running (state {st.state})")
-        rec = _read_json(sd / "run.json") or {}
-        (sd / "cancel").write_text(_now())
+        rec = read_json(sd / "run.json") or {}
+        (sd / "cancel").write_text(now())
         # Only a pid whose start time and command line match the record is signalled (status checked the same).
         target = rec["torchrun_pid"] if _alive(rec, "torchrun") else rec["supervisor_pid"]
         # torchrun forwards SIGTERM to its workers (they run in their own sessions) and exits.
@@ -254,14 +229,42 @@ class LocalBackend(Backend):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if not _alive(rec, "torchrun"):
-                if (_read_json(sd / "run.json") or {}).get("state"):
+                if (read_json(sd / "run.json") or {}).get("state"):
                     return
                 if not _alive(rec, "supervisor"):  # nobody left to record it
-                    _write_json(sd / "run.json", {**rec, "state": "Cancelled", "finished": _now()})
+                    write_json(sd / "run.json", {**rec, "state": "Cancelled", "finished": now()})
                     return
             time.sleep(0.2)
         raise BackendError(f"run {run_id} did not stop within 60 s of SIGTERM (pid {target})",
                            hint=f"kill it by hand: kill -KILL -{target}")
+
+
+    # ---- serve --------------------------------------------------------------------------------
+    def _serve(self, target, opts: ServeOptions, emit: Emit) -> int:
+        """vLLM's OpenAI server on this machine, over the run's verified folder, in the foreground."""
+        from gptoss_cloud.backends import local_serve as sl
+
+        python = opts.vllm_python or sys.executable
+        if not opts.dry_run:
+            sl.check_python(python)
+        fetch = (lambda *_: None) if opts.dry_run else None
+        folder = sl.model_folder(target, Path("~/.cache/gptoss-cloud/serve").expanduser(), fetch=fetch)
+        server = sl.plan(target, folder, python=python, key_env=opts.api_key_env, environ=os.environ)
+        emit(shlex.join(server.argv))
+        for line in sl.usage_lines(server, target.run_id):
+            emit(line)
+        if opts.dry_run:
+            return 0
+        sys.stdout.flush()   # the endpoint lines before vLLM's own log
+        return sl.run(server)
+
+    # ---- delete -------------------------------------------------------------------------------
+    def is_running_here(self, run_id: str, home: str) -> bool:
+        """Whether this machine runs ``run_id``, whatever backend its spec names (only the local backend
+        keeps a local record; its pids are checked against their start time, so a stale record says no)."""
+        if not (state_dir(run_id, home) / "run.json").is_file():
+            return False
+        return self.status(run_id, home).state == "Running"
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -289,14 +292,14 @@ def _tail(path: Path, *, follow: bool, alive) -> Iterator[str]:
 def _spawn_detached(run_id: str, home: str, attempt: int, cmd: list[str]) -> int:
     sd = state_dir(run_id, home)
     sd.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-m", "gptoss_cloud.backends.local", "--run-id", run_id, "--home", home,
+    args = [sys.executable, "-m", "gptoss_cloud.trainer.programs.supervisor", "--run-id", run_id, "--home", home,
             "--attempt", str(attempt), "--", *cmd]
     with open(sd / "supervisor.log", "ab") as out:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     # Wait until the supervisor has recorded itself, so an immediate `status` finds it.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        rec = _read_json(sd / "run.json") or {}
+        rec = read_json(sd / "run.json") or {}
         if rec.get("supervisor_pid") == proc.pid and rec.get("attempt") == attempt:
             return proc.pid
         if proc.poll() is not None:
@@ -305,97 +308,3 @@ def _spawn_detached(run_id: str, home: str, attempt: int, cmd: list[str]) -> int
     return proc.pid
 
 
-def run_attempt(run_id: str, home: str, attempt: int, cmd: list[str], *, echo: bool) -> int:
-    """Run one torchrun attempt to the end: record it, tee its output, report the failing rank."""
-    sd = state_dir(run_id, home)
-    sd.mkdir(parents=True, exist_ok=True)
-    (sd / "cancel").unlink(missing_ok=True)
-    log_path = (sd / "logs" if is_remote(home) else Path(home) / "logs") / f"attempt-{attempt}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    # Each pid goes with its identity (start time, command line): cancel signals it only while both match.
-    rec = {"run_id": run_id, "attempt": attempt, "supervisor_pid": os.getpid(), "supervisor": identity(os.getpid()),
-           "started": _now(), "command": cmd, "nproc": int(cmd[cmd.index("--nproc-per-node") + 1])}
-    _write_json(sd / "run.json", rec)
-
-    env = dict(os.environ)
-    # Share the cores (within a container's CPU limit) between the ranks instead of torchrun's one thread each.
-    from gptoss_cloud.contract.hostinfo import usable_cpus
-
-    env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // rec["nproc"])))
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
-    rec["torchrun_pid"] = proc.pid
-    rec["torchrun"] = identity(proc.pid)
-    _write_json(sd / "run.json", rec)
-
-    def forward(signum, _frame):  # Ctrl-C or `cancel`: stop torchrun, which stops its workers
-        (sd / "cancel").write_text(_now())
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    out = sys.stdout.buffer if echo else None
-    tail: list[bytes] = []
-    try:
-        with log_path.open("ab") as log:
-            assert proc.stdout is not None
-            for line in iter(proc.stdout.readline, b""):
-                tail = (tail + [line])[-200:]
-                rank0 = _RANK0_PREFIX.match(line)
-                if rank0:  # rank 0's own words, without torchrun's "[default0]:" tag
-                    line = line[rank0.end():]
-                log.write(line)
-                log.flush()
-                if out is not None and rank0:
-                    out.write(line)
-                    out.flush()
-        rc = proc.wait()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-    cancelled = (sd / "cancel").exists()
-    state = "Succeeded" if rc == 0 else ("Cancelled" if cancelled else "Failed")
-    if rc != 0 and echo and not cancelled:
-        _print_failure(sd / "torchrun" / f"attempt-{attempt}", b"".join(tail).decode(errors="replace"))
-    if is_remote(home):
-        try:
-            open_store(home).upload_file(log_path, f"logs/attempt-{attempt}.log")
-        except GptossError as e:
-            print(f"warning: could not upload the log: {e.message}", file=sys.stderr)
-    rec.update(state=state, returncode=rc, finished=_now())
-    _write_json(sd / "run.json", rec)
-    return rc
-
-
-def _print_failure(log_dir: Path, torchrun_output: str) -> None:
-    """Show the root-cause rank's stderr tail: the terminal shows only rank 0's stream."""
-    m = _ROOT_CAUSE.search(torchrun_output)
-    rank = m.group(1) if m else "0"
-    files = sorted(log_dir.glob(f"*/attempt_*/{rank}/stderr.log"))
-    if not files:
-        return
-    lines = files[-1].read_text(errors="replace").splitlines()[-25:]
-    if rank != "0" and lines:
-        print(f"--- rank {rank} (last {len(lines)} lines of {files[-1]}) ---", file=sys.stderr)
-        print("\n".join(lines), file=sys.stderr)
-
-
-def _supervise(argv: list[str]) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m gptoss_cloud.backends.local")
-    ap.add_argument("--run-id", required=True)
-    ap.add_argument("--home", required=True)
-    ap.add_argument("--attempt", type=int, required=True)
-    ap.add_argument("cmd", nargs=argparse.REMAINDER)
-    a = ap.parse_args(argv)
-    cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
-    return run_attempt(a.run_id, a.home, a.attempt, cmd, echo=False)
-
-
-if __name__ == "__main__":
-    sys.exit(_supervise(sys.argv[1:]))

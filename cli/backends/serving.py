@@ -1,4 +1,4 @@
-"""`serve`: decide what to serve from the run store, then render (pure) and apply (thin) per backend.
+"""`serve`: decide what to serve from the run store; each backend's ``serve`` renders (pure) and applies (thin) it.
 
 The run's own spec (``<home>/spec.yaml``) is the baseline; serve/cluster flags and GPTOSS_* variables
 override it. The store is read to learn whether ``merged/`` is published (else a merge Job is
@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
-
-import yaml
 
 from gptoss_cloud.contract import prompt_rule
 from gptoss_cloud.contract.errors import GptossError
@@ -22,15 +18,7 @@ from gptoss_cloud.contract.runs import resolve_run
 from gptoss_cloud.contract.plan.serving import per_gpu, size_tp, valid_tp
 from gptoss_cloud.contract.shapes import ModelShape, shape_for, shape_from_config
 from gptoss_cloud.contract.spec import RunSpec, deep_merge, env_overrides, format_validation_error, set_path, spec_from_yaml_text
-from gptoss_cloud.contract.store.objects import is_remote, join, open_store
-
-
-@dataclass
-class ServeResult:
-    target: rs.ServeTarget
-    objects: list[dict] = field(default_factory=list)   # Kubernetes objects (k8s backend)
-    truss: dict | None = None                          # Truss config (truss backend)
-    notes: list[str] = field(default_factory=list)     # lines for the user (warnings, next steps)
+from gptoss_cloud.contract.store.objects import open_store
 
 
 def run_spec_with_overrides(home: str, overrides: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> RunSpec:
@@ -103,63 +91,3 @@ def resolve_target(run_ref: str, store_uri: str, overrides: Mapping[str, Any], e
     key = "merged" if step is None else f"merged-step-{step}"
     needs_merge = not spec.serve.adapter and not store.exists(f"{key}/{rs.MERGED_MARKER}")
     return rs.ServeTarget(run_id=run_id, home=home, spec=spec, shape=shape, tp=tp, needs_merge=needs_merge, step=step), notes
-
-
-# ---------------------------------------------------------------------------------------- render
-def render_k8s(t: rs.ServeTarget) -> list[dict]:
-    return rs.serve_objects(t)
-
-
-def render_truss(t: rs.ServeTarget) -> dict:
-    from gptoss_cloud.render.truss.serve import truss_config
-
-    if not is_remote(t.home):
-        raise GptossError(f"Baseten cannot read the local store {t.home}", hint="train with output.store: s3://bucket/prefix")
-    if t.needs_merge:
-        raise GptossError(f"{t.home}/{t.merged_key}/ is not published yet; Truss serves published weights only",
-                          hint=f"gptoss-cloud merge {t.run_id}   (or serve with --adapter, or on --backend k8s which merges in the cluster)")
-    return truss_config(t)
-
-
-def dump(objects: list[dict], fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps(objects if len(objects) != 1 else objects[0], indent=2, sort_keys=True) + "\n"
-    return yaml.safe_dump_all(objects, sort_keys=True, default_flow_style=False)
-
-
-def write_objects(objects: list[dict], out: Path, fmt: str = "yaml") -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, o in enumerate(objects):
-        p = out / f"{i:02d}-{o['kind'].lower()}-{o['metadata']['name']}.{'json' if fmt == 'json' else 'yaml'}"
-        p.write_text(dump([o], fmt))
-        paths.append(p)
-    return paths
-
-
-# ----------------------------------------------------------------------------------------- apply
-def apply_k8s(t: rs.ServeTarget, objects: list[dict]) -> list[str]:
-    from gptoss_cloud.kube.apply import Kube
-
-    if not is_remote(t.home):
-        raise GptossError(f"the cluster cannot read the local store {t.home}",
-                          hint="train with output.store: s3://bucket/prefix, or serve with --backend local")
-    kube = Kube(namespace=t.namespace, context=t.spec.cluster.context)
-    lines = []
-    if t.spec.serve.api_key and t.spec.serve.api_key_secret is None:
-        name, key = rs.api_key_ref(t.spec, t.run_id)
-        if kube.ensure_api_key_secret(name, key, rs.labels(t.run_id, "serve")):
-            lines.append(f"created Secret {name} with a random API key (key {key!r})")
-    for obj in objects:
-        lines.append(f"{obj['kind']} {obj['metadata']['name']}: {kube.apply(obj)}")
-    return lines
-
-
-def usage_lines(t: rs.ServeTarget, base_url: str) -> list[str]:
-    out = [f"endpoint: {base_url}"]
-    if t.spec.serve.api_key and t.spec.cluster.backend == "k8s":
-        name, key = rs.api_key_ref(t.spec, t.run_id)
-        out.append(f"API key:  export VLLM_API_KEY=$(kubectl -n {t.namespace} get secret {name} -o jsonpath='{{.data.{key}}}' | base64 -d)")
-        out.append(f"from your machine: kubectl -n {t.namespace} port-forward svc/{rs.deployment_name(t.run_id)} {t.port}:{t.port}")
-    out.append(rs.curl_example(base_url, t.run_id, api_key=t.spec.serve.api_key and t.spec.cluster.backend == "k8s"))
-    return out

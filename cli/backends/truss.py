@@ -19,7 +19,7 @@ from gptoss_cloud.contract.errors import BackendError, GptossError
 from gptoss_cloud.render.truss.train import CONFIG_FILE, TrussProject, render_truss_project
 from gptoss_cloud.contract.spec import RunSpec
 from gptoss_cloud.contract.store.objects import is_remote, open_store
-from gptoss_cloud.backends.base import Backend, RunStatus, SubmitOptions, SubmitResult
+from gptoss_cloud.backends.base import Backend, Emit, RunStatus, ServeOptions, SubmitOptions, SubmitResult
 
 JOB_FILE = "truss-job.json"
 API_KEY_ENV = "BASETEN_API_KEY"
@@ -217,6 +217,36 @@ class TrussBackend(Backend):
                 continue
             yield format_log(log)
 
+    # ---- serve --------------------------------------------------------------------------------
+    def _serve(self, target, opts: ServeOptions, emit: Emit) -> int:
+        import yaml
+
+        text = yaml.safe_dump(serve_config(target), sort_keys=True)
+        if opts.out is not None:
+            opts.out.mkdir(parents=True, exist_ok=True)
+            (opts.out / "config.yaml").write_text(text)
+            emit(f"wrote {opts.out / 'config.yaml'}", err=True)
+        if opts.dry_run or opts.out is not None:
+            if opts.out is None:
+                emit(text, nl=False)
+            emit(f"deploy with: truss push {opts.out or '<folder with this config.yaml>'} --publish", err=True)
+            return 0
+        try:
+            from truss import api as truss_api  # optional: pip install 'gptoss-cloud[truss]'
+        except ImportError as e:
+            raise GptossError("the truss library is not installed", hint="pip install 'gptoss-cloud[truss]'") from e
+
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "config.yaml").write_text(text)
+            try:
+                deployment = truss_api.push(d, model_name=target.run_id, publish=True)
+            except Exception as e:  # the truss library raises its own errors for auth and validation
+                raise GptossError(f"truss push of {target.run_id} failed: {e}",
+                                  hint="check `truss login` and the Baseten secrets named in the config") from e
+        ids = f"{getattr(deployment, 'model_id', '')} {getattr(deployment, 'model_deployment_id', '')}".rstrip()
+        emit(f"pushed {target.run_id} to Baseten: {ids}", err=True)
+        return 0
+
     def _cancel(self, run_id: str, home: str) -> None:
         job = self._job(run_id, home)
         api = baseten_remote().api
@@ -224,6 +254,17 @@ class TrussBackend(Backend):
             api.stop_training_job(job["project_id"], job["job_id"])
         except Exception as e:
             raise _api_error("stop", f"training job {job['job_id']} of run {run_id}", e) from e
+
+
+def serve_config(t) -> dict:
+    from gptoss_cloud.render.truss.serve import truss_config
+
+    if not is_remote(t.home):
+        raise GptossError(f"Baseten cannot read the local store {t.home}", hint="train with output.store: s3://bucket/prefix")
+    if t.needs_merge:
+        raise GptossError(f"{t.home}/{t.merged_key}/ is not published yet; Truss serves published weights only",
+                          hint=f"gptoss-cloud merge {t.run_id}   (or serve with --adapter, or on --backend k8s which merges in the cluster)")
+    return truss_config(t)
 
 
 def _on_node(replica: str | None, node: int) -> bool:

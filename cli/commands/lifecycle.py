@@ -12,9 +12,6 @@ import typer
 
 from gptoss_cloud.commands.common import StoreOpt, resolve
 
-# Every object gptoss-cloud creates for a run carries this label (JobSet, ConfigMap, merge Job, serving objects).
-RUN_LABEL = "gptoss-cloud.dev/run-id"
-CLUSTER_KINDS = ["Deployment", "Service", "NetworkPolicy", "Job", "JobSet", "ConfigMap", "Secret"]
 _HF_REPO = re.compile(r"^hf://([A-Za-z0-9][\w.-]*)/([\w.-]+)$")
 
 
@@ -49,41 +46,31 @@ def delete(
             raise GptossError(f"cannot read the spec of run {run_id}: {e.message}",
                               hint="`--keep-cluster` deletes only its store home, which needs no spec") from e
         spec = None
+    from gptoss_cloud.backends.base import get_backend
+
     st = open_store(home)
     n_files = len(st.list())
-    on_cluster = spec is not None and spec.cluster.backend == "k8s" and not keep_cluster
+    backend = get_backend(spec.cluster.backend) if spec is not None and not keep_cluster else None
     what = f"{n_files} file(s) under {home}"
-    if on_cluster:
-        what += f" and objects labelled {RUN_LABEL}={run_id} in namespace {spec.cluster.namespace}"
-    running_here = _running_locally(run_id, home)
+    outside = backend.describe_delete(run_id, spec) if backend is not None else None
+    if outside:
+        what += f" and {outside}"
+    local = get_backend("local")
+    running_here = local.is_running_here(run_id, home)
     if running_here:
         what = f"stop it (it is running on this machine), then {what}"
     if not yes and not typer.confirm(f"Delete run {run_id}: {what}?", default=False):
         raise typer.Exit(1)
     if running_here:
-        from gptoss_cloud.backends.local import LocalBackend
-
         # Before the files: a live trainer would keep writing checkpoints into the emptied home.
-        LocalBackend().cancel(run_id, home)
+        local.cancel(run_id, home)
         typer.echo(f"stopped {run_id}", err=True)
-    if on_cluster:
-        from gptoss_cloud.kube.apply import Kube
-
-        # Cluster first: a running trainer or server would otherwise keep writing to the home.
-        for gone in Kube(spec.cluster.namespace, spec.cluster.context).delete_by_label(f"{RUN_LABEL}={run_id}", CLUSTER_KINDS):
-            typer.echo(f"deleted {gone}", err=True)
+    if backend is not None:
+        # Cluster objects first: a running trainer or server would otherwise keep writing to the home.
+        for line in backend.delete(run_id, home, spec):
+            typer.echo(line, err=True)
     removed = st.delete("")
     typer.echo(f"deleted run {run_id}: {removed} file(s) from {home}")
-
-
-def _running_locally(run_id: str, home: str) -> bool:
-    """Whether this machine runs it, whatever backend its spec names (only the local backend keeps a
-    local record; its pids are checked against their start time, so a stale record says no)."""
-    from gptoss_cloud.backends.local import LocalBackend, state_dir
-
-    if not (state_dir(run_id, home) / "run.json").is_file():
-        return False
-    return LocalBackend().status(run_id, home).state == "Running"
 
 
 def parse_hf_target(uri: str) -> str:
@@ -105,7 +92,6 @@ def push(
     """Upload a run's merged folder (or adapter) to the Hugging Face Hub; the token comes from HF_TOKEN."""
     from gptoss_cloud.contract.errors import GptossError
     from gptoss_cloud.contract.outputs import MANIFEST, home_says_signed
-    from gptoss_cloud.contract.progress import read_spec
     from gptoss_cloud.contract.runs import resolve_run
     from gptoss_cloud.trainer.programs.serve_fetch import fetch
     from gptoss_cloud.contract.store.objects import is_remote, join, open_store

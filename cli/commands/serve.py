@@ -48,90 +48,9 @@ def serve(
     target, notes = serving.resolve_target(run, store_uri, overrides)
     for n in notes:
         typer.echo(n, err=True)
-    which = target.spec.cluster.backend
-    if which == "k8s":
-        _k8s(serving, target, dry_run, output, out)
-    elif which == "truss":
-        _truss(serving, target, dry_run, out)
-    else:
-        _local(target, dry_run, vllm_python, api_key_env)
+    from gptoss_cloud.backends.base import ServeOptions, get_backend
 
-
-def _local(target, dry_run: bool, vllm_python: Optional[str], api_key_env: Optional[str]) -> None:
-    import os
-    import shlex
-    import sys
-
-    from gptoss_cloud.backends import local_serve as sl
-
-    python = vllm_python or sys.executable
-    if not dry_run:
-        sl.check_python(python)
-    folder = sl.model_folder(target, Path("~/.cache/gptoss-cloud/serve").expanduser(), fetch=(lambda *_: None) if dry_run else None)
-    server = sl.plan(target, folder, python=python, key_env=api_key_env, environ=os.environ)
-    typer.echo(shlex.join(server.argv))
-    for line in sl.usage_lines(server, target.run_id):
-        typer.echo(line)
-    if dry_run:
-        return
-    sys.stdout.flush()   # the endpoint lines before vLLM's own log
-    raise typer.Exit(sl.run(server))
-
-
-def _k8s(serving, target, dry_run: bool, output: str, out: Optional[Path]) -> None:
-    from gptoss_cloud.render.k8s.serve import endpoint
-
-    from gptoss_cloud.contract.store.objects import is_remote
-
-    objects = serving.render_k8s(target)
-    if not is_remote(target.home):
-        typer.echo(f"warning: {target.home} is a local folder; pods in a cluster can read only an s3:// store", err=True)
-    if target.needs_merge:
-        typer.echo(f"{target.home}/{target.merged_key}/ not published yet: the merge Job runs first; the server waits for it", err=True)
-    if out is not None:
-        for p in serving.write_objects(objects, out, output):
-            typer.echo(f"wrote {p}", err=True)
-    elif dry_run:
-        typer.echo(serving.dump(objects, output), nl=False)
-    if not dry_run and out is None:
-        for line in serving.apply_k8s(target, objects):
-            typer.echo(line, err=True)
-    elif target.spec.serve.api_key and target.spec.serve.api_key_secret is None:
-        from gptoss_cloud.render.k8s.serve import api_key_ref
-
-        name, key = api_key_ref(target.spec, target.run_id)
-        typer.echo(f"note: the Deployment reads its API key from Secret {name} (key {key}); `serve` without --dry-run creates it, "
-                   f"or: kubectl -n {target.namespace} create secret generic {name} --from-literal={key}=$(openssl rand -hex 32)", err=True)
-    for line in serving.usage_lines(target, endpoint(target)):
-        typer.echo(line, err=True)
-
-
-def _truss(serving, target, dry_run: bool, out: Optional[Path]) -> None:
-    import yaml
-
-    from gptoss_cloud.contract.errors import GptossError
-
-    cfg = serving.render_truss(target)
-    text = yaml.safe_dump(cfg, sort_keys=True)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(text)
-        typer.echo(f"wrote {out / 'config.yaml'}", err=True)
-    if dry_run or out is not None:
-        if out is None:
-            typer.echo(text, nl=False)
-        typer.echo(f"deploy with: truss push {out or '<folder with this config.yaml>'} --publish", err=True)
-        return
-    import tempfile
-
-    try:
-        from truss import api as truss_api  # optional: pip install 'gptoss-cloud[truss]'
-    except ImportError as e:
-        raise GptossError("the truss library is not installed", hint="pip install 'gptoss-cloud[truss]'") from e
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "config.yaml").write_text(text)
-        try:
-            deployment = truss_api.push(d, model_name=target.run_id, publish=True)
-        except Exception as e:  # the truss library raises its own errors for auth and validation
-            raise GptossError(f"truss push of {target.run_id} failed: {e}", hint="check `truss login` and the Baseten secrets named in the config") from e
-    typer.echo(f"pushed {target.run_id} to Baseten: {getattr(deployment, 'model_id', '')} {getattr(deployment, 'model_deployment_id', '')}".rstrip(), err=True)
+    opts = ServeOptions(dry_run=dry_run, out=out, output_format=output, vllm_python=vllm_python, api_key_env=api_key_env)
+    code = get_backend(target.spec.cluster.backend).serve(target, opts, typer.echo)
+    if code:
+        raise typer.Exit(code)

@@ -1,4 +1,4 @@
-"""Kubernetes client helpers: configuration, the calls the backend makes, and error translation.
+"""The one Kubernetes client: configuration, one connection type, and the one translation of API errors.
 
 Uses the official ``kubernetes`` client (imported lazily: it is slow to import). Configuration comes
 from the kubeconfig (``KUBECONFIG`` or ~/.kube/config, ``cluster.context`` picks the context) or,
@@ -27,10 +27,24 @@ JOBSET_INSTALL = (
 
 @dataclass
 class Kube:
-    core: Any        # kubernetes.client.CoreV1Api
-    custom: Any      # kubernetes.client.CustomObjectsApi
+    """One ApiClient bound to one namespace; typed APIs are built over it on demand."""
+    api_client: Any  # kubernetes.client.ApiClient
     namespace: str
     host: str
+
+    def api(self, cls: str) -> Any:
+        """``kubernetes.client.<cls>`` (CoreV1Api, AppsV1Api, ...) over this connection."""
+        from kubernetes import client
+
+        return getattr(client, cls)(self.api_client)
+
+    @property
+    def core(self) -> Any:
+        return self.api("CoreV1Api")
+
+    @property
+    def custom(self) -> Any:
+        return self.api("CustomObjectsApi")
 
 
 def connect(namespace: str, context: str | None = None) -> Kube:
@@ -56,8 +70,7 @@ def connect(namespace: str, context: str | None = None) -> Kube:
                 f"no Kubernetes configuration: cannot load {what}: {e}",
                 hint="check `kubectl config get-contexts`; set cluster.context / --context or KUBECONFIG",
             ) from e
-    return Kube(core=client.CoreV1Api(api), custom=client.CustomObjectsApi(api), namespace=namespace,
-                host=api.configuration.host)
+    return Kube(api_client=api, namespace=namespace, host=api.configuration.host)
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -85,12 +98,15 @@ def translate(e: Exception, *, verb: str, resource: str, name: str | None, kube:
     where = f"in namespace {kube.namespace!r}"
     if isinstance(e, ApiException):
         msg = _reason(e)
-        if e.status == 404 and resource.startswith("jobsets") and not _names_object(e):
+        if e.status == 404 and "." in resource and not _names_object(e):
             # A missing object answers with a Status naming it; a missing API answers without one.
-            return BackendError(
-                f"the JobSet API ({JOBSET_GROUP}/{JOBSET_VERSION}) is not installed on the cluster at {kube.host}",
-                hint=f"install JobSet {JOBSET_RELEASE}: {JOBSET_INSTALL}",
-            )
+            if resource.startswith("jobsets."):
+                return BackendError(
+                    f"the JobSet API ({JOBSET_GROUP}/{JOBSET_VERSION}) is not installed on the cluster at {kube.host}",
+                    hint=f"install JobSet {JOBSET_RELEASE}: {JOBSET_INSTALL}",
+                )
+            return BackendError(f"the {resource} API is not installed on the cluster at {kube.host}",
+                                hint="install its operator, or turn off the setting that renders it")
         if e.status == 404:
             return BackendError(f"{target} not found {where}", hint="list runs with `gptoss-cloud runs`; check --namespace / cluster.namespace")
         if e.status == 403:
@@ -125,62 +141,3 @@ def call(kube: Kube, verb: str, resource: str, name: str | None, fn, *args, **kw
 def is_not_found(e: BaseException) -> bool:
     cause = e.__cause__
     return getattr(cause, "status", None) == 404
-
-
-# ------------------------------------------------------------------------------------ calls
-def create_object(kube: Kube, obj: dict) -> dict:
-    kind, name = obj["kind"], obj["metadata"]["name"]
-    if kind == "ConfigMap":
-        return call(kube, "create", "configmaps", name, kube.core.create_namespaced_config_map, kube.namespace, obj).to_dict()
-    if kind == "JobSet":
-        return call(kube, "create", "jobsets.jobset.x-k8s.io", name, kube.custom.create_namespaced_custom_object,
-                    JOBSET_GROUP, JOBSET_VERSION, kube.namespace, JOBSET_PLURAL, obj)
-    raise BackendError(f"cannot create {kind}")  # internal: the renderer only makes these two kinds
-
-
-def set_owner(kube: Kube, configmap: str, jobset: dict) -> None:
-    """Make the spec ConfigMap a dependent of the JobSet, so the JobSet's TTL or deletion removes it."""
-    ref = {"apiVersion": jobset["apiVersion"], "kind": "JobSet", "name": jobset["metadata"]["name"],
-           "uid": jobset["metadata"]["uid"], "blockOwnerDeletion": False, "controller": False}
-    call(kube, "patch", "configmaps", configmap, kube.core.patch_namespaced_config_map, configmap, kube.namespace,
-         {"metadata": {"ownerReferences": [ref]}})
-
-
-def get_jobset(kube: Kube, name: str) -> dict:
-    return call(kube, "get", "jobsets.jobset.x-k8s.io", name, kube.custom.get_namespaced_custom_object,
-                JOBSET_GROUP, JOBSET_VERSION, kube.namespace, JOBSET_PLURAL, name)
-
-
-def list_jobsets(kube: Kube, label_selector: str) -> list[dict]:
-    out = call(kube, "list", "jobsets.jobset.x-k8s.io", None, kube.custom.list_namespaced_custom_object,
-               JOBSET_GROUP, JOBSET_VERSION, kube.namespace, JOBSET_PLURAL, label_selector=label_selector)
-    return out.get("items", [])
-
-
-def delete_jobset(kube: Kube, name: str) -> None:
-    call(kube, "delete", "jobsets.jobset.x-k8s.io", name, kube.custom.delete_namespaced_custom_object,
-         JOBSET_GROUP, JOBSET_VERSION, kube.namespace, JOBSET_PLURAL, name, propagation_policy="Foreground")
-
-
-def delete_configmap(kube: Kube, name: str) -> None:
-    call(kube, "delete", "configmaps", name, kube.core.delete_namespaced_config_map, name, kube.namespace)
-
-
-def list_pods(kube: Kube, label_selector: str) -> list[Any]:
-    return call(kube, "list", "pods", None, kube.core.list_namespaced_pod, kube.namespace, label_selector=label_selector).items
-
-
-def pod_log_lines(kube: Kube, pod: str, container: str, *, follow: bool, tail: int | None = None) -> Iterator[str]:
-    resp = call(kube, "get", "pods/log", pod, kube.core.read_namespaced_pod_log, pod, kube.namespace,
-                container=container, follow=follow, tail_lines=tail, _preload_content=False)
-    buf = b""
-    try:
-        for chunk in resp.stream(4096):
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                yield line.decode("utf-8", "replace")
-        if buf:
-            yield buf.decode("utf-8", "replace")
-    finally:
-        resp.release_conn()

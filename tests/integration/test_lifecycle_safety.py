@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gptoss_cloud.backends import local
-from gptoss_cloud.backends.proc_identity import identity, running
+from gptoss_cloud.trainer.programs.proc_identity import identity, running
 from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.main import app
 from gptoss_cloud.contract.spec import load_spec

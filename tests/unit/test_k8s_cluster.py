@@ -155,15 +155,14 @@ def test_user_role_grants_exactly_the_table_and_submitter_a_subset():
 
 
 def test_role_files_name_the_code_behind_each_verb():
-    from gptoss_cloud.kube import client as kube
-    from gptoss_cloud.kube.apply import Kube
+    from gptoss_cloud.kube import objects
     from gptoss_cloud.render.k8s import serve_extras
 
     text = cluster.tree()[f"base/role-{cluster.USER_ROLE}.yaml"]
-    where = {"kube": kube, "kube_apply": Kube, "serve_extras": serve_extras}
+    where = {"objects": objects, "serve_extras": serve_extras}
     for c in cluster.CLI_CALLS:
         assert f"{c.resource} {c.verb}: {c.code}" in text
-        named = re.findall(r"\b(kube_apply|kube|serve_extras)\.(\w+)", c.code)
+        named = re.findall(r"\b(objects|serve_extras)\.(\w+)", c.code)
         assert named, c
         for module, fn in named:   # the comment names code that exists
             assert hasattr(where[module], fn), f"{module}.{fn}"
@@ -225,12 +224,9 @@ def fake_api(tmp_path, monkeypatch):
 def test_every_call_the_cli_makes_is_in_the_table(fake_api, tmp_path, monkeypatch):
     """Runs the k8s backend (submit, status, logs, cancel, runs), serve's apply and delete's clean-up
     against the recording server; each (group, resource, verb) it saw must be in CLI_CALLS, and every
-    table entry must be seen, but the kinds kube_apply cannot apply yet (so the table stays exact)."""
+    table entry must be seen (so the table stays exact)."""
     from gptoss_cloud.backends import k8s as bk
     from gptoss_cloud.backends.base import SubmitOptions, get_backend
-    from gptoss_cloud.backends import serving
-    from gptoss_cloud.commands.lifecycle import CLUSTER_KINDS, RUN_LABEL
-    from gptoss_cloud.kube.apply import Kube
     from gptoss_cloud.render.k8s import serve as rs
     from gptoss_cloud.contract.shapes import shape_for
 
@@ -251,25 +247,15 @@ def test_every_call_the_cli_makes_is_in_the_table(fake_api, tmp_path, monkeypatc
     be.cancel(run, home)
 
     target = rs.ServeTarget(run_id=run, home="s3://b/runs/" + run, spec=spec, shape=shape_for("20b"), tp=1, needs_merge=True)
-    kube = Kube(namespace=ns)
-    unapplied = set()
     for attempt in range(2):   # the second time every object exists: patch (a Job stays as it is)
-        for obj in serving.render_k8s(target):
-            try:
-                kube.apply(obj)
-            except BackendError as e:
-                assert "cannot apply objects of kind" in e.message
-                unapplied.add(obj["kind"])
-        kube.ensure_api_key_secret(*rs.api_key_ref(spec, run), rs.labels(run, "serve"))
-    kube.delete_by_label(f"{RUN_LABEL}={run}", CLUSTER_KINDS)
+        be.apply_serving(target, rs.serve_objects(target))
+    fake_api.objects.pop((("", "secrets", ns), rs.api_key_ref(spec, run)[0]))   # the API key Secret: created once
+    be.apply_serving(target, rs.serve_objects(target))
+    be.delete(run, home, spec)
 
     table = {(c.group, c.resource, c.verb) for c in cluster.CLI_CALLS}
     assert fake_api.seen <= table, f"calls missing from cluster.CLI_CALLS: {sorted(fake_api.seen - table)}"
-    # rendered by serve but not yet applicable by cli/kube/apply.py: granted ahead, so the fix needs no new RBAC
-    assert unapplied == {"PodDisruptionBudget", "PodMonitor"}
-    ahead = {("policy", "poddisruptionbudgets", v) for v in ("create", "patch")} | \
-            {("monitoring.coreos.com", "podmonitors", v) for v in ("create", "patch")}
-    assert table - fake_api.seen == ahead
+    assert table == fake_api.seen, f"granted but never called: {sorted(table - fake_api.seen)}"
 
 
 # ------------------------------------------------------------------------------------ the command

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.main import app
 from gptoss_cloud.render.k8s import serve as rs
-from gptoss_cloud.backends.serving import render_truss, resolve_target
+from gptoss_cloud.backends.serving import resolve_target
+from gptoss_cloud.backends.truss import serve_config as render_truss
 from gptoss_cloud.contract.spec import RunSpec
 from k8s_schemas import validate_object
 

@@ -30,7 +30,8 @@ from gptoss_cloud.contract.plan.memory import HOST_HEADROOM
 from gptoss_cloud.contract.spec import RunSpec
 from gptoss_cloud.kube.client import JOBSET_INSTALL, JOBSET_RELEASE
 from gptoss_cloud.render.k8s import gitops
-from gptoss_cloud.render.k8s.jobset import KIND_LABEL, KUEUE_LABEL, check_name, labels as run_labels
+from gptoss_cloud.render.k8s.jobset import check_name
+from gptoss_cloud.render.k8s.meta import KIND_LABEL, KUEUE_LABEL, cluster_labels, run_labels
 from gptoss_cloud.render.k8s.pod import CPU_PER_GPU
 
 KUEUE_API = "kueue.x-k8s.io/v1beta1"
@@ -57,34 +58,34 @@ class Call:
 
 
 CLI_CALLS: tuple[Call, ...] = (
-    # submit / status / logs / cancel / runs: cli/kube/client.py, called by cli/backends/k8s.py
-    Call("", "configmaps", "create", "kube.create_object: the run's spec ConfigMap", ("submit",)),
-    Call("", "configmaps", "patch", "kube.set_owner: the spec ConfigMap owned by its JobSet", ("submit",)),
-    Call("", "configmaps", "delete", "kube.delete_configmap: a refused JobSet's ConfigMap; cancel", ("submit", "cancel")),
-    Call("jobset.x-k8s.io", "jobsets", "create", "kube.create_object: the run's JobSet", ("submit",)),
-    Call("jobset.x-k8s.io", "jobsets", "get", "kube.get_jobset: run state", ("status",)),
-    Call("jobset.x-k8s.io", "jobsets", "list", "kube.list_jobsets; kube_apply.delete_by_label", ("runs", "delete")),
-    Call("jobset.x-k8s.io", "jobsets", "delete", "kube.delete_jobset; kube_apply.delete_by_label", ("cancel", "delete")),
-    Call("", "pods", "list", "kube.list_pods: the run's pods by node rank", ("status", "logs")),
-    Call("", "pods/log", "get", "kube.pod_log_lines: a rank's trainer log", ("logs",)),
-    # serve: cli/backends/serving.py apply_k8s -> cli/kube/apply.py Kube.apply (create, patch when it exists)
-    Call("", "secrets", "get", "kube_apply.ensure_api_key_secret: does the API key Secret exist", ("serve",)),
-    Call("", "secrets", "create", "kube_apply.ensure_api_key_secret: a random API key", ("serve",)),
-    Call("batch", "jobs", "create", "kube_apply.apply: the merge Job (never patched: Jobs are immutable)", ("serve",)),
-    Call("apps", "deployments", "create", "kube_apply.apply: the vLLM Deployment", ("serve",)),
-    Call("apps", "deployments", "patch", "kube_apply.apply: the vLLM Deployment, served again", ("serve",)),
-    Call("", "services", "create", "kube_apply.apply: the vLLM Service", ("serve",)),
-    Call("", "services", "patch", "kube_apply.apply: the vLLM Service, served again", ("serve",)),
-    Call("networking.k8s.io", "networkpolicies", "create", "kube_apply.apply: the vLLM NetworkPolicy", ("serve",)),
-    Call("networking.k8s.io", "networkpolicies", "patch", "kube_apply.apply: the vLLM NetworkPolicy, served again", ("serve",)),
-    # render/serve_extras.py renders these for serve; cli/kube/apply.py has no client call for them yet
-    Call("policy", "poddisruptionbudgets", "create", "serve_extras.pod_disruption_budget", ("serve",)),
-    Call("policy", "poddisruptionbudgets", "patch", "serve_extras.pod_disruption_budget, served again", ("serve",)),
-    Call("monitoring.coreos.com", "podmonitors", "create", "serve_extras.pod_monitor (serve.pod_monitor)", ("serve",)),
-    Call("monitoring.coreos.com", "podmonitors", "patch", "serve_extras.pod_monitor, served again", ("serve",)),
-    # delete RUN: cli/commands/lifecycle.py -> kube_apply.delete_by_label over CLUSTER_KINDS
-    *(Call(g, r, v, f"kube_apply.delete_by_label: {r} labelled with the run id", ("delete",))
+    # submit / status / logs / cancel / runs: cli/backends/k8s.py through cli/kube/objects.py
+    Call("", "configmaps", "create", "objects.create_object: the run's spec ConfigMap", ("submit",)),
+    Call("", "configmaps", "patch", "objects.set_owner: the spec ConfigMap owned by its JobSet", ("submit",)),
+    Call("", "configmaps", "delete", "objects.delete_configmap: a refused JobSet's ConfigMap; cancel", ("submit", "cancel")),
+    Call("jobset.x-k8s.io", "jobsets", "create", "objects.create_object: the run's JobSet", ("submit",)),
+    Call("jobset.x-k8s.io", "jobsets", "get", "objects.get_jobset: run state", ("status",)),
+    Call("jobset.x-k8s.io", "jobsets", "list", "objects.list_jobsets; objects.delete_by_label", ("runs", "delete")),
+    Call("jobset.x-k8s.io", "jobsets", "delete", "objects.delete_jobset; objects.delete_by_label", ("cancel", "delete")),
+    Call("", "pods", "list", "objects.list_pods: the run's pods by node rank", ("status", "logs")),
+    Call("", "pods/log", "get", "objects.pod_log_lines: a rank's trainer log", ("logs",)),
+    # serve: KubernetesBackend.apply_serving -> objects.apply (create, patch when it exists)
+    Call("", "secrets", "get", "objects.ensure_api_key_secret: does the API key Secret exist", ("serve",)),
+    Call("", "secrets", "create", "objects.ensure_api_key_secret: a random API key", ("serve",)),
+    Call("batch", "jobs", "create", "objects.apply: the merge Job (never patched: Jobs are immutable)", ("serve",)),
+    Call("apps", "deployments", "create", "objects.apply: the vLLM Deployment", ("serve",)),
+    Call("apps", "deployments", "patch", "objects.apply: the vLLM Deployment, served again", ("serve",)),
+    Call("", "services", "create", "objects.apply: the vLLM Service", ("serve",)),
+    Call("", "services", "patch", "objects.apply: the vLLM Service, served again", ("serve",)),
+    Call("networking.k8s.io", "networkpolicies", "create", "objects.apply: the vLLM NetworkPolicy", ("serve",)),
+    Call("networking.k8s.io", "networkpolicies", "patch", "objects.apply: the vLLM NetworkPolicy, served again", ("serve",)),
+    Call("policy", "poddisruptionbudgets", "create", "objects.apply: serve_extras.pod_disruption_budget", ("serve",)),
+    Call("policy", "poddisruptionbudgets", "patch", "objects.apply: serve_extras.pod_disruption_budget, served again", ("serve",)),
+    Call("monitoring.coreos.com", "podmonitors", "create", "objects.apply: serve_extras.pod_monitor (serve.pod_monitor)", ("serve",)),
+    Call("monitoring.coreos.com", "podmonitors", "patch", "objects.apply: serve_extras.pod_monitor, served again", ("serve",)),
+    # delete RUN: KubernetesBackend.delete -> objects.delete_by_label over backends/k8s.py RUN_KINDS
+    *(Call(g, r, v, f"objects.delete_by_label: {r} labelled with the run id", ("delete",))
       for g, r in (("apps", "deployments"), ("", "services"), ("networking.k8s.io", "networkpolicies"),
+                   ("policy", "poddisruptionbudgets"), ("monitoring.coreos.com", "podmonitors"),
                    ("batch", "jobs"), ("", "configmaps"), ("", "secrets"))
       for v in ("list", "delete")),
 )
@@ -149,8 +150,7 @@ OVERLAYS: dict[str, ClusterConfig] = {
 
 # --------------------------------------------------------------------------------------- objects
 def _labels() -> dict[str, str]:
-    return {"app.kubernetes.io/name": "gptoss-cloud", "app.kubernetes.io/managed-by": "gptoss-cloud",
-            "app.kubernetes.io/component": "cluster"}
+    return cluster_labels()
 
 
 def _meta(name: str, namespace: str | None = None) -> dict:
@@ -162,7 +162,7 @@ def _meta(name: str, namespace: str | None = None) -> dict:
 
 def trainer_selector() -> dict[str, str]:
     """The run-independent labels render/k8s.py puts on every trainer pod."""
-    rendered = run_labels(RunSpec(), "r", "train")
+    rendered = run_labels("r", RunSpec().name, "train")
     return {k: rendered[k] for k in ("app.kubernetes.io/name", KIND_LABEL)}
 
 

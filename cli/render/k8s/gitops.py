@@ -20,7 +20,8 @@ import yaml
 from gptoss_cloud.contract.credentials import require_plain_env
 from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.contract.spec import RunSpec
-from gptoss_cloud.render.k8s.serve import container_security_context, pod_security_context, store_env, trainer_image
+from gptoss_cloud.render.k8s.meta import container_security_context, pod_security_context, schedule_labels
+from gptoss_cloud.render.k8s.serve import store_env, trainer_image
 
 HASH_LEN = 8
 SCHEDULE_SPEC_DIR = "/etc/gptoss"
@@ -145,12 +146,7 @@ def schedule_names(spec: RunSpec) -> dict[str, str]:
 
 
 def _labels(spec: RunSpec, component: str) -> dict[str, str]:
-    return {
-        "app.kubernetes.io/name": "gptoss-cloud",
-        "app.kubernetes.io/managed-by": "gptoss-cloud",
-        "app.kubernetes.io/component": component,
-        "gptoss-cloud.dev/run-name": spec.name,
-    }
+    return schedule_labels(spec.name, component)
 
 
 def _meta(spec: RunSpec, name: str, component: str) -> dict:

@@ -25,6 +25,10 @@ from gptoss_cloud.render.k8s.pod import jobset_failure_policy, pod_failure_polic
 from gptoss_cloud.contract.errors import SpecError
 from gptoss_cloud.contract.shapes import HUB_IDS
 from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.render.k8s.meta import (  # noqa: F401 (the label names are part of this renderer's interface)
+    KIND_LABEL, KUEUE_LABEL, NAME_LABEL, POD_SECURITY_ANNOTATION, RUN_LABEL, UID, container_security_context,
+    pod_security_context, run_labels,
+)
 
 JOBSET_API = "jobset.x-k8s.io/v1alpha2"
 REPLICATED_JOB = "w"
@@ -34,13 +38,7 @@ CACHE_DIR = "/cache"
 HF_CACHE = f"{CACHE_DIR}/hf"
 MIRROR_DIR = f"{CACHE_DIR}/weights"
 SCRATCH_DIR = "/scratch"
-RUN_LABEL = "gptoss-cloud.dev/run-id"
-NAME_LABEL = "gptoss-cloud.dev/run-name"
-KIND_LABEL = "gptoss-cloud.dev/kind"
-POD_SECURITY_ANNOTATION = "gptoss-cloud.dev/pod-security"
-KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
-UID = 1000
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -87,29 +85,7 @@ def master_addr(run_id: str) -> str:
 
 
 def labels(spec: RunSpec, run_id: str, kind: str = "train") -> dict[str, str]:
-    return {
-        "app.kubernetes.io/name": "gptoss-cloud",
-        "app.kubernetes.io/managed-by": "gptoss-cloud",
-        RUN_LABEL: run_id,
-        NAME_LABEL: spec.name,
-        KIND_LABEL: kind,
-    }
-
-
-# --------------------------------------------------------------------------------------- security
-def pod_security_context() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
-def container_security_context(add_capabilities: list[str] | None = None) -> dict[str, Any]:
-    caps: dict[str, Any] = {"drop": ["ALL"]}
-    if add_capabilities:
-        caps["add"] = list(add_capabilities)
-    return {"allowPrivilegeEscalation": False, "runAsNonRoot": True, "capabilities": caps,
-            "seccompProfile": {"type": "RuntimeDefault"}}
+    return run_labels(run_id, spec.name, kind)
 
 
 def rdma_settings(spec: RunSpec) -> dict[str, Any]:

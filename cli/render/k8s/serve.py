@@ -28,12 +28,14 @@ from gptoss_cloud.contract.spec import RunSpec
 from gptoss_cloud.contract.store.objects import join
 from gptoss_cloud.render import vllm as vv
 from gptoss_cloud.render.vllm import lora_rank  # noqa: F401  (imported from here by the Truss renderer and tests)
+from gptoss_cloud.render.k8s.meta import (  # noqa: F401 (gitops builds its pods with the same contexts)
+    KIND_LABEL, RUN_LABEL, container_security_context, pod_security_context, serving_labels,
+)
 
 MERGED_MARKER = "model.safetensors.index.json"  # the merge writes the index after every shard
 ADAPTER_MARKER = "adapter_config.json"
 MODELS_DIR = "/models"
 CACHE_DIR = "/cache"
-RUN_AS = 1000
 
 
 @dataclass(frozen=True)
@@ -81,19 +83,10 @@ def api_key_ref(spec: RunSpec, run_id: str) -> tuple[str, str]:
     return f"{deployment_name(run_id)}-api-key", "api-key"
 
 
-RUN_LABEL = "gptoss-cloud.dev/run-id"   # the same label the training JobSet carries: `delete` selects on it
-KIND_LABEL = "gptoss-cloud.dev/kind"
 
 
 def labels(run_id: str, component: str) -> dict[str, str]:
-    return {
-        "app.kubernetes.io/name": "gptoss-cloud",
-        "app.kubernetes.io/component": component,
-        "app.kubernetes.io/instance": run_id,
-        "app.kubernetes.io/managed-by": "gptoss-cloud",
-        RUN_LABEL: run_id,
-        KIND_LABEL: component,
-    }
+    return serving_labels(run_id, component)
 
 
 def selector(run_id: str) -> dict[str, str]:
@@ -102,21 +95,6 @@ def selector(run_id: str) -> dict[str, str]:
 
 def _meta(name: str, t: ServeTarget, component: str) -> dict:
     return {"name": name, "namespace": t.namespace, "labels": labels(t.run_id, component)}
-
-
-# ----------------------------------------------------------------------------------- pod security
-def pod_security_context() -> dict:
-    return {
-        "runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
-def container_security_context() -> dict:
-    return {
-        "allowPrivilegeEscalation": False, "runAsNonRoot": True,
-        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
-    }
 
 
 def _placement(spec: RunSpec, gpu: bool) -> dict:
