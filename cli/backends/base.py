@@ -16,6 +16,7 @@ from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.contract.spec import RunSpec
 
 if TYPE_CHECKING:
+    from gptoss_cloud.contract.progress import RunRow
     from gptoss_cloud.render.k8s.serve import ServeTarget
 
 # How a backend speaks to the user: emit(text) for results (stdout), emit(text, err=True) for progress and notes.
@@ -68,7 +69,26 @@ class Backend:
         return spec
 
     def submit(self, spec: RunSpec, run_id: str, home: str, opts: SubmitOptions) -> SubmitResult:
-        return self._submit(spec, run_id, home, opts)
+        """Plan (the one fit check of a submit: refuse what cannot fit unless ``opts.force``), record the resolved
+        spec in ``<home>/spec.yaml`` (not for a dry run), then hand over. A fresh home the backend never got to use
+        is removed again, so a refused submit leaves no run behind."""
+        from gptoss_cloud.contract.runs import write_run_spec
+
+        note = plan_note(spec, opts.force)
+        if opts.dry_run:
+            result = self._submit(spec, run_id, home, opts)
+        else:
+            self._preflight(spec, home, opts)  # credentials, a store the backend can reach: before anything is written
+            write_run_spec(home, spec)
+            try:
+                result = self._submit(spec, run_id, home, opts)
+            except BaseException:
+                if not opts.resume:
+                    _remove_unused_home(run_id, home)
+                raise
+        if note:
+            result.details["plan"] = note
+        return result
 
     def status(self, run_id: str, home: str) -> RunStatus:
         return self._status(run_id, home)
@@ -94,6 +114,9 @@ class Backend:
         return self._delete(run_id, home, spec)
 
     # ---- hooks --------------------------------------------------------------------------------
+    def _preflight(self, spec: RunSpec, home: str, opts: SubmitOptions) -> None:
+        """What must hold before a (not dry-run) submit writes anything. Default: nothing."""
+
     def _submit(self, spec: RunSpec, run_id: str, home: str, opts: SubmitOptions) -> SubmitResult:
         raise GptossError(f"backend {self.name} cannot submit")
 
@@ -111,6 +134,44 @@ class Backend:
 
     def _delete(self, run_id: str, home: str, spec: RunSpec) -> list[str]:
         return []
+
+
+def plan_note(spec: RunSpec, force: bool) -> str | None:
+    """The memory plan's verdict before anything starts: PlanError (the numbers and what would fit) unless
+    ``force``; a note when forced past it, or when only the pod can read the model's shape (a hub id, s3://)."""
+    from gptoss_cloud.contract.errors import PlanError, SpecError
+    from gptoss_cloud.contract.plan.memory import check_fit
+    from gptoss_cloud.contract.plan.sizes import local_shape
+
+    try:
+        check_fit(spec, local_shape(spec.model.name, spec.model.layers))
+    except PlanError as e:
+        if not force:
+            raise
+        return f"warning: {e.message} (submitting anyway: --force)"
+    except SpecError as e:
+        return f"not planned: {e.message}"
+    return None
+
+
+def _remove_unused_home(run_id: str, home: str) -> None:
+    """Remove what submit wrote if nothing else was: the home's spec.yaml, and for a remote home the
+    local state folder the local backend may have made. Deleted as a prefix, which every store honours."""
+    import shutil
+
+    from gptoss_cloud.contract.runs import SPEC_FILE
+    from gptoss_cloud.contract.store.objects import is_remote, open_store
+    from gptoss_cloud.trainer.programs.supervisor import state_dir
+
+    st = open_store(home)
+    if st.list("") == [SPEC_FILE]:
+        st.delete("")
+        if not is_remote(home) and Path(home).is_dir() and not any(Path(home).iterdir()):
+            Path(home).rmdir()
+    if is_remote(home):
+        sd = state_dir(run_id, home)
+        if sd.is_dir() and {p.name for p in sd.iterdir()} <= {SPEC_FILE}:
+            shutil.rmtree(sd)
 
 
 BACKENDS = ("local", "k8s", "truss")
@@ -131,3 +192,20 @@ def get_backend(name: str) -> Backend:
 
         return TrussBackend()
     raise GptossError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def describe_run(run_id: str, home: str) -> RunRow:
+    """One row for ``runs``: the backend's state when it can tell, else what the store records."""
+    from gptoss_cloud.contract.progress import RunRow, progress, read_metrics, read_summary, summary_state
+    from gptoss_cloud.contract.runs import read_run_spec
+
+    spec = read_run_spec(home)
+    backend = spec.cluster.backend
+    row = RunRow(run_id=run_id, home=home, backend=backend, state="Unknown", model=spec.model.name, method=spec.method.kind)
+    try:
+        row.state = get_backend(backend).status(run_id, home).state
+    except GptossError as e:
+        row.error = e.message
+        row.state = summary_state(read_summary(home)) or "Unknown"
+    row.progress = progress(read_metrics(home), spec)
+    return row

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 from gptoss_cloud.contract.errors import BackendError, GptossError, StoreError
 from gptoss_cloud.render.k8s import jobset as rk
 from gptoss_cloud.render.k8s.meta import NAME_LABEL, RUN_LABEL
-from gptoss_cloud.contract.spec import RunSpec, spec_from_yaml_text
+from gptoss_cloud.contract.spec import RunSpec
 from gptoss_cloud.contract.store.objects import is_remote, join, open_store
 from gptoss_cloud.backends.base import Backend, Emit, RunStatus, ServeOptions, SubmitOptions, SubmitResult
 
@@ -103,43 +103,30 @@ class KubernetesBackend(Backend):
         return connect(ns, ctx)
 
     def run_spec(self, home: str) -> RunSpec:
-        try:
-            text = open_store(home).read_bytes("spec.yaml").decode()
-        except StoreError as e:
-            raise GptossError(f"run home {home} has no spec.yaml: {e.message}",
-                              hint="pass the run id with --store, or the full run URI") from None
-        return spec_from_yaml_text(text, f"{home}/spec.yaml")
+        from gptoss_cloud.contract.runs import read_run_spec
+
+        return read_run_spec(home)
 
     # ---- submit -------------------------------------------------------------------------------
-    def _submit(self, spec: RunSpec, run_id: str, home: str, opts: SubmitOptions) -> SubmitResult:
-        from gptoss_cloud.contract.errors import SpecError
-        from gptoss_cloud.contract.plan.memory import check_fit
-
-        plan_note = None
-        if not opts.force:
-            try:
-                check_fit(spec)  # PlanError with the numbers and what would fit
-            except SpecError as e:  # a hub id / folder whose shape only the pod can read
-                plan_note = f"not planned: {e.message}"
-        objects = rk.render_run(spec, run_id)
-        text = render_text(objects, opts.output_format)
-        result = SubmitResult(run_id=run_id, home=home, backend=self.name, rendered=text,
-                              details={"namespace": spec.cluster.namespace, "jobset": run_id,
-                                       "master_addr": rk.master_addr(run_id)})
-        if plan_note:
-            result.details["plan"] = plan_note
-        if opts.out is not None:
-            result.written = write_manifests(objects, Path(opts.out), opts.output_format)
-        if opts.dry_run:
-            return result
+    def _preflight(self, spec: RunSpec, home: str, opts: SubmitOptions) -> None:
         if not is_remote(spec.output.store):
             raise BackendError(
                 f"output.store {spec.output.store!r} is a local folder the pods cannot reach",
                 hint="set output.store (or --store / GPTOSS_STORE) to s3://bucket/prefix and cluster.store_secret",
             )
+
+    def _submit(self, spec: RunSpec, run_id: str, home: str, opts: SubmitOptions) -> SubmitResult:
+        objects = rk.render_run(spec, run_id)
+        text = render_text(objects, opts.output_format)
+        result = SubmitResult(run_id=run_id, home=home, backend=self.name, rendered=text,
+                              details={"namespace": spec.cluster.namespace, "jobset": run_id,
+                                       "master_addr": rk.master_addr(run_id)})
+        if opts.out is not None:
+            result.written = write_manifests(objects, Path(opts.out), opts.output_format)
+        if opts.dry_run:
+            return result
         from gptoss_cloud.kube.objects import create_object, delete_configmap, set_owner
 
-        open_store(home).write_bytes("spec.yaml", spec.to_yaml().encode())
         kube = self.connect(spec)
         cm, js = objects
         create_object(kube, cm)

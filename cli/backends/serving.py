@@ -17,7 +17,7 @@ from gptoss_cloud.render.k8s import serve as rs
 from gptoss_cloud.contract.runs import resolve_run
 from gptoss_cloud.contract.plan.serving import per_gpu, size_tp, valid_tp
 from gptoss_cloud.contract.shapes import ModelShape, shape_for, shape_from_config
-from gptoss_cloud.contract.spec import RunSpec, deep_merge, env_overrides, format_validation_error, set_path, spec_from_yaml_text
+from gptoss_cloud.contract.spec import RunSpec, deep_merge, env_overrides, format_validation_error, set_path
 from gptoss_cloud.contract.store.objects import open_store
 
 
@@ -25,7 +25,9 @@ def run_spec_with_overrides(home: str, overrides: Mapping[str, Any], environ: Ma
     """The run's spec with serve/cluster settings from the environment and flags (dotted keys) applied."""
     from pydantic import ValidationError
 
-    base = spec_from_yaml_text(open_store(home).read_bytes("spec.yaml").decode(), f"{home}/spec.yaml")
+    from gptoss_cloud.contract.runs import read_run_spec
+
+    base = read_run_spec(home)
     tree = base.model_dump(mode="json")
     env = env_overrides(os.environ if environ is None else environ)
     # Only where and how to serve may change; what was trained (model, method, data) may not.

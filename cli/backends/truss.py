@@ -123,6 +123,16 @@ class TrussBackend(Backend):
     name = "truss"
 
     # ------------------------------------------------------------------------------- submit
+    _remote: Any = None   # the Baseten remote the preflight connected
+
+    def _preflight(self, spec: RunSpec, home: str, opts: SubmitOptions) -> None:
+        if not is_remote(spec.output.store):
+            raise BackendError(
+                f"a Truss run needs an s3:// store that Baseten can reach; output.store is {spec.output.store!r}",
+                hint="set output.store (or GPTOSS_STORE) to s3://bucket/prefix, and create the Baseten secrets aws_access_key_id / aws_secret_access_key",
+            )
+        self._remote = baseten_remote()  # fail on credentials before writing anything
+
     def _submit(self, spec: RunSpec, run_id: str, home: str, opts: SubmitOptions) -> SubmitResult:
         project = render_truss_project(spec, run_id)
         data = project.data
@@ -139,19 +149,13 @@ class TrussBackend(Backend):
                 )
             return SubmitResult(run_id, home, self.name, rendered=rendered, written=written, details=details)
 
-        if not is_remote(spec.output.store):
-            raise BackendError(
-                f"a Truss run needs an s3:// store that Baseten can reach; output.store is {spec.output.store!r}",
-                hint="set output.store (or GPTOSS_STORE) to s3://bucket/prefix, and create the Baseten secrets aws_access_key_id / aws_secret_access_key",
-            )
-        remote = baseten_remote()  # fail on credentials before writing anything
+        remote = self._remote or baseten_remote()
         folder = opts.out or Path(tempfile.mkdtemp(prefix=f"gptoss-truss-{run_id}-"))
         written = write_project(project, folder)
         config_path = folder / CONFIG_FILE
         training_project = load_project(config_path)
 
         store = open_store(home)
-        store.write_bytes("spec.yaml", project.files["spec.yaml"].encode())
         from truss_train import deployment
 
         try:

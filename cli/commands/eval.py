@@ -26,13 +26,13 @@ def eval_run(
 ) -> None:
     """Evaluate a trained run on held-out rows: loss by reasoning effort and span kind, and generation checks
     (final ends with <|return|>, tool-call arguments match their schema, no control-token leaks, analysis present)."""
-    from gptoss_cloud.contract.progress import read_spec
+    from gptoss_cloud.contract.runs import read_run_spec
     from gptoss_cloud.contract.runs import resolve_run
 
     if output not in ("table", "json"):
         raise SpecError(f"-o/--output must be table or json, not {output!r}")
     run_id, home = resolve_run(run, resolve(None, output__store=store).output.store)
-    spec = read_spec(home)
+    spec = read_run_spec(home)
 
     from gptoss_cloud.trainer.evaluation.run_home import run_eval  # lazy: torch, transformers
 

@@ -31,7 +31,7 @@ def delete(
     """Delete a run: its cluster objects (JobSet, merge Job, server) and everything under its store home.
     A running local run is stopped first."""
     from gptoss_cloud.contract.errors import GptossError
-    from gptoss_cloud.contract.progress import read_spec
+    from gptoss_cloud.contract.runs import read_run_spec
     from gptoss_cloud.contract.runs import resolve_run
     from gptoss_cloud.backends.serving import run_spec_with_overrides
     from gptoss_cloud.contract.store.objects import open_store
@@ -39,7 +39,7 @@ def delete(
     # strict: only a home named like a run id, so `delete ./` or `delete ../project` cannot empty a folder.
     run_id, home = resolve_run(run, resolve(None, output__store=store).output.store, strict=True)
     try:
-        read_spec(home)  # bounded and decoded strictly: a hostile spec.yaml is one SpecError here
+        read_run_spec(home)  # bounded and decoded strictly: a hostile spec.yaml is one SpecError here
         spec = run_spec_with_overrides(home, {"cluster.namespace": namespace, "cluster.context": context})
     except GptossError as e:
         if not keep_cluster:  # without the spec we cannot know which cluster objects are the run's

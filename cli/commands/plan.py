@@ -45,6 +45,8 @@ def plan(
         spec, model__name=model, parallelism__nodes=nodes, parallelism__gpus_per_node=gpus_per_node,
         method__kind=method.value if method else None, cluster__gpu_price_per_hour=gpu_price,
     )
+    from gptoss_cloud.contract.plan.sizes import local_shape
+
     shape = local_shape(s.model.name, s.model.layers)
     rp = plan_run(s, shape, dataset_tokens=tokens, gpu_price=gpu_price, mfu=mfu)
     ls = longest_seq(s, shape) if longest else None
@@ -68,22 +70,6 @@ def longest_line(ls) -> str:
     return (f"longest data.max_seq_len that fits: {ls.tokens:,} tokens ({ls.gpu_total_gib:.1f} of "
             f"{ls.gpu_capacity_gib:.1f} GiB per GPU, layers {'recomputed' if ls.recompute else 'not recomputed'}; "
             f"a projection)")
-
-
-def local_shape(model: str, layers: int | None):
-    """The shape of a local model folder from its config.json (presets need no file)."""
-    from pathlib import Path
-
-    from gptoss_cloud.contract.errors import SpecError
-    from gptoss_cloud.contract.shapes import shape_for
-
-    cfg = Path(model) / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        return shape_for(model, layers, config=json.loads(cfg.read_text()))
-    except (ValueError, KeyError, TypeError) as e:
-        raise SpecError(f"cannot read the model shape from {cfg}: {e}") from None
 
 
 def plan_tables(rp) -> list:

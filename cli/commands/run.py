@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from gptoss_cloud.contract.errors import GptossError, PlanError, SpecError
+from gptoss_cloud.contract.errors import GptossError, SpecError
 from gptoss_cloud.contract.store.objects import is_remote
 from gptoss_cloud.commands.common import SpecArg, StoreOpt, resolve
 
@@ -96,11 +96,10 @@ def submit(
     s = be.prepare(s)
     if home is None:
         home = run_home(s.output.store, run_id)
-    _check_plan(s, force)
-
     opts = SubmitOptions(dry_run=dry_run, out=out, output_format=output, force=force, resume=bool(resume), detach=detach)
     if dry_run:
         res = be.submit(s, run_id, home, opts)
+        _say_plan(res)
         if res.written:
             for p in res.written:
                 _console(stderr=True).print(f"wrote {p}")
@@ -110,7 +109,8 @@ def submit(
 
     err = _console(stderr=True)
     err.print(f"[bold]{'resuming' if resume else 'run'}[/] {run_id} on {be.name}\n  home: {home}")
-    res = _launch(be, s, run_id, home, opts, fresh=not resume)
+    res = be.submit(s, run_id, home, opts)
+    _say_plan(res)
     state = res.details.get("state", "Submitted")
     if output == "json":
         typer.echo(json.dumps({"run_id": run_id, "home": home, "backend": be.name, "state": state,
@@ -130,7 +130,7 @@ def submit(
 
 def _resume_spec(ref: str, spec: Path | None, store: str | None, overrides: dict[str, Any]):
     """Same id and home; the run's stored spec is the base unless a SPEC file is given."""
-    from gptoss_cloud.contract.store.objects import open_store
+    from gptoss_cloud.contract.runs import SPEC_FILE, read_run_spec_bytes
 
     run_id, home = _find_run(ref, store)
     overrides = {**overrides, "checkpoint.resume": "auto", "output.store": home.rsplit("/", 1)[0]}
@@ -138,56 +138,16 @@ def _resume_spec(ref: str, spec: Path | None, store: str | None, overrides: dict
     if spec is not None:
         return run_id, home, resolve(spec, **flat)
     with tempfile.TemporaryDirectory() as tmp:
-        stored = Path(tmp) / "spec.yaml"
-        stored.write_bytes(open_store(home).read_bytes("spec.yaml"))
+        stored = Path(tmp) / SPEC_FILE
+        stored.write_bytes(read_run_spec_bytes(home))
         return run_id, home, resolve(stored, **flat)
 
 
-def _check_plan(spec, force: bool) -> None:
-    """Refuse a run the memory plan says cannot fit (the numbers and what would fit), unless --force."""
-    from gptoss_cloud.contract.plan.memory import check_fit
-    from gptoss_cloud.commands.plan import local_shape
-
-    try:
-        check_fit(spec, local_shape(spec.model.name, spec.model.layers))
-    except PlanError as e:
-        if not force:
-            raise
-        _console(stderr=True).print(f"[yellow]warning:[/] {e.message} (submitting anyway: --force)")
-    except SpecError as e:  # a hub id or s3:// prefix: only the pod can read its shape
-        _console(stderr=True).print(f"[dim]not planned: {e.message}[/]")
-
-
-def _launch(be, spec, run_id: str, home: str, opts, *, fresh: bool):
-    """Write <home>/spec.yaml, then hand over. A home the backend never got to use is removed again,
-    so a refused submit leaves no run behind."""
-    from gptoss_cloud.contract.store.objects import open_store
-
-    st = open_store(home)
-    st.write_bytes("spec.yaml", spec.to_yaml().encode())
-    try:
-        return be.submit(spec, run_id, home, opts)
-    except BaseException:
-        if fresh:
-            _remove_unused_home(st, run_id, home)
-        raise
-
-
-def _remove_unused_home(st, run_id: str, home: str) -> None:
-    """Remove what submit wrote if nothing else was: the home's spec.yaml, and for a remote home the
-    local state folder the local backend may have made. Deleted as a prefix, which every store honours."""
-    import shutil
-
-    from gptoss_cloud.backends.local import state_dir
-
-    if st.list("") == ["spec.yaml"]:
-        st.delete("")
-        if not is_remote(home) and Path(home).is_dir() and not any(Path(home).iterdir()):
-            Path(home).rmdir()
-    if is_remote(home):
-        sd = state_dir(run_id, home)
-        if sd.is_dir() and {p.name for p in sd.iterdir()} <= {"spec.yaml"}:
-            shutil.rmtree(sd)
+def _say_plan(res) -> None:
+    note = res.details.pop("plan", None)
+    if note:
+        style = "yellow" if note.startswith("warning") else "dim"
+        _console(stderr=True).print(f"[{style}]{note}[/]")
 
 
 # ------------------------------------------------------------------------------------- run control
@@ -198,11 +158,12 @@ def status(
 ) -> None:
     """State of a run (from its backend) and its progress (from metrics.jsonl in the store)."""
     from gptoss_cloud.backends.base import get_backend
-    from gptoss_cloud.contract.progress import format_progress, progress, read_metrics, read_spec
+    from gptoss_cloud.contract.progress import format_progress, progress, read_metrics
+    from gptoss_cloud.contract.runs import read_run_spec
     from gptoss_cloud.report.sparkline import loss_line
 
     run_id, home = _find_run(run, store)
-    spec = read_spec(home)
+    spec = read_run_spec(home)
     st = get_backend(spec.cluster.backend).status(run_id, home)
     metrics = read_metrics(home)
     prog = progress(metrics, spec)
@@ -229,10 +190,10 @@ def logs(
 ) -> None:
     """Print a run's logs (rank 0 of node 0 unless --node)."""
     from gptoss_cloud.backends.base import get_backend
-    from gptoss_cloud.contract.progress import read_spec
+    from gptoss_cloud.contract.runs import read_run_spec
 
     run_id, home = _find_run(run, store)
-    be = get_backend(read_spec(home).cluster.backend)
+    be = get_backend(read_run_spec(home).cluster.backend)
     try:
         for line in be.logs(run_id, home, follow=follow, node=node):
             sys.stdout.write(line if line.endswith("\n") else line + "\n")
@@ -244,10 +205,10 @@ def logs(
 def cancel(run: RunArg, store: StoreOpt = None) -> None:
     """Stop a running run. Its checkpoints stay; `submit --resume RUN` continues it."""
     from gptoss_cloud.backends.base import get_backend
-    from gptoss_cloud.contract.progress import read_spec
+    from gptoss_cloud.contract.runs import read_run_spec
 
     run_id, home = _find_run(run, store, strict=True)  # a signal goes only to a validated run's own processes
-    be = get_backend(read_spec(home).cluster.backend)
+    be = get_backend(read_run_spec(home).cluster.backend)
     be.cancel(run_id, home)
     typer.echo(f"cancelled {run_id}")
 
@@ -258,7 +219,8 @@ def runs(
 ) -> None:
     """List the runs in the store with backend, state and progress."""
     from gptoss_cloud.failure import one_line
-    from gptoss_cloud.contract.progress import RunRow, describe_run, format_progress, list_run_ids
+    from gptoss_cloud.backends.base import describe_run
+    from gptoss_cloud.contract.progress import RunRow, format_progress, list_run_ids
     from gptoss_cloud.contract.runs import is_run_id
     from gptoss_cloud.contract.safe_yaml import quote
     from gptoss_cloud.contract.store.objects import join

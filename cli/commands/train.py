@@ -51,13 +51,13 @@ def chat(
     """Answer one user message with a trained run's model (greedy decoding through harmony)."""
     from rich.console import Console
 
-    from gptoss_cloud.contract.progress import read_spec
+    from gptoss_cloud.contract.runs import read_run_spec
     from gptoss_cloud.contract.runs import resolve_run
 
     if reasoning_effort is not None and reasoning_effort not in ("low", "medium", "high"):
         raise SpecError(f"--reasoning-effort must be low, medium or high, not {reasoning_effort!r}")
     run_id, home = resolve_run(run, resolve(None, output__store=store).output.store)
-    spec = read_spec(home)
+    spec = read_run_spec(home)
 
     from gptoss_cloud.trainer.chat import chat_once  # lazy: torch, transformers
 

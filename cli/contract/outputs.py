@@ -157,11 +157,9 @@ def open_output(store: Store, *, signed_spec: bool, key: bytes | None = None, wh
 
 def home_says_signed(home: str) -> bool:
     """``spec_says_signed`` for the spec stored in a run home (a home without one: False)."""
-    from gptoss_cloud.contract.spec import spec_from_yaml_text
+    from gptoss_cloud.contract.runs import SPEC_FILE, read_run_spec
     from gptoss_cloud.contract.store.objects import open_store
 
-    try:
-        text = open_store(home).read_bytes("spec.yaml").decode("utf-8", "replace")
-    except StoreNotFound:
+    if not open_store(home).exists(SPEC_FILE):
         return False
-    return spec_says_signed(spec_from_yaml_text(text, f"{str(home).rstrip('/')}/spec.yaml"))
+    return spec_says_signed(read_run_spec(home))

@@ -10,17 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptoss_cloud.contract.errors import GptossError
-from gptoss_cloud.contract.spec import RunSpec, spec_from_yaml_text
-from gptoss_cloud.contract.store.objects import LocalStore, S3Store, join, open_store
-
-
-def read_spec(home: str) -> RunSpec:
-    # A store is untrusted: read one byte past the limit, never the whole of a huge object.
-    from gptoss_cloud.contract.safe_yaml import MAX_BYTES
-
-    raw = open_store(home).read_range("spec.yaml", 0, MAX_BYTES + 1)
-    return spec_from_yaml_text(raw, source=join(home, "spec.yaml"))
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.contract.store.objects import LocalStore, S3Store, open_store
 
 
 def read_metrics(home: str, events: bool = False) -> list[dict[str, Any]]:
@@ -135,17 +126,3 @@ def summary_state(summary: dict[str, Any] | None) -> str | None:
             "failed": "Failed", "error": "Failed", "cancelled": "Cancelled", "canceled": "Cancelled"}.get(raw, "Succeeded" if not raw else None)
 
 
-def describe_run(run_id: str, home: str) -> RunRow:
-    """One row for ``runs``: the backend's state when it can tell, else what the store records."""
-    from gptoss_cloud.backends.base import get_backend
-
-    spec = read_spec(home)
-    backend = spec.cluster.backend
-    row = RunRow(run_id=run_id, home=home, backend=backend, state="Unknown", model=spec.model.name, method=spec.method.kind)
-    try:
-        row.state = get_backend(backend).status(run_id, home).state
-    except GptossError as e:
-        row.error = e.message
-        row.state = summary_state(read_summary(home)) or "Unknown"
-    row.progress = progress(read_metrics(home), spec)
-    return row

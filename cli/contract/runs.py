@@ -20,7 +20,7 @@ import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 
-from gptoss_cloud.contract.errors import GptossError
+from gptoss_cloud.contract.errors import GptossError, StoreError
 from gptoss_cloud.contract.safe_yaml import quote
 from gptoss_cloud.contract.store.objects import is_remote, join, open_store
 
@@ -77,9 +77,37 @@ def resolve_run(ref: str, store_uri: str, *, strict: bool = False) -> tuple[str,
         run_id = check_run_id(home.rsplit("/", 1)[-1], generated=strict, where=ref)
     else:
         run_id, home = check_run_id(ref, generated=strict), run_home(store_uri, ref)
-    if not open_store(home).exists("spec.yaml"):
+    if not open_store(home).exists(SPEC_FILE):
         raise GptossError(
-            f"run {quote(ref)} not found: no spec.yaml under {home}",
+            f"run {quote(ref)} not found: no {SPEC_FILE} under {home}",
             hint="list runs with `gptoss-cloud runs`, or pass --store / a full run URI",
         )
     return run_id, home
+
+
+# ---------------------------------------------------------------------------- the run's own spec
+SPEC_FILE = "spec.yaml"
+
+
+def write_run_spec(home: str, spec) -> None:
+    """Record the resolved spec a run was started with: the one writer of ``<home>/spec.yaml``."""
+    open_store(home).write_bytes(SPEC_FILE, spec.to_yaml().encode())
+
+
+def read_run_spec_bytes(home: str) -> bytes:
+    """``<home>/spec.yaml`` read under the spec size limit: a store is untrusted, so one byte past the limit is
+    read, never the whole of a huge object (``safe_yaml`` refuses the oversized text with its size)."""
+    from gptoss_cloud.contract.safe_yaml import MAX_BYTES
+
+    try:
+        return open_store(home).read_range(SPEC_FILE, 0, MAX_BYTES + 1)
+    except StoreError as e:
+        raise GptossError(f"run home {home} has no readable {SPEC_FILE}: {e.message}",
+                          hint="pass the run id with --store, or the full run URI") from None
+
+
+def read_run_spec(home: str):
+    """The RunSpec a run was started with: the one reader of ``<home>/spec.yaml`` (bounded, validated)."""
+    from gptoss_cloud.contract.spec import spec_from_yaml_text
+
+    return spec_from_yaml_text(read_run_spec_bytes(home), source=join(home, SPEC_FILE))

@@ -92,7 +92,7 @@ def test_chat_answers_from_merged_and_warns_on_unparsable_output(home):
 def test_base_plus_adapter_decodes_like_the_model_that_was_trained(home):
     from peft import LoraConfig, get_peft_model
 
-    from gptoss_cloud.contract.progress import read_spec
+    from gptoss_cloud.contract.runs import read_run_spec
     from gptoss_cloud.trainer.chat import chat_once
 
     base = tiny_model(seed=1)
@@ -100,7 +100,7 @@ def test_base_plus_adapter_decodes_like_the_model_that_was_trained(home):
     # init_lora_weights=False: B is random, so the adapter really changes the outputs
     trained = get_peft_model(tiny_model(seed=1), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     trained.save_pretrained(home / "adapter")
-    spec = read_spec(str(home))
+    spec = read_run_spec(str(home))
     expected = chat_once(str(home), spec, "Hi", max_new_tokens=6, model=trained.eval())
     plain = chat_once(str(home), spec, "Hi", max_new_tokens=6, model=base)
     got = chat_once(str(home), spec, "Hi", max_new_tokens=6)

@@ -42,3 +42,17 @@ def resolve_shape(spec: RunSpec, shape: ModelShape | None = None) -> ModelShape:
         return shape_for(spec.model.name, spec.model.layers)
     except ValueError as e:
         raise SpecError(f"model.name: {e}") from None
+
+
+def local_shape(model: str, layers: int | None) -> ModelShape | None:
+    """The shape of a local model folder from its config.json (presets need no file)."""
+    import json
+    from pathlib import Path
+
+    cfg = Path(model) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return shape_for(model, layers, config=json.loads(cfg.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise SpecError(f"cannot read the model shape from {cfg}: {e}") from None
