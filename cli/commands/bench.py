@@ -97,7 +97,8 @@ def bench(
     from rich.console import Console
 
     from gptoss_cloud.contract.errors import GptossError
-    from gptoss_cloud.trainer.bench.run import BenchOptions, default_out, profile_tables, report_table, run_benchmark, write_report
+    from gptoss_cloud.trainer.bench.run import BenchOptions, run_benchmark
+    from gptoss_cloud.trainer.bench.report import default_out, profile_tables, report_table, write_report
 
     opts = BenchOptions(
         model=model.value, layers=layers, method=method.value, seq=seq, steps=steps, warmup=warmup, ours=ours,
@@ -130,7 +131,8 @@ SUITE_OPTIONS = {"suite", "list_suites", "dry_run", "out"}
 
 def _suite(ctx: typer.Context, name: Optional[str], list_suites: bool, dry_run: bool, out: Optional[Path]) -> int:
     from gptoss_cloud.contract.errors import GptossError
-    from gptoss_cloud.trainer.bench.suite import SuiteError, dry_run_lines, get_suite, list_lines, load_suites, run_suite
+    from gptoss_cloud.trainer.bench.suite import SuiteError, dry_run_lines, get_suite, list_lines, load_suites
+    from gptoss_cloud.trainer.bench.suite_run import run_suite
 
     # By name: typer may bring its own copy of click, whose ParameterSource is not click's.
     given = sorted(f"--{p.replace('_', '-')}" for p in ctx.params

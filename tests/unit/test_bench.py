@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from gptoss_cloud.main import app
-from gptoss_cloud.trainer.bench import run as B
+from gptoss_cloud.trainer.bench import report as BR, run as B
 from gptoss_cloud.trainer.bench.variants import Prepared, Variant, build
 from gptoss_cloud.trainer.parallel import DistInfo
 from gptoss_cloud.trainer.bench.worker import measure_variant
@@ -105,12 +105,12 @@ def test_oom_in_a_variant_is_recorded_and_the_benchmark_goes_on(tmp_path):
     assert "during step 2" in ref["error"] and "Tried to allocate 24.56 GiB" in ref["error"]
     assert ref["label"] == "OOM"  # on a GPU: "OOM at <peak reserved> GiB"
     assert ref["tokens_per_s"] is None and ours["ratio_to_baseline"] is None
-    path = B.write_report(report, tmp_path / "r.json")
+    path = BR.write_report(report, tmp_path / "r.json")
     assert json.loads(path.read_text())["results"][1]["status"] == "oom"
     from rich.console import Console
 
     console = Console(record=True, width=250)
-    console.print(B.report_table(report))
+    console.print(BR.report_table(report))
     assert "OOM" in console.export_text()
 
 
@@ -118,7 +118,7 @@ def test_oom_label_carries_the_peak_reserved():
     opts = tiny()
     raw = B.failed_result(Variant("transformers (eager + eager)", "transformers", "eager", "eager"), "x")
     raw.update(status="oom", peak_reserved_gib=77.46, world_size=1)
-    row = B.derive(raw, opts, opts.setup().shape(), peak_tflops=989.0)
+    row = BR.derive(raw, opts, opts.setup().shape(), peak_tflops=989.0)
     assert row["label"] == "OOM at 77.5 GiB"
 
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from gptoss_cloud.main import app
 from gptoss_cloud.trainer.bench import runs as R
-from gptoss_cloud.trainer.bench import suite as S
+from gptoss_cloud.trainer.bench import suite as S, suite_run as SR
 
 REPO = Path(__file__).resolve().parents[2]
 SUITES = S.load_suites()
@@ -192,14 +192,14 @@ def test_the_gpu_environment_keeps_the_machines_own_settings(tmp_path):
 
 
 def test_visible_gpus_follow_cuda_visible_devices():
-    assert S.visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1"}) == 2
-    assert S.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == 0
-    assert S.visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == 0
+    assert SR.visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1"}) == 2
+    assert SR.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == 0
+    assert SR.visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == 0
 
 
 def test_a_suite_needing_more_gpus_than_the_machine_has_starts_nothing(tmp_path):
     with pytest.raises(S.SuiteError, match=r"suite 'smoke' needs 2 GPU\(s\); this machine shows 1"):
-        S.run_suite(SUITES["smoke"], tmp_path / "out", gpus=1)
+        SR.run_suite(SUITES["smoke"], tmp_path / "out", gpus=1)
     assert not (tmp_path / "out").exists()
 
 
@@ -216,7 +216,7 @@ def test_the_runner_stops_at_the_first_failing_step_naming_it(tmp_path):
         '[[suite.cpu.step]]\nname = "never"\nrun = ["python", "-m", "gptoss_cloud.trainer.bench.rederive"]\n')
     out, echoed = tmp_path / "out", []
     with pytest.raises(S.SuiteError) as e:
-        S.run_suite(suite, out, echo=echoed.append, gpus=1)
+        SR.run_suite(suite, out, echo=echoed.append, gpus=1)
     msg = str(e.value)
     assert "\n" not in msg
     assert msg == f"suite 'cpu', step 'nothing-to-summarise' failed (exit 1); see {out / 'nothing-to-summarise.log'}"
@@ -235,14 +235,14 @@ def test_a_step_past_its_timeout_is_stopped_and_fails(tmp_path):
                       f'run = ["python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "{test}"]\ntimeout_s = 3\n')
     t0 = __import__("time").monotonic()
     with pytest.raises(S.SuiteError, match=r"suite 'cpu', step 'slow' failed \(timed out after 3 s\)"):
-        S.run_suite(suite, tmp_path / "out", echo=lambda _: None, gpus=1)
+        SR.run_suite(suite, tmp_path / "out", echo=lambda _: None, gpus=1)
     assert __import__("time").monotonic() - t0 < 40
 
 
 def test_the_local_s3_server_holds_the_bucket_and_collect_reads_runs_from_it(tmp_path, monkeypatch):
     import boto3
 
-    with S.s3_server() as env:
+    with SR.s3_server() as env:
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         s3 = boto3.client("s3")
@@ -258,7 +258,7 @@ def test_a_suite_with_an_s3_server_gives_its_steps_the_endpoint(tmp_path):
     report.write_text(json.dumps({"home": f"s3://{S.S3_BUCKET}/runs/none"}))
     suite = one('[suite.s3]\ndescription = "d"\ngpus = 1\ns3_server = true\n[[suite.s3.step]]\nname = "collect"\n'
                 f'run = ["python", "-m", "gptoss_cloud.trainer.bench.runs", "collect", "{report}", "{{out}}"]\n')["s3"]
-    S.run_suite(suite, tmp_path / "out", echo=lambda _: None, gpus=1,
+    SR.run_suite(suite, tmp_path / "out", echo=lambda _: None, gpus=1,
                 environ={"PATH": "/usr/bin:/bin", "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_PROFILE": "mine"})
     rec = json.loads((tmp_path / "out" / "suite.json").read_text())
     assert rec["steps"][0]["returncode"] == 0

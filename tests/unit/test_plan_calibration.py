@@ -44,7 +44,7 @@ def _bench_rows():
     """Every measured row of ours in docs/benchmarks/*.json with what the planner predicts for it."""
     from dataclasses import fields
 
-    from gptoss_cloud.trainer.bench import run as B
+    from gptoss_cloud.trainer.bench import report as BR, run as B
     from gptoss_cloud.trainer.bench.variants import Variant
 
     known = {f.name for f in fields(B.BenchOptions)}
@@ -56,7 +56,7 @@ def _bench_rows():
         opts = B.BenchOptions(**{k: v for k, v in o.items() if k in known})
         for row in r["results"]:
             if row["variant"]["stack"] == "ours" and row["status"] == "ok":
-                planned = B.planned_gib(opts, Variant.from_dict(row["variant"]), r["environment"]["card"],
+                planned = BR.planned_gib(opts, Variant.from_dict(row["variant"]), r["environment"]["card"],
                                         r["environment"].get("card_memory_gib"))
                 if planned is not None:  # selective recomputation is not modelled
                     yield pytest.param(row["peak_reserved_gib"], planned, id=f"{path.stem}: {row['variant']['name']}")
