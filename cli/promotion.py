@@ -25,6 +25,7 @@ TERMINAL = ("Succeeded", "Failed", "Cancelled")
 MAX_EVAL_BYTES = 16 * 1024 * 1024   # an eval file holds every reply (each cut to 2,000 characters)
 MERGED_MARKER = "model.safetensors.index.json"   # what serving waits for (render/k8s/serve.py)
 PROMOTED_ANNOTATION = "gptoss-cloud.dev/promoted-run"
+FIELD_MANAGER = "gptoss-cloud-tick"
 
 
 def store_of(home: str) -> str:
@@ -123,7 +124,8 @@ def restart_deployment(spec, run_id: str, log: Callable[[str], None]) -> None:
     body = {"spec": {"template": {"metadata": {"annotations": {PROMOTED_ANNOTATION: run_id}}}}}
     kube = Kube(namespace=ns, context=spec.cluster.context)
     try:
-        kube._api("AppsV1Api").patch_namespaced_deployment(name, ns, body)
+        # Its own field manager: Flux takes over fields of the "kubectl" managers when it applies.
+        kube._api("AppsV1Api").patch_namespaced_deployment(name, ns, body, field_manager=FIELD_MANAGER)
     except ApiException as e:
         if e.status == 404:
             log(f"no Deployment {name} in {ns} to restart (serve --promoted {spec.promote.name} renders it)")

@@ -348,3 +348,69 @@ def test_serve_fetch_resolves_the_alias_and_refuses_a_hostile_record(tmp_path, c
     assert "invalid run id" in capsys.readouterr().err and not (tmp_path / "out2").exists()
     assert serve_fetch.main([str(tmp_path), str(tmp_path / "out3"), "--promoted", "../bot"]) == 1
     assert "invalid promotion name" in capsys.readouterr().err
+
+
+def test_a_rendered_single_run_refuses_dataset_templates():
+    spec = RunSpec.model_validate({"name": "daily", "model": {"name": "20b"}, "data": {"datasets": [{"path": "s3://b/{date}/"}]},
+                                   "cluster": {"backend": "k8s"}})
+    with pytest.raises(GptossError, match=r"data.datasets\[0\].path hold dataset templates"):
+        gitops.single_run_objects(spec)
+    assert gitops.schedule_objects(spec, "@daily")   # a schedule fills them at each tick
+
+
+# ------------------------------------------------------------------------------------------ tick
+def test_a_tick_whose_run_fails_still_records_why(tmp_path):
+    from gptoss_cloud.promotion import tick
+
+    spec = RunSpec.model_validate({"name": "bot", "output": {"store": str(tmp_path)}, "promote": GATE})
+
+    def failing(s, run_id, home):
+        Path(home).mkdir(parents=True)
+        (Path(home) / "spec.yaml").write_text(s.to_yaml())
+        raise GptossError(f"run {run_id} failed (exit code 1)")
+
+    d = tick(spec, launch=failing, timeout_s=5, poll_s=0.1, log=lambda m: None)
+    assert d.record.decision == "refused" and "the run did not succeed" in d.record.reason
+    assert pr.read_history(str(tmp_path), "bot")[0][0].run_id == d.record.run_id and pr.read_record(str(tmp_path), "bot") is None
+
+    def refused(s, run_id, home):   # refused before anything was written: no run, nothing to decide
+        raise GptossError("the plan says it cannot fit")
+
+    with pytest.raises(GptossError, match="cannot fit"):
+        tick(spec, launch=refused, timeout_s=5, poll_s=0.1, log=lambda m: None)
+    assert len(pr.read_history(str(tmp_path), "bot")[0]) == 1
+    with pytest.raises(GptossError, match="tick needs a promote: section"):
+        tick(spec.model_copy(update={"promote": None}), launch=failing, timeout_s=5, log=lambda m: None)
+
+
+def test_restart_patches_one_annotation_of_the_promoted_deployment(monkeypatch):
+    from kubernetes.client.exceptions import ApiException
+
+    from gptoss_cloud import promotion
+    from gptoss_cloud.kube.apply import Kube
+
+    calls = []
+
+    class Apps:
+        def patch_namespaced_deployment(self, name, ns, body, field_manager):
+            calls.append((name, ns, body, field_manager))
+            if name == "vllm-gone":
+                raise ApiException(status=404)
+
+    monkeypatch.setattr(Kube, "_api", lambda self, cls: Apps() if cls == "AppsV1Api" else None)
+    spec = RunSpec.model_validate({"cluster": {"backend": "k8s", "namespace": "ml"}, "promote": GATE})
+    lines = []
+    promotion.restart_deployment(spec, "bot-20261201-030000-aaaa", lines.append)
+    assert calls == [("vllm-bot", "ml", {"spec": {"template": {"metadata": {"annotations": {
+        promotion.PROMOTED_ANNOTATION: "bot-20261201-030000-aaaa"}}}}}, "gptoss-cloud-tick")]
+    gone = spec.model_copy(update={"promote": spec.promote.model_copy(update={"name": "gone"})})
+    promotion.restart_deployment(gone, "bot-20261201-030000-aaaa", lines.append)
+    assert lines[-1].startswith("no Deployment vllm-gone in ml to restart")
+
+
+def test_the_docs_table_names_every_promote_key():
+    text = (Path(__file__).parents[2] / "docs" / "gitops-promotion.md").read_text()
+    for key in PromoteSection.model_fields:
+        assert f"| `{key}` |" in text, key
+    for p in templates.PLACEHOLDERS:
+        assert f"| `{{{p}}}` |" in text, p

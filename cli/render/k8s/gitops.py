@@ -74,8 +74,12 @@ def single_run_objects(spec: RunSpec) -> list[dict]:
     No ``ttlSecondsAfterFinished`` unless the spec sets one itself: once the TTL deletes the finished
     JobSet, Flux (and Argo CD with self-heal) sees it missing from the cluster and applies it again,
     training the same run once more. A finished JobSet stays; deleting it is removing its folder."""
+    from gptoss_cloud.contract.templates import spec_templates
     from gptoss_cloud.render.k8s.jobset import render_run
 
+    if fields := spec_templates(spec):   # filled at submit; a rendered JobSet would read "{date}" literally
+        raise GptossError(f"{', '.join(fields)} hold dataset templates, which a run rendered for Git cannot fill",
+                          hint="render with --schedule (each tick fills them), or submit the spec")
     name = run_name(spec)
     if "ttl_seconds_after_finished" not in spec.cluster.model_fields_set:
         spec = spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"ttl_seconds_after_finished": None})})
