@@ -77,8 +77,13 @@ def promote_run(run_id: str, home: str, *, force: bool = False) -> Decision:
     summary = read_summary(home)
     state = summary_state(summary) if summary is not None else None
     step = summary.get("steps") if summary is not None and isinstance(summary.get("steps"), int) else None
-    candidate = find_eval(home, gate.eval_data, step)
     problem, current = None, None
+    try:
+        candidate = find_eval(home, gate.eval_data, step)
+    except PromotionError as e:   # a diverged run's NaN loss, a rewritten file: a refusal, never a crash
+        candidate, unusable = None, e.message
+    else:
+        unusable = None
     try:
         current = read_record(store, gate.name)
     except PromotionError as e:
@@ -96,6 +101,8 @@ def promote_run(run_id: str, home: str, *, force: bool = False) -> Decision:
         return decide(False, f"no published merged/ folder to serve (no merged/{MERGED_MARKER})")
     if current is not None and current.run_id == run_id:
         return decide(False, "already the promoted run")
+    if unusable is not None:
+        return decide(False, f"the evaluation is unusable: {unusable}")
     if candidate is None:
         missing = f"no evaluation on {gate.eval_data} of step {step}"
         if force:

@@ -250,6 +250,13 @@ def test_promote_needs_an_evaluation_on_the_gate_data_unless_forced(tmp_path):
     assert forced.decision == "promoted" and forced.forced and "forced without an evaluation" in forced.reason
 
 
+def test_a_diverged_evaluation_is_refused_not_a_crash(tmp_path):
+    home = make_home(tmp_path, "bot-20261201-030000-aaaa", loss=1.0)
+    (home / "evals" / "20261202-031000-step-10.json").write_text('{"data": "%s", "step": 10, "loss": NaN, "tokens": 5}' % HELD)
+    r = decide(tmp_path, "bot-20261201-030000-aaaa", force=True)
+    assert r.decision == "refused" and "the evaluation is unusable" in r.reason and "eval.loss is not a finite" in r.reason
+
+
 def test_promote_command_force_rolls_back_past_the_gate_and_exit_codes_say_which(tmp_path):
     make_home(tmp_path, "bot-20261201-030000-aaaa", loss=1.0)
     make_home(tmp_path, "bot-20261202-030000-bbbb", loss=0.8)
