@@ -421,3 +421,17 @@ def test_the_docs_table_names_every_promote_key():
         assert f"| `{key}` |" in text, key
     for p in templates.PLACEHOLDERS:
         assert f"| `{{{p}}}` |" in text, p
+
+
+def test_serve_command_takes_a_run_or_a_promotion_name(tmp_path):
+    from test_serve_render import make_run
+
+    rid = "demo-20250101-000000-abcd"
+    make_run(tmp_path, rid, merged=True)
+    pr.write_decision(str(tmp_path), record(rid))
+    r = CliRunner().invoke(app, ["serve", "--promoted", "bot", "--store", str(tmp_path), "--dry-run", "-o", "json"])
+    assert r.exit_code == 0, r.output
+    dep = [o for o in json.loads(r.stdout) if o["kind"] == "Deployment"]
+    assert [d["metadata"]["name"] for d in dep] == ["vllm-bot"]
+    r = CliRunner().invoke(app, ["serve", rid, "--promoted", "bot", "--store", str(tmp_path), "--dry-run"])
+    assert r.exit_code == 1 and "give a RUN or --promoted NAME" in r.exception.message
