@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from gptoss_cloud.commands import (
-    bench, data, eval as eval_cmd, lifecycle, merge, plan, rehearse, render, report as report_cmd, run, serve, spec_cmds, train,
+    bench, data, eval as eval_cmd, lifecycle, merge, plan, promote, rehearse, render, report as report_cmd, run, serve, spec_cmds,
+    train,
 )
 from gptoss_cloud.failure import DEBUG_ENV, report, set_debug
 
@@ -29,7 +30,7 @@ def _global(
 
 
 # The order here is the order of `--help`.
-for group in (spec_cmds, run, data, plan, train, serve, report_cmd, eval_cmd, render, lifecycle, merge, bench, rehearse):
+for group in (spec_cmds, run, data, plan, train, serve, report_cmd, eval_cmd, promote, render, lifecycle, merge, bench, rehearse):
     group.register(app)
 
 

@@ -76,4 +76,13 @@ cluster:
   # env: {NCCL_DEBUG: WARN}  # plain settings only: credential-looking entries are refused
   # queue: gpu-queue         # Kueue LocalQueue
   # gpu_price_per_hour: 2.5  # for plan's cost estimate
+
+# Recurring runs that promote only what is better (docs/gitops-promotion.md). Dataset paths may name
+# the tick's data: s3://bucket/data/{date}/ ({date} {yesterday} {hour} {tick} {name}, UTC, at submit).
+# promote:
+#   name: support-bot        # the record promoted/<name>.json; serve --promoted support-bot follows it
+#   eval_data: s3://my-bucket/held-out.jsonl   # the same held-out file for every tick
+#   max_eval_loss_regression: 0.0   # eval loss no worse than the promoted run's by more than this
+#   min_format_valid_rate: 0.9      # share of generated replies passing every harmony check
+#   # max_eval_loss: 2.0            # an absolute ceiling, also for the first run
 """

@@ -93,3 +93,27 @@ def resolve_target(run_ref: str, store_uri: str, overrides: Mapping[str, Any], e
     key = "merged" if step is None else f"merged-step-{step}"
     needs_merge = not spec.serve.adapter and not store.exists(f"{key}/{rs.MERGED_MARKER}")
     return rs.ServeTarget(run_id=run_id, home=home, spec=spec, shape=shape, tp=tp, needs_merge=needs_merge, step=step), notes
+
+
+def resolve_promoted(name: str, store_uri: str, overrides: Mapping[str, Any],
+                     environ: Mapping[str, str] | None = None) -> tuple[rs.ServeTarget, list[str]]:
+    """``serve --promoted NAME``: the run promoted as NAME sizes the Deployment (its spec, its shape);
+    the Deployment itself names only NAME, so a later promotion needs a restart, never a new render."""
+    from dataclasses import replace
+
+    from gptoss_cloud.contract.promoted import read_record
+
+    rec = read_record(store_uri, name)
+    if rec is None:
+        raise GptossError(f"nothing promoted as {name!r} in {store_uri} (no promoted/{name}.json)",
+                          hint="gptoss-cloud promote RUN, or a tick of a spec with promote.name set")
+    t, notes = resolve_target(rec.run_id, store_uri, overrides, environ)
+    if t.adapter or t.step is not None:
+        raise GptossError("--promoted serves the promoted run's merged/ folder", hint="drop --adapter and --checkpoint")
+    if t.needs_merge:
+        raise GptossError(f"promoted run {rec.run_id} has no published merged/ folder", hint=f"gptoss-cloud merge {rec.run_id}")
+    if t.spec.cluster.backend == "truss":
+        raise GptossError("a Truss deployment serves one fixed run and cannot follow a promotion",
+                          hint=f"serve {rec.run_id} --backend truss, or --promoted on --backend k8s")
+    notes.append(f"note: {name} is run {rec.run_id} now; the server reads promoted/{name}.json each time its pod starts")
+    return replace(t, run_id=name, promoted_store=t.home.rstrip("/").rsplit("/", 1)[0]), notes

@@ -73,6 +73,7 @@ def submit(
     """Submit a fine-tuning run. Flags override the spec (CLI flag > GPTOSS_* > SPEC > user config > defaults)."""
     from gptoss_cloud.backends.base import SubmitOptions, get_backend
     from gptoss_cloud.contract.runs import new_run_id, run_home
+    from gptoss_cloud.contract.templates import expand_for_run
 
     if output not in ("yaml", "json"):
         raise SpecError(f"-o/--output must be yaml or json, not {output!r}")
@@ -92,6 +93,7 @@ def submit(
         s = resolve(spec, **{k.replace(".", "__"): v for k, v in overrides.items()})
         run_id = new_run_id(s.name)
         home = None
+    s = expand_for_run(s, run_id)  # dataset templates ({date}, ...) from the run's start time, kept in spec.yaml
     be = get_backend(s.cluster.backend)
     s = be.prepare(s)
     if home is None:
@@ -238,6 +240,7 @@ def runs(
         except Exception as e:  # one unreadable home (corrupt, hostile, unreachable) must not hide the others
             msg = e.message if isinstance(e, GptossError) else f"{type(e).__name__}: {one_line(e)}"
             rows.append(RunRow(run_id=rid, home=join(uri, rid), backend="?", state="Unknown", error=msg))
+    promos = _promotions(uri, rows)
     if output == "json":
         typer.echo(json.dumps([r.to_json() for r in rows], indent=1, default=str))
         return
@@ -247,11 +250,30 @@ def runs(
     from rich.markup import escape
     from rich.table import Table
 
+    from gptoss_cloud.promotion import describe
+
     t = Table(title=f"runs in {uri}", title_justify="left", box=None, pad_edge=False)
-    for col in ("RUN", "BACKEND", "STATE", "MODEL", "PROGRESS"):
-        t.add_column(col, no_wrap=col != "PROGRESS")
+    cols = ("RUN", "BACKEND", "STATE", "MODEL", "PROGRESS") + (("PROMOTION",) if promos else ())
+    for col in cols:
+        t.add_column(col, no_wrap=col not in ("PROGRESS", "PROMOTION"))
     for r in rows:
         note = format_progress(r.progress) if r.progress or not r.error else r.error.splitlines()[0]
+        cells = (r.run_id, r.backend, r.state, f"{r.model} {r.method}".strip(), note) + ((describe(r.promotion),) if promos else ())
         # Cells are plain text: a name or message from the store must not be read as rich markup.
-        t.add_row(*(escape(c) for c in (r.run_id, r.backend, r.state, f"{r.model} {r.method}".strip(), note)))
+        t.add_row(*(escape(c) for c in cells))
     _console().print(t)
+
+
+def _promotions(uri: str, rows: list) -> bool:
+    """Attach each run's latest promotion decision (promoted/ in the store); warn about unreadable records."""
+    from gptoss_cloud.promotion import promotion_by_run
+
+    try:
+        by_run, bad = promotion_by_run(uri)
+    except GptossError as e:   # a broken promoted/ folder must not hide the runs themselves
+        by_run, bad = {}, [e.message]
+    for line in bad:
+        _console(stderr=True).print(f"warning: {line}", markup=False)
+    for r in rows:
+        r.promotion = by_run.get(r.run_id)
+    return bool(by_run)

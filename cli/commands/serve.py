@@ -17,7 +17,8 @@ def register(app: typer.Typer) -> None:
 
 
 def serve(
-    run: Annotated[str, typer.Argument(help="run id (looked up in the store) or a run home URI")],
+    run: Annotated[Optional[str], typer.Argument(help="run id (looked up in the store) or a run home URI", show_default=False)] = None,
+    promoted: Annotated[Optional[str], typer.Option("--promoted", help="instead of RUN: serve whichever run is promoted as NAME (read when the pod starts)")] = None,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help=f"latest, or a step number to merge and serve; {OVERRIDES}")] = None,
     tp: Annotated[Optional[int], typer.Option("--tp", min=1, help=f"tensor parallel size (default: sized from model and GPU memory); {OVERRIDES}")] = None,
     replicas: Annotated[Optional[int], typer.Option("--replicas", min=1, help=OVERRIDES)] = None,
@@ -45,7 +46,12 @@ def serve(
         "serve.checkpoint": checkpoint, "serve.tp": tp, "serve.replicas": replicas, "serve.adapter": adapter,
         "serve.port": port, "cluster.backend": backend, "cluster.namespace": namespace, "cluster.context": context,
     }
-    target, notes = serving.resolve_target(run, store_uri, overrides)
+    if (run is None) == (promoted is None):
+        raise GptossError("give a RUN or --promoted NAME (one of them)")
+    if promoted is not None:
+        target, notes = serving.resolve_promoted(promoted, store_uri, overrides)
+    else:
+        target, notes = serving.resolve_target(run, store_uri, overrides)
     for n in notes:
         typer.echo(n, err=True)
     from gptoss_cloud.backends.base import ServeOptions, get_backend

@@ -112,6 +112,7 @@ class RunRow:
     method: str = ""
     progress: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    promotion: dict[str, Any] | None = None   # the latest promotion decision about this run (promotion.py)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}

@@ -72,6 +72,14 @@ class DatasetSource(Section):
     roles: dict[str, list[str]] = Field(
         default_factory=dict, description="role -> the names rows use for it (e.g. {user: [human], assistant: [gpt, bot]})")
 
+    @field_validator("path")
+    @classmethod
+    def _known_placeholders(cls, v: str) -> str:
+        from gptoss_cloud.contract.templates import placeholders
+
+        placeholders(v)  # expanded at submit (templates.py); an unknown one fails here, naming the field
+        return v
+
     @field_validator("message_property_mappings")
     @classmethod
     def _properties(cls, v):
@@ -349,6 +357,45 @@ class ServeSection(Section):
         return v
 
 
+# ------------------------------------------------------------------------------------------- promote
+class PromoteSection(Section):
+    """Gated promotion (docs/gitops-promotion.md): after each run, evaluate it on a fixed held-out set and
+    move the record ``<store>/promoted/<name>.json`` to it only when the gate holds."""
+
+    name: str = Field(..., description="the promotion record's name (promoted/<name>.json; the served model's name)")
+    eval_data: str = Field(..., description="held-out file every candidate is evaluated on (the same for every tick)")
+    samples: int = Field(8, ge=1, le=10_000, description="replies generated for the harmony checks")
+    max_new_tokens: int = Field(256, ge=1, le=1 << 16, description="token limit of each generated reply")
+    max_eval_loss_regression: float = Field(
+        0.0, ge=0, le=100, description="eval loss may be worse than the promoted run's by at most this much (nats per token)")
+    max_eval_loss: float | None = Field(None, gt=0, le=1000, description="absolute ceiling on eval loss (also for the first run)")
+    min_format_valid_rate: float | None = Field(
+        None, ge=0, le=1, description="fraction of generated replies that must pass every harmony check (also for the first run)")
+    min_eval_tokens: int = Field(1, ge=1, le=10**12, description="refuse an evaluation over fewer trained tokens than this")
+    restart_deployment: bool = Field(
+        True, description="k8s: after a promotion, restart Deployment vllm-<name> (serve --promoted) so it loads the new run")
+
+    @field_validator("name")
+    @classmethod
+    def _record_name(cls, v: str) -> str:
+        from gptoss_cloud.contract.promoted import NAME_RE
+
+        if not NAME_RE.fullmatch(v):
+            raise ValueError("promote.name must be 1-40 lowercase letters, digits or '-', starting and ending with a "
+                             "letter or digit (it names a store key and the Deployment vllm-<name>)")
+        return v
+
+    @field_validator("eval_data")
+    @classmethod
+    def _fixed_data(cls, v: str) -> str:
+        if "{" in v or "}" in v:
+            raise ValueError("promote.eval_data must be one fixed held-out file, not a template: "
+                             "ticks are compared on the same data")
+        if not v.strip():
+            raise ValueError("promote.eval_data is empty")
+        return v
+
+
 # ---------------------------------------------------------------------------------------------- spec
 class RunSpec(Section):
     version: int = SPEC_VERSION
@@ -363,6 +410,7 @@ class RunSpec(Section):
     output: OutputSection = Field(default_factory=OutputSection)
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     serve: ServeSection = Field(default_factory=ServeSection)
+    promote: PromoteSection | None = Field(None, description="gated promotion after each run; off when unset")
 
     @field_validator("version")
     @classmethod

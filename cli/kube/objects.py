@@ -98,6 +98,20 @@ def ensure_api_key_secret(kube: Kube, name: str, key: str, labels: dict[str, str
     return True
 
 
+def annotate_pod_template(kube: Kube, deployment: str, annotations: dict[str, str], field_manager: str) -> bool:
+    """Roll a Deployment the way ``kubectl rollout restart`` does: patch its pod template's annotations. Its own
+    field manager, because Flux takes over fields of the "kubectl" managers when it applies. False: no such Deployment."""
+    body = {"spec": {"template": {"metadata": {"annotations": annotations}}}}
+    try:
+        call(kube, "patch", "deployments", deployment, kube.api("AppsV1Api").patch_namespaced_deployment,
+             deployment, kube.namespace, body, field_manager=field_manager)
+    except BackendError as e:
+        if is_not_found(e):
+            return False
+        raise
+    return True
+
+
 # --------------------------------------------------------------------------------------- delete
 def delete_by_label(kube: Kube, selector: str, kinds: list[str]) -> list[str]:
     """Delete every object of ``kinds`` matching ``selector``; return 'Kind/name' of each deleted one. A custom

@@ -1,6 +1,7 @@
 """What the vLLM pod's init container runs: copy served weights from the run store into a volume.
 
     python -m gptoss_cloud.trainer.programs.serve_fetch SRC_URI DEST [--wait-for KEY] [--timeout S] [--vocab-to DIR] [--signed]
+    python -m gptoss_cloud.trainer.programs.serve_fetch STORE_URI DEST --promoted NAME [--signed]
 
 It runs in the trainer image (which has this package, boto3 and the harmony vocabulary), so the
 vLLM image needs no S3 client and no internet. ``--wait-for`` polls until the merge Job has
@@ -8,6 +9,11 @@ published the folder (its marker written last), so the Deployment can be applied
 merge Job. Only the files the folder's manifest names are copied, each verified (and signed, with
 ``--signed``; see ``outputs.py``); files already present that verify are kept, so a restarted pod
 resumes the copy.
+
+``--promoted NAME`` reads the alias ``STORE_URI/promoted/NAME.json`` when the pod starts and serves
+that run's ``merged/``: a rollout restart picks up a new promotion with no change to the Deployment.
+The record is untrusted like every key: read with a size bound, its run id validated before it
+becomes part of a URI, and the folder under it copied through the same contained download.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.contract.store.fetch import download_prefix
 from gptoss_cloud.contract.integrity import signing_key
 from gptoss_cloud.contract.outputs import MANIFEST, open_output
-from gptoss_cloud.contract.store.objects import open_store
+from gptoss_cloud.contract.store.objects import join, open_store
 
 VOCAB_FILE = "o200k_base.tiktoken"
 
@@ -65,6 +71,19 @@ def copy_vocab(dest: str | Path) -> Path:
     return out
 
 
+def promoted_source(store: str, name: str, log=print) -> str:
+    """The ``merged/`` folder of the run ``STORE/promoted/NAME.json`` names (contract/promoted.py checks it)."""
+    from gptoss_cloud.contract.promoted import read_record
+    from gptoss_cloud.contract.runs import run_home
+
+    rec = read_record(store, name)
+    if rec is None:
+        raise GptossError(f"nothing promoted as {name!r} in {store} (no promoted/{name}.json)",
+                          hint=f"gptoss-cloud promote RUN (the run's spec has promote.name: {name})")
+    log(f"promoted {name}: run {rec.run_id}, {rec.time} ({rec.reason})")
+    return join(run_home(store, rec.run_id), "merged")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gptoss_cloud.trainer.programs.serve_fetch", description=__doc__.splitlines()[0])
     p.add_argument("src", help="store URI of the folder to serve (merged/ or adapter/)")
@@ -74,8 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-to", default=None, help="also copy the harmony vocabulary into this folder")
     p.add_argument("--signed", action="store_true", help="the run's outputs are signed: refuse SRC unless its manifest verifies")
     p.add_argument("--no-manifest", action="store_true", help="SRC is not a run output (a base-weights mirror): copy as listed")
+    p.add_argument("--promoted", default=None, metavar="NAME", help="SRC is the run store: serve the run promoted/NAME.json names")
     a = p.parse_args(argv)
     try:
+        if a.promoted is not None:
+            if a.no_manifest:
+                raise GptossError("--promoted serves a run's verified merged/ folder; --no-manifest does not apply")
+            a.src = promoted_source(a.src, a.promoted)
         if a.wait_for:
             wait_for(a.src, a.wait_for, a.timeout)
             if (a.signed or signing_key() is not None) and not a.no_manifest:  # the manifest is written after the marker

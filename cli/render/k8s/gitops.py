@@ -7,7 +7,8 @@ changed spec must mean a new name: the hash gives exactly that.
 With a schedule, nothing trains at sync time: a CronJob (own ServiceAccount, a Role that may only
 create JobSets and their spec ConfigMaps and read JobSets) runs ``gptoss-cloud submit`` in the trainer
 image at each tick, and ``submit`` gives every run a fresh id, so each tick writes a new run home and
-resumes nothing.
+resumes nothing. With a ``promote:`` section the CronJob runs ``gptoss-cloud tick`` instead, which also
+waits for the run, evaluates it and promotes it only when it passes the gate (docs/gitops-promotion.md).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from gptoss_cloud.contract.credentials import require_plain_env
 from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.contract.spec import RunSpec
 from gptoss_cloud.render.k8s.meta import container_security_context, pod_security_context, schedule_labels
-from gptoss_cloud.render.k8s.serve import store_env, trainer_image
+from gptoss_cloud.render.k8s.serve import _gib, _placement, store_env, trainer_image
 
 HASH_LEN = 8
 SCHEDULE_SPEC_DIR = "/etc/gptoss"
 CRONJOB_NAME_MAX = 52  # the CronJob controller appends an 11-character suffix to Job names
+TICK_TIMEOUT_S = 7 * 86400  # how long a promoting tick waits for its run (a week: longer than any run we plan)
 
 
 # ------------------------------------------------------------------------------------ determinism
@@ -73,8 +75,12 @@ def single_run_objects(spec: RunSpec) -> list[dict]:
     No ``ttlSecondsAfterFinished`` unless the spec sets one itself: once the TTL deletes the finished
     JobSet, Flux (and Argo CD with self-heal) sees it missing from the cluster and applies it again,
     training the same run once more. A finished JobSet stays; deleting it is removing its folder."""
+    from gptoss_cloud.contract.templates import spec_templates
     from gptoss_cloud.render.k8s.jobset import render_run
 
+    if fields := spec_templates(spec):   # filled at submit; a rendered JobSet would read "{date}" literally
+        raise GptossError(f"{', '.join(fields)} hold dataset templates, which a run rendered for Git cannot fill",
+                          hint="render with --schedule (each tick fills them), or submit the spec")
     name = run_name(spec)
     if "ttl_seconds_after_finished" not in spec.cluster.model_fields_set:
         spec = spec.model_copy(update={"cluster": spec.cluster.model_copy(update={"ttl_seconds_after_finished": None})})
@@ -169,20 +175,21 @@ def schedule_objects(spec: RunSpec, schedule: str) -> list[dict]:
         "rules": [
             {"apiGroups": ["jobset.x-k8s.io"], "resources": ["jobsets"], "verbs": ["create", "get", "list", "watch"]},
             {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "delete", "patch"]},
-        ],
+        ] + _tick_rules(spec),
     }
     binding = {
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(spec, n["role"], "schedule"),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n["role"]},
         "subjects": [{"kind": "ServiceAccount", "name": n["serviceaccount"], "namespace": ns}],
     }
+    promote = spec.promote is not None
     env, env_from = store_env(spec)  # submit writes the run's spec.yaml into its store home
     container = {
         "name": "submit",
         "image": trainer_image(spec),
-        "command": ["gptoss-cloud", "submit", f"{SCHEDULE_SPEC_DIR}/spec.yaml", "--backend", "k8s", "--name", spec.name],
+        "command": _tick_command(spec),
         "env": env + [{"name": "HOME", "value": "/tmp"}],
-        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
+        "resources": _tick_resources(spec),
         "securityContext": container_security_context(),
         "volumeMounts": [{"name": "spec", "mountPath": SCHEDULE_SPEC_DIR, "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"}],
     }
@@ -198,13 +205,17 @@ def schedule_objects(spec: RunSpec, schedule: str) -> list[dict]:
             "successfulJobsHistoryLimit": 3,
             "failedJobsHistoryLimit": 3,
             "jobTemplate": {"metadata": {"labels": _labels(spec, "schedule")}, "spec": {
-                "backoffLimit": 2,
-                "activeDeadlineSeconds": 900,
+                # A tick that failed after starting its run must not start a second one: no retries,
+                # and it lives as long as the run it waits for (tick --timeout ends it first).
+                "backoffLimit": 0 if promote else 2,
+                "activeDeadlineSeconds": TICK_TIMEOUT_S + 3600 if promote else 900,
                 "ttlSecondsAfterFinished": 7 * 86400,
                 "template": {"metadata": {"labels": _labels(spec, "schedule")}, "spec": {
                     "serviceAccountName": n["serviceaccount"],
                     "restartPolicy": "Never",
                     "securityContext": pod_security_context(),
+                    # where the evaluating GPU is (never the run's own ServiceAccount: the tick's is above)
+                    **({k: v for k, v in _placement(spec, gpu=True).items() if k != "serviceAccountName"} if promote else {}),
                     "containers": [container],
                     "volumes": [{"name": "spec", "configMap": {"name": n["configmap"]}}, {"name": "tmp", "emptyDir": {}}],
                 }},
@@ -213,3 +224,38 @@ def schedule_objects(spec: RunSpec, schedule: str) -> list[dict]:
     }
     return [configmap, sa, role, binding, cronjob]
 
+
+
+# ------------------------------------------------------------------------------ promoting ticks
+# With ``promote:`` each tick is ``gptoss-cloud tick``: submit, wait for the run, evaluate it, promote it
+# (cli/promotion.py). Waiting needs to read the run's pods; a promotion restarts one Deployment.
+def _tick_command(spec: RunSpec) -> list[str]:
+    if spec.promote is None:
+        return ["gptoss-cloud", "submit", f"{SCHEDULE_SPEC_DIR}/spec.yaml", "--backend", "k8s", "--name", spec.name]
+    return ["gptoss-cloud", "tick", f"{SCHEDULE_SPEC_DIR}/spec.yaml", "--backend", "k8s", "--timeout", str(TICK_TIMEOUT_S)]
+
+
+def _tick_rules(spec: RunSpec) -> list[dict]:
+    if spec.promote is None:
+        return []
+    rules = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+    if spec.promote.restart_deployment:
+        # Only the promoted Deployment, only patch: the tick bumps one pod-template annotation (a rollout restart).
+        rules.append({"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": [f"vllm-{spec.promote.name}"],
+                      "verbs": ["patch"]})
+    return rules
+
+
+def _tick_resources(spec: RunSpec) -> dict:
+    """A submit needs almost nothing; a promoting tick evaluates the trained model itself, on one GPU
+    with host memory for the model's bf16 weights (docs/gitops-promotion.md: the cost of waiting on it)."""
+    if spec.promote is None:
+        return {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}}
+    from gptoss_cloud.contract.shapes import shape_for
+
+    try:
+        gib = _gib(shape_for(spec.model.name, spec.model.layers)) + 16
+    except ValueError:   # a hub id or folder: its shape is known only from its config
+        gib = 64
+    return {"requests": {"nvidia.com/gpu": "1", "cpu": "4", "memory": f"{gib}Gi"},
+            "limits": {"nvidia.com/gpu": "1", "memory": f"{gib}Gi"}}

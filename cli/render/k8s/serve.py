@@ -49,6 +49,9 @@ class ServeTarget:
     tp: int
     needs_merge: bool          # render the merge Job (merged folder not yet published)
     step: int | None = None    # serve a given checkpoint step instead of the final merge
+    # serve --promoted NAME: run_id is NAME (the Deployment vllm-NAME, the served model NAME), and the
+    # init container reads <store>/promoted/NAME.json at start to find the run (serve_fetch --promoted)
+    promoted_store: str | None = None
 
     @property
     def adapter(self) -> bool:
@@ -210,6 +213,9 @@ def _fetch_container(t: ServeTarget, name: str, src_key: str, marker: str | None
     env, env_from = store_env(t.spec)
     run_output = "://" not in src_key  # a folder of the run home (verified), not a base-weights mirror
     cmd = ["python", "-m", "gptoss_cloud.trainer.programs.serve_fetch", join(t.home, src_key) if run_output else src_key, dest]
+    if t.promoted_store is not None:   # the run is chosen when the pod starts, not when this is rendered
+        cmd = cmd[:3] + [t.promoted_store, dest, "--promoted", t.run_id]
+        marker = None                  # a promoted run's merged/ is published: promotion checks it
     if marker:
         cmd += ["--wait-for", marker]
     if not run_output:
@@ -308,6 +314,8 @@ def deployment(t: ServeTarget) -> dict:
     }
     annotations = {
         "gptoss-cloud.dev/home": t.home,
+    } if t.promoted_store is None else {"gptoss-cloud.dev/promoted": join(t.promoted_store, "promoted", f"{t.run_id}.json")}
+    annotations |= {
         "gptoss-cloud.dev/serving": "adapter" if t.adapter else t.merged_key,
         "gptoss-cloud.dev/startup-budget-seconds": str(startup),
     }
