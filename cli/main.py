@@ -1,4 +1,24 @@
-"""The gptoss-cloud command line: thin commands (parse, call, print). Logic lives in the modules."""
+"""The gptoss-cloud command line: thin commands (parse, call, print). Logic lives in the modules.
+
+Each command group is a module of ``commands/`` imported below. The house, and where its rules live
+(tests/unit/test_house.py keeps this table true):
+
+    contract/        what both planes share: spec.py, shapes.py, errors.py, runs.py, store/, plan/
+    commands/        one module per command group (this file registers them)
+    backends/        Backend (base.py): submit, status, logs, cancel, serve, delete; local, k8s, truss
+    kube/            the one Kubernetes client (client.py) and every call it makes (objects.py)
+    render/          pure builders: k8s/ (JobSet, serving, GitOps, cluster), truss/, vllm.py
+    rehearse/ report/ suites/   multi-node rehearsal, the run report, benchmark suites
+    ../trainer/      the data plane: data/, kernels/, checkpoint/, merge/, evaluation/, bench/, programs/
+
+    the JobSet failure policy          render/k8s/pod.py: jobset_failure_policy, pod_failure_policy
+    the tool-call label mask           ../trainer/data/harmony.py: render_with_kinds
+    the manifest check on resume       ../trainer/checkpoint/manifest.py: read_manifest, Manifest.check_file
+    the vLLM server arguments          render/vllm.py: server_args
+    the memory formula                 contract/plan/memory.py: memory_plan
+    the checkpoint size                contract/plan/disk.py: checkpoint_bytes
+    the fit check of a submit          backends/base.py: plan_note
+"""
 
 from __future__ import annotations
 

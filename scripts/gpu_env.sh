@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one install step a bare GPU machine needs, then one benchmark suite (trainer/bench/suites.toml):
+# The one install step a bare GPU machine needs, then one benchmark suite (cli/suites/suites.toml):
 #
 #   OUT=results bash scripts/gpu_env.sh SUITE [--dry-run]      # e.g. perf3-defaults, offload-ckpt, gpu-tests
 #   bash scripts/gpu_env.sh --list

@@ -161,7 +161,7 @@ def _remove_unused_home(run_id: str, home: str) -> None:
 
     from gptoss_cloud.contract.runs import SPEC_FILE
     from gptoss_cloud.contract.store.objects import is_remote, open_store
-    from gptoss_cloud.trainer.programs.supervisor import state_dir
+    from gptoss_cloud.contract.runs import state_dir
 
     st = open_store(home)
     if st.list("") == [SPEC_FILE]:

@@ -29,7 +29,8 @@ from gptoss_cloud.contract.spec import RunSpec
 from gptoss_cloud.contract.store.objects import is_remote, join, open_store
 from gptoss_cloud.backends.base import Backend, Emit, RunStatus, ServeOptions, SubmitOptions, SubmitResult
 from gptoss_cloud.trainer.programs.proc_identity import is_ours, process_group
-from gptoss_cloud.trainer.programs.supervisor import now, read_json, run_attempt, state_dir, write_json
+from gptoss_cloud.trainer.programs.supervisor import now, read_json, run_attempt, write_json
+from gptoss_cloud.contract.runs import state_dir
 
 CPU_PROCESSES = 2  # what CI and laptops run: two gloo ranks exercise the real distributed path
 _ATTEMPT_LOG = re.compile(r"logs/attempt-(\d+)\.log$")

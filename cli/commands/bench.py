@@ -131,8 +131,8 @@ SUITE_OPTIONS = {"suite", "list_suites", "dry_run", "out"}
 
 def _suite(ctx: typer.Context, name: Optional[str], list_suites: bool, dry_run: bool, out: Optional[Path]) -> int:
     from gptoss_cloud.contract.errors import GptossError
-    from gptoss_cloud.trainer.bench.suite import SuiteError, dry_run_lines, get_suite, list_lines, load_suites
-    from gptoss_cloud.trainer.bench.suite_run import run_suite
+    from gptoss_cloud.suites.parse import SuiteError, dry_run_lines, get_suite, list_lines, load_suites
+    from gptoss_cloud.suites.run import run_suite
 
     # By name: typer may bring its own copy of click, whose ParameterSource is not click's.
     given = sorted(f"--{p.replace('_', '-')}" for p in ctx.params

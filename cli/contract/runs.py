@@ -15,6 +15,7 @@ Kubernetes name derived from it stays within 63).
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 from datetime import datetime, timezone
@@ -111,3 +112,11 @@ def read_run_spec(home: str):
     from gptoss_cloud.contract.spec import spec_from_yaml_text
 
     return spec_from_yaml_text(read_run_spec_bytes(home), source=join(home, SPEC_FILE))
+
+
+def state_dir(run_id: str, home: str) -> Path:
+    """Where this machine keeps its record of a local run: ``<home>/local/`` for a local store, else a cache folder."""
+    if not is_remote(home):
+        return Path(home) / "local"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+    return cache / "gptoss-cloud" / "local-runs" / run_id

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from gptoss_cloud.main import app
 from gptoss_cloud.trainer.bench import runs as R
-from gptoss_cloud.trainer.bench import suite as S, suite_run as SR
+from gptoss_cloud.suites import parse as S
+from gptoss_cloud.suites import run as SR
 
 REPO = Path(__file__).resolve().parents[2]
 SUITES = S.load_suites()
@@ -37,7 +38,7 @@ def test_the_shipped_suites_parse_and_name_what_they_need():
 
 
 def test_the_suite_file_is_package_data():
-    assert re.search(r'"gptoss_cloud.trainer.bench" = \[[^\]]*"suites.toml"', (REPO / "pyproject.toml").read_text())
+    assert re.search(r'"gptoss_cloud.suites" = \[[^\]]*"suites.toml"', (REPO / "pyproject.toml").read_text())
 
 
 @pytest.mark.parametrize("text, message", [

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from gptoss_cloud.contract.errors import GptossError
+from gptoss_cloud.contract.runs import state_dir
 from gptoss_cloud.contract.store.objects import is_remote, open_store
 from gptoss_cloud.trainer.programs.proc_identity import identity
 
@@ -30,13 +31,6 @@ _RANK0_PREFIX = re.compile(rb"^\[[^\]]*?0\]:")
 
 
 _ROOT_CAUSE = re.compile(r"local_rank:\s*(\d+)")
-
-
-def state_dir(run_id: str, home: str) -> Path:
-    if not is_remote(home):
-        return Path(home) / "local"
-    cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
-    return cache / "gptoss-cloud" / "local-runs" / run_id
 
 
 def now() -> str:

@@ -17,7 +17,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
-from gptoss_cloud.trainer.bench.suite import KILL_GRACE_S, S3_BUCKET, Suite, SuiteError, _where, check_step, step_argv, step_env, work_dir
+from gptoss_cloud.suites.parse import KILL_GRACE_S, S3_BUCKET, Suite, SuiteError, _where, check_step, step_argv, step_env, work_dir
 
 
 def visible_gpus(environ: Mapping[str, str] | None = None) -> int:

@@ -161,7 +161,7 @@ def load_suites(path: Path | None = None) -> dict[str, Suite]:
     """The suites of ``path``, or of the file shipped with the package."""
     if path is not None:
         return parse_suites(Path(path).read_text(), str(path))
-    text = resources.files("gptoss_cloud.trainer.bench").joinpath(SUITE_FILE).read_text()
+    text = resources.files("gptoss_cloud.suites").joinpath(SUITE_FILE).read_text()
     return parse_suites(text)
 
 
