@@ -20,7 +20,7 @@ data:
   # validation: 0.05         # a held-out fraction, or a source like the entries above
   max_seq_len: 2048          # packed sequence length
   train_on: all              # all | last : which responses are trained
-  thinking_turns: expand     # expand | last | drop : how analysis in earlier turns is handled (README)
+  thinking_turns: expand     # expand | last | drop : how analysis in earlier turns is handled (docs/data.md)
   reasoning_effort: medium   # low | medium | high ; a row's own reasoning_effort wins
   knowledge_cutoff: 2024-06
   # conversation_date: 2025-06-28   # rendered only when set

@@ -3,7 +3,7 @@
 Every run has an id and a home ``<store>/<run-id>/`` holding::
 
     spec.yaml        the resolved RunSpec the run was started with
-    metrics.jsonl    one JSON object per logged step (keys in README "Metrics")
+    metrics.jsonl    one JSON object per logged step (keys in docs/run-store.md)
     logs/            rank-0 logs per attempt
     checkpoints/     step-N/ folders, each published by its manifest.json (written last)
     adapter/         the LoRA adapter on its own (LoRA runs)

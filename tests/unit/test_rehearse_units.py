@@ -233,7 +233,7 @@ def test_a_group_is_killed_with_every_process_it_started():
 
 @pytest.mark.parametrize("per_node", [1, 4])
 def test_the_gpu_rehearsal_spec_is_accepted_as_the_script_runs_it(tmp_path, per_node):
-    """scripts/gpu_rehearse.sh: 2 groups x GPUS_PER_NODE, node 1 killed after step 3's checkpoint."""
+    """The `rehearse` suite (cli/suites/suites.toml): 2 groups x GPUS_PER_NODE, node 1 killed after step 3's checkpoint."""
     from gptoss_cloud.contract.spec import load_spec
 
     spec = load_spec(Path(__file__).resolve().parents[2] / "examples" / "gpu-rehearse-20b-L1-full.yaml", environ={})

@@ -211,7 +211,7 @@ def to_items(row: Row, data: "DataSection", *, source: str, index: int, notes: N
 
 # ------------------------------------------------------------------------------------- planning
 def plan_sequences(items: list[_Item], train_on: str, thinking_turns: str) -> list[tuple[list[_Item], set[int]]]:
-    """Which sequences to render, and which responses each one trains (the README's table)."""
+    """Which sequences to render, and which responses each one trains (the table in docs/data.md)."""
     n = 1 + max((it.response for it in items if it.response is not None), default=-1)
     last = n - 1
     has_analysis = {it.response for it in items if it.kind == "analysis"}
