@@ -68,13 +68,21 @@ class Backend:
         planned and written to ``<home>/spec.yaml``. Refuse what this backend cannot run. Default: as is."""
         return spec
 
-    def submit(self, spec: RunSpec, run_id: str, home: str, opts: SubmitOptions) -> SubmitResult:
+    def submit(self, spec: RunSpec, run_id: str, home: str, opts: SubmitOptions,
+               say: Callable[[str], None] | None = None) -> SubmitResult:
         """Plan (the one fit check of a submit: refuse what cannot fit unless ``opts.force``), record the resolved
-        spec in ``<home>/spec.yaml`` (not for a dry run), then hand over. A fresh home the backend never got to use
+        spec in ``<home>/spec.yaml`` (not for a dry run), then hand over. The planner's notes (the configuration it
+        chose, a forced fit) go to ``say`` before anything starts, else into ``result.details["plan"]``. A fresh home the backend never got to use
         is removed again, so a refused submit leaves no run behind."""
         from gptoss_cloud.contract.runs import write_run_spec
 
+        spec, chosen = choose_configuration(spec)
         note = plan_note(spec, opts.force)
+        notes = [n for n in (chosen, note) if n]
+        if say is not None:  # before the backend starts: a local run trains in the foreground
+            for n in notes:
+                say(n)
+            notes = []
         if opts.dry_run:
             result = self._submit(spec, run_id, home, opts)
         else:
@@ -86,8 +94,8 @@ class Backend:
                 if not opts.resume:
                     _remove_unused_home(run_id, home)
                 raise
-        if note:
-            result.details["plan"] = note
+        if notes:
+            result.details["plan"] = "\n".join(notes)
         return result
 
     def status(self, run_id: str, home: str) -> RunStatus:
@@ -134,6 +142,19 @@ class Backend:
 
     def _delete(self, run_id: str, home: str, spec: RunSpec) -> list[str]:
         return []
+
+
+def choose_configuration(spec: RunSpec) -> tuple[RunSpec, str | None]:
+    """Optimizer, CPU offload and recomputation: the fastest configuration that fits, unless the spec names one
+    (``contract.plan.configs.choose``). A model whose shape only the pod can read keeps the spec's."""
+    from gptoss_cloud.contract.errors import SpecError
+    from gptoss_cloud.contract.plan.configs import choose
+    from gptoss_cloud.contract.plan.sizes import local_shape
+
+    try:
+        return choose(spec, local_shape(spec.model.name, spec.model.layers))
+    except SpecError:
+        return spec, None
 
 
 def plan_note(spec: RunSpec, force: bool) -> str | None:

@@ -57,7 +57,7 @@ def tick(
     from gptoss_cloud.promotion import tick as run_tick
 
     def launch(s, run_id: str, home: str):   # exactly `submit`'s path: Backend.submit plans, records spec.yaml, starts
-        return get_backend(s.cluster.backend).submit(s, run_id, home, SubmitOptions())
+        return get_backend(s.cluster.backend).submit(s, run_id, home, SubmitOptions(), say=lambda n: typer.echo(n, err=True))
 
     decision = run_tick(resolve(spec, output__store=store, cluster__backend=backend), launch=launch, timeout_s=timeout, poll_s=poll,
                         log=lambda line: typer.echo(line, err=True))

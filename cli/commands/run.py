@@ -100,8 +100,7 @@ def submit(
         home = run_home(s.output.store, run_id)
     opts = SubmitOptions(dry_run=dry_run, out=out, output_format=output, force=force, resume=bool(resume), detach=detach)
     if dry_run:
-        res = be.submit(s, run_id, home, opts)
-        _say_plan(res)
+        res = be.submit(s, run_id, home, opts, say=_say_plan)
         if res.written:
             for p in res.written:
                 _console(stderr=True).print(f"wrote {p}")
@@ -111,8 +110,7 @@ def submit(
 
     err = _console(stderr=True)
     err.print(f"[bold]{'resuming' if resume else 'run'}[/] {run_id} on {be.name}\n  home: {home}")
-    res = be.submit(s, run_id, home, opts)
-    _say_plan(res)
+    res = be.submit(s, run_id, home, opts, say=_say_plan)
     state = res.details.get("state", "Submitted")
     if output == "json":
         typer.echo(json.dumps({"run_id": run_id, "home": home, "backend": be.name, "state": state,
@@ -145,11 +143,9 @@ def _resume_spec(ref: str, spec: Path | None, store: str | None, overrides: dict
         return run_id, home, resolve(stored, **flat)
 
 
-def _say_plan(res) -> None:
-    note = res.details.pop("plan", None)
-    if note:
-        style = "yellow" if note.startswith("warning") else "dim"
-        _console(stderr=True).print(f"[{style}]{note}[/]")
+def _say_plan(note: str) -> None:
+    style = "yellow" if note.startswith("warning") else "dim"
+    _console(stderr=True).print(f"[{style}]{note}[/]")
 
 
 # ------------------------------------------------------------------------------------- run control

@@ -128,3 +128,57 @@ def test_bf16_masters_keep_updates_smaller_than_a_bf16_step():
         opt.step()
     moved = 1.0 - p.float().mean().item()
     assert moved == pytest.approx(20 * 1e-4, rel=0.2)
+
+
+# ---- submit's choice -------------------------------------------------------------------------------
+def test_submit_runs_the_fastest_configuration_that_fits_and_says_so():
+    from gptoss_cloud.contract.plan.configs import choose, configurations, fastest
+
+    s = RunSpec.model_validate({"model": {"name": "120b"}, "method": {"kind": "full"},
+                                "parallelism": {"nodes": 2, "gpus_per_node": 8}, "cluster": {"gpu_type": "H100"}})
+    assert not memory_plan(s).fits   # fp32 AdamW without offload: over an 80 GB card
+    chosen, note = choose(s)
+    best = fastest(configurations(s))
+    assert (chosen.optim.name, chosen.optim.master_weights, chosen.parallelism.cpu_offload) == \
+           (best.name, best.master_weights, best.cpu_offload)
+    assert chosen.parallelism.activation_checkpointing is best.recompute
+    assert memory_plan(chosen).fits
+    assert note.startswith(f"configuration: {best.optimizer}, cpu_offload {str(best.cpu_offload).lower()}")
+    assert "the fastest that fits 2 x 8 H100" in note and "Set optim.name" in note
+
+
+@pytest.mark.parametrize("named", [{"optim": {"name": "adamw"}}, {"parallelism": {"nodes": 2, "gpus_per_node": 8, "cpu_offload": False}},
+                                   {"parallelism": {"nodes": 2, "gpus_per_node": 8, "activation_checkpointing": True}}])
+def test_a_spec_that_names_its_configuration_keeps_it(named):
+    from gptoss_cloud.contract.plan.configs import choose
+
+    tree = {"model": {"name": "120b"}, "method": {"kind": "full"}, "parallelism": {"nodes": 2, "gpus_per_node": 8},
+            "cluster": {"gpu_type": "H100"}}
+    for k, v in named.items():
+        tree[k] = {**tree.get(k, {}), **v}
+    s = RunSpec.model_validate(tree)
+    assert choose(s) == (s, None)
+
+
+def test_defaults_that_are_already_fastest_are_left_as_written():
+    from gptoss_cloud.contract.plan.configs import choose
+
+    s = RunSpec.model_validate({"model": {"name": "20b"}, "method": {"kind": "lora"}, "cluster": {"gpu_type": "H200"}})
+    chosen, note = choose(s)
+    assert note is None and chosen is s   # activation_checkpointing stays `auto`: the trainer resolves it the same way
+
+
+def test_submit_dry_run_prints_the_choice_and_renders_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from gptoss_cloud.main import app
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("model: {name: 120b}\nmethod: {kind: full}\nparallelism: {nodes: 2, gpus_per_node: 8}\n"
+                    "cluster: {backend: k8s, gpu_type: H100}\noutput: {store: s3://b/runs}\n")
+    r = CliRunner().invoke(app, ["submit", str(spec), "--dry-run", "-o", "json"])
+    assert r.exit_code == 0, r.output
+    assert "configuration: " in r.output and "the fastest that fits" in r.output
+    rendered = r.stdout[r.stdout.index("{"):]
+    cm = next(o for o in json.loads(rendered)["items"] if o["kind"] == "ConfigMap")
+    assert "cpu_offload: true" in cm["data"]["spec.yaml"] or "name: adamw_8bit" in cm["data"]["spec.yaml"]

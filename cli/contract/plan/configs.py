@@ -123,3 +123,38 @@ def configs_table(configs: list[Config], spec: RunSpec):
                   f"{c.compute_s:.2f}", f"{c.optimizer_s:.2f}", f"{c.transfer_s:.2f}", f"{c.step_s:.2f}", verdict,
                   style="bold green" if c.fastest else (None if c.fits else "dim"))
     return t
+
+
+# ---- what submit runs --------------------------------------------------------------------------------
+CHOICE_FIELDS = (("optim", "name"), ("optim", "master_weights"), ("parallelism", "cpu_offload"),
+                 ("parallelism", "activation_checkpointing"))
+
+
+def named_by_spec(spec: RunSpec) -> list[str]:
+    """The configuration settings the spec itself names (a file, a flag or GPTOSS_*), as dotted keys."""
+    return [f"{section}.{field}" for section, field in CHOICE_FIELDS
+            if field in getattr(spec, section).model_fields_set]
+
+
+def choose(spec: RunSpec, shape: ModelShape | None = None) -> tuple[RunSpec, str | None]:
+    """The configuration ``submit`` runs: the spec's own when it names any of :data:`CHOICE_FIELDS`, else the
+    fastest of :func:`configurations` that fits, with a line saying what was chosen and why (None: the spec's
+    defaults are already the fastest that fits, or nothing fits and the fit check will say so)."""
+    from gptoss_cloud.contract.plan.memory import recompute_on
+
+    if named_by_spec(spec):
+        return spec, None
+    shape = resolve_shape(spec, shape)
+    best = fastest(configurations(spec, shape))
+    if best is None:
+        return spec, None
+    current = (spec.optim.name, spec.optim.master_weights, spec.parallelism.cpu_offload, recompute_on(spec, shape))
+    if current == (best.name, best.master_weights, best.cpu_offload, best.recompute):
+        return spec, None
+    chosen = with_settings(spec, optim__name=best.name, optim__master_weights=best.master_weights,
+                           parallelism__cpu_offload=best.cpu_offload, parallelism__activation_checkpointing=best.recompute)
+    note = (f"configuration: {best.optimizer}, cpu_offload {str(best.cpu_offload).lower()}, activation_checkpointing "
+            f"{str(best.recompute).lower()} — the fastest that fits {spec.parallelism.nodes} x {spec.parallelism.gpus_per_node} "
+            f"{spec.cluster.gpu_type} ({best.gpu_gib:.1f} GiB/GPU, {best.step_s:.2f} s/step projected; `gptoss-cloud plan` "
+            f"shows every configuration). Set optim.name or parallelism.cpu_offload in the spec to choose yourself.")
+    return chosen, note
