@@ -14,7 +14,7 @@ SPEC="${SPEC:-examples/h100x2-120b-L1-full-offload.yaml}"
 MODES="${MODES:-sync async}"
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}" TORCH_SYMM_MEM_DISABLE_MULTICAST="${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}"
-export PYTHONUNBUFFERED=1 GPTOSS_STEP_SPLIT=1
+export PYTHONUNBUFFERED=1
 STORE="$("$PY" -c 'import sys; from gptoss_cloud.contract.spec import load_spec; print(load_spec(sys.argv[1]).output.store)' "$SPEC")"
 NAME="$(basename "$SPEC" .yaml | tr "[:upper:]" "[:lower:]")"  # run ids are lowercase
 status=0
@@ -36,7 +36,10 @@ for mode in $MODES; do
   id="$NAME-$mode"
   spec="$OUT/$id.yaml"
   async=false; [ "$mode" = async ] && async=true
-  sed -E "s/^(  async_save:).*/\1 $async/" "$SPEC" > "$spec"
+  # The trainer trains a resolved spec as written: resolve it here, with the step split on.
+  "$PY" -c 'import sys; from gptoss_cloud.contract.spec import load_spec
+print(load_spec(sys.argv[1], overrides={"checkpoint.async_save": sys.argv[2] == "true", "optim.step_split": True}).to_yaml(), end="")' \
+    "$SPEC" "$async" > "$spec"
   rm -rf "$STORE/$id"
   echo "== $id ($NPROC GPU, async_save $async)"
   sample_memory "$id" "$OUT/$id.mem.tsv" & sampler=$!

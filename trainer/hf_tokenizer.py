@@ -102,6 +102,8 @@ def _cache_dir() -> Path:
     import hashlib
 
     h = hashlib.sha256(vocab_path().read_bytes()).hexdigest()[:12]
+    # Node layout, not a training setting (the entry is keyed by the vocabulary's hash): GPTOSS_CACHE_DIR
+    # may move it, as XDG_CACHE_HOME would, without changing any tokenizer written from it.
     root = Path(os.environ.get("GPTOSS_CACHE_DIR", Path.home() / ".cache" / "gptoss-cloud"))
     return root / f"harmony-tokenizer-{h}-v1"
 

@@ -13,7 +13,6 @@ hands a checkpointer the whole state at each step (``Checkpointer`` below; a no-
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from gptoss_cloud.contract.plan.flops import attended_keys
-from gptoss_cloud.contract.spec import OptimSection
+from gptoss_cloud.contract.sections import OptimSection
 
 from gptoss_cloud.trainer.kernels.loss import IGNORE_INDEX, shift_packed_labels
 from gptoss_cloud.trainer.model import Batch, run_batch
@@ -198,9 +197,9 @@ class Loop:
     on_eval: Callable[[int, float], None] | None = None
     steps: int = 0
     autocast: bool = False  # bf16 autocast (single-GPU path without FSDP mixed precision)
-    # Time each step's phases (StepStats.data_s / fwd_bwd_s / optimizer_s). On a GPU this synchronizes
-    # the device before and after the optimizer step, so it is off unless asked for.
-    step_split: bool = field(default_factory=lambda: os.environ.get("GPTOSS_STEP_SPLIT", "") == "1")
+    # optim.step_split: time each step's phases (StepStats.data_s / fwd_bwd_s / optimizer_s). On a GPU
+    # this synchronizes the device before and after the optimizer step, so it is off unless asked for.
+    step_split: bool = False
 
     def __post_init__(self) -> None:
         self.steps = self.steps or total_steps(self.optim, len(self.samples), self.info.world_size)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from gptoss_cloud.contract.shapes import ModelShape, shape_for, shape_from_config
-from gptoss_cloud.contract.spec import KernelsSection, MethodSection, ModelSection
+from gptoss_cloud.contract.sections import KernelsSection, MethodSection, ModelSection
 
 from gptoss_cloud.trainer.kernels import attention
 from gptoss_cloud.trainer.kernels.loss import chunked_linear_cross_entropy, shift_packed_labels
@@ -54,6 +54,25 @@ def resolve_implementations(kernels: KernelsSection, device_type: str) -> tuple[
 
         register()  # transformers validates the name when the model is built
     return ATTENTION_IMPLS[attn], EXPERTS_IMPLS[experts]
+
+
+def configure_experts_(model: nn.Module, kernels: KernelsSection) -> int:
+    """Hand ``kernels.mxfp4_dequant`` and ``kernels.experts_compile`` to every experts module of ``model``
+    (transformers' dense ``GptOssExperts`` and ``Mxfp4Experts``): the expert kernels read them there, at
+    each call, instead of from anywhere global. Returns how many modules were set."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    from gptoss_cloud.trainer.kernels.experts import COMPILE_ATTR
+    from gptoss_cloud.trainer.kernels.experts_mxfp4 import Mxfp4Experts
+
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, (GptOssExperts, Mxfp4Experts)):
+            setattr(mod, COMPILE_ATTR, kernels.experts_compile)
+            if isinstance(mod, Mxfp4Experts):
+                mod.dequant = kernels.mxfp4_dequant
+            n += 1
+    return n
 
 
 # ------------------------------------------------------------------------------------------- shapes

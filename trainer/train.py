@@ -125,9 +125,10 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
                 raise GptossError(f"weights in {folder} do not match GPT-OSS {shape.name}: "
                                   f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         M.reset_rotary_buffers_(hf)
+    M.configure_experts_(hf, spec.kernels)
     M.enable_recompute(hf, recompute_policy(spec, info, shape))
     if spec.parallelism.cpu_offload:
-        offload_host_threads(info)
+        offload_host_threads(info, spec.parallelism.cpu_threads)
     lm = M.apply_method(hf, spec.method)
     if M.compile_enabled(spec.kernels, info.device.type):
         M.compile_layers(lm)
@@ -272,7 +273,7 @@ def _train(spec: RunSpec, run_id: str, home: str, *, datasets: Any, checkpointer
         optimizer = make_optimizer(params, spec.optim, info.device)
         loop = Loop(module=module, config=config, optimizer=optimizer, optim=spec.optim, info=info, samples=train,
                     val_samples=val, compute_dtype=dtype if info.device.type == "cuda" else torch.float32,
-                    shuffle=spec.data.shuffle, checkpointer=checkpointer,
+                    shuffle=spec.data.shuffle, checkpointer=checkpointer, step_split=spec.optim.step_split,
                     autocast=(info.device.type == "cuda" and not info.distributed and dtype == torch.bfloat16))
         metrics = None
         if info.is_main:

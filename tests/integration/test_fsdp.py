@@ -30,7 +30,7 @@ torch = pytest.importorskip("torch")
 import torch.multiprocessing as tmp  # noqa: E402
 
 from gptoss_cloud.contract.shapes import TINY  # noqa: E402
-from gptoss_cloud.contract.spec import MethodSection, OptimSection, ParallelismSection  # noqa: E402
+from gptoss_cloud.contract.sections import MethodSection, OptimSection, ParallelismSection  # noqa: E402
 from gptoss_cloud.trainer.data.pack import PackedSample  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

@@ -41,7 +41,7 @@ def rows(n: int, seed: int):
 
 def curve(name: str, masters: str, *, stochastic: bool = True) -> list[float]:
     from gptoss_cloud.contract.shapes import TINY
-    from gptoss_cloud.contract.spec import OptimSection
+    from gptoss_cloud.contract.sections import OptimSection
     from gptoss_cloud.trainer import model as M
     from gptoss_cloud.trainer.loop import Loop, make_optimizer
     from gptoss_cloud.trainer.optim import master_dtype

@@ -90,7 +90,7 @@ def test_model_matches_eager_model_loss_and_gradients():
 
 
 def test_flex_is_refused_for_cpu_training():
-    from gptoss_cloud.contract.spec import KernelsSection
+    from gptoss_cloud.contract.sections import KernelsSection
 
     assert M.resolve_implementations(KernelsSection(attention="flex"), "cuda")[0] == "gptoss_flex"
     assert M.resolve_implementations(KernelsSection(attention="hf_flex"), "cuda")[0] == "flex_attention"

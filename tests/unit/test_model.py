@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from gptoss_cloud.contract.shapes import TINY  # noqa: E402
-from gptoss_cloud.contract.spec import KernelsSection, MethodSection  # noqa: E402
+from gptoss_cloud.contract.sections import KernelsSection, MethodSection  # noqa: E402
 from gptoss_cloud.trainer import model as M  # noqa: E402
 from gptoss_cloud.trainer.data.pack import PackedSample  # noqa: E402
 

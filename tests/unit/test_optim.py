@@ -10,7 +10,8 @@ from gptoss_cloud.contract.plan.optim_bytes import checkpoint_bytes_per_param, t
 from gptoss_cloud.contract.plan.memory import checkpoint_bytes, memory_plan
 from gptoss_cloud.contract.plan.configs import configurations, fastest
 from gptoss_cloud.contract.shapes import GPT_OSS_120B
-from gptoss_cloud.contract.spec import OptimSection, RunSpec
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.contract.sections import OptimSection
 
 
 def spec(nodes=2, gpus=8, gpu="H100", **optim):

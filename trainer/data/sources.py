@@ -18,7 +18,7 @@ from gptoss_cloud.contract.errors import DataError
 from gptoss_cloud.trainer.data.limits import checked, json_rows, jsonl_rows
 
 if TYPE_CHECKING:
-    from gptoss_cloud.contract.spec import DatasetSource
+    from gptoss_cloud.contract.sections import DatasetSource
 
 SAMPLE = "sample"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

@@ -37,7 +37,8 @@ from typing import Any
 from gptoss_cloud.contract.errors import PlanError, SpecError
 from gptoss_cloud.contract.plan.optim_bytes import checkpoint_bytes_per_param, label, trainable_bytes
 from gptoss_cloud.contract.shapes import ModelShape, shape_for
-from gptoss_cloud.contract.spec import MAX_SEQ_LEN, RunSpec
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.contract.sections import MAX_SEQ_LEN
 
 GiB = 1024**3
 GB = 1000**3
