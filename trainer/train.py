@@ -22,7 +22,7 @@ from gptoss_cloud.contract.spec import RunSpec
 from gptoss_cloud.contract.store.objects import is_remote, join, open_store
 
 from gptoss_cloud.trainer import model as M
-from gptoss_cloud.trainer.loop import Checkpointer, Loop, NoCheckpoints, make_optimizer
+from gptoss_cloud.trainer.loop import CheckpointHooks, Loop, NoCheckpoints, make_optimizer
 from gptoss_cloud.trainer.metrics import Metrics
 from gptoss_cloud.trainer.optim import master_dtype
 from gptoss_cloud.trainer.parallel import DistInfo, barrier, init_distributed, make_accelerator, offload_host_threads, shard_model
@@ -217,7 +217,7 @@ def _oom_report(spec: RunSpec, shape, info: DistInfo) -> str:
 
 
 def run_training(spec: RunSpec, run_id: str, home: str, *, datasets: Any = None,
-                 checkpointer: Checkpointer | None = None, interactive: bool | None = None) -> dict:
+                 checkpointer: CheckpointHooks | None = None, interactive: bool | None = None) -> dict:
     """Train ``spec`` as run ``run_id`` with its outputs under ``home``; returns the summary (all ranks).
 
     ``datasets`` (an object with ``train``/``validation`` lists of PackedSample) skips the data
@@ -246,7 +246,7 @@ def run_training(spec: RunSpec, run_id: str, home: str, *, datasets: Any = None,
         trackers.close(ok)
 
 
-def _train(spec: RunSpec, run_id: str, home: str, *, datasets: Any, checkpointer: Checkpointer | None,
+def _train(spec: RunSpec, run_id: str, home: str, *, datasets: Any, checkpointer: CheckpointHooks | None,
            interactive: bool | None) -> dict:
     t_start = time.perf_counter()
     info = init_distributed(spec.parallelism.collective_timeout_s)
@@ -288,9 +288,7 @@ def _train(spec: RunSpec, run_id: str, home: str, *, datasets: Any, checkpointer
         finally:
             if metrics:
                 metrics.close()
-            close = getattr(checkpointer, "close", None)
-            if close:
-                close()  # an async save still in flight is published before we go on
+            checkpointer.close()  # an async save still in flight is published before we go on
         saved = save_result(module, spec, info, home, checkpointed=not isinstance(checkpointer, NoCheckpoints))
     except torch.OutOfMemoryError as e:
         raise GptossError(_oom_report(spec, shape, info),
@@ -316,7 +314,7 @@ def _train(spec: RunSpec, run_id: str, home: str, *, datasets: Any, checkpointer
         summary["merged"], summary["merge"] = res.out, res.stats()  # wall time, bytes written, peak host memory
         if metrics:
             metrics.on_merge(res.stats())
-    if info.is_main and getattr(checkpointer, "events", None):
+    if info.is_main and checkpointer.events:
         summary["checkpoints"] = checkpointer.events  # each save's timings and bytes (also in metrics.jsonl)
     if info.is_main:
         open_store(home).write_bytes("summary.json", json.dumps(summary, indent=2).encode())

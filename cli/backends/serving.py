@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,14 +22,6 @@ from gptoss_cloud.contract.plan.serving import per_gpu, size_tp, valid_tp
 from gptoss_cloud.contract.shapes import ModelShape, shape_for, shape_from_config
 from gptoss_cloud.contract.spec import RunSpec, deep_merge, env_overrides, format_validation_error, set_path, spec_from_yaml_text
 from gptoss_cloud.contract.store.objects import is_remote, join, open_store
-
-
-@dataclass
-class ServeResult:
-    target: rs.ServeTarget
-    objects: list[dict] = field(default_factory=list)   # Kubernetes objects (k8s backend)
-    truss: dict | None = None                          # Truss config (truss backend)
-    notes: list[str] = field(default_factory=list)     # lines for the user (warnings, next steps)
 
 
 def run_spec_with_overrides(home: str, overrides: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> RunSpec:

@@ -121,7 +121,3 @@ def _load_hub(src: "DatasetSource") -> SourceRows:
     label = f"hf://{name}" + (f"/{src.subset}" if src.subset else "") + f"[{src.split}]"
     return SourceRows(label, checked(ds.to_list(), label), _digest("hub", label, src.revision or "", ds._fingerprint))
 
-
-def source_hash(src: "DatasetSource") -> str:
-    """Content hash of one source (reads it)."""
-    return load_source(src).content_hash
