@@ -26,7 +26,7 @@ from gptoss_cloud.contract.plan.flops import attended_keys
 from gptoss_cloud.contract.sections import OptimSection
 
 from gptoss_cloud.trainer.kernels.loss import IGNORE_INDEX, shift_packed_labels
-from gptoss_cloud.trainer.model import Batch, run_batch
+from gptoss_cloud.trainer.causal_lm import Batch, run_batch
 from gptoss_cloud.trainer.parallel import DistInfo, all_reduce_sum
 
 

@@ -21,6 +21,7 @@ from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.contract.spec import RunSpec
 from gptoss_cloud.contract.store.objects import is_remote, join, open_store
 
+from gptoss_cloud.trainer import causal_lm as LM
 from gptoss_cloud.trainer import model as M
 from gptoss_cloud.trainer.loop import CheckpointHooks, Loop, NoCheckpoints, make_optimizer
 from gptoss_cloud.trainer.metrics import Metrics
@@ -132,7 +133,7 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
     lm = M.apply_method(hf, spec.method)
     if M.compile_enabled(spec.kernels, info.device.type):
         M.compile_layers(lm)
-    module = M.CausalLMWithChunkedLoss(lm, spec.kernels.loss_chunk_tokens, router_aux=coef is not None)
+    module = LM.CausalLMWithChunkedLoss(lm, spec.kernels.loss_chunk_tokens, router_aux=coef is not None)
     on_meta = any(p.device.type == "meta" for p in module.parameters())
     pretrained_meta = on_meta and not M.is_random(spec.model)
 
@@ -293,7 +294,7 @@ def _train(spec: RunSpec, run_id: str, home: str, *, datasets: Any, checkpointer
     except torch.OutOfMemoryError as e:
         raise GptossError(_oom_report(spec, shape, info),
                           hint="lower data.max_seq_len or optim.micro_batch_size, or turn on parallelism.activation_checkpointing / cpu_offload") from e
-    trainable, total = M.trainable_parameter_count(module)
+    trainable, total = LM.trainable_parameter_count(module)
     summary = {
         "run_id": run_id, "model": spec.model.name, "shape": shape.name, "method": spec.method.kind,
         "steps": result.steps, "final_loss": result.final_loss, "eval_loss": result.eval_loss,

@@ -261,6 +261,7 @@ def build_ours(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
     """
     from gptoss_cloud.contract.sections import KernelsSection, OptimSection, ParallelismSection
 
+    from gptoss_cloud.trainer import causal_lm as LM
     from gptoss_cloud.trainer import model as M
     from gptoss_cloud.trainer.loop import Loop, make_optimizer
     from gptoss_cloud.trainer.optim import master_dtype
@@ -277,7 +278,7 @@ def build_ours(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
     lm = M.apply_method(hf, method_section(setup))
     if info.device.type == "cuda" if setup.compile is None else setup.compile:
         M.compile_layers(lm)
-    module = M.CausalLMWithChunkedLoss(lm, setup.loss_chunk_tokens)
+    module = LM.CausalLMWithChunkedLoss(lm, setup.loss_chunk_tokens)
     optim = OptimSection(lr=1e-5, warmup_steps=0, schedule="constant", max_grad_norm=1.0, max_steps=1_000_000,
                          micro_batch_size=1, grad_accum=1, seed=setup.seed, name=setup.optim,
                          master_weights=setup.masters)
