@@ -3,6 +3,7 @@
 STARTER_SPEC = """\
 # gptoss-cloud run spec. Every key is optional; the value shown is the default unless noted.
 # Precedence: CLI flag > environment (GPTOSS_*) > this file > ~/.config/gptoss-cloud/config.yaml > default.
+# `submit` resolves it once; the pods train that resolved spec as written (no GPTOSS_* settings there).
 version: 1
 name: my-finetune            # prefixes the run id: <name>-<yyyymmdd-hhmmss>-<suffix>
 
@@ -49,12 +50,18 @@ optim:
   max_grad_norm: 1.0
   # router_aux_loss_coef: 0.01   # MoE load-balancing loss (off unless set)
   # eval_every: 100
+  # step_split: false        # time each step's data / forward+backward / optimizer phases (syncs the GPU)
 
 parallelism:
   nodes: 1
   gpus_per_node: 8
   cpu_offload: false
   activation_checkpointing: auto   # off when the run fits without recomputation (faster), else on
+  # cpu_threads: auto        # host threads per rank for the offloaded optimizer step; auto: this rank's share
+
+kernels:                     # auto: the fast paths on GPU, the eager references on CPU
+  # experts_compile: true    # compile the fused experts' SwiGLU into one kernel each way (GPU)
+  # mxfp4_dequant: auto      # MXFP4 experts: auto | torch | triton | gemm (decoded inside the GEMM)
 
 checkpoint:
   # every_steps: 200

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_cloud.contract.errors import GptossError
-from gptoss_cloud.contract.spec import DataSection, RunSpec
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.contract.sections import DataSection
 from gptoss_cloud.contract.store.objects import join
 
 

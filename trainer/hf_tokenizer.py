@@ -90,7 +90,12 @@ def build_tokenizer():
     path = vocab_path()
     n_vocab = len(_load_bpe(path))
     ids = [i for i, _ in specials]
-    assert ids == list(range(n_vocab, n_vocab + len(ids))), "harmony special tokens must follow the BPE ranks"
+    if ids != list(range(n_vocab, n_vocab + len(ids))):  # the vocabulary file is input: an error, not an assert
+        from gptoss_cloud.contract.errors import GptossError
+
+        raise GptossError(f"{path}: {n_vocab} BPE ranks, but harmony's special tokens start at {ids[0] if ids else None}; "
+                          "they must follow the ranks directly (is this the o200k_base vocabulary?)",
+                          hint="point TIKTOKEN_ENCODINGS_BASE at a folder holding the o200k_base.tiktoken GPT-OSS uses")
     tok = _Converter(vocab_file=str(path), pattern=O200K_PATTERN, extra_special_tokens=[t for _, t in specials]).converted()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|return|>", pad_token="<|endoftext|>",
@@ -102,6 +107,8 @@ def _cache_dir() -> Path:
     import hashlib
 
     h = hashlib.sha256(vocab_path().read_bytes()).hexdigest()[:12]
+    # Node layout, not a training setting (the entry is keyed by the vocabulary's hash): GPTOSS_CACHE_DIR
+    # may move it, as XDG_CACHE_HOME would, without changing any tokenizer written from it.
     root = Path(os.environ.get("GPTOSS_CACHE_DIR", Path.home() / ".cache" / "gptoss-cloud"))
     return root / f"harmony-tokenizer-{h}-v1"
 

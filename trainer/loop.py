@@ -7,26 +7,26 @@ its micro-batches and all ranks (one all-reduce); each rank then back-propagates
 gradient of the mean over every trained token of the step, whatever the packing or the rank split.
 
 The data position (epoch, index into that epoch's seeded order) is a Stateful object, and the loop
-hands a checkpointer the whole state at each step (``Checkpointer`` below; a no-op by default).
+hands a checkpointer the whole state at each step (``CheckpointHooks`` below; a no-op by default).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
 
 from gptoss_cloud.contract.plan.flops import attended_keys
-from gptoss_cloud.contract.spec import OptimSection
+from gptoss_cloud.contract.sections import OptimSection
 
 from gptoss_cloud.trainer.kernels.loss import IGNORE_INDEX, shift_packed_labels
-from gptoss_cloud.trainer.model import Batch, run_batch
+from gptoss_cloud.trainer.causal_lm import Batch, run_batch
 from gptoss_cloud.trainer.parallel import DistInfo, all_reduce_sum
 
 
@@ -98,21 +98,43 @@ class TrainState:
     extra: dict = field(default_factory=dict)
 
 
-class Checkpointer(Protocol):
-    def restore(self, state: TrainState) -> None:
-        """Load the latest checkpoint into ``state`` (in place: module, optimizer, scheduler, data, step) if any."""
+@runtime_checkable
+class CheckpointHooks(Protocol):
+    """What the loop (and ``run_training`` around it) calls on a checkpointer, all of it:
+    ``gptoss_cloud.trainer.checkpoint.checkpointer.Checkpointer`` is the real one, ``NoCheckpoints`` the no-op."""
 
-    def maybe_save(self, step: int, state: TrainState, *, final: bool = False) -> None:
-        """Called after every optimizer step, and once more with ``final=True`` at the end."""
+    events: list[dict]  # one record per finished save (this rank's measurements); rank 0's go in the summary
 
-    # Optional: ``before_update()``, called before each optimizer step changes the state.
+    def restore(self, state: TrainState) -> int:
+        """Load the latest checkpoint into ``state`` (in place: module, optimizer, scheduler, data, step);
+        returns its step, 0 when starting fresh."""
+
+    def maybe_save(self, step: int, state: TrainState, *, final: bool = False) -> bool:
+        """Called after every optimizer step, and once more with ``final=True`` at the end; True if it saved."""
+
+    def before_update(self) -> None:
+        """Called before each optimizer step changes the state (an async save may still be copying it)."""
+
+    def close(self) -> None:
+        """Called once training ends: a save still in flight is published (or its error raised) first."""
 
 
 class NoCheckpoints:
-    def restore(self, state: TrainState) -> None:
+    """``CheckpointHooks`` that keep nothing (benchmarks, tests)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def restore(self, state: TrainState) -> int:
+        return 0
+
+    def maybe_save(self, step: int, state: TrainState, *, final: bool = False) -> bool:
+        return False
+
+    def before_update(self) -> None:
         return None
 
-    def maybe_save(self, step: int, state: TrainState, *, final: bool = False) -> None:
+    def close(self) -> None:
         return None
 
 
@@ -193,14 +215,14 @@ class Loop:
     val_samples: Sequence[Any] = ()
     compute_dtype: torch.dtype = torch.float32
     shuffle: bool = True
-    checkpointer: Checkpointer = field(default_factory=NoCheckpoints)
+    checkpointer: CheckpointHooks = field(default_factory=NoCheckpoints)
     on_step: Callable[[StepStats, TrainState], None] | None = None
     on_eval: Callable[[int, float], None] | None = None
     steps: int = 0
     autocast: bool = False  # bf16 autocast (single-GPU path without FSDP mixed precision)
-    # Time each step's phases (StepStats.data_s / fwd_bwd_s / optimizer_s). On a GPU this synchronizes
-    # the device before and after the optimizer step, so it is off unless asked for.
-    step_split: bool = field(default_factory=lambda: os.environ.get("GPTOSS_STEP_SPLIT", "") == "1")
+    # optim.step_split: time each step's phases (StepStats.data_s / fwd_bwd_s / optimizer_s). On a GPU
+    # this synchronizes the device before and after the optimizer step, so it is off unless asked for.
+    step_split: bool = False
 
     def __post_init__(self) -> None:
         self.steps = self.steps or total_steps(self.optim, len(self.samples), self.info.world_size)
@@ -236,7 +258,7 @@ class Loop:
         return got
 
     def _forward(self, batch: Batch):
-        ctx = torch.autocast(self.info.device.type, dtype=torch.bfloat16) if self.autocast else _null()
+        ctx = torch.autocast(self.info.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         with ctx:
             return run_batch(self.module, batch, self.config, self.compute_dtype)
 
@@ -263,9 +285,7 @@ class Loop:
             self._sync()  # backward's kernels (and FSDP's gradient reduce-scatters) finish here
         t_bwd = time.perf_counter()
         norm = self._clip()  # a device tensor: reading it here would stall the launch of the optimizer step
-        before_update = getattr(self.checkpointer, "before_update", None)
-        if before_update is not None:  # an async save may still be copying the state this step changes
-            before_update()
+        self.checkpointer.before_update()  # an async save may still be copying the state this step changes
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -346,10 +366,3 @@ class Loop:
         return LoopResult(self.state.step, history[-1].loss if history else None, eval_loss, self.state.tokens,
                           time.perf_counter() - t0, history)
 
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False

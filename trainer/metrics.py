@@ -9,7 +9,7 @@ position processed per second, all ranks; ``mfu`` = the FLOPs the window's steps
 documents) / its seconds / (peak bf16 FLOP/s x GPUs), None on CPU or an unknown GPU. For an s3:// home the file is kept locally and the
 whole (small) file is uploaded at each log.
 
-With ``GPTOSS_STEP_SPLIT=1`` each record also has that step's ``step_s, data_s, fwd_bwd_s,
+With ``optim.step_split`` each record also has that step's ``step_s, data_s, fwd_bwd_s,
 optimizer_s, optimizer_share`` (see ``Loop.step_split``). Other events share the file, told apart by
 an ``event`` key: ``"checkpoint"`` (one per save, see ``trainer/checkpoint/checkpointer.py``) and ``"merge"`` (the
 end-of-run merge: ``wall_s, bytes_written, peak_rss_gib, peak_rss_scope``).
@@ -165,7 +165,7 @@ class Metrics:
             rec["aux_loss"] = stats.aux_loss
         if epoch is not None:
             rec["epoch"] = round(epoch, 4)
-        if getattr(stats, "optimizer_s", None) is not None:  # the loop's step split (GPTOSS_STEP_SPLIT=1)
+        if getattr(stats, "optimizer_s", None) is not None:  # the loop's step split (optim.step_split)
             rec.update(step_s=round(stats.seconds, 4), data_s=stats.data_s, fwd_bwd_s=stats.fwd_bwd_s,
                        optimizer_s=stats.optimizer_s,
                        optimizer_share=round(stats.optimizer_s / stats.seconds, 4) if stats.seconds > 0 else None)

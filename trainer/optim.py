@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
-from gptoss_cloud.contract.spec import OptimSection
+from gptoss_cloud.contract.sections import OptimSection
 from torch import nn
 
 # spec name -> torchao.optim class

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gptoss_cloud.contract.spec import ParallelismSection
+from gptoss_cloud.contract.sections import ParallelismSection
 
 DECODER_LAYER = "GptOssDecoderLayer"
 
@@ -59,14 +59,14 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     return DistInfo(rank, world, local_rank, local_world, device)
 
 
-def offload_host_threads(info: DistInfo) -> int:
+def offload_host_threads(info: DistInfo, setting: int | str = "auto") -> int:
     """With CPU offload the optimizer step runs on the host: give each rank its share of the cores.
     torchrun sets OMP_NUM_THREADS=1 per worker, which left the offloaded Adam step single-threaded
     (3.4 s of a 6.3 s step for the 20b shape at 6 layers on two H100s). The cores are those the process
-    may use within its container's CPU limit. ``GPTOSS_CPU_THREADS`` overrides."""
+    may use within its container's CPU limit. ``setting`` is ``parallelism.cpu_threads`` (a number overrides)."""
     from gptoss_cloud.contract.hostinfo import usable_cpus
 
-    n = int(os.environ.get("GPTOSS_CPU_THREADS") or max(1, usable_cpus() // max(1, info.local_world_size)))
+    n = int(setting) if setting != "auto" else max(1, usable_cpus() // max(1, info.local_world_size))
     torch.set_num_threads(n)
     return n
 

@@ -21,8 +21,9 @@ from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.contract.spec import RunSpec
 from gptoss_cloud.contract.store.objects import is_remote, join, open_store
 
+from gptoss_cloud.trainer import causal_lm as LM
 from gptoss_cloud.trainer import model as M
-from gptoss_cloud.trainer.loop import Checkpointer, Loop, NoCheckpoints, make_optimizer
+from gptoss_cloud.trainer.loop import CheckpointHooks, Loop, NoCheckpoints, make_optimizer
 from gptoss_cloud.trainer.metrics import Metrics
 from gptoss_cloud.trainer.optim import master_dtype
 from gptoss_cloud.trainer.parallel import DistInfo, barrier, init_distributed, make_accelerator, offload_host_threads, shard_model
@@ -125,13 +126,14 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
                 raise GptossError(f"weights in {folder} do not match GPT-OSS {shape.name}: "
                                   f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         M.reset_rotary_buffers_(hf)
+    M.configure_experts_(hf, spec.kernels)
     M.enable_recompute(hf, recompute_policy(spec, info, shape))
     if spec.parallelism.cpu_offload:
-        offload_host_threads(info)
+        offload_host_threads(info, spec.parallelism.cpu_threads)
     lm = M.apply_method(hf, spec.method)
     if M.compile_enabled(spec.kernels, info.device.type):
         M.compile_layers(lm)
-    module = M.CausalLMWithChunkedLoss(lm, spec.kernels.loss_chunk_tokens, router_aux=coef is not None)
+    module = LM.CausalLMWithChunkedLoss(lm, spec.kernels.loss_chunk_tokens, router_aux=coef is not None)
     on_meta = any(p.device.type == "meta" for p in module.parameters())
     pretrained_meta = on_meta and not M.is_random(spec.model)
 
@@ -216,7 +218,7 @@ def _oom_report(spec: RunSpec, shape, info: DistInfo) -> str:
 
 
 def run_training(spec: RunSpec, run_id: str, home: str, *, datasets: Any = None,
-                 checkpointer: Checkpointer | None = None, interactive: bool | None = None) -> dict:
+                 checkpointer: CheckpointHooks | None = None, interactive: bool | None = None) -> dict:
     """Train ``spec`` as run ``run_id`` with its outputs under ``home``; returns the summary (all ranks).
 
     ``datasets`` (an object with ``train``/``validation`` lists of PackedSample) skips the data
@@ -245,7 +247,7 @@ def run_training(spec: RunSpec, run_id: str, home: str, *, datasets: Any = None,
         trackers.close(ok)
 
 
-def _train(spec: RunSpec, run_id: str, home: str, *, datasets: Any, checkpointer: Checkpointer | None,
+def _train(spec: RunSpec, run_id: str, home: str, *, datasets: Any, checkpointer: CheckpointHooks | None,
            interactive: bool | None) -> dict:
     t_start = time.perf_counter()
     info = init_distributed(spec.parallelism.collective_timeout_s)
@@ -272,7 +274,7 @@ def _train(spec: RunSpec, run_id: str, home: str, *, datasets: Any, checkpointer
         optimizer = make_optimizer(params, spec.optim, info.device)
         loop = Loop(module=module, config=config, optimizer=optimizer, optim=spec.optim, info=info, samples=train,
                     val_samples=val, compute_dtype=dtype if info.device.type == "cuda" else torch.float32,
-                    shuffle=spec.data.shuffle, checkpointer=checkpointer,
+                    shuffle=spec.data.shuffle, checkpointer=checkpointer, step_split=spec.optim.step_split,
                     autocast=(info.device.type == "cuda" and not info.distributed and dtype == torch.bfloat16))
         metrics = None
         if info.is_main:
@@ -287,14 +289,12 @@ def _train(spec: RunSpec, run_id: str, home: str, *, datasets: Any, checkpointer
         finally:
             if metrics:
                 metrics.close()
-            close = getattr(checkpointer, "close", None)
-            if close:
-                close()  # an async save still in flight is published before we go on
+            checkpointer.close()  # an async save still in flight is published before we go on
         saved = save_result(module, spec, info, home, checkpointed=not isinstance(checkpointer, NoCheckpoints))
     except torch.OutOfMemoryError as e:
         raise GptossError(_oom_report(spec, shape, info),
                           hint="lower data.max_seq_len or optim.micro_batch_size, or turn on parallelism.activation_checkpointing / cpu_offload") from e
-    trainable, total = M.trainable_parameter_count(module)
+    trainable, total = LM.trainable_parameter_count(module)
     summary = {
         "run_id": run_id, "model": spec.model.name, "shape": shape.name, "method": spec.method.kind,
         "steps": result.steps, "final_loss": result.final_loss, "eval_loss": result.eval_loss,
@@ -315,7 +315,7 @@ def _train(spec: RunSpec, run_id: str, home: str, *, datasets: Any, checkpointer
         summary["merged"], summary["merge"] = res.out, res.stats()  # wall time, bytes written, peak host memory
         if metrics:
             metrics.on_merge(res.stats())
-    if info.is_main and getattr(checkpointer, "events", None):
+    if info.is_main and checkpointer.events:
         summary["checkpoints"] = checkpointer.events  # each save's timings and bytes (also in metrics.jsonl)
     if info.is_main:
         open_store(home).write_bytes("summary.json", json.dumps(summary, indent=2).encode())

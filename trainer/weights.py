@@ -25,6 +25,9 @@ COMPLETE_MARKER = ".gptoss-complete"
 
 
 def default_cache_dir() -> Path:
+    # Node layout, not a training setting: where this node's disk keeps downloads changes nothing about
+    # what is trained (entries are keyed by source and revision, and verified), like HF_HUB_CACHE. So an
+    # image or node may set GPTOSS_WEIGHTS_CACHE; model.cache_dir (or the trainer's --weights-cache) wins.
     return Path(os.environ.get("GPTOSS_WEIGHTS_CACHE", "~/.cache/gptoss-cloud/weights")).expanduser()
 
 

@@ -25,21 +25,25 @@ if [[ -n "${GPTOSS_NODES:-}" && "$nnodes" != "$GPTOSS_NODES" ]]; then
   exit 2
 fi
 
+# Node layout reaches the trainer as options (it trains spec.yaml as written and refuses environment
+# variables that name spec settings).
+node_opts=()
+
 # Baseten's checkpoint folder is node-local scratch only: the trainer stages shards there and
 # publishes every checkpoint to the run's store, so merge, serve and --resume work as on any backend.
 if [[ -n "${BT_CHECKPOINT_DIR:-}" ]]; then
-  export GPTOSS_CHECKPOINT__LOCAL_DIR="$BT_CHECKPOINT_DIR/$run_id"
+  node_opts+=(--local-dir "$BT_CHECKPOINT_DIR/$run_id")
 fi
 
 # The project cache outlives the job and is shared by its nodes: base weights download once.
 if [[ -n "${BT_PROJECT_CACHE_DIR:-}" ]]; then
   export HF_HOME="${HF_HOME:-$BT_PROJECT_CACHE_DIR/huggingface}"
-  export GPTOSS_MODEL__CACHE_DIR="${GPTOSS_MODEL__CACHE_DIR:-$BT_PROJECT_CACHE_DIR/models}"
+  node_opts+=(--weights-cache "$BT_PROJECT_CACHE_DIR/models")
 fi
 
 # A retried job continues from the run's latest published checkpoint, whatever the first attempt said.
 if [[ "$attempt" != "0" ]]; then
-  export GPTOSS_CHECKPOINT__RESUME=auto
+  node_opts+=(--retried)
 fi
 
 echo "gptoss-cloud: run $run_id, node $node_rank of $nnodes, $gpus GPUs, rendezvous $leader:$port, attempt $attempt"
@@ -51,4 +55,4 @@ exec torchrun \
   --rdzv-endpoint "$leader:$port" \
   --rdzv-id "$run_id" \
   --rdzv-conf "join_timeout=$join_timeout" \
-  -m gptoss_cloud.trainer "$spec" --run-id "$run_id"
+  -m gptoss_cloud.trainer "$spec" --run-id "$run_id" ${node_opts[@]+"${node_opts[@]}"}

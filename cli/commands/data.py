@@ -27,7 +27,7 @@ def register(root: typer.Typer) -> None:
 
 def _source_for(data, path: str):
     """The spec's entry for this path (its field names and format), else a plain source."""
-    from gptoss_cloud.contract.spec import DatasetSource
+    from gptoss_cloud.contract.sections import DatasetSource
 
     for s in data.datasets:
         if s.path == path:

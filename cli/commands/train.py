@@ -23,8 +23,10 @@ def train(
 ) -> None:
     """Train on this node (run it under torchrun; `submit` does that for you)."""
     from gptoss_cloud.contract.runs import check_run_id, new_run_id, run_home
+    from gptoss_cloud.contract.spec import check_pod_environ, read_resolved_spec
 
-    s = resolve(spec)
+    check_pod_environ(os.environ)  # before anything else: the spec is trained as written
+    s = read_resolved_spec(spec)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if run_id is None:
         if world > 1:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable
 
 from gptoss_cloud.contract.errors import GptossError
-from gptoss_cloud.contract.integrity import KEY_ENV, check_signature, sha256_file, sign, signing_key
+from gptoss_cloud.contract.integrity import KEY_ENV, check_signature, manifest_body, sha256_file, sign, signing_key
 from gptoss_cloud.contract.store.keys import check_key
 from gptoss_cloud.contract.store.objects import Store, StoreNotFound
 
@@ -59,16 +59,8 @@ class OutputManifest:
 
     @classmethod
     def from_json(cls, data: bytes, where: str, key: bytes | None, folder: str) -> "OutputManifest":
-        try:
-            body = json.loads(data)
-            if not isinstance(body, dict) or body.get("format") != FORMAT:
-                raise ValueError(f"unknown format {body.get('format') if isinstance(body, dict) else None!r}")
-            files = body["files"]
-            assert isinstance(files, dict) and all(
-                isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
-                for v in files.values())
-        except (ValueError, KeyError, AssertionError, TypeError) as e:
-            raise OutputError(f"{where}: unreadable manifest ({e or type(e).__name__})") from None
+        body = manifest_body(data, FORMAT, where, OutputError)
+        files = body["files"]
         signed = check_signature(body, key, where, OutputError)
         if body.get("folder") != folder:
             raise OutputError(f"{where}: manifest is for folder {body.get('folder')!r}, not {folder!r}; refusing a moved folder")

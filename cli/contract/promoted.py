@@ -26,8 +26,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from pydantic import Field, field_validator
+
 from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.contract.runs import check_run_id
+from gptoss_cloud.contract.sections import Section
 from gptoss_cloud.contract.store.objects import StoreNotFound, join, open_store
 
 FORMAT = 1
@@ -265,3 +268,40 @@ def read_history(store_uri: str, name: str | None = None, limit: int = HISTORY_R
         except GptossError as e:
             bad.append(e.message)
     return out, bad
+
+
+# ------------------------------------------------------------------------------------- the spec section
+class PromoteSection(Section):
+    """Gated promotion (docs/gitops-promotion.md): after each run, evaluate it on a fixed held-out set and
+    move the record ``<store>/promoted/<name>.json`` to it only when the gate holds."""
+
+    name: str = Field(..., description="the promotion record's name (promoted/<name>.json; the served model's name)")
+    eval_data: str = Field(..., description="held-out file every candidate is evaluated on (the same for every tick)")
+    samples: int = Field(8, ge=1, le=10_000, description="replies generated for the harmony checks")
+    max_new_tokens: int = Field(256, ge=1, le=1 << 16, description="token limit of each generated reply")
+    max_eval_loss_regression: float = Field(
+        0.0, ge=0, le=100, description="eval loss may be worse than the promoted run's by at most this much (nats per token)")
+    max_eval_loss: float | None = Field(None, gt=0, le=1000, description="absolute ceiling on eval loss (also for the first run)")
+    min_format_valid_rate: float | None = Field(
+        None, ge=0, le=1, description="fraction of generated replies that must pass every harmony check (also for the first run)")
+    min_eval_tokens: int = Field(1, ge=1, le=10**12, description="refuse an evaluation over fewer trained tokens than this")
+    restart_deployment: bool = Field(
+        True, description="k8s: after a promotion, restart Deployment vllm-<name> (serve --promoted) so it loads the new run")
+
+    @field_validator("name")
+    @classmethod
+    def _record_name(cls, v: str) -> str:
+        if not NAME_RE.fullmatch(v):
+            raise ValueError("promote.name must be 1-40 lowercase letters, digits or '-', starting and ending with a "
+                             "letter or digit (it names a store key and the Deployment vllm-<name>)")
+        return v
+
+    @field_validator("eval_data")
+    @classmethod
+    def _fixed_data(cls, v: str) -> str:
+        if "{" in v or "}" in v:
+            raise ValueError("promote.eval_data must be one fixed held-out file, not a template: "
+                             "ticks are compared on the same data")
+        if not v.strip():
+            raise ValueError("promote.eval_data is empty")
+        return v

@@ -10,7 +10,7 @@ passes the date, and says which trained fields a vLLM server cannot reproduce.
 
 from __future__ import annotations
 
-from gptoss_cloud.contract.spec import DataSection
+from gptoss_cloud.contract.sections import DataSection
 
 START_DATE_ENV = "VLLM_SYSTEM_START_DATE"
 # What vLLM renders when a request names no effort, and harmony's own defaults (openai-harmony 0.0.8).

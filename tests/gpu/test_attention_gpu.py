@@ -24,6 +24,7 @@ from transformers.integrations.flex_attention import flex_attention_forward as h
 from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward  # noqa: E402
 
 from gptoss_cloud.contract.shapes import TINY  # noqa: E402
+from gptoss_cloud.trainer import causal_lm as LM  # noqa: E402
 from gptoss_cloud.trainer import model as M  # noqa: E402
 from gptoss_cloud.trainer.kernels import attention as A  # noqa: E402
 from gptoss_cloud.trainer.kernels.loss import shift_packed_labels  # noqa: E402
@@ -148,7 +149,7 @@ SHAPE = replace(TINY, vocab_size=1024, sliding_window=WINDOW, num_attention_head
 
 def _model(attn, dtype):
     cfg = M.build_config(SHAPE, attn, "eager")
-    module = M.CausalLMWithChunkedLoss(M.create_model(cfg, dtype, DEV, seed=0), chunk_tokens=256)
+    module = LM.CausalLMWithChunkedLoss(M.create_model(cfg, dtype, DEV, seed=0), chunk_tokens=256)
     with torch.no_grad():
         for layer in module.decoder.layers:
             layer.self_attn.sinks.normal_(0.5, 1.0)
@@ -165,7 +166,7 @@ def _batch(segments, length):
     if pad:
         ids, pos, lens = ids + [0] * pad, pos + list(range(pad)), lens + [pad]
     targets = shift_packed_labels(labels, [lens])
-    return M.Batch(torch.tensor([ids], device=DEV), targets.to(DEV), torch.tensor([pos], device=DEV), [lens])
+    return LM.Batch(torch.tensor([ids], device=DEV), targets.to(DEV), torch.tensor([pos], device=DEV), [lens])
 
 
 def _segments():
@@ -177,10 +178,10 @@ def test_model_packed_loss_equals_samples_run_separately_bf16():
     segments = _segments()
     ours, cfg = _model(A.NAME, torch.bfloat16)
     with torch.no_grad():
-        loss, count, _ = M.run_batch(ours, _batch(segments, 1300), cfg, torch.bfloat16)
+        loss, count, _ = LM.run_batch(ours, _batch(segments, 1300), cfg, torch.bfloat16)
         # The 1-token sample trains no token (no next token): it adds 0 to both sums, so it is not
         # run alone (a 1-token query length would select flex's decoding kernel, not under test).
-        sep = [M.run_batch(ours, _batch([s], len(s)), cfg, torch.bfloat16) for s in segments if len(s) > 1]
+        sep = [LM.run_batch(ours, _batch([s], len(s)), cfg, torch.bfloat16) for s in segments if len(s) > 1]
     assert int(count) == sum(int(c) for _, c, _ in sep)
     sep_loss = sum(float(l) for l, _, _ in sep)
     print(f"\nmodel bf16: packed {float(loss):.5f} vs separate {sep_loss:.5f}")
@@ -192,8 +193,8 @@ def test_model_matches_eager_model_fp32():
     ref, cfg_ref = _model("eager", torch.float32)
     ref.load_state_dict(ours.state_dict())
     packed = _batch(_segments(), 1300)
-    loss, count, _ = M.run_batch(ours, packed, cfg, torch.float32)
-    l_ref, c_ref, _ = M.run_batch(ref, packed, cfg_ref, torch.float32)
+    loss, count, _ = LM.run_batch(ours, packed, cfg, torch.float32)
+    l_ref, c_ref, _ = LM.run_batch(ref, packed, cfg_ref, torch.float32)
     (loss / count).backward()
     (l_ref / c_ref).backward()
     assert abs(float(loss) - float(l_ref)) / float(l_ref) < 1e-5

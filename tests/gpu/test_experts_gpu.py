@@ -127,7 +127,7 @@ def test_mxfp4_layer_memory_at_20b_shape():
 _time = cuda_ms
 
 
-def test_timing_fused_vs_transformers_grouped_mm(monkeypatch):
+def test_timing_fused_vs_transformers_grouped_mm():
     """Printed, not asserted: the integrator decides the default from these numbers (fwd+bwd, 4096 tokens)."""
     tf = _experts(torch.bfloat16, impl="grouped_mm")
     x, idx, w = _inputs(4096, torch.bfloat16)
@@ -139,36 +139,35 @@ def test_timing_fused_vs_transformers_grouped_mm(monkeypatch):
         "ours fused": _time(lambda: X.fused_experts_forward(tf, xs, idx, w).backward(grad)),
         "ours mxfp4 (frozen, input grads only)": _time(lambda: q(xs, idx, w).backward(grad)),
     }
-    monkeypatch.setenv("GPTOSS_EXPERTS_COMPILE", "0")
+    setattr(tf, X.COMPILE_ATTR, False)  # kernels.experts_compile: false
     results["ours fused, eager activation"] = _time(lambda: X.fused_experts_forward(tf, xs, idx, w).backward(grad))
     print("\n" + "\n".join(f"{k:40s} {v:8.3f} ms" for k, v in results.items()))
     assert all(v > 0 for v in results.values())
 
 
-def test_triton_dequant_matches_torch_and_timing(monkeypatch):
+def test_triton_dequant_matches_torch_and_timing():
     pytest.importorskip("triton")
     from gptoss_cloud.trainer.kernels.mxfp4 import dequantize_mxfp4
     from gptoss_cloud.trainer.kernels.mxfp4_triton import dequantize_mxfp4_triton
 
-    monkeypatch.setenv("GPTOSS_MXFP4_DEQUANT", "torch")  # the reference: the torch path (auto would pick Triton)
     g = torch.Generator(device=DEV).manual_seed(0)
     blocks = torch.randint(0, 256, (E, 2 * I, H // 32, 16), generator=g, device=DEV, dtype=torch.uint8)  # 20b gate_up
     scales = torch.randint(100, 140, (E, 2 * I, H // 32), generator=g, device=DEV, dtype=torch.uint8)
     a = dequantize_mxfp4_triton(blocks, scales, torch.bfloat16)
-    b = dequantize_mxfp4(blocks, scales, torch.bfloat16)
+    b = dequantize_mxfp4(blocks, scales, torch.bfloat16, impl="torch")  # the reference (auto would pick Triton)
     assert torch.equal(a, b)
     del a, b
-    t_torch = _time(lambda: dequantize_mxfp4(blocks, scales, torch.bfloat16))
+    t_torch = _time(lambda: dequantize_mxfp4(blocks, scales, torch.bfloat16, impl="torch"))
     t_triton = _time(lambda: dequantize_mxfp4_triton(blocks, scales, torch.bfloat16))
     # and the MXFP4 experts fwd+bwd with each dequantiser
-    q = Mxfp4Experts(E, H, I, 1.702, 7.0, device=DEV)
+    q = Mxfp4Experts(E, H, I, 1.702, 7.0, device=DEV, dequant="torch")
     q.gate_up_proj_blocks.copy_(blocks)
     q.gate_up_proj_scales.copy_(scales)
     x, idx, w = _inputs(4096, torch.bfloat16)
     x.requires_grad_(True)
     grad = torch.randn(4096, H, device=DEV, dtype=torch.bfloat16)
     t_layer_torch = _time(lambda: q(x, idx, w).backward(grad))
-    monkeypatch.setenv("GPTOSS_MXFP4_DEQUANT", "triton")
+    q.dequant = "triton"  # kernels.mxfp4_dequant: triton
     t_layer_triton = _time(lambda: q(x, idx, w).backward(grad))
     print(f"\ndequantise 20b gate_up (0.99 GiB bf16): torch {t_torch:.3f} ms, triton {t_triton:.3f} ms; "
           f"MXFP4 experts fwd+bwd 4096 tokens: torch dequant {t_layer_torch:.3f} ms, triton dequant {t_layer_triton:.3f} ms")

@@ -33,7 +33,7 @@ CHECK = textwrap.dedent("""
     S = int(counts.sum())
     expert, row = tile_schedule(offsets, S, 64)
     assert expert.tolist() == [0, 0, 2, 3, 3] and row.tolist()[:3] == [0, 64, 70], (expert, row)
-    W = dequantize_mxfp4(blocks, scales, torch.float32)  # (E, N, K)
+    W = dequantize_mxfp4(blocks, scales, torch.float32, impl="torch")  # (E, N, K)
     x = torch.randn(S, K, generator=g)
     y = mxfp4_grouped_mm_triton(x, offsets, blocks, scales, True)
     ref = grouped_mm_loop(x, W.transpose(1, 2), offsets)
@@ -47,13 +47,13 @@ CHECK = textwrap.dedent("""
 
 
 def test_decoding_gemm_matches_dequantising_path_in_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", GPTOSS_MXFP4_DEQUANT="torch")
+    env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_decoding_gemm_bf16_at_the_20b_shape_and_timing(monkeypatch):
+def test_decoding_gemm_bf16_at_the_20b_shape_and_timing():
     from gptoss_cloud.trainer.kernels.experts import route
     from gptoss_cloud.trainer.kernels.experts_mxfp4 import mxfp4_grouped_mm
     from gptoss_cloud.trainer.kernels.mxfp4_gemm_triton import mxfp4_grouped_mm_triton
@@ -65,9 +65,9 @@ def test_decoding_gemm_bf16_at_the_20b_shape_and_timing(monkeypatch):
     r = route(torch.randint(0, E, (T, K), generator=g, device="cuda"), E)
     x = torch.randn(T * K, H, generator=g, device="cuda", dtype=torch.bfloat16)
     gy = torch.randn(T * K, 2 * I, generator=g, device="cuda", dtype=torch.bfloat16)
-    monkeypatch.setenv("GPTOSS_MXFP4_GEMM", "off")  # the reference: dequantise, then torch's grouped GEMM
-    ref_y = mxfp4_grouped_mm(x, r.offsets, blocks, scales, True, E)
-    ref_gx = mxfp4_grouped_mm(gy, r.offsets, blocks, scales, False, E)
+    # The reference: dequantise (kernels.mxfp4_dequant: auto), then torch's grouped GEMM.
+    ref_y = mxfp4_grouped_mm(x, r.offsets, blocks, scales, True, E, "auto")
+    ref_gx = mxfp4_grouped_mm(gy, r.offsets, blocks, scales, False, E, "auto")
     y = mxfp4_grouped_mm_triton(x, r.offsets, blocks, scales, True)
     gx = mxfp4_grouped_mm_triton(gy, r.offsets, blocks, scales, False)
     for got, ref in ((y, ref_y), (gx, ref_gx)):

@@ -159,7 +159,7 @@ def run(a) -> None:
     data = DataPosition(world, rank)
     state = {"model": model, "optimizer": opt, "scheduler": sched, "data": data, "rng": RNGState()}
 
-    import gptoss_cloud.trainer.checkpoint.checkpointer as ck
+    import gptoss_cloud.trainer.checkpoint.publish as ck  # where the uploads happen
 
     real = ck.upload_files
     if a.die_during_upload is not None:  # the test's fault: die in the middle of publishing a step

@@ -25,7 +25,7 @@ from ckpt_worker import DataPosition, build_model
 from gptoss_cloud.contract.errors import StoreError
 from gptoss_cloud.contract.spec import RunSpec
 from gptoss_cloud.contract.store.objects import open_store
-from gptoss_cloud.trainer.checkpoint import checkpointer as ckpt_mod
+from gptoss_cloud.trainer.checkpoint import publish as publish_mod
 from gptoss_cloud.trainer.checkpoint import manifest as cm
 from gptoss_cloud.trainer.checkpoint.checkpointer import Checkpointer
 from support import free_port
@@ -86,7 +86,7 @@ def _train_step(st):
 
 def _cut_during_upload(monkeypatch, relay: Relay, step: int, back_after: float | None):
     """After the first file of ``step`` is uploaded, kill the relay; restart it ``back_after`` s later."""
-    real = ckpt_mod.upload_files
+    real = publish_mod.upload_files
 
     def cut(store, items, **kw):
         if not any(f"step-{step}/" in key for _, key in items):
@@ -97,7 +97,7 @@ def _cut_during_upload(monkeypatch, relay: Relay, step: int, back_after: float |
             relay.start_later(back_after)
         return real(store, items[1:], **kw)
 
-    monkeypatch.setattr(ckpt_mod, "upload_files", cut)
+    monkeypatch.setattr(publish_mod, "upload_files", cut)
 
 
 def _matches_objects(ckpts, step: int) -> None:

@@ -22,7 +22,7 @@ from ckpt_worker import DataPosition, train_state, train_step  # noqa: E402
 from gptoss_cloud.contract.errors import SpecError, StoreError  # noqa: E402
 from gptoss_cloud.contract.spec import RunSpec, spec_from_yaml_text  # noqa: E402
 from gptoss_cloud.contract.store.objects import open_store  # noqa: E402
-from gptoss_cloud.trainer.checkpoint import checkpointer as ckpt_mod  # noqa: E402
+from gptoss_cloud.trainer.checkpoint import publish as publish_mod, save as save_mod  # noqa: E402
 from gptoss_cloud.trainer.checkpoint import manifest as cm  # noqa: E402
 from gptoss_cloud.trainer.checkpoint.checkpointer import Checkpointer, writer_threads  # noqa: E402
 
@@ -111,14 +111,14 @@ def test_sync_save_returns_before_older_checkpoints_are_pruned(tmp_path, monkeyp
     home = str(tmp_path / "run")
     spec = _spec(keep_last=1, writer_threads=2)
     gate, entered = threading.Event(), threading.Event()
-    real_prune = ckpt_mod.prune
+    real_prune = publish_mod.prune
 
     def gated_prune(*a, **kw):
         entered.set()
         gate.wait(10)
         return real_prune(*a, **kw)
 
-    monkeypatch.setattr(ckpt_mod, "prune", gated_prune)
+    monkeypatch.setattr(publish_mod, "prune", gated_prune)
     ck = Checkpointer(spec.checkpoint, home, spec=spec)
     ckpts = open_store(home).child("checkpoints")
     st = train_state()
@@ -170,7 +170,7 @@ def test_next_save_joins_the_pending_prune(tmp_path, monkeypatch):
     home = str(tmp_path / "run")
     spec = _spec(keep_last=1)
     order = []
-    real_prune = ckpt_mod.prune
+    real_prune = publish_mod.prune
 
     def slow_prune(ckpts, keep_last, newest):
         order.append(("prune-start", newest))
@@ -179,14 +179,14 @@ def test_next_save_joins_the_pending_prune(tmp_path, monkeypatch):
         order.append(("prune-end", newest))
         return out
 
-    monkeypatch.setattr(ckpt_mod, "prune", slow_prune)
-    real_save = ckpt_mod.dcp.save
+    monkeypatch.setattr(publish_mod, "prune", slow_prune)
+    real_save = save_mod.dcp.save
 
     def recorded_save(*a, **kw):
         order.append(("write", None))
         return real_save(*a, **kw)
 
-    monkeypatch.setattr(ckpt_mod.dcp, "save", recorded_save)
+    monkeypatch.setattr(save_mod.dcp, "save", recorded_save)
     ck = Checkpointer(spec.checkpoint, home, spec=spec)
     st = train_state()
     for step in (1, 2, 3):

@@ -20,7 +20,8 @@ from gptoss_cloud.contract.errors import PlanError
 from gptoss_cloud.contract.spec import RunSpec
 from gptoss_cloud.contract.store.objects import open_store
 from gptoss_cloud.trainer.checkpoint import manifest as cm
-from gptoss_cloud.trainer.checkpoint.checkpointer import Checkpointer, check_local_room, checkpoint_bytes
+from gptoss_cloud.trainer.checkpoint.checkpointer import Checkpointer
+from gptoss_cloud.trainer.checkpoint.room import check_local_room, checkpoint_bytes
 from gptoss_cloud.trainer.checkpoint.safety import UnsafeCheckpointError, safe_load_metadata
 from gptoss_cloud.trainer.checkpoint.state import RNGState
 

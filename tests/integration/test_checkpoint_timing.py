@@ -88,15 +88,14 @@ def _sample(length: int, seed: int):
     return SimpleNamespace(input_ids=ids, labels=[-100] * 4 + ids[4:], position_ids=list(range(length)), seq_lens=[length])
 
 
-def test_trainer_records_step_split_checkpoints_and_merge(tmp_path, monkeypatch):
+def test_trainer_records_step_split_checkpoints_and_merge(tmp_path):
     """The real trainer (one CPU process, tiny preset, full fine-tune, async saves, merge at the end)."""
     from gptoss_cloud.trainer.train import run_training
 
-    monkeypatch.setenv("GPTOSS_STEP_SPLIT", "1")
     torch.set_num_threads(2)
     spec = RunSpec.model_validate({
         "model": {"name": "tiny", "init": "random"}, "data": {"max_seq_len": 32}, "method": {"kind": "full"},
-        "optim": {"max_steps": 3, "lr": 1e-3, "warmup_steps": 1, "log_every": 1},
+        "optim": {"max_steps": 3, "lr": 1e-3, "warmup_steps": 1, "log_every": 1, "step_split": True},
         "checkpoint": {"every_steps": 2, "async_save": True, "local_dir": str(tmp_path / "node")},
         "output": {"merge": True},
     })
@@ -132,6 +131,6 @@ def test_trainer_records_step_split_checkpoints_and_merge(tmp_path, monkeypatch)
 def test_step_split_is_off_by_default(monkeypatch):
     from gptoss_cloud.trainer.loop import Loop, StepStats
 
-    monkeypatch.delenv("GPTOSS_STEP_SPLIT", raising=False)
-    assert Loop.__dataclass_fields__["step_split"].default_factory() is False
+    monkeypatch.setenv("GPTOSS_STEP_SPLIT", "1")  # the retired variable changes nothing
+    assert Loop.__dataclass_fields__["step_split"].default is False and RunSpec().optim.step_split is False
     assert StepStats(1, 0.0, 0.0, 0.0, 0, 0, 1.0).optimizer_s is None

@@ -30,7 +30,7 @@ torch = pytest.importorskip("torch")
 import torch.multiprocessing as tmp  # noqa: E402
 
 from gptoss_cloud.contract.shapes import TINY  # noqa: E402
-from gptoss_cloud.contract.spec import MethodSection, OptimSection, ParallelismSection  # noqa: E402
+from gptoss_cloud.contract.sections import MethodSection, OptimSection, ParallelismSection  # noqa: E402
 from gptoss_cloud.trainer.data.pack import PackedSample  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -62,6 +62,7 @@ def _free_port() -> int:
 
 
 def _one_step(method: str, distributed: bool, out: Path, rank: int = 0):
+    from gptoss_cloud.trainer import causal_lm as LM
     from gptoss_cloud.trainer import model as M
     from gptoss_cloud.trainer.loop import Loop, make_optimizer
     from gptoss_cloud.trainer.parallel import init_distributed, make_accelerator, shard_model
@@ -75,7 +76,7 @@ def _one_step(method: str, distributed: bool, out: Path, rank: int = 0):
         for n, p in lm.named_parameters():
             if "lora_B" in n:
                 p.data.normal_(0, 0.02)
-    module = M.CausalLMWithChunkedLoss(lm, chunk_tokens=7)
+    module = LM.CausalLMWithChunkedLoss(lm, chunk_tokens=7)
     if distributed:
         module = shard_model(module, make_accelerator(ParallelismSection(), info, bf16=False))
     params = [p for p in module.parameters() if p.requires_grad]

@@ -41,7 +41,8 @@ def rows(n: int, seed: int):
 
 def curve(name: str, masters: str, *, stochastic: bool = True) -> list[float]:
     from gptoss_cloud.contract.shapes import TINY
-    from gptoss_cloud.contract.spec import OptimSection
+    from gptoss_cloud.contract.sections import OptimSection
+    from gptoss_cloud.trainer import causal_lm as LM
     from gptoss_cloud.trainer import model as M
     from gptoss_cloud.trainer.loop import Loop, make_optimizer
     from gptoss_cloud.trainer.optim import master_dtype
@@ -51,7 +52,7 @@ def curve(name: str, masters: str, *, stochastic: bool = True) -> list[float]:
     torch.set_num_threads(1)
     shape = replace(TINY, vocab_size=VOCAB, num_hidden_layers=1)
     config = M.build_config(shape, "eager", "eager")
-    module = M.CausalLMWithChunkedLoss(M.create_model(config, torch.float32, "cpu", seed=0), 1024)
+    module = LM.CausalLMWithChunkedLoss(M.create_model(config, torch.float32, "cpu", seed=0), 1024)
     optim = OptimSection(name=name, master_weights=masters, lr=3e-3, warmup_steps=10, schedule="cosine",
                          max_steps=STEPS, micro_batch_size=2, seed=0)
     module.to(master_dtype(optim))

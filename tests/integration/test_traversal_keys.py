@@ -104,7 +104,7 @@ def test_resume_refuses_a_manifest_entry_that_escapes(s3_bucket):
 def test_resume_fetches_only_what_the_manifest_names(s3_bucket, tmp_path):
     """DCP's .metadata names the files to read too; one it names outside the manifest is never downloaded."""
     from gptoss_cloud.trainer.checkpoint import manifest as cm
-    from gptoss_cloud.trainer.checkpoint.checkpointer import make_fetcher
+    from gptoss_cloud.trainer.checkpoint.resume import make_fetcher
 
     ckpts = open_store(join(s3_bucket, "r1", "checkpoints"))
     ckpts.write_bytes(f"step-3/{ESCAPE}", b"pwned")

@@ -21,6 +21,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssAttention, GptOss
 from torch.nn.attention.flex_attention import BlockMask  # noqa: E402
 
 from gptoss_cloud.contract.shapes import TINY  # noqa: E402
+from gptoss_cloud.trainer import causal_lm as LM  # noqa: E402
 from gptoss_cloud.trainer import model as M  # noqa: E402
 from gptoss_cloud.trainer.kernels import attention as A  # noqa: E402
 
@@ -123,7 +124,7 @@ def test_block_mask_is_the_packed_sliding_causal_mask():
     shape = replace(TINY, vocab_size=512, sliding_window=WINDOW)
     cfg = M.build_config(shape, "eager", "eager")
     seq_lens = [[150, 7, 131, 12], [1, 299]]
-    hf = M.packed_attention_masks(cfg, seq_lens, 300, torch.device("cpu"), torch.float32)
+    hf = LM.packed_attention_masks(cfg, seq_lens, 300, torch.device("cpu"), torch.float32)
     A.clear_mask_cache()
     ours = A.packed_block_masks(cfg, seq_lens, 300, "cpu")
     for layer_type, window in (("full_attention", None), ("sliding_attention", WINDOW)):
@@ -216,13 +217,13 @@ def test_registered_layer_matches_eager_layer(flex_backward_on_cpu):
     cos_sin = rope(h, pos)
     results = []
     for mod, c in ((ref, cfg_ref), (ours, cfg)):
-        masks = M.packed_attention_masks(c, seq_lens, 230, torch.device("cpu"), torch.float32)
+        masks = LM.packed_attention_masks(c, seq_lens, 230, torch.device("cpu"), torch.float32)
         x = h.clone().requires_grad_()
         out, _ = mod(x, cos_sin, masks["sliding_attention"])
         out.square().sum().backward()
         results.append((out, x.grad, {n: p.grad for n, p in mod.named_parameters()}))
     (o1, g1, p1), (o2, g2, p2) = results
-    assert isinstance(M.packed_attention_masks(cfg, seq_lens, 230, "cpu", torch.float32)["full_attention"], BlockMask)
+    assert isinstance(LM.packed_attention_masks(cfg, seq_lens, 230, "cpu", torch.float32)["full_attention"], BlockMask)
     torch.testing.assert_close(o2, o1, **FP32)
     torch.testing.assert_close(g2, g1, **FP32)
     for name in p1:  # sums over 460 tokens: compared as a whole (norm-relative), fp32 rounding is ~1e-6

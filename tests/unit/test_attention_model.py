@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from gptoss_cloud.contract.shapes import TINY  # noqa: E402
+from gptoss_cloud.trainer import causal_lm as LM  # noqa: E402
 from gptoss_cloud.trainer import model as M  # noqa: E402
 from gptoss_cloud.trainer.data.pack import PackedSample  # noqa: E402
 from gptoss_cloud.trainer.kernels import attention as A  # noqa: E402
@@ -42,7 +43,7 @@ def _pack(segs, length):
 
 def _model(attn, seed=0):
     cfg = M.build_config(SHAPE, attn, "eager")
-    module = M.CausalLMWithChunkedLoss(M.create_model(cfg, torch.float32, seed=seed), chunk_tokens=7)
+    module = LM.CausalLMWithChunkedLoss(M.create_model(cfg, torch.float32, seed=seed), chunk_tokens=7)
     with torch.no_grad():  # transformers initialises sinks near 0: make them matter
         for layer in module.decoder.layers:
             layer.self_attn.sinks.normal_(0.5, 1.0)
@@ -54,13 +55,13 @@ def test_packed_loss_equals_samples_run_separately():
     assert cfg._attn_implementation == "gptoss_flex"
     g = torch.Generator().manual_seed(1)
     segs = [_segment(n, g) for n in (9, 6, 11)]  # longer than the window
-    packed = M.Batch.from_samples([_pack(segs, 32)], torch.device("cpu"))
+    packed = LM.Batch.from_samples([_pack(segs, 32)], torch.device("cpu"))
     with torch.no_grad():  # forward only: flex runs on CPU as is
-        loss, count, _ = M.run_batch(module, packed, cfg, torch.float32)
+        loss, count, _ = LM.run_batch(module, packed, cfg, torch.float32)
         sep_loss, sep_count = 0.0, 0
         for s in segs:
-            b = M.Batch.from_samples([_pack([s], len(s[0]) + 1)], torch.device("cpu"))
-            l, c, _ = M.run_batch(module, b, cfg, torch.float32)
+            b = LM.Batch.from_samples([_pack([s], len(s[0]) + 1)], torch.device("cpu"))
+            l, c, _ = LM.run_batch(module, b, cfg, torch.float32)
             sep_loss += float(l)
             sep_count += int(c)
     assert int(count) == sep_count
@@ -74,9 +75,9 @@ def test_model_matches_eager_model_loss_and_gradients():
     ours.load_state_dict(ref.state_dict())
     g = torch.Generator().manual_seed(2)
     rows = [_pack([_segment(12, g), _segment(5, g), _segment(10, g)], 30), _pack([_segment(29, g)], 30)]
-    batch = M.Batch.from_samples(rows, torch.device("cpu"))
-    l1, c1, _ = M.run_batch(ref, batch, cfg_ref, torch.float32)
-    l2, c2, _ = M.run_batch(ours, batch, cfg, torch.float32)
+    batch = LM.Batch.from_samples(rows, torch.device("cpu"))
+    l1, c1, _ = LM.run_batch(ref, batch, cfg_ref, torch.float32)
+    l2, c2, _ = LM.run_batch(ours, batch, cfg, torch.float32)
     (l1 / c1).backward()
     (l2 / c2).backward()
     torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
@@ -90,7 +91,7 @@ def test_model_matches_eager_model_loss_and_gradients():
 
 
 def test_flex_is_refused_for_cpu_training():
-    from gptoss_cloud.contract.spec import KernelsSection
+    from gptoss_cloud.contract.sections import KernelsSection
 
     assert M.resolve_implementations(KernelsSection(attention="flex"), "cuda")[0] == "gptoss_flex"
     assert M.resolve_implementations(KernelsSection(attention="hf_flex"), "cuda")[0] == "flex_attention"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from gptoss_cloud.contract.spec import CheckpointSection
+from gptoss_cloud.contract.sections import CheckpointSection
 from support import REPO
 
 DOC = (REPO / "docs" / "checkpoints.md").read_text()

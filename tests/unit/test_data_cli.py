@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from gptoss_cloud.contract.errors import DataError
 from gptoss_cloud.main import app
-from gptoss_cloud.contract.spec import DataSection, DatasetSource
+from gptoss_cloud.contract.sections import DataSection, DatasetSource
 from gptoss_cloud.trainer.data.harmony import tokenize_row
 from gptoss_cloud.trainer.data.sources import load_source
 

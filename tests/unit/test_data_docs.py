@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gptoss_cloud.main import app
-from gptoss_cloud.contract.spec import DataSection
+from gptoss_cloud.contract.sections import DataSection
 from gptoss_cloud.trainer.data.harmony import tokenize_row
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def _subsections() -> list[tuple[str, str]]:
 def test_every_shape_example_tokenizes_or_is_refused_as_shown():
     import yaml
 
-    from gptoss_cloud.contract.spec import DatasetSource
+    from gptoss_cloud.contract.sections import DatasetSource
     from gptoss_cloud.trainer.data.rows import RowError
 
     accepted = refused = 0

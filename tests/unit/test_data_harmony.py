@@ -22,7 +22,7 @@ from openai_harmony import (
     ToolDescription,
 )
 
-from gptoss_cloud.contract.spec import DataSection
+from gptoss_cloud.contract.sections import DataSection
 from gptoss_cloud.trainer.data.harmony import IGNORE, tokenize_row
 from gptoss_cloud.trainer.data.vocab import load_encoding
 
@@ -331,7 +331,7 @@ def test_conversation_ending_in_a_tool_call(enc):
 
 
 def test_custom_field_names():
-    from gptoss_cloud.contract.spec import DatasetSource
+    from gptoss_cloud.contract.sections import DatasetSource
 
     src = DatasetSource(path="x.jsonl", field_messages="conv", field_thinking="cot", field_tools="fns",
                         field_reasoning_effort="effort")

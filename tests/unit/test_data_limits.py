@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from gptoss_cloud.contract.errors import DataError
-from gptoss_cloud.contract.spec import DataSection, DatasetSource
+from gptoss_cloud.contract.sections import DataSection, DatasetSource
 from gptoss_cloud.trainer.data import limits
 from gptoss_cloud.trainer.data.pipeline import build_datasets
 from gptoss_cloud.trainer.data.rows import RowError

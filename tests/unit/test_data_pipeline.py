@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from gptoss_cloud.contract.errors import DataError
-from gptoss_cloud.contract.spec import DataSection, DatasetSource
+from gptoss_cloud.contract.sections import DataSection, DatasetSource
 from gptoss_cloud.trainer.data.pipeline import build_datasets, cache_path
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gptoss_cloud.contract.spec import DataSection, DatasetSource
+from gptoss_cloud.contract.sections import DataSection, DatasetSource
 from gptoss_cloud.trainer.data.harmony import IGNORE, tokenize_row
 from gptoss_cloud.trainer.data.notes import Notes
 from gptoss_cloud.trainer.data.pipeline import build_datasets

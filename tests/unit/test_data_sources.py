@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from gptoss_cloud.contract.errors import DataError
-from gptoss_cloud.contract.spec import DataSection, DatasetSource
+from gptoss_cloud.contract.sections import DataSection, DatasetSource
 from gptoss_cloud.trainer.data.harmony import tokenize_row
 from gptoss_cloud.trainer.data.sources import is_hub_id, load_source, sample_path
 from gptoss_cloud.trainer.data.vocab import load_encoding

@@ -13,7 +13,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts  # noqa: 
 
 from gptoss_cloud.contract.errors import GptossError  # noqa: E402
 from gptoss_cloud.contract.shapes import ModelShape  # noqa: E402
-from gptoss_cloud.contract.spec import MethodSection  # noqa: E402
+from gptoss_cloud.contract.sections import MethodSection  # noqa: E402
 from gptoss_cloud.trainer import model as M  # noqa: E402
 from gptoss_cloud.trainer.kernels.experts_mxfp4 import Mxfp4Experts, mxfp4_experts_modules  # noqa: E402
 

@@ -46,9 +46,9 @@ def test_checkpoint_writers_and_offload_threads_respect_the_limit(monkeypatch):
     import torch
 
     before = torch.get_num_threads()
-    monkeypatch.delenv("GPTOSS_CPU_THREADS", raising=False)
     try:
         info = DistInfo(rank=0, world_size=4, local_rank=0, local_world_size=4, device=torch.device("cpu"))
         assert offload_host_threads(info) == 1  # 6 usable CPUs over 4 ranks
+        assert offload_host_threads(info, 3) == 3 == torch.get_num_threads()  # parallelism.cpu_threads
     finally:
         torch.set_num_threads(before)

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from gptoss_cloud.trainer.loop import Loop  # noqa: E402
-from gptoss_cloud.trainer.model import Batch  # noqa: E402
+from gptoss_cloud.trainer.causal_lm import Batch  # noqa: E402
 
 
 def _sample(seq_lens: list[int], untrained: set[int], seed: int) -> SimpleNamespace:

@@ -9,7 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from gptoss_cloud.contract.shapes import TINY  # noqa: E402
-from gptoss_cloud.contract.spec import KernelsSection, MethodSection  # noqa: E402
+from gptoss_cloud.contract.sections import KernelsSection, MethodSection  # noqa: E402
+from gptoss_cloud.trainer import causal_lm as LM  # noqa: E402
 from gptoss_cloud.trainer import model as M  # noqa: E402
 from gptoss_cloud.trainer.data.pack import PackedSample  # noqa: E402
 
@@ -21,7 +22,7 @@ Sample = PackedSample  # the data pipeline's own packed row
 
 def _model(attn="eager", experts="eager", seed=0):
     cfg = M.build_config(SHAPE, attn, experts)
-    return M.CausalLMWithChunkedLoss(M.create_model(cfg, torch.float32, seed=seed), chunk_tokens=5), cfg
+    return LM.CausalLMWithChunkedLoss(M.create_model(cfg, torch.float32, seed=seed), chunk_tokens=5), cfg
 
 
 def _segment(n, g):
@@ -70,12 +71,12 @@ def test_packed_loss_equals_samples_run_separately():
     module, cfg = _model()
     g = torch.Generator().manual_seed(1)
     segs = [_segment(n, g) for n in (9, 6, 11)]  # longer than the sliding window
-    packed = M.Batch.from_samples([_pack(segs, 32)], torch.device("cpu"))
-    loss, count, _ = M.run_batch(module, packed, cfg, torch.float32)
+    packed = LM.Batch.from_samples([_pack(segs, 32)], torch.device("cpu"))
+    loss, count, _ = LM.run_batch(module, packed, cfg, torch.float32)
     sep_loss, sep_count = 0.0, 0
     for s in segs:
-        b = M.Batch.from_samples([_pack([s], len(s[0]) + 1)], torch.device("cpu"))
-        l, c, _ = M.run_batch(module, b, cfg, torch.float32)
+        b = LM.Batch.from_samples([_pack([s], len(s[0]) + 1)], torch.device("cpu"))
+        l, c, _ = LM.run_batch(module, b, cfg, torch.float32)
         sep_loss += float(l)
         sep_count += int(c)
     assert int(count) == sep_count == sum(sum(1 for t in s[1][1:] if t != -100) for s in segs)
@@ -89,9 +90,9 @@ def test_packed_loss_equals_samples_run_separately():
 def _assert_same_loss_and_grads(ref, cfg, other, other_cfg, seed, loss_tol, rtol, atol):
     """One packed batch (two segments) through both modules: equal losses and parameter gradients."""
     g = torch.Generator().manual_seed(seed)
-    b = M.Batch.from_samples([_pack([_segment(12, g), _segment(10, g)], 24)], torch.device("cpu"))
-    l1, _, _ = M.run_batch(ref, b, cfg, torch.float32)
-    l2, _, _ = M.run_batch(other, b, other_cfg, torch.float32)
+    b = LM.Batch.from_samples([_pack([_segment(12, g), _segment(10, g)], 24)], torch.device("cpu"))
+    l1, _, _ = LM.run_batch(ref, b, cfg, torch.float32)
+    l2, _, _ = LM.run_batch(other, b, other_cfg, torch.float32)
     l1.backward()
     l2.backward()
     torch.testing.assert_close(l1, l2, rtol=loss_tol, atol=loss_tol)
@@ -117,15 +118,15 @@ def test_lora_leaves_base_weights_untouched():
     assert any("router" in n for n in trainable)
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
     g = torch.Generator().manual_seed(3)
-    b = M.Batch.from_samples([_pack([_segment(14, g)], 16)], torch.device("cpu"))
+    b = LM.Batch.from_samples([_pack([_segment(14, g)], 16)], torch.device("cpu"))
     l0 = None
     for _ in range(3):
-        loss, count, _ = M.run_batch(module, b, cfg, torch.float32)
+        loss, count, _ = LM.run_batch(module, b, cfg, torch.float32)
         (loss / count).backward()
         opt.step()
         opt.zero_grad()
         l0 = l0 if l0 is not None else float(loss)
-    assert float(M.run_batch(module, b, cfg, torch.float32)[0]) < l0  # the adapter learned something
+    assert float(LM.run_batch(module, b, cfg, torch.float32)[0]) < l0  # the adapter learned something
     base_after = M.hf_model(module.lm).state_dict()
     for k, v in base_before.items():
         key = next(kk for kk in base_after if kk.replace("base_layer.", "") == k or kk.endswith(k))
@@ -181,12 +182,12 @@ def test_compiled_layers_match_eager_and_share_one_graph_per_layer_kind():
     def run(layers: int, compiled: bool):
         shape = replace(SHAPE, num_hidden_layers=layers)
         cfg = M.build_config(shape, "eager", "eager")
-        module = M.CausalLMWithChunkedLoss(M.create_model(cfg, torch.float32, seed=0), chunk_tokens=5)
+        module = LM.CausalLMWithChunkedLoss(M.create_model(cfg, torch.float32, seed=0), chunk_tokens=5)
         if compiled:
             assert M.compile_layers(module.lm, backend="aot_eager") == layers
         g = torch.Generator().manual_seed(4)
-        b = M.Batch.from_samples([_pack([_segment(12, g), _segment(10, g)], 24)], torch.device("cpu"))
-        loss, _, _ = M.run_batch(module, b, cfg, torch.float32)
+        b = LM.Batch.from_samples([_pack([_segment(12, g), _segment(10, g)], 24)], torch.device("cpu"))
+        loss, _, _ = LM.run_batch(module, b, cfg, torch.float32)
         loss.backward()
         return loss, {n: p.grad for n, p in module.named_parameters()}
 

@@ -11,7 +11,8 @@ from gptoss_cloud.contract.plan.memory import memory_plan
 from gptoss_cloud.contract.plan.disk import checkpoint_bytes
 from gptoss_cloud.contract.plan.configs import configurations, fastest
 from gptoss_cloud.contract.shapes import GPT_OSS_120B
-from gptoss_cloud.contract.spec import OptimSection, RunSpec
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.contract.sections import OptimSection
 
 
 def spec(nodes=2, gpus=8, gpu="H100", **optim):

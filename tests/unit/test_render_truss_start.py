@@ -12,7 +12,7 @@ import pytest
 
 from gptoss_cloud.backends.truss import load_project, write_project
 from gptoss_cloud.render.truss.train import CONFIG_FILE, START_SCRIPT, render_truss_project
-from gptoss_cloud.contract.spec import load_spec
+from gptoss_cloud.contract.spec import check_pod_environ, load_spec
 
 RUN_ID = "ft120b-20260101-120000-beef"
 BASH = shutil.which("bash")
@@ -62,32 +62,34 @@ def start(project, tmp_path, node: int, **bt) -> tuple[subprocess.CompletedProce
     return proc, (json.loads(record.read_text()) if record.exists() else None)
 
 
-def expected_argv(folder: Path, node: int) -> list[str]:
+def expected_argv(folder: Path, node: int, *node_opts: str) -> list[str]:
     return [
         "--nnodes", "2", "--nproc-per-node", "8", "--node-rank", str(node),
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "10.1.2.3:29500", "--rdzv-id", RUN_ID,
         "--rdzv-conf", "join_timeout=1800",
-        "-m", "gptoss_cloud.trainer", str(folder / "spec.yaml"), "--run-id", RUN_ID,
+        "-m", "gptoss_cloud.trainer", str(folder / "spec.yaml"), "--run-id", RUN_ID, *node_opts,
     ]
+
+
+NODE_OPTS = ("--local-dir", f"/mnt/ckpts/{RUN_ID}", "--weights-cache", "/root/.cache/user_artifacts/models")
 
 
 @pytest.mark.parametrize("node", [0, 1])
 def test_each_node_launches_torchrun_with_its_rank(project, tmp_path, node):
     proc, rec = start(project, tmp_path, node)
     assert proc.returncode == 0, proc.stderr
-    assert rec["argv"] == expected_argv(project[0], node)
-    # Baseten's checkpoint folder is local scratch; the cache is where base weights land once.
-    assert rec["env"]["GPTOSS_CHECKPOINT__LOCAL_DIR"] == f"/mnt/ckpts/{RUN_ID}"
-    assert rec["env"]["GPTOSS_MODEL__CACHE_DIR"] == "/root/.cache/user_artifacts/models"
+    # Baseten's checkpoint folder is local scratch; the cache is where base weights land once. Both are
+    # options of the trainer, never spec settings in its environment (which it would refuse).
+    assert rec["argv"] == expected_argv(project[0], node, *NODE_OPTS)
     assert rec["env"]["HF_HOME"] == "/root/.cache/user_artifacts/huggingface"
-    assert "GPTOSS_CHECKPOINT__RESUME" not in rec["env"]
+    check_pod_environ(rec["env"])
     assert f"node {node} of 2" in proc.stdout
 
 
 def test_a_retried_job_resumes(project, tmp_path):
     proc, rec = start(project, tmp_path, 1, BT_RETRY_COUNT="2")
     assert proc.returncode == 0, proc.stderr
-    assert rec["env"]["GPTOSS_CHECKPOINT__RESUME"] == "auto"
+    assert rec["argv"] == expected_argv(project[0], 1, *NODE_OPTS, "--retried")
     assert "attempt 2" in proc.stdout
 
 

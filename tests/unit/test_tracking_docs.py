@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 
 from gptoss_cloud.report.plots import PLOTS
-from gptoss_cloud.contract.spec import OutputSection
+from gptoss_cloud.contract.sections import OutputSection
 from gptoss_cloud.trainer.tracking import BACKENDS
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -123,7 +123,7 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 # ------------------------------------------------------------------------------------------- build
 def hf_config(shape: ModelShape, variant: Variant, device_type: str = "cuda"):
-    from gptoss_cloud.contract.spec import KernelsSection
+    from gptoss_cloud.contract.sections import KernelsSection
 
     from gptoss_cloud.trainer import model as M
 
@@ -148,7 +148,7 @@ def lora_dict(setup: Setup) -> dict:
 
 
 def method_section(setup: Setup):
-    from gptoss_cloud.contract.spec import LoraSection, MethodSection
+    from gptoss_cloud.contract.sections import LoraSection, MethodSection
 
     return MethodSection(kind=setup.method, lora=LoraSection(**lora_dict(setup)))
 
@@ -259,8 +259,9 @@ def build_ours(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
     Mirrors ``train.build_module`` for random weights, except that the values are drawn on the
     device (``random_fill_``) rather than on the host, which would take minutes for 20b.
     """
-    from gptoss_cloud.contract.spec import OptimSection, ParallelismSection
+    from gptoss_cloud.contract.sections import KernelsSection, OptimSection, ParallelismSection
 
+    from gptoss_cloud.trainer import causal_lm as LM
     from gptoss_cloud.trainer import model as M
     from gptoss_cloud.trainer.loop import Loop, make_optimizer
     from gptoss_cloud.trainer.optim import master_dtype
@@ -272,11 +273,12 @@ def build_ours(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
     sharded = info.distributed
     hf = M.create_model(config, dtype, "meta" if sharded else info.device, seed=setup.seed, base_format=setup.base_format)
     recompute = recompute_policy(setup, variant, info)
+    M.configure_experts_(hf, KernelsSection(mxfp4_dequant=setup.dequant))  # gemm: decoded inside the grouped GEMM
     M.enable_recompute(hf, recompute)
     lm = M.apply_method(hf, method_section(setup))
     if info.device.type == "cuda" if setup.compile is None else setup.compile:
         M.compile_layers(lm)
-    module = M.CausalLMWithChunkedLoss(lm, setup.loss_chunk_tokens)
+    module = LM.CausalLMWithChunkedLoss(lm, setup.loss_chunk_tokens)
     optim = OptimSection(lr=1e-5, warmup_steps=0, schedule="constant", max_grad_norm=1.0, max_steps=1_000_000,
                          micro_batch_size=1, grad_accum=1, seed=setup.seed, name=setup.optim,
                          master_weights=setup.masters)
@@ -367,12 +369,7 @@ BUILDERS: dict[str, Callable[[Setup, Variant, DistInfo], Prepared]] = {"ours": b
 
 
 def build(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
-    import os
-
     setup = variant.apply(setup)
-    # Read by kernels.mxfp4 / experts_mxfp4 at each use; gemm: decoded inside the grouped GEMM.
-    os.environ["GPTOSS_MXFP4_DEQUANT"] = "auto" if setup.dequant == "gemm" else setup.dequant
-    os.environ["GPTOSS_MXFP4_GEMM"] = "triton" if setup.dequant == "gemm" else "off"
     if setup.offload:
         from gptoss_cloud.trainer.parallel import offload_host_threads
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
 from gptoss_cloud.contract.errors import GptossError
-from gptoss_cloud.contract.integrity import KEY_ENV, check_signature, sha256_file, sign, signing_key  # noqa: F401 (re-exported)
+from gptoss_cloud.contract.integrity import KEY_ENV, check_signature, manifest_body, sha256_file, sign, signing_key  # noqa: F401 (re-exported)
 from gptoss_cloud.contract.store.keys import check_key
 from gptoss_cloud.contract.store.objects import PUBLISH_MARKER, Store, StoreNotFound
 
@@ -92,17 +92,20 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes, where: str, key: bytes | None) -> "Manifest":
-        try:
-            body = json.loads(data)
-            if body.get("format") != FORMAT:
-                raise ValueError(f"unknown format {body.get('format')!r}")
-            files = body["files"]
-            assert isinstance(files, dict) and all(isinstance(v, dict) and {"size", "sha256"} <= set(v) for v in files.values())
-        except (ValueError, KeyError, AssertionError, TypeError) as e:
-            raise CheckpointError(f"{where}: unreadable manifest ({e or type(e).__name__})") from None
+        body = manifest_body(data, FORMAT, where, CheckpointError)
+        files = body["files"]
+        for name, least in (("step", 0), ("world_size", 1)):
+            v = body.get(name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise CheckpointError(f"{where}: manifest key {name!r} must be a whole number >= {least}, not {v!r}")
+        for name in ("spec_hash", "method"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise CheckpointError(f"{where}: manifest key {name!r} must be text, not {type(body[name]).__name__}")
+        if body.get("extra") is not None and not isinstance(body["extra"], dict):
+            raise CheckpointError(f"{where}: manifest key 'extra' must be a mapping, not {type(body['extra']).__name__}")
         signed = check_signature(body, key, where, CheckpointError)
         check_entries(files, f"{where}/{MANIFEST}")
-        return cls(step=int(body["step"]), world_size=int(body["world_size"]), files=files,
+        return cls(step=body["step"], world_size=body["world_size"], files=files,
                    spec_hash=body.get("spec_hash"), method=body.get("method"), extra=body.get("extra") or {},
                    signed=signed)
 

@@ -23,7 +23,7 @@ from gptoss_cloud.trainer.data.rows import ChatMessage, Row, RowError, parse_row
 from gptoss_cloud.trainer.data.vocab import load_encoding
 
 if TYPE_CHECKING:
-    from gptoss_cloud.contract.spec import DataSection, DatasetSource
+    from gptoss_cloud.contract.sections import DataSection, DatasetSource
 
 IGNORE = -100
 

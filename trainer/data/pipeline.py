@@ -28,7 +28,7 @@ from gptoss_cloud.trainer.data.sources import SourceRows, load_source
 from gptoss_cloud.trainer.data.vocab import vocab_hash
 
 if TYPE_CHECKING:
-    from gptoss_cloud.contract.spec import DataSection, DatasetSource
+    from gptoss_cloud.contract.sections import DataSection, DatasetSource
 
 CACHE_FORMAT = 2  # 2: statistics carry the notes
 DEFAULT_CACHE_DIR = Path("~/.cache/gptoss-cloud/data")
@@ -176,7 +176,7 @@ def _section_key(data: "DataSection") -> dict:
 
 
 def cache_key(data: "DataSection", loaded: list[SourceRows] | None = None, val: SourceRows | None = None) -> str:
-    from gptoss_cloud.contract.spec import DatasetSource
+    from gptoss_cloud.contract.sections import DatasetSource
 
     loaded = loaded if loaded is not None else [load_source(s) for s in data.datasets]
     if val is None and isinstance(data.validation, DatasetSource):
@@ -204,7 +204,7 @@ def build_datasets(data: "DataSection", *, cache_dir: str | Path | None = None, 
     """Load, validate, tokenize, mix, split and pack; read from / write to the cache.
 
     The run's log gets one warning per kind of conversion in the statistics' notes (``log_notes``)."""
-    from gptoss_cloud.contract.spec import DatasetSource
+    from gptoss_cloud.contract.sections import DatasetSource
 
     loaded = [load_source(s) for s in data.datasets]
     val_src = load_source(data.validation) if isinstance(data.validation, DatasetSource) else None

@@ -18,7 +18,7 @@ from gptoss_cloud.contract.errors import DataError
 from gptoss_cloud.trainer.data.limits import checked, json_rows, jsonl_rows
 
 if TYPE_CHECKING:
-    from gptoss_cloud.contract.spec import DatasetSource
+    from gptoss_cloud.contract.sections import DatasetSource
 
 SAMPLE = "sample"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -121,7 +121,3 @@ def _load_hub(src: "DatasetSource") -> SourceRows:
     label = f"hf://{name}" + (f"/{src.subset}" if src.subset else "") + f"[{src.split}]"
     return SourceRows(label, checked(ds.to_list(), label), _digest("hub", label, src.revision or "", ds._fingerprint))
 
-
-def source_hash(src: "DatasetSource") -> str:
-    """Content hash of one source (reads it)."""
-    return load_source(src).content_hash

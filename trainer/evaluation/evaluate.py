@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from gptoss_cloud.contract.spec import DatasetSource, RunSpec
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.contract.sections import DatasetSource
 
 from gptoss_cloud.trainer.data.harmony import IGNORE, plan_sequences, render_with_kinds, to_items
 from gptoss_cloud.trainer.data.rows import RowError, parse_row

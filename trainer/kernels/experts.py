@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 FUSED_IMPL = "gptoss_fused"  # the name registered in transformers' ExpertsInterface
+COMPILE_ATTR = "compile_activation"  # kernels.experts_compile, on each experts module
 
 
 # --------------------------------------------------------------------------------------------- routing
@@ -92,12 +93,10 @@ def _swiglu_backward(h: torch.Tensor, grad_out: torch.Tensor, alpha: float, limi
 _COMPILED: dict[str, Callable] = {}
 
 
-def _swiglu_fns(h: torch.Tensor) -> tuple[Callable, Callable]:
+def _swiglu_fns(h: torch.Tensor, compiled: bool) -> tuple[Callable, Callable]:
     """On CUDA, each direction compiled to one fused elementwise kernel (instead of ~7 forward and ~12
-    backward kernels); eager elsewhere, or when ``GPTOSS_EXPERTS_COMPILE=0``."""
-    import os
-
-    if not h.is_cuda or os.environ.get("GPTOSS_EXPERTS_COMPILE", "1") == "0":
+    backward kernels); eager elsewhere, or when not ``compiled`` (``kernels.experts_compile: false``)."""
+    if not h.is_cuda or not compiled:
         return _swiglu_forward, _swiglu_backward
     if not _COMPILED:
         _COMPILED["fwd"] = torch.compile(_swiglu_forward, dynamic=True)
@@ -114,19 +113,19 @@ class _ClampedSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, alpha: float, limit: float):
+    def forward(ctx, h, alpha: float, limit: float, compiled: bool):
         ctx.save_for_backward(h)
-        ctx.alpha, ctx.limit = alpha, limit
-        return _swiglu_fns(h)[0](h, alpha, limit)
+        ctx.alpha, ctx.limit, ctx.compiled = alpha, limit, compiled
+        return _swiglu_fns(h, compiled)[0](h, alpha, limit)
 
     @staticmethod
     def backward(ctx, grad_out):
         (h,) = ctx.saved_tensors
-        return _swiglu_fns(h)[1](h, grad_out.contiguous(), ctx.alpha, ctx.limit), None, None
+        return _swiglu_fns(h, ctx.compiled)[1](h, grad_out.contiguous(), ctx.alpha, ctx.limit), None, None, None
 
 
-def clamped_swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    return _ClampedSwiGLU.apply(h, alpha, limit)
+def clamped_swiglu(h: torch.Tensor, alpha: float, limit: float, compiled: bool = True) -> torch.Tensor:
+    return _ClampedSwiGLU.apply(h, alpha, limit, compiled)
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -152,28 +151,33 @@ def _routed_bias(bias: torch.Tensor, expert_ids: torch.Tensor, dtype: torch.dtyp
 def experts_forward(
     hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int,
     up: GroupedLinear, down: GroupedLinear, up_bias: torch.Tensor, down_bias: torch.Tensor,
-    alpha: float, limit: float, dtype: torch.dtype,
+    alpha: float, limit: float, dtype: torch.dtype, *, compile_activation: bool = True,
 ) -> torch.Tensor:
-    """(T, H) hidden states, (T, k) expert ids and weights -> (T, H): the GPT-OSS expert mixture."""
+    """(T, H) hidden states, (T, k) expert ids and weights -> (T, H): the GPT-OSS expert mixture.
+    ``compile_activation`` is ``kernels.experts_compile`` (the SwiGLU as one compiled kernel on CUDA)."""
     num_tokens, k = top_k_index.shape
     r = route(top_k_index, num_experts)
     x = hidden_states.to(dtype)[r.token_idx]
     # Out-of-place bias adds: selective recomputation keeps the GEMM outputs, which must stay unchanged.
     h = up(x, r.offsets) + _routed_bias(up_bias, r.expert_ids, dtype)
-    a = clamped_swiglu(h, alpha, limit)
+    a = clamped_swiglu(h, alpha, limit, compile_activation)
     y = down(a, r.offsets) + _routed_bias(down_bias, r.expert_ids, dtype)
     y = y * top_k_weights.reshape(-1)[r.perm].to(dtype).unsqueeze(-1)
     return unpermute_sum(y, r, num_tokens, k).to(hidden_states.dtype)
 
 
 def fused_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-    """transformers ``ExpertsInterface`` entry for the dense ``GptOssExperts`` ((E, in, out) weights)."""
+    """transformers ``ExpertsInterface`` entry for the dense ``GptOssExperts`` ((E, in, out) weights).
+
+    transformers builds that module, so ``kernels.experts_compile`` rides on it as the attribute
+    ``COMPILE_ATTR`` (``model.configure_experts_`` sets it; unset means the spec's default, on)."""
     dtype = compute_dtype(hidden_states, self.gate_up_proj.dtype)
     w1, w2 = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
     return experts_forward(
         hidden_states, top_k_index, top_k_weights, self.num_experts,
         lambda x, offs: grouped_mm(x, w1, offs), lambda x, offs: grouped_mm(x, w2, offs),
         self.gate_up_proj_bias, self.down_proj_bias, self.alpha, self.limit, dtype,
+        compile_activation=getattr(self, COMPILE_ATTR, True),
     )
 
 

@@ -13,8 +13,6 @@ MXFP4, so a dequantised released checkpoint round-trips bit for bit).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -28,16 +26,17 @@ WEIGHTS = ("gate_up_proj", "down_proj")
 
 
 def mxfp4_grouped_mm(x: torch.Tensor, offsets: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
-                     transposed: bool, experts_per_chunk: int) -> torch.Tensor:
+                     transposed: bool, experts_per_chunk: int, dequant: str = "auto") -> torch.Tensor:
     """(S, K) rows sorted by expert times each expert's dequantised weight W_e (out, in) from ``blocks``:
-    ``x @ W_e.T`` (``transposed``, the forward) or ``x @ W_e`` (the input gradient)."""
+    ``x @ W_e.T`` (``transposed``, the forward) or ``x @ W_e`` (the input gradient). ``dequant`` is
+    ``kernels.mxfp4_dequant`` (gemm: decoded inside the GEMM on CUDA)."""
     num_experts = blocks.shape[0]
-    if x.is_cuda and os.environ.get("GPTOSS_MXFP4_GEMM") == "triton":
+    if x.is_cuda and dequant == "gemm":
         from gptoss_cloud.trainer.kernels.mxfp4_gemm_triton import mxfp4_grouped_mm_triton  # decoded inside the GEMM; opt-in until measured
 
         return mxfp4_grouped_mm_triton(x, offsets, blocks, scales, transposed)
     if experts_per_chunk >= num_experts:
-        w = dequantize_mxfp4(blocks, scales, x.dtype)  # (E, out, in)
+        w = dequantize_mxfp4(blocks, scales, x.dtype, impl=dequant)  # (E, out, in)
         return grouped_mm(x, w.transpose(1, 2) if transposed else w, offsets)
     bounds = [0] + offsets.tolist()  # one host read per call; only when experts come in chunks
     outs = []
@@ -46,7 +45,7 @@ def mxfp4_grouped_mm(x: torch.Tensor, offsets: torch.Tensor, blocks: torch.Tenso
         start, end = bounds[e0], bounds[e1]
         if end == start:
             continue
-        w = dequantize_mxfp4(blocks[e0:e1], scales[e0:e1], x.dtype)
+        w = dequantize_mxfp4(blocks[e0:e1], scales[e0:e1], x.dtype, impl=dequant)
         outs.append(grouped_mm(x[start:end], w.transpose(1, 2) if transposed else w, offsets[e0:e1] - start))
         del w
     n = blocks.shape[1] if transposed else blocks.shape[2] * blocks.shape[3] * 2
@@ -61,16 +60,16 @@ class _Mxfp4GroupedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, offsets, blocks, scales, experts_per_chunk: int):
+    def forward(ctx, x, offsets, blocks, scales, experts_per_chunk: int, dequant: str):
         ctx.save_for_backward(offsets)
-        ctx.blocks, ctx.scales, ctx.chunk = blocks, scales, experts_per_chunk
-        return mxfp4_grouped_mm(x, offsets, blocks, scales, True, experts_per_chunk)
+        ctx.blocks, ctx.scales, ctx.chunk, ctx.dequant = blocks, scales, experts_per_chunk, dequant
+        return mxfp4_grouped_mm(x, offsets, blocks, scales, True, experts_per_chunk, dequant)
 
     @staticmethod
     def backward(ctx, grad_y):
         (offsets,) = ctx.saved_tensors
-        grad_x = mxfp4_grouped_mm(grad_y.contiguous(), offsets, ctx.blocks, ctx.scales, False, ctx.chunk)
-        return grad_x, None, None, None, None
+        grad_x = mxfp4_grouped_mm(grad_y.contiguous(), offsets, ctx.blocks, ctx.scales, False, ctx.chunk, ctx.dequant)
+        return grad_x, None, None, None, None, None
 
 
 class Mxfp4Experts(nn.Module):
@@ -78,13 +77,16 @@ class Mxfp4Experts(nn.Module):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, alpha: float, limit: float,
                  bias_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
-                 experts_per_chunk: int = DEFAULT_EXPERTS_PER_CHUNK):
+                 experts_per_chunk: int = DEFAULT_EXPERTS_PER_CHUNK, dequant: str = "auto",
+                 compile_activation: bool = True):
         super().__init__()
         for what, n in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
             if n % GROUP:
                 raise ValueError(f"MXFP4 experts need {what} to be a multiple of {GROUP} (got {n})")
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.alpha, self.limit, self.experts_per_chunk = alpha, limit, experts_per_chunk
+        # kernels.mxfp4_dequant and kernels.experts_compile (set again by model.configure_experts_).
+        self.dequant, self.compile_activation = dequant, compile_activation
         e, h, i = num_experts, hidden_size, intermediate_size
         u8 = {"dtype": torch.uint8, "device": device}
         # Checkpoint layout: rows are output features, 32 input features per (16-byte block, scale).
@@ -145,20 +147,21 @@ class Mxfp4Experts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, router_indices: torch.Tensor, routing_weights: torch.Tensor):
         dtype = compute_dtype(hidden_states, hidden_states.dtype)
-        chunk = self.experts_per_chunk
+        chunk, dequant = self.experts_per_chunk, self.dequant
 
         def up(x, offs):
-            return _Mxfp4GroupedLinear.apply(x, offs, self.gate_up_proj_blocks, self.gate_up_proj_scales, chunk)
+            return _Mxfp4GroupedLinear.apply(x, offs, self.gate_up_proj_blocks, self.gate_up_proj_scales, chunk, dequant)
 
         def down(x, offs):
-            return _Mxfp4GroupedLinear.apply(x, offs, self.down_proj_blocks, self.down_proj_scales, chunk)
+            return _Mxfp4GroupedLinear.apply(x, offs, self.down_proj_blocks, self.down_proj_scales, chunk, dequant)
 
         return experts_forward(hidden_states, router_indices, routing_weights, self.num_experts, up, down,
-                               self.gate_up_proj_bias, self.down_proj_bias, self.alpha, self.limit, dtype)
+                               self.gate_up_proj_bias, self.down_proj_bias, self.alpha, self.limit, dtype,
+                               compile_activation=self.compile_activation)
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
-                f"format=mxfp4, experts_per_chunk={self.experts_per_chunk}")
+                f"format=mxfp4, experts_per_chunk={self.experts_per_chunk}, dequant={self.dequant}")
 
 
 # ------------------------------------------------------------------------------------------ model level

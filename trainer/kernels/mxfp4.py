@@ -13,8 +13,6 @@ this does the same arithmetic with torch ops, a bounded number of rows at a time
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 # The 16 FP4 e2m1 values, indexed by the 4-bit code (sign bit is the high bit of the nibble).
@@ -45,27 +43,31 @@ def _check_packed(blocks: torch.Tensor, scales: torch.Tensor) -> None:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
 
 
-def _use_triton() -> bool:
-    """``GPTOSS_MXFP4_DEQUANT``: auto (default) = the Triton kernel when Triton is installed (2.2x the
-    torch path end to end for 20b LoRA on an H100), ``triton`` or ``torch`` to choose."""
-    choice = os.environ.get("GPTOSS_MXFP4_DEQUANT", "auto")
-    if choice == "auto":
+def _use_triton(impl: str) -> bool:
+    """``kernels.mxfp4_dequant``: auto (default) = the Triton kernel when Triton is installed (2.2x the
+    torch path end to end for 20b LoRA on an H100), ``triton`` or ``torch`` to choose. (``gemm`` decodes
+    inside the grouped GEMM; whatever else dequantises whole experts does it as auto would.)"""
+    if impl not in ("auto", "torch", "triton", "gemm"):
+        raise ValueError(f"MXFP4 dequantisation must be auto, torch, triton or gemm, not {impl!r}")
+    if impl in ("auto", "gemm"):
         import importlib.util
 
         return importlib.util.find_spec("triton") is not None
-    return choice == "triton"
+    return impl == "triton"
 
 
 def dequantize_mxfp4(
-    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, rows_per_chunk: int = 1 << 20
+    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, rows_per_chunk: int = 1 << 20,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Dequantise ``blocks`` (..., G, B) uint8 with ``scales`` (..., G) to (..., G * B * 2) in ``dtype``.
 
     Exact for bf16 and fp32: e2m1 values have 2 significant bits and the scale is a power of two
-    (applied as an fp32 ``ldexp`` -> ``dtype`` multiplier, so the product never rounds).
+    (applied as an fp32 ``ldexp`` -> ``dtype`` multiplier, so the product never rounds). ``impl`` is
+    ``kernels.mxfp4_dequant``; CPU tensors always take the torch path.
     """
     _check_packed(blocks, scales)
-    if blocks.is_cuda and _use_triton():
+    if blocks.is_cuda and _use_triton(impl):
         from gptoss_cloud.trainer.kernels.mxfp4_triton import dequantize_mxfp4_triton  # one kernel, ~4x less memory traffic
 
         return dequantize_mxfp4_triton(blocks, scales, dtype)

@@ -10,7 +10,7 @@ device-side schedule maps every M tile to its expert and first row, so nothing i
 Weights are ``W_e`` (out, in) packed along ``in`` (``blocks`` (E, out, in/32, 16), ``scales`` (E, out,
 in/32)): ``nt`` computes ``x @ W_e.T`` (the forward), ``nn`` computes ``g @ W_e`` (the input gradient).
 
-Opt-in with ``GPTOSS_MXFP4_GEMM=triton`` until measured on a GPU; tested against the dequantising path
+Opt-in with ``kernels.mxfp4_dequant: gemm`` until measured on a GPU; tested against the dequantising path
 under ``TRITON_INTERPRET=1`` (tests/gpu/test_mxfp4_gemm_triton.py).
 """
 

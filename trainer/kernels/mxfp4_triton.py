@@ -7,7 +7,7 @@ arithmetic (no table): code c = |nibble|: e = c >> 1, m = c & 1; value = m/2 if 
 (1 + m/2) * 2^(e-1); the scale 2^(s-127) is built from its exponent bits (exact; s = 0, i.e. groups
 below 2^-126, flushes to zero). Same result as the torch path for scale codes 2..254 (codes 0-1 give |v| < 2^-125, which may flush to zero).
 
-Used on CUDA whenever Triton is installed (``GPTOSS_MXFP4_DEQUANT=torch`` selects the torch path). Tested against the torch path on CPU
+Used on CUDA whenever Triton is installed (``kernels.mxfp4_dequant: torch`` selects the torch path). Tested against the torch path on CPU
 under ``TRITON_INTERPRET=1`` and on CUDA in tests/gpu.
 """
 

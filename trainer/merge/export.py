@@ -42,7 +42,7 @@ from gptoss_cloud.contract.store.objects import LocalStore, is_remote, join, ope
 
 from gptoss_cloud.trainer.checkpoint import shards as st
 from gptoss_cloud.trainer.checkpoint.stats import GiB, PeakRss
-from gptoss_cloud.trainer.checkpoint.checkpointer import make_fetcher
+from gptoss_cloud.trainer.checkpoint.resume import make_fetcher
 from gptoss_cloud.trainer.checkpoint.manifest import KEY_ENV, CheckpointError, list_published, parse_step, read_manifest, signing_key, step_dir
 from gptoss_cloud.trainer.checkpoint.safety import FetchingReader, SafeLoadPlanner, safe_load_metadata
 

@@ -63,7 +63,9 @@ def run_attempt(run_id: str, home: str, attempt: int, cmd: list[str], *, echo: b
            "started": now(), "command": cmd, "nproc": int(cmd[cmd.index("--nproc-per-node") + 1])}
     write_json(sd / "run.json", rec)
 
-    env = dict(os.environ)
+    from gptoss_cloud.contract.spec import pod_environ
+
+    env = pod_environ(os.environ)  # this shell's GPTOSS_* settings are in the resolved spec already
     # Share the cores (within a container's CPU limit) between the ranks instead of torchrun's one thread each.
     from gptoss_cloud.contract.hostinfo import usable_cpus
 

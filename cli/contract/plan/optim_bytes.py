@@ -8,7 +8,7 @@ is torchao's AdamW8bit: each moment is one uint8 code per element plus one fp32 
 
 from __future__ import annotations
 
-from gptoss_cloud.contract.spec import OptimSection
+from gptoss_cloud.contract.sections import OptimSection
 
 FP32, BF16 = 4, 2
 QUANT_BLOCK = 256
