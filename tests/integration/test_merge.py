@@ -14,7 +14,8 @@ from ckpt_worker import DataPosition, build_model  # noqa: E402
 from gptoss_cloud.contract.spec import RunSpec  # noqa: E402
 from gptoss_cloud.contract.store.objects import open_store  # noqa: E402
 from gptoss_cloud.trainer.checkpoint.checkpointer import Checkpointer  # noqa: E402
-from gptoss_cloud.trainer.merge.export import harmony_prompts, merge  # noqa: E402
+from gptoss_cloud.trainer.merge.export import merge
+from gptoss_cloud.trainer.merge.verify import harmony_prompts
 
 
 def _trained_run(home: str, method: str, declared: torch.dtype | None = None):
@@ -121,7 +122,7 @@ def test_full_merge_defaults_to_the_dtype_the_run_computed_in(tmp_path):
 MEASURE = r"""
 import sys, tempfile, pathlib
 import torch
-from gptoss_cloud.trainer.merge import export as m
+from gptoss_cloud.trainer.merge import base as mb, export as m
 
 def rss(field):
     for line in open("/proc/self/status"):
@@ -130,7 +131,7 @@ def rss(field):
 
 home, out = sys.argv[1], sys.argv[2]
 with tempfile.TemporaryDirectory() as tmp:
-    src = m.Source(home, pathlib.Path(tmp))
+    src = mb.Source(home, pathlib.Path(tmp))
     sink = m._Sink(out, pathlib.Path(tmp))
     src.load([next(iter(src.model_entries()))])  # warm up DCP's code paths before measuring
     before = rss("VmRSS")

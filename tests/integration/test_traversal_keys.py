@@ -140,7 +140,7 @@ def test_resume_from_a_tampered_manifest_falls_back_to_an_intact_checkpoint(s3_b
 
 
 def test_merge_refuses_a_planted_key_in_the_base_folder_and_in_a_base_mirror(s3_bucket, tmp_path):
-    from gptoss_cloud.trainer.merge.export import resolve_base
+    from gptoss_cloud.trainer.merge.base import resolve_base
 
     home = _home(s3_bucket)
     _plant(home, "base")

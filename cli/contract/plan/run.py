@@ -9,7 +9,8 @@ from gptoss_cloud.contract.plan.disk import DiskPlan, disk_plan
 from gptoss_cloud.contract.plan.memory import MemoryPlan, _with, memory_plan, recompute_on
 from gptoss_cloud.contract.plan.sizes import resolve_shape, trainable_params
 from gptoss_cloud.contract.shapes import ModelShape
-from gptoss_cloud.contract.spec import MAX_SEQ_LEN, RunSpec
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.contract.sections import MAX_SEQ_LEN
 
 
 @dataclass

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from gptoss_cloud.contract.errors import SpecError
 from gptoss_cloud.contract.shapes import ModelShape, shape_for
-from gptoss_cloud.contract.spec import LoraSection, RunSpec
+from gptoss_cloud.contract.spec import RunSpec
+from gptoss_cloud.contract.sections import LoraSection
 
 GiB = 1024**3
 GB = 1000**3
