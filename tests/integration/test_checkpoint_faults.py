@@ -102,7 +102,7 @@ def small_disk(tmp_path):
     # Room for the up-front check (two checkpoints of the tiny preset) and no more; filled right before the save.
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.fail(f"cannot mount a tmpfs for the full-disk test (needs root): {r.stderr.strip()}")
     yield mnt

@@ -227,7 +227,8 @@ def test_dry_run_talks_to_no_server_and_writes_manifests(api, tmp_path):
 
 
 def test_submit_refuses_a_plan_that_cannot_fit_unless_forced(api):
-    full = _spec(api.store).model_copy(update={"method": RunSpec().method.model_copy(update={"kind": "full"})})
+    full = _spec(api.store).model_copy(update={"method": RunSpec().method.model_copy(update={"kind": "full"}),
+                                                   "optim": RunSpec.model_validate({"optim": {"name": "adamw"}}).optim})
     with pytest.raises(PlanError, match="does not fit"):
         _submit(api, spec=full)
     assert api.requests == []

@@ -216,6 +216,6 @@ def test_dry_run_of_120b_on_two_nodes_validates_and_full_is_refused(tmp_path):
     assert [o["kind"] for o in objs] == ["ConfigMap", "JobSet"]
     for o in objs:
         validate_object(o)
-    full = spec(method={"kind": "full"})
+    full = spec(method={"kind": "full"}, optim={"name": "adamw"})  # named: submit keeps it, so it cannot fit
     with pytest.raises(PlanError, match=r"needs \d+\.\d GiB per GPU"):
         get_backend("k8s").submit(full, RUN, f"s3://bucket/runs/{RUN}", SubmitOptions(dry_run=True))
