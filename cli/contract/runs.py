@@ -86,6 +86,31 @@ def resolve_run(ref: str, store_uri: str, *, strict: bool = False) -> tuple[str,
     return run_id, home
 
 
+# ------------------------------------------------------------------------------ merged model folders
+MERGE_FORMATS = ("bf16", "mxfp4")
+
+
+def merged_key(fmt: str = "bf16", step: int | None = None) -> str:
+    """The folder under a run home that holds a merged model: ``merged`` (bf16) or ``merged-mxfp4`` for the
+    final merge, ``merged-step-<N>[-mxfp4]`` for a merge of checkpoint ``N``. The one place these names are made."""
+    if fmt not in MERGE_FORMATS:
+        raise ValueError(f"merge format must be one of {', '.join(MERGE_FORMATS)}, not {fmt!r}")
+    base = "merged" if step is None else f"merged-step-{int(step)}"
+    return base if fmt == "bf16" else f"{base}-{fmt}"
+
+
+def merge_formats(merge_format: str, *, experts_trained: bool, qat: str, base_mxfp4: bool) -> tuple[str, ...]:
+    """The formats a merge writes for ``output.merge_format``. ``auto`` is MXFP4 when nothing learned is lost to it:
+    the experts were trained quantisation-aware, or were not trained and the base holds them in MXFP4 already
+    (their bytes are copied); bf16 otherwise."""
+    if merge_format == "both":
+        return MERGE_FORMATS
+    if merge_format == "auto":
+        lossless = qat == "mxfp4" or (not experts_trained and base_mxfp4)
+        return ("mxfp4",) if lossless else ("bf16",)
+    return (merge_format,)
+
+
 # ---------------------------------------------------------------------------- the run's own spec
 SPEC_FILE = "spec.yaml"
 

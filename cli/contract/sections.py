@@ -134,6 +134,18 @@ class LoraSection(Section):
 class MethodSection(Section):
     kind: Literal["lora", "full"] = "lora"
     lora: LoraSection = Field(default_factory=LoraSection)
+    qat: Literal["none", "mxfp4"] = Field(
+        "none", description="quantisation-aware training: mxfp4 trains the experts as they will be served "
+        "(MXFP4 fake quantisation in the forward, straight-through gradient); needs trainable experts "
+        "(kind: full, or lora.experts: true); docs/serving-mxfp4.md")
+
+    @model_validator(mode="after")
+    def _qat_needs_trained_experts(self):
+        if self.qat != "none" and self.kind == "lora" and not self.lora.experts:
+            raise ValueError(f"method.qat: {self.qat} quantises the experts as they train, but these experts are frozen "
+                             "(method.kind: lora without lora.experts: true); set lora.experts: true, use kind: full, "
+                             "or drop method.qat (frozen MXFP4 experts export byte for byte anyway)")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- optim
@@ -251,6 +263,10 @@ class CheckpointSection(Section):
 class OutputSection(Section):
     store: str = Field("./runs", description="s3://bucket/prefix or a local folder; each run lives at <store>/<run-id>/")
     merge: bool = Field(True, description="merge into a servable Hugging Face folder at the end of training")
+    merge_format: Literal["auto", "bf16", "mxfp4", "both"] = Field(
+        "auto", description="what the merge writes: bf16 (merged/), mxfp4 (merged-mxfp4/: experts in the release's "
+        "MXFP4 layout, a quarter of the size), or both; auto = mxfp4 when nothing learned is lost to it (method.qat: "
+        "mxfp4, or experts left untrained over a base that holds them in MXFP4), else bf16. serve uses the MXFP4 folder when it exists (docs/serving-mxfp4.md)")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="experiment trackers rank 0 also reports to (any of tensorboard, wandb, mlflow; "
         "each needs its extra: pip install 'gptoss-cloud[tensorboard]'); credentials from the environment, see docs/tracking.md"
