@@ -17,8 +17,7 @@ from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.render.k8s import serve as rs
 from gptoss_cloud.contract.runs import merged_key, resolve_run
 from gptoss_cloud.contract.merged import SERVE_PREFERENCE, base_is_mxfp4, merge_format_for, published_format
-from gptoss_cloud.contract.plan.gpus import gpu_info
-from gptoss_cloud.contract.plan.serving import per_gpu, size_tp, valid_tp
+from gptoss_cloud.contract.plan.serving import per_gpu, size_tp, sizing_args, valid_tp
 from gptoss_cloud.contract.shapes import ModelShape, shape_for, shape_from_config
 from gptoss_cloud.contract.spec import RunSpec, deep_merge, env_overrides, format_validation_error, set_path
 from gptoss_cloud.contract.store.objects import open_store
@@ -57,16 +56,9 @@ def model_shape(spec: RunSpec, home: str) -> ModelShape:
         raise GptossError(f"cannot tell the shape of model {spec.model.name!r}: no merged/config.json in {home}")
 
 
-def _sizing_args(spec: RunSpec, fmt: str) -> dict:
-    s = spec.serve
-    return {"gpu_memory_gib": gpu_info(spec).memory_gib, "utilization": s.gpu_memory_utilization,
-            "max_model_len": s.max_model_len, "kv_sequences": s.kv_sequences, "fmt": fmt}
-
-
 def pick_tp(spec: RunSpec, shape: ModelShape, notes: list[str], fmt: str = "bf16") -> int:
     s = spec.serve
-    max_len = min(s.max_model_len, shape.max_position_embeddings)   # what vLLM is given (render/vllm.py)
-    args = _sizing_args(spec, fmt) | {"max_model_len": max_len}
+    args = sizing_args(spec, shape) | {"fmt": fmt}
     if s.tp is None:
         sized = size_tp(shape, **args)
         notes.append(f"note: {sized.describe()}")

@@ -135,3 +135,35 @@ def size_formats(shape: ModelShape, **kw) -> dict[str, TpSizing | GptossError]:
         except GptossError as e:
             out[fmt] = e
     return out
+
+
+# ---------------------------------------------------------------------------------------- from a spec
+def sizing_args(spec, shape: ModelShape) -> dict:
+    """The spec's serving budget: the card's memory (contract/plan/gpus.py), serve.gpu_memory_utilization,
+    serve.max_model_len as vLLM is given it (capped at the model's max_position_embeddings, render/vllm.py), and
+    serve.kv_sequences."""
+    from gptoss_cloud.contract.plan.gpus import gpu_info
+
+    s = spec.serve
+    return {"gpu_memory_gib": gpu_info(spec).memory_gib, "utilization": s.gpu_memory_utilization,
+            "max_model_len": min(s.max_model_len, shape.max_position_embeddings), "kv_sequences": s.kv_sequences}
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    serve_format: str                             # what `serve` would use once the run's merge is published
+    gpu_type: str
+    sizes: dict[str, TpSizing | GptossError]      # per format
+
+    def to_dict(self) -> dict:
+        return {"serve_format": self.serve_format, "gpu_type": self.gpu_type,
+                "formats": {f: s.to_dict() if isinstance(s, TpSizing) else {"fits": False, "error": s.message}
+                            for f, s in self.sizes.items()}}
+
+
+def serving_plan(spec, shape: ModelShape) -> ServingPlan:
+    """Both formats' serving sizes for the spec's cluster, and the one its merge resolves to (contract/merged.py)."""
+    from gptoss_cloud.contract.merged import merge_format_for
+
+    return ServingPlan(serve_format=merge_format_for(spec), gpu_type=spec.cluster.gpu_type,
+                       sizes=size_formats(shape, **sizing_args(spec, shape)))
