@@ -73,15 +73,16 @@ def test_bf16_experts_split_evenly_with_w2_bias_on_every_rank():
 
 # --------------------------------------------------------------------------------------------- KV cache
 def test_kv_of_one_sequence_counts_what_vllm_admits():
-    # 8 KV heads x 64 dims, bf16 K and V: 2048 bytes per token per layer. Sliding layers hold the window (127) plus
-    # 2 x 8192 in-flight tokens on an 80 GB card, in whole 16-token blocks: 16,511 -> 16,512.
+    # 8 KV heads x 64 dims, bf16 K and V: 2048 bytes per token per layer. Sliding layers hold the window less one
+    # (127) plus 2 x 8192 in-flight tokens on an 80 GB card, in whole 16-token blocks plus one: 16,511 -> 1,033 blocks.
     assert in_flight_tokens(H100) == in_flight_tokens(H200) == 16384 and in_flight_tokens(40) == 4096
-    assert kv_bytes_per_sequence(GPT_OSS_20B, 32768, in_flight=16384) == 2048 * (12 * 32768 + 12 * 16512)
-    assert kv_bytes_per_sequence(GPT_OSS_120B, 32768, in_flight=16384) == 2048 * (18 * 32768 + 18 * 16512)
-    assert kv_bytes_per_sequence(GPT_OSS_120B, 4096, in_flight=16384) == 2048 * 36 * 4096   # short: every layer holds all
+    assert kv_bytes_per_sequence(GPT_OSS_20B, 32768, in_flight=16384) == 2048 * 16 * (12 * 2048 + 12 * 1033)
+    assert kv_bytes_per_sequence(GPT_OSS_120B, 32768, in_flight=16384) == 2048 * 16 * (18 * 2048 + 18 * 1033)
+    # short: every layer holds the whole sequence, the sliding ones one block more
+    assert kv_bytes_per_sequence(GPT_OSS_120B, 4096, in_flight=16384) == 2048 * 16 * (18 * 256 + 18 * 257)
     assert kv_bytes_per_sequence(GPT_OSS_120B, 32768, tp=8, in_flight=16384) * 8 == kv_bytes_per_sequence(
         GPT_OSS_120B, 32768, in_flight=16384)                                                 # one KV head per rank
-    assert kv_bytes_per_sequence(GPT_OSS_20B, 32768) == 2048 * (12 * 32768 + 12 * 128)         # no in-flight: the window
+    assert kv_bytes_per_sequence(GPT_OSS_20B, 32768) == 2048 * 16 * (12 * 2048 + 12 * 9)       # no in-flight: the window
 
 
 # ------------------------------------------------------------------------------------------- TP by format
@@ -109,7 +110,7 @@ def test_120b_mxfp4_serves_on_one_80gb_gpu_with_the_arithmetic_of_docs_serving_s
     s = size_tp(GPT_OSS_120B, gpu_memory_gib=H100, fmt="mxfp4")
     assert s.tp == 1
     assert s.weights_per_gpu_gib == pytest.approx(61.04, abs=0.01)    # 57.33 GB codes + 3.80 scales + 0.16 biases + 4.25 rest
-    assert s.kv_seq_gib == pytest.approx(2048 * 18 * (32768 + 16512) / GiB)   # 1.69 GiB
+    assert s.kv_seq_gib == pytest.approx(2048 * 16 * 18 * (2048 + 1033) / GiB)   # 1.69 GiB
     assert s.budget_gib == 72.0 and s.per_gpu_gib == pytest.approx(61.04 + 2 * 1.69 + 4, abs=0.02)
     assert s.sequences_held == 4                                       # (72 - 61.04 - 4) / 1.69 = 4.1
     on_cuda = size_tp(GPT_OSS_120B, gpu_memory_gib=H100_CUDA, fmt="mxfp4")

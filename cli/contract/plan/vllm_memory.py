@@ -115,17 +115,20 @@ def in_flight_tokens(gpu_memory_gib: float) -> int:
 
 
 def kv_bytes_per_sequence(shape: ModelShape, max_model_len: int, *, tp: int = 1, in_flight: int = 0) -> int:
-    """The KV cache one ``max_model_len`` sequence takes on one GPU, counted as vLLM admits it: full-attention
-    layers hold every token (``FullAttentionSpec.max_memory_usage_bytes``), sliding-window layers the window plus
-    the in-flight tokens (``SlidingWindowSpec.max_admission_blocks_per_request``, vllm/v1/kv_cache_interface.py),
-    both in whole 16-token blocks; bf16 K and V for the rank's KV heads."""
+    """The KV cache one ``max_model_len`` sequence takes on one GPU, counted as vLLM admits it
+    (vllm/v1/kv_cache_interface.py): full-attention layers hold every token in whole blocks
+    (``FullAttentionSpec.max_memory_usage_bytes``), sliding-window layers the window less one plus the in-flight
+    tokens, at most ``max_model_len``, in whole blocks plus one, as the window need not start on a block
+    (``SlidingWindowSpec.max_admission_blocks_per_request``); bf16 K and V for the rank's KV heads."""
     kv_heads = max(1, shape.num_key_value_heads // tp)
     per_token_layer = 2 * kv_heads * shape.head_dim * BF16
-    tokens = 0
+    blocks = 0
     for kind in shape.layer_types():
-        held = min(shape.sliding_window - 1 + in_flight, max_model_len) if kind == "sliding_attention" else max_model_len
-        tokens += _up(held, KV_BLOCK_TOKENS)
-    return per_token_layer * tokens
+        if kind == "sliding_attention":
+            blocks += _cdiv(min(shape.sliding_window - 1 + in_flight, max_model_len), KV_BLOCK_TOKENS) + 1
+        else:
+            blocks += _cdiv(max_model_len, KV_BLOCK_TOKENS)
+    return per_token_layer * KV_BLOCK_TOKENS * blocks
 
 
 def _check_format(fmt: str) -> None:
