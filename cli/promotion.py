@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from gptoss_cloud.contract.errors import GptossError
+from gptoss_cloud.contract.merged import MERGED_MARKER, published_key
 from gptoss_cloud.contract.promoted import (
     EvalNumbers, PromotionError, Record, judge, now_stamp, read_history, read_record, write_decision,
 )
@@ -23,7 +24,6 @@ from gptoss_cloud.contract.store.objects import StoreNotFound, join, open_store
 
 TERMINAL = ("Succeeded", "Failed", "Cancelled")
 MAX_EVAL_BYTES = 16 * 1024 * 1024   # an eval file holds every reply (each cut to 2,000 characters)
-MERGED_MARKER = "model.safetensors.index.json"   # what serving waits for (render/k8s/serve.py)
 PROMOTED_ANNOTATION = "gptoss-cloud.dev/promoted-run"
 FIELD_MANAGER = "gptoss-cloud-tick"
 
@@ -98,8 +98,8 @@ def promote_run(run_id: str, home: str, *, force: bool = False) -> Decision:
 
     if state != "Succeeded":
         return decide(False, f"the run did not succeed (state {state or 'unknown: no summary.json'})")
-    if not open_store(home).exists(f"merged/{MERGED_MARKER}"):
-        return decide(False, f"no published merged/ folder to serve (no merged/{MERGED_MARKER})")
+    if published_key(open_store(home)) is None:
+        return decide(False, f"no published merged folder to serve (no {MERGED_MARKER} in merged/ or merged-mxfp4/)")
     if current is not None and current.run_id == run_id:
         return decide(False, "already the promoted run")
     if unusable is not None:

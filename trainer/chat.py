@@ -1,6 +1,7 @@
 """Ask a trained run one question: load its model, render the prompt with harmony, decode greedily.
 
-Which weights: ``merged/`` when the run wrote one; else the base (``base/`` in the run home, or the
+Which weights: the run's merged folder when it wrote one (``merged/`` in bf16 first, as trained; else
+``merged-mxfp4/``, which transformers dequantises to bf16 on load); else the base (``base/`` in the run home, or the
 spec's model) with ``adapter/`` on top. The prompt is rendered the way the data pipeline renders
 training conversations (same system message fields from ``spec.data``), so a trained answer comes back
 for a trained question.
@@ -98,11 +99,13 @@ def load_run_model(home: str, spec: RunSpec, *, device: str | None = None):
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     from gptoss_cloud.contract.outputs import spec_says_signed
 
+    from gptoss_cloud.contract.runs import merged_key
+
     signed = spec_says_signed(spec)
-    merged = _local_dir(home, "merged", run_id, signed)
-    if merged is not None:
-        model = AutoModelForCausalLM.from_pretrained(merged, dtype=dtype)
-        return model.to(device).eval(), join(home, "merged")
+    for fmt in ("bf16", "mxfp4"):   # bf16 first: the trained weights exactly
+        merged = _local_dir(home, merged_key(fmt), run_id, signed)
+        if merged is not None:
+            return _load_merged(merged, dtype, mxfp4=fmt == "mxfp4").to(device).eval(), join(home, merged_key(fmt))
     adapter = _local_dir(home, "adapter", run_id, signed)
     base_dir = _local_dir(home, "base", run_id, signed)
     if base_dir is not None:
@@ -111,7 +114,7 @@ def load_run_model(home: str, spec: RunSpec, *, device: str | None = None):
         base, base_src = _load_base_from_spec(spec, dtype), f"model {spec.model.name}"
     else:
         raise GptossError(
-            f"run {home} has no merged/ or adapter/ yet",
+            f"run {home} has no merged/, merged-mxfp4/ or adapter/ yet",
             hint="wait for the run to finish (status shows it), or merge a checkpoint: gptoss-cloud merge RUN",
         )
     if adapter is None:
@@ -120,6 +123,17 @@ def load_run_model(home: str, spec: RunSpec, *, device: str | None = None):
 
     model = PeftModel.from_pretrained(base, str(adapter))
     return model.to(device).eval(), f"{base_src} + {join(home, 'adapter')}"
+
+
+def _load_merged(folder: Path, dtype, *, mxfp4: bool):
+    """A merged folder; MXFP4 experts dequantised by transformers' own Mxfp4 integration (its ``dequantize``)."""
+    from transformers import AutoModelForCausalLM
+
+    if not mxfp4:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    from transformers import Mxfp4Config
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=Mxfp4Config(dequantize=True))
 
 
 def _load_base_from_spec(spec: RunSpec, dtype):

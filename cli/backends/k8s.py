@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from gptoss_cloud.contract.errors import BackendError, GptossError, StoreError
+from gptoss_cloud.contract.merged import published_key
 from gptoss_cloud.render.k8s import jobset as rk
 from gptoss_cloud.render.k8s.meta import NAME_LABEL, RUN_LABEL
 from gptoss_cloud.contract.spec import RunSpec
@@ -161,7 +162,8 @@ class KubernetesBackend(Backend):
             detail["metrics"] = {k: metrics[k] for k in ("step", "loss", "tokens_per_s", "tokens", "eval_loss") if k in metrics}
         if js is None:
             detail["note"] = "JobSet not found: cancelled, or finished and removed after ttlSecondsAfterFinished"
-            done = open_store(home).exists("merged/config.json") or open_store(home).exists("adapter/adapter_config.json")
+            st = open_store(home)
+            done = published_key(st) is not None or st.exists("adapter/adapter_config.json")
             return RunStatus(run_id=run_id, state="Succeeded" if done else "Unknown", backend=self.name, detail=detail)
         state = jobset_state(js)
         st = js.get("status") or {}

@@ -1,8 +1,9 @@
 """`serve`: decide what to serve from the run store; each backend's ``serve`` renders (pure) and applies (thin) it.
 
 The run's own spec (``<home>/spec.yaml``) is the baseline; serve/cluster flags and GPTOSS_* variables
-override it. The store is read to learn whether ``merged/`` is published (else a merge Job is
-rendered), whether the adapter exists, and a custom model's shape.
+override it. The store is read to learn which merged folder is published (``merged-mxfp4/`` or ``merged/``,
+contract/merged.py; else a merge Job is rendered), whether the adapter exists, and a custom model's shape.
+TP is sized for the format served (contract/plan/serving.py).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any, Mapping
 from gptoss_cloud.contract import prompt_rule
 from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.render.k8s import serve as rs
-from gptoss_cloud.contract.runs import resolve_run
-from gptoss_cloud.contract.plan.serving import per_gpu, size_tp, valid_tp
+from gptoss_cloud.contract.runs import merged_key, resolve_run
+from gptoss_cloud.contract.merged import SERVE_PREFERENCE, base_is_mxfp4, merge_format_for, published_format
+from gptoss_cloud.contract.plan.serving import per_gpu, size_tp, sizing_args, valid_tp
 from gptoss_cloud.contract.shapes import ModelShape, shape_for, shape_from_config
 from gptoss_cloud.contract.spec import RunSpec, deep_merge, env_overrides, format_validation_error, set_path
 from gptoss_cloud.contract.store.objects import open_store
@@ -48,23 +50,45 @@ def model_shape(spec: RunSpec, home: str) -> ModelShape:
         return shape_for(spec.model.name, spec.model.layers)
     except ValueError:
         store = open_store(home)
-        for key in ("merged/config.json", "adapter/config.json"):
+        for key in [f"{merged_key(f)}/config.json" for f in SERVE_PREFERENCE] + ["adapter/config.json"]:
             if store.exists(key):
                 return shape_from_config(json.loads(store.read_bytes(key)), name=spec.model.name)
         raise GptossError(f"cannot tell the shape of model {spec.model.name!r}: no merged/config.json in {home}")
 
 
-def pick_tp(spec: RunSpec, shape: ModelShape, notes: list[str]) -> int:
-    s, c = spec.serve, spec.cluster
+def pick_tp(spec: RunSpec, shape: ModelShape, notes: list[str], fmt: str = "bf16") -> int:
+    s = spec.serve
+    args = sizing_args(spec, shape) | {"fmt": fmt}
     if s.tp is None:
-        return size_tp(shape, gpu_memory_gib=c.gpu_memory_gib, utilization=s.gpu_memory_utilization, max_model_len=s.max_model_len).tp
+        sized = size_tp(shape, **args)
+        notes.append(f"note: {sized.describe()}")
+        return sized.tp
     if not valid_tp(shape, s.tp):
         raise GptossError(f"--tp {s.tp} does not divide {shape.name}'s {shape.num_attention_heads} attention / "
-                          f"{shape.num_key_value_heads} KV heads", hint="use 1, 2, 4 or 8")
-    sized = per_gpu(shape, s.tp, gpu_memory_gib=c.gpu_memory_gib, utilization=s.gpu_memory_utilization, max_model_len=s.max_model_len)
+                          f"{shape.num_key_value_heads} KV heads and intermediate size {shape.intermediate_size}",
+                          hint="use 1, 2, 4 or 8")
+    sized = per_gpu(shape, s.tp, **args)
     if not sized.fits:
         notes.append(f"warning: {sized.describe()}; vLLM may run out of memory")
     return s.tp
+
+
+def _base_config(store) -> dict | None:
+    """The run's own base/ config.json (random-init runs keep their base there), bounded like every store read."""
+    if not store.exists("base/config.json"):
+        return None
+    try:
+        return json.loads(store.read_range("base/config.json", 0, 1 << 20))
+    except ValueError:
+        return None
+
+
+def serve_format(spec: RunSpec, store, step: int | None) -> tuple[str, bool]:
+    """(format, published): the published merged folder ``serve.format`` accepts, else the format to merge into."""
+    found = published_format(store, step, spec.serve.format)
+    if found is not None:
+        return found, True
+    return merge_format_for(spec, _base_config(store)), False
 
 
 def resolve_target(run_ref: str, store_uri: str, overrides: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> tuple[rs.ServeTarget, list[str]]:
@@ -89,10 +113,11 @@ def resolve_target(run_ref: str, store_uri: str, overrides: Mapping[str, Any], e
         notes.append(f"note: serving with --max-model-len {shape.max_position_embeddings}, {shape.name}'s "
                      f"max_position_embeddings (serve.max_model_len is {spec.serve.max_model_len})")
     notes += [f"note: {d}" for d in prompt_rule.vllm_differences(spec.data)]
-    tp = pick_tp(spec, shape, notes)
-    key = "merged" if step is None else f"merged-step-{step}"
-    needs_merge = not spec.serve.adapter and not store.exists(f"{key}/{rs.MERGED_MARKER}")
-    return rs.ServeTarget(run_id=run_id, home=home, spec=spec, shape=shape, tp=tp, needs_merge=needs_merge, step=step), notes
+    # --adapter serves the published base (MXFP4 for the GPT-OSS releases) plus the adapter: sized as MXFP4.
+    fmt, published = ("mxfp4" if base_is_mxfp4(spec) else "bf16", True) if spec.serve.adapter else serve_format(spec, store, step)
+    tp = pick_tp(spec, shape, notes, fmt)
+    return rs.ServeTarget(run_id=run_id, home=home, spec=spec, shape=shape, tp=tp, needs_merge=not published,
+                          step=step, fmt=fmt), notes
 
 
 def resolve_promoted(name: str, store_uri: str, overrides: Mapping[str, Any],
@@ -109,11 +134,12 @@ def resolve_promoted(name: str, store_uri: str, overrides: Mapping[str, Any],
                           hint="gptoss-cloud promote RUN, or a tick of a spec with promote.name set")
     t, notes = resolve_target(rec.run_id, store_uri, overrides, environ)
     if t.adapter or t.step is not None:
-        raise GptossError("--promoted serves the promoted run's merged/ folder", hint="drop --adapter and --checkpoint")
+        raise GptossError("--promoted serves the promoted run's final merge", hint="drop --adapter and --checkpoint")
     if t.needs_merge:
-        raise GptossError(f"promoted run {rec.run_id} has no published merged/ folder", hint=f"gptoss-cloud merge {rec.run_id}")
+        raise GptossError(f"promoted run {rec.run_id} has no published merged folder ({t.merged_key}/)", hint=f"gptoss-cloud merge {rec.run_id}")
     if t.spec.cluster.backend == "truss":
         raise GptossError("a Truss deployment serves one fixed run and cannot follow a promotion",
                           hint=f"serve {rec.run_id} --backend truss, or --promoted on --backend k8s")
-    notes.append(f"note: {name} is run {rec.run_id} now; the server reads promoted/{name}.json each time its pod starts")
+    notes.append(f"note: {name} is run {rec.run_id} now; the server reads promoted/{name}.json each time its pod starts "
+                 f"and serves that run's {t.fmt} folder (TP {t.tp} is sized for it)")
     return replace(t, run_id=name, promoted_store=t.home.rstrip("/").rsplit("/", 1)[0]), notes

@@ -86,13 +86,15 @@ def push(
     run: Annotated[str, typer.Argument(help="run id or run home URI")],
     to: Annotated[str, typer.Option("--to", help="hf://ORG/NAME on the Hugging Face Hub")],
     adapter: Annotated[bool, typer.Option("--adapter", help="push the LoRA adapter instead of the merged folder")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="which merged folder: auto (merged-mxfp4/ when published, else merged/) | bf16 | mxfp4")] = "auto",
     private: Annotated[bool, typer.Option("--private/--public", help="visibility if the repository is created")] = True,
     store: StoreOpt = None,
 ) -> None:
     """Upload a run's merged folder (or adapter) to the Hugging Face Hub; the token comes from HF_TOKEN."""
     from gptoss_cloud.contract.errors import GptossError
     from gptoss_cloud.contract.outputs import MANIFEST, home_says_signed
-    from gptoss_cloud.contract.runs import resolve_run
+    from gptoss_cloud.contract.merged import formats_for, published_key
+    from gptoss_cloud.contract.runs import MERGE_FORMATS, merged_key, resolve_run
     from gptoss_cloud.trainer.programs.serve_fetch import fetch
     from gptoss_cloud.contract.store.objects import is_remote, join, open_store
 
@@ -101,10 +103,17 @@ def push(
     if not token:
         raise GptossError("HF_TOKEN is not set", hint="export HF_TOKEN=<a write token from huggingface.co/settings/tokens>")
     run_id, home = resolve_run(run, resolve(None, output__store=store).output.store)
-    key, marker = ("adapter", "adapter_config.json") if adapter else ("merged", "config.json")
-    if not open_store(home).exists(f"{key}/{marker}"):
-        raise GptossError(f"nothing to push: {home}/{key}/{marker} does not exist",
-                          hint=("train a LoRA run" if adapter else f"gptoss-cloud merge {run_id}"))
+    if fmt not in ("auto", *MERGE_FORMATS):
+        raise GptossError(f"--format {fmt!r}: use auto, {' or '.join(MERGE_FORMATS)}")
+    if adapter:
+        key = "adapter"
+        if not open_store(home).exists("adapter/adapter_config.json"):
+            raise GptossError(f"nothing to push: {home}/adapter/adapter_config.json does not exist", hint="train a LoRA run")
+    else:
+        key = published_key(open_store(home), fmt=fmt)
+        if key is None:
+            wanted = " or ".join(f"{merged_key(f)}/" for f in formats_for(fmt))
+            raise GptossError(f"nothing to push: no published {wanted} in {home}", hint=f"gptoss-cloud merge {run_id}")
     try:
         from huggingface_hub import HfApi
         from huggingface_hub.errors import HfHubHTTPError

@@ -40,6 +40,8 @@ def plan(
     """Plan memory, disk, time and cost for a run (exit 1 if it cannot fit). Talks to no server."""
     from gptoss_cloud.contract.plan.run import longest_seq, plan_run
     from gptoss_cloud.contract.plan.configs import configs_table, configurations
+    from gptoss_cloud.contract.plan.serving import serving_plan
+    from gptoss_cloud.contract.plan.sizes import resolve_shape
 
     s = resolve(
         spec, model__name=model, parallelism__nodes=nodes, parallelism__gpus_per_node=gpus_per_node,
@@ -51,13 +53,15 @@ def plan(
     rp = plan_run(s, shape, dataset_tokens=tokens, gpu_price=gpu_price, mfu=mfu)
     ls = longest_seq(s, shape) if longest else None
     configs = configurations(s, shape)
+    sp = serving_plan(s, resolve_shape(s, shape))
     if output is PlanFormat.json:
-        extra = {"configurations": [c.to_dict() for c in configs]} | ({"longest_seq": ls.to_dict()} if ls else {})
+        extra = {"configurations": [c.to_dict() for c in configs], "serving": sp.to_dict()}
+        extra |= {"longest_seq": ls.to_dict()} if ls else {}
         typer.echo(json.dumps(rp.to_dict() | extra, indent=2))
     else:
         from rich.console import Console
 
-        Console(highlight=False).print(*plan_tables(rp), configs_table(configs, s))
+        Console(highlight=False).print(*plan_tables(rp), configs_table(configs, s), serving_table(sp))
         if ls:
             Console(highlight=False).print(longest_line(ls))
     if not rp.fits:
@@ -70,6 +74,25 @@ def longest_line(ls) -> str:
     return (f"longest data.max_seq_len that fits: {ls.tokens:,} tokens ({ls.gpu_total_gib:.1f} of "
             f"{ls.gpu_capacity_gib:.1f} GiB per GPU, layers {'recomputed' if ls.recompute else 'not recomputed'}; "
             f"a projection)")
+
+
+def serving_table(sp):
+    """Serving the merged model with vLLM, both formats side by side (docs/serving-sizes.md)."""
+    from rich.table import Table
+
+    t = Table(title=f"Serving with vLLM on {sp.gpu_type} (serve uses {sp.serve_format} for this spec; docs/serving-sizes.md)",
+              title_justify="left")
+    for col in ("format", "weights GB", "GPUs (TP)", "GiB per GPU / budget", "full-length sequences the KV holds"):
+        t.add_column(col, justify="left" if col == "format" else "right")
+    for fmt, z in sp.sizes.items():
+        mark = " (serve)" if fmt == sp.serve_format else ""
+        if isinstance(z, Exception):
+            t.add_row(fmt + mark, "", "does not fit", "", z.message[:120])
+            continue
+        t.add_row(fmt + mark, f"{z.weights_gib * 2**30 / 1e9:,.1f}", str(z.tp), f"{z.per_gpu_gib:.1f} / {z.budget_gib:.1f}",
+                  f"{z.sequences_held} of {z.max_model_len:,} tokens (asked: {z.kv_sequences})",
+                  style="bold" if mark else None)
+    return t
 
 
 def plan_tables(rp) -> list:

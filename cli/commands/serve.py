@@ -20,6 +20,7 @@ def serve(
     run: Annotated[Optional[str], typer.Argument(help="run id (looked up in the store) or a run home URI", show_default=False)] = None,
     promoted: Annotated[Optional[str], typer.Option("--promoted", help="instead of RUN: serve whichever run is promoted as NAME (read when the pod starts)")] = None,
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help=f"latest, or a step number to merge and serve; {OVERRIDES}")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help=f"auto | bf16 | mxfp4: which merged folder (auto: merged-mxfp4/ when published, else merged/); {OVERRIDES}")] = None,
     tp: Annotated[Optional[int], typer.Option("--tp", min=1, help=f"tensor parallel size (default: sized from model and GPU memory); {OVERRIDES}")] = None,
     replicas: Annotated[Optional[int], typer.Option("--replicas", min=1, help=OVERRIDES)] = None,
     backend: Annotated[Optional[str], typer.Option("--backend", help=f"k8s | truss | local; {OVERRIDES}")] = None,
@@ -43,7 +44,7 @@ def serve(
         raise GptossError(f"--output must be yaml or json, not {output!r}")
     store_uri = resolve(None, output__store=store).output.store
     overrides = {
-        "serve.checkpoint": checkpoint, "serve.tp": tp, "serve.replicas": replicas, "serve.adapter": adapter,
+        "serve.checkpoint": checkpoint, "serve.format": fmt, "serve.tp": tp, "serve.replicas": replicas, "serve.adapter": adapter,
         "serve.port": port, "cluster.backend": backend, "cluster.namespace": namespace, "cluster.context": context,
     }
     if (run is None) == (promoted is None):

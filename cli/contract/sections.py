@@ -364,7 +364,14 @@ class ClusterSection(Section):
 class ServeSection(Section):
     tp: int | None = Field(None, ge=1, le=64, description="tensor parallel size (default: sized from model and GPU memory)")
     replicas: int = Field(1, ge=1, le=1000)
-    checkpoint: str = Field("latest", description="latest (the run's merged/ folder) or a step number to merge and serve")
+    checkpoint: str = Field("latest", description="latest (the run's final merge) or a step number to merge and serve")
+    format: Literal["auto", "bf16", "mxfp4"] = Field(
+        "auto", description="which merged folder to serve: mxfp4 (merged-mxfp4/), bf16 (merged/), or auto = mxfp4 when "
+        "published, else bf16; with neither published, the merge writes this format (auto: what output.merge_format "
+        "resolves to, mxfp4 first). TP is sized for it (docs/serving-sizes.md)")
+    kv_sequences: int = Field(
+        2, ge=1, le=4096, description="full-length (max_model_len) sequences the KV cache must hold at once when TP is "
+        "sized; vLLM itself needs 1 (docs/serving-sizes.md)")
     adapter: bool = Field(False, description="serve the base model plus the LoRA adapter (vLLM --enable-lora) instead of merged weights")
     max_model_len: int = Field(32768, ge=256, le=1 << 24)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)

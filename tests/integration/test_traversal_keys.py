@@ -82,7 +82,8 @@ def test_push_refuses_a_planted_key_before_anything_is_uploaded(s3_bucket, tmp_p
     monkeypatch.setenv("TMPDIR", str(tmp_path / "a" / "b"))  # push fetches into <TMPDIR>/<tmp>/merged
     (tmp_path / "a" / "b").mkdir(parents=True)
     home = _home(s3_bucket)
-    _plant(home, "merged", {"../../escaped-too": b"pwned"})
+    # published (its index written), so push picks the folder and reaches the fetch
+    _plant(home, "merged", {"../../escaped-too": b"pwned", "model.safetensors.index.json": b"{}"})
     r = CliRunner().invoke(app, ["push", home, "--to", "hf://org/name"])
     assert r.exit_code != 0 and isinstance(r.exception, UnsafeKeyError), r.output
     _nothing_escaped(tmp_path)

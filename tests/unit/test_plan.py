@@ -296,3 +296,20 @@ def test_changed_settings_keep_the_cards_memory():
     # 20b LoRA at 16K tokens keeps every activation on an H200 but must recompute on an H100.
     assert not recompute_on(_with(h200, data__max_seq_len=16384))
     assert recompute_on(_with(_one_gpu("20b"), data__max_seq_len=16384))
+
+
+def test_plan_shows_serving_in_both_formats_and_the_one_serve_uses(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from gptoss_cloud.main import app
+
+    monkeypatch.setenv("COLUMNS", "250")
+    r = CliRunner().invoke(app, ["plan", "--model", "120b", "-o", "json"])
+    serving = json.loads(r.stdout)["serving"]
+    assert serving["serve_format"] == "mxfp4"   # LoRA on attention over the MXFP4 release: the merge is MXFP4
+    assert (serving["formats"]["bf16"]["tp"], serving["formats"]["mxfp4"]["tp"]) == (4, 1)
+    assert serving["formats"]["mxfp4"]["sequences_held"] == 4 and serving["formats"]["mxfp4"]["kv_sequences"] == 2
+    full = CliRunner().invoke(app, ["plan", "--model", "120b", "--method", "full", "--nodes", "2", "-o", "json"])
+    assert json.loads(full.stdout)["serving"]["serve_format"] == "bf16"   # trained experts without QAT stay bf16
+    table = CliRunner().invoke(app, ["plan", "--model", "120b"]).stdout
+    assert "Serving with vLLM on H100 (serve uses mxfp4" in table and "mxfp4 (serve)" in table

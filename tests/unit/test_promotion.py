@@ -236,7 +236,7 @@ def test_promote_refuses_what_cannot_be_served_even_when_forced(tmp_path):
     make_home(tmp_path, "bot-20261201-030000-aaaa", loss=1.0, state="failed")
     make_home(tmp_path, "bot-20261202-030000-bbbb", loss=1.0, merged=False)
     assert "the run did not succeed (state Failed)" in decide(tmp_path, "bot-20261201-030000-aaaa", force=True).reason
-    assert "no published merged/ folder" in decide(tmp_path, "bot-20261202-030000-bbbb", force=True).reason
+    assert "no published merged folder" in decide(tmp_path, "bot-20261202-030000-bbbb", force=True).reason
     assert pr.read_record(str(tmp_path), "bot") is None
 
 
@@ -333,7 +333,7 @@ def test_serve_promoted_renders_a_deployment_that_reads_the_record_at_start(tmp_
     pod = dep["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
     assert init["command"] == ["python", "-m", "gptoss_cloud.trainer.programs.serve_fetch", str(tmp_path), "/models/merged",
-                               "--promoted", "bot"]
+                               "--promoted", "bot", "--format", "bf16"]   # the format TP was sized for
     args = pod["containers"][0]["args"]
     assert args[args.index("--served-model-name") + 1] == "bot"   # clients keep one model name across promotions
     assert rid not in json.dumps(dep)                               # nothing in Git changes when the promotion does
@@ -344,6 +344,7 @@ def test_serve_fetch_resolves_the_alias_and_refuses_a_hostile_record(tmp_path, c
     merged = tmp_path / rid / "merged"
     merged.mkdir(parents=True)
     (merged / "config.json").write_text("{}")
+    (merged / "model.safetensors.index.json").write_text("{}")   # published: what serve_fetch picks a folder by
     assert serve_fetch.main([str(tmp_path), str(tmp_path / "out"), "--promoted", "bot"]) == 1
     assert "nothing promoted as 'bot'" in capsys.readouterr().err
     pr.write_decision(str(tmp_path), record(rid))

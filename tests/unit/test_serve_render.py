@@ -83,7 +83,7 @@ def by_kind(objs):
 
 # --------------------------------------------------------------------------------------- tests
 def test_120b_renders_merge_job_deployment_service_networkpolicy_all_valid(tmp_path):
-    make_run(tmp_path)
+    make_run(tmp_path, output={"merge_format": "bf16"})   # a bf16 merge: TP 4 on 80 GB cards
     t = target(tmp_path)
     objs = rs.serve_objects(t)
     assert [o["kind"] for o in objs] == ["Job", "Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget"]
@@ -94,7 +94,7 @@ def test_120b_renders_merge_job_deployment_service_networkpolicy_all_valid(tmp_p
     assert_restricted(k["Job"]["spec"]["template"]["spec"])
     assert_restricted(k["Deployment"]["spec"]["template"]["spec"])
     assert k["Job"]["spec"]["template"]["spec"]["containers"][0]["command"] == [
-        "gptoss-cloud", "merge", str(tmp_path / RUN), "--out", f"{tmp_path / RUN}/merged"]
+        "gptoss-cloud", "merge", str(tmp_path / RUN), "--out", f"{tmp_path / RUN}/merged", "--format", "bf16"]
 
     pod = k["Deployment"]["spec"]["template"]["spec"]
     vllm = pod["containers"][0]
@@ -113,7 +113,7 @@ def test_120b_renders_merge_job_deployment_service_networkpolicy_all_valid(tmp_p
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert vllm[probe]["httpGet"]["path"] == "/health"
     startup = vllm["startupProbe"]["periodSeconds"] * vllm["startupProbe"]["failureThreshold"]
-    assert startup >= rs.startup_budget_s(t.shape, 4) > 600
+    assert startup >= rs.startup_budget_s(t.shape, 4, "bf16") > 600
 
     init = pod["initContainers"][0]
     assert init["command"][:3] == ["python", "-m", "gptoss_cloud.trainer.programs.serve_fetch"]
@@ -147,7 +147,7 @@ def test_checkpoint_step_merges_that_step(tmp_path):
     t = target(tmp_path, serve__checkpoint="100")
     job = rs.merge_job(t)
     assert job["spec"]["template"]["spec"]["containers"][0]["command"][2:] == [
-        f"{tmp_path / RUN}/checkpoints/step-100", "--out", f"{tmp_path / RUN}/merged-step-100"]
+        f"{tmp_path / RUN}/checkpoints/step-100", "--out", f"{tmp_path / RUN}/merged-step-100-mxfp4", "--format", "mxfp4"]
     with pytest.raises(GptossError) as e:
         target(tmp_path, serve__checkpoint="150")
     assert "step-150" in str(e.value) and "step-100, step-200" in str(e.value)

@@ -1,7 +1,7 @@
 """What the vLLM pod's init container runs: copy served weights from the run store into a volume.
 
     python -m gptoss_cloud.trainer.programs.serve_fetch SRC_URI DEST [--wait-for KEY] [--timeout S] [--vocab-to DIR] [--signed]
-    python -m gptoss_cloud.trainer.programs.serve_fetch STORE_URI DEST --promoted NAME [--signed]
+    python -m gptoss_cloud.trainer.programs.serve_fetch STORE_URI DEST --promoted NAME [--format F] [--signed]
 
 It runs in the trainer image (which has this package, boto3 and the harmony vocabulary), so the
 vLLM image needs no S3 client and no internet. ``--wait-for`` polls until the merge Job has
@@ -11,7 +11,9 @@ merge Job. Only the files the folder's manifest names are copied, each verified 
 resumes the copy.
 
 ``--promoted NAME`` reads the alias ``STORE_URI/promoted/NAME.json`` when the pod starts and serves
-that run's ``merged/``: a rollout restart picks up a new promotion with no change to the Deployment.
+that run's published merged folder (``--format``: the one the Deployment was sized for, or auto =
+``merged-mxfp4/`` when published, else ``merged/``; contract/merged.py): a rollout restart picks up a
+new promotion with no change to the Deployment.
 The record is untrusted like every key: read with a size bound, its run id validated before it
 becomes part of a URI, and the folder under it copied through the same contained download.
 """
@@ -71,17 +73,27 @@ def copy_vocab(dest: str | Path) -> Path:
     return out
 
 
-def promoted_source(store: str, name: str, log=print) -> str:
-    """The ``merged/`` folder of the run ``STORE/promoted/NAME.json`` names (contract/promoted.py checks it)."""
+def promoted_source(store: str, name: str, log=print, fmt: str = "auto") -> str:
+    """The published merged folder (of format ``fmt``) of the run ``STORE/promoted/NAME.json`` names
+    (contract/promoted.py checks the record)."""
+    from gptoss_cloud.contract.merged import formats_for, published_key
     from gptoss_cloud.contract.promoted import read_record
-    from gptoss_cloud.contract.runs import run_home
+    from gptoss_cloud.contract.runs import merged_key, run_home
 
     rec = read_record(store, name)
     if rec is None:
         raise GptossError(f"nothing promoted as {name!r} in {store} (no promoted/{name}.json)",
                           hint=f"gptoss-cloud promote RUN (the run's spec has promote.name: {name})")
     log(f"promoted {name}: run {rec.run_id}, {rec.time} ({rec.reason})")
-    return join(run_home(store, rec.run_id), "merged")
+    home = run_home(store, rec.run_id)
+    key = published_key(open_store(home), fmt=fmt)
+    if key is None:
+        wanted = " or ".join(f"{merged_key(f)}/" for f in formats_for(fmt))
+        sized = (f"this server was sized for {fmt}: merge that format (gptoss-cloud merge {rec.run_id} --format {fmt}), "
+                 f"or render it again with serve --promoted {name}")
+        raise GptossError(f"run {rec.run_id}, promoted as {name}, has no published {wanted} folder",
+                          hint=sized if fmt != "auto" else f"gptoss-cloud merge {rec.run_id}")
+    return join(home, key)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,12 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--signed", action="store_true", help="the run's outputs are signed: refuse SRC unless its manifest verifies")
     p.add_argument("--no-manifest", action="store_true", help="SRC is not a run output (a base-weights mirror): copy as listed")
     p.add_argument("--promoted", default=None, metavar="NAME", help="SRC is the run store: serve the run promoted/NAME.json names")
+    p.add_argument("--format", default="auto", choices=("auto", "bf16", "mxfp4"),
+                   help="with --promoted: which merged folder (auto: merged-mxfp4/ when published, else merged/)")
     a = p.parse_args(argv)
     try:
         if a.promoted is not None:
             if a.no_manifest:
                 raise GptossError("--promoted serves a run's verified merged/ folder; --no-manifest does not apply")
-            a.src = promoted_source(a.src, a.promoted)
+            a.src = promoted_source(a.src, a.promoted, fmt=a.format)
         if a.wait_for:
             wait_for(a.src, a.wait_for, a.timeout)
             if (a.signed or signing_key() is not None) and not a.no_manifest:  # the manifest is written after the marker

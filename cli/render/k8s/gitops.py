@@ -254,7 +254,7 @@ def _tick_resources(spec: RunSpec) -> dict:
     from gptoss_cloud.contract.shapes import shape_for
 
     try:
-        gib = _gib(shape_for(spec.model.name, spec.model.layers)) + 16
+        gib = _gib(shape_for(spec.model.name, spec.model.layers), "bf16") + 16
     except ValueError:   # a hub id or folder: its shape is known only from its config
         gib = 64
     return {"requests": {"nvidia.com/gpu": "1", "cpu": "4", "memory": f"{gib}Gi"},

@@ -23,6 +23,8 @@ from gptoss_cloud.contract.images import MIDDLEWARE_DIR, VOCAB_DIR, serve_image,
 from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.contract.integrity import KEY_ENV
 from gptoss_cloud.contract.outputs import spec_says_signed
+from gptoss_cloud.contract.plan.serving import weight_bytes
+from gptoss_cloud.contract.runs import merged_key as merged_folder
 from gptoss_cloud.contract.shapes import HUB_IDS, ModelShape
 from gptoss_cloud.contract.spec import RunSpec
 from gptoss_cloud.contract.store.objects import join
@@ -32,7 +34,7 @@ from gptoss_cloud.render.k8s.meta import (  # noqa: F401 (gitops builds its pods
     KIND_LABEL, RUN_LABEL, container_security_context, pod_security_context, serving_labels,
 )
 
-MERGED_MARKER = "model.safetensors.index.json"  # the merge writes the index after every shard
+from gptoss_cloud.contract.merged import MERGED_MARKER  # noqa: F401 (the merge writes it after every shard)
 ADAPTER_MARKER = "adapter_config.json"
 MODELS_DIR = "/models"
 CACHE_DIR = "/cache"
@@ -49,6 +51,7 @@ class ServeTarget:
     tp: int
     needs_merge: bool          # render the merge Job (merged folder not yet published)
     step: int | None = None    # serve a given checkpoint step instead of the final merge
+    fmt: str = "bf16"          # the merged folder's format: merged/ (bf16) or merged-mxfp4/ (contract/merged.py)
     # serve --promoted NAME: run_id is NAME (the Deployment vllm-NAME, the served model NAME), and the
     # init container reads <store>/promoted/NAME.json at start to find the run (serve_fetch --promoted)
     promoted_store: str | None = None
@@ -59,7 +62,7 @@ class ServeTarget:
 
     @property
     def merged_key(self) -> str:
-        return "merged" if self.step is None else f"merged-step-{self.step}"
+        return merged_folder(self.fmt, self.step)
 
     @property
     def namespace(self) -> str:
@@ -84,8 +87,6 @@ def api_key_ref(spec: RunSpec, run_id: str) -> tuple[str, str]:
     if ref is not None:
         return ref.name, ref.key or "api-key"
     return f"{deployment_name(run_id)}-api-key", "api-key"
-
-
 
 
 def labels(run_id: str, component: str) -> dict[str, str]:
@@ -140,7 +141,7 @@ def checkpoint_key_env(spec: RunSpec) -> list[dict]:
 # ------------------------------------------------------------------------------------- merge Job
 def merge_command(t: ServeTarget) -> list[str]:
     src = t.home if t.step is None else join(t.home, "checkpoints", f"step-{t.step}")
-    return ["gptoss-cloud", "merge", src, "--out", join(t.home, t.merged_key)]
+    return ["gptoss-cloud", "merge", src, "--out", join(t.home, t.merged_key), "--format", t.fmt]
 
 
 def merge_job(t: ServeTarget) -> dict:
@@ -162,7 +163,7 @@ def merge_job(t: ServeTarget) -> dict:
         "containers": [container],
         # The merge streams tensor by tensor; scratch holds base weights for a LoRA merge.
         "volumes": [
-            {"name": "scratch", "emptyDir": {"sizeLimit": f"{_gib(t.shape) + 16}Gi"}},
+            {"name": "scratch", "emptyDir": {"sizeLimit": f"{_gib(t.shape, 'bf16') + 16}Gi"}},
             {"name": "tmp", "emptyDir": {}},
         ],
         **_placement(t.spec, gpu=False),
@@ -174,13 +175,13 @@ def merge_job(t: ServeTarget) -> dict:
 
 
 # ------------------------------------------------------------------------------ vLLM Deployment
-def _gib(shape: ModelShape) -> int:
-    return math.ceil(shape.total_params * 2 / 1024**3)
+def _gib(shape: ModelShape, fmt: str) -> int:
+    return math.ceil(weight_bytes(shape, fmt) / 1024**3)
 
 
-def startup_budget_s(shape: ModelShape, tp: int) -> int:
+def startup_budget_s(shape: ModelShape, tp: int, fmt: str = "bf16") -> int:
     """~10 min of kernel warm-up and CUDA graph capture plus ~5 s per GiB each GPU loads from the volume."""
-    return 600 + 5 * math.ceil(_gib(shape) / tp)
+    return 600 + 5 * math.ceil(_gib(shape, fmt) / tp)
 
 
 def base_model_ref(spec: RunSpec) -> str:
@@ -214,7 +215,7 @@ def _fetch_container(t: ServeTarget, name: str, src_key: str, marker: str | None
     run_output = "://" not in src_key  # a folder of the run home (verified), not a base-weights mirror
     cmd = ["python", "-m", "gptoss_cloud.trainer.programs.serve_fetch", join(t.home, src_key) if run_output else src_key, dest]
     if t.promoted_store is not None:   # the run is chosen when the pod starts, not when this is rendered
-        cmd = cmd[:3] + [t.promoted_store, dest, "--promoted", t.run_id]
+        cmd = cmd[:3] + [t.promoted_store, dest, "--promoted", t.run_id, "--format", t.fmt]
         marker = None                  # a promoted run's merged/ is published: promotion checks it
     if marker:
         cmd += ["--wait-for", marker]
@@ -276,7 +277,7 @@ def deployment(t: ServeTarget) -> dict:
         # vLLM and gptoss_serve_auth read VLLM_API_KEY themselves: the key never appears in the command line.
         env.append({"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": name, "key": key}}})
 
-    startup = startup_budget_s(t.shape, t.tp)
+    startup = startup_budget_s(t.shape, t.tp, "bf16" if t.adapter else t.fmt)
     container = {
         "name": "vllm",
         "image": serve_image(t.spec),
@@ -305,7 +306,7 @@ def deployment(t: ServeTarget) -> dict:
         "containers": [container],
         "terminationGracePeriodSeconds": 60,
         "volumes": [
-            {"name": "models", "emptyDir": {"sizeLimit": f"{_gib(t.shape) + 8}Gi"}},
+            {"name": "models", "emptyDir": {"sizeLimit": f"{_gib(t.shape, 'bf16' if t.adapter else t.fmt) + 8}Gi"}},
             {"name": "cache", "emptyDir": {"sizeLimit": "20Gi"}},
             # NCCL between the TP ranks needs more shared memory than the container default.
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}},
