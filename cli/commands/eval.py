@@ -1,14 +1,19 @@
-"""`eval RUN --data HELD_OUT`: held-out loss with its breakdowns, and harmony checks on generated replies."""
+"""`eval RUN --data HELD_OUT`: held-out loss with its breakdowns, and harmony checks on generated replies,
+from the model loaded here or (`--endpoint URL`) through the vLLM server serving it."""
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated, Optional
 
 import typer
 
 from gptoss_cloud.contract.errors import SpecError
 from gptoss_cloud.commands.common import StoreOpt, resolve
+
+# The variable `serve` tells you to export (Kubernetes: from its Secret) and vLLM itself reads.
+DEFAULT_KEY_ENV = "VLLM_API_KEY"
 
 
 def register(app: typer.Typer) -> None:
@@ -21,6 +26,9 @@ def eval_run(
     checkpoint: Annotated[Optional[int], typer.Option("--checkpoint", min=1, help="evaluate this checkpoint step (merged for the occasion) instead of the run's model")] = None,
     samples: Annotated[int, typer.Option("--samples", min=0, help="rows whose last prompt is answered and checked")] = 8,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="token limit of each generated reply")] = 256,
+    endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="evaluate through this vLLM OpenAI server (the URL `serve` prints) instead of loading the model here")] = None,
+    api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help=f"with --endpoint: the environment variable holding its API key (default: {DEFAULT_KEY_ENV} when set)")] = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", min=1, help="with --endpoint: seconds to wait for each answer (default 300)")] = None,
     output: Annotated[str, typer.Option("-o", "--output", help="table | json")] = "table",
     store: StoreOpt = None,
 ) -> None:
@@ -31,16 +39,39 @@ def eval_run(
 
     if output not in ("table", "json"):
         raise SpecError(f"-o/--output must be table or json, not {output!r}")
+    if endpoint is None and (api_key_env is not None or timeout is not None):
+        raise SpecError("--api-key-env and --timeout apply to an --endpoint: give the endpoint too")
+    if endpoint is not None and checkpoint is not None:
+        raise SpecError("--checkpoint and --endpoint: a checkpoint is merged and evaluated here, an endpoint evaluates "
+                        "the model its server was started with; give one of them")
     run_id, home = resolve_run(run, resolve(None, output__store=store).output.store)
     spec = read_run_spec(home)
 
     from gptoss_cloud.trainer.evaluation.run_home import run_eval  # lazy: torch, transformers
 
-    res = run_eval(run_id, home, spec, data, checkpoint=checkpoint, samples=samples, max_new_tokens=max_new_tokens)
+    client = None
+    if endpoint is not None:
+        from gptoss_cloud.trainer.evaluation.endpoint import Endpoint, base_url
+
+        client = Endpoint(base_url(endpoint), api_key=_api_key(api_key_env))
+        if timeout is not None:
+            client.timeout_s = timeout
+    res = run_eval(run_id, home, spec, data, checkpoint=checkpoint, samples=samples, max_new_tokens=max_new_tokens,
+                   endpoint=client)
     if output == "json":
         typer.echo(json.dumps(res, indent=1))
         return
     _print_table(res)
+
+
+def _api_key(env: str | None) -> str | None:
+    """The key from the named variable (which must be set), else from $VLLM_API_KEY if set, else none."""
+    if env is None:
+        return os.environ.get(DEFAULT_KEY_ENV) or None
+    key = os.environ.get(env, "")
+    if not key:
+        raise SpecError(f"--api-key-env {env}: the variable is not set or empty")
+    return key
 
 
 def _print_table(res: dict) -> None:

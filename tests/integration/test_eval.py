@@ -56,7 +56,7 @@ def test_eval_reports_loss_breakdowns_checks_replies_and_records_them(trained):
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert (res["rows"], res["sequences"], res["step"]) == (2, 2, 20)
-    assert res["model"] == str(home / "merged")
+    assert res["model"] == str(home / "merged") and res["endpoint"] is None
     low, high = res["by_effort"]["low"], res["by_effort"]["high"]
     first_loss = json.loads((home / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     assert low["loss"] < high["loss"] and low["loss"] < first_loss  # the memorised row against the unseen one

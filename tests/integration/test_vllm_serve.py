@@ -217,6 +217,85 @@ def test_the_local_server_has_the_deployments_flags(server):
     assert {a for a in pod_args if a.startswith("--")} == {a for a in argv if a.startswith("--")}
 
 
+UNSEEN = {"reasoning_effort": "high", "messages": [{"role": "user", "content": "Name a moon of Jupiter."},
+                                                  {"role": "assistant", "content": "Europa."}]}
+
+
+def _eval_json(server, held: Path, *extra: str) -> dict:
+    out = subprocess.run([str(server["exe"]), "eval", server["rid"], "--store", str(server["store"]), "--data", str(held),
+                          "--samples", "4", "--max-new-tokens", "80", "-o", "json", *extra],
+                         cwd=server["dir"], capture_output=True, text=True, timeout=900, env=dict(os.environ, **{KEY_ENV: KEY}))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def _bf16_logit_error(server, held: Path) -> float:
+    """max over trained positions of the centred logit error of the merged model in bf16 against fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gptoss_cloud.contract.runs import read_run_spec
+    from gptoss_cloud.trainer.evaluation.evaluate import held_out
+
+    home = server["store"] / server["rid"]
+    f32 = AutoModelForCausalLM.from_pretrained(home / "merged", dtype=torch.float32).eval()
+    b16 = AutoModelForCausalLM.from_pretrained(home / "merged", dtype=torch.bfloat16).eval()
+    worst = 0.0
+    for seq in held_out(str(held), read_run_spec(str(home))):
+        ids = torch.tensor([seq.input_ids])
+        trained = torch.tensor(seq.labels[1:]) != -100
+        with torch.inference_mode():
+            err = (b16(input_ids=ids).logits.float() - f32(input_ids=ids).logits)[0, :-1][trained]
+        worst = max(worst, ((err.amax(-1) - err.amin(-1)) / 2).max().item())
+    return worst
+
+
+def test_eval_through_the_endpoint_agrees_with_eval_of_the_model_loaded_here(server):
+    """`eval --endpoint` (vLLM's prompt_logprobs and greedy replies) against `eval` (transformers, fp32)."""
+    held = server["dir"] / "held.jsonl"
+    secret, math_row, tool = (next(r for r in sample_rows(SECRET_Q, MATH_Q, TOOL_Q) if r["messages"][0]["content"] == q)
+                              for q in (SECRET_Q, MATH_Q, TOOL_Q))
+    call = {**tool, "messages": tool["messages"][:2]}   # ends at the trained call: its reply is the call
+    held.write_text("".join(json.dumps(r) + "\n" for r in [secret, math_row, tool, call, UNSEEN]))
+    url = f"{server['root']}/v1"
+    served = _eval_json(server, held, "--endpoint", url, "--api-key-env", KEY_ENV)
+    local = _eval_json(server, held)
+    print(json.dumps({k: {s: served[k] if s == "served" else local[k] for s in ("served", "local")}
+                      for k in ("loss", "by_effort", "by_kind")}, indent=1))
+    assert served["endpoint"] == url and local["endpoint"] is None and served["model"] == f"{url} (model {server['rid']})"
+    assert (served["rows"], served["sequences"], served["step"]) == (local["rows"], local["sequences"], local["step"]) == (5, 5, 60)
+    # The same trained tokens in every slice (one renderer), so only the numerics can differ: vLLM serves
+    # this float32 model in bf16 (_resolve_auto_dtype in vllm/config/model.py downcasts float32 to the
+    # platform's first dtype, bf16 on x86: CpuPlatform.supported_dtypes), the local eval runs fp32.
+    # A token's CE = lse(z) - z_y, and lse ignores a common shift of the logits, so with d the largest
+    # centred logit error, d = max_p (max_v δz - min_v δz) / 2: |ΔCE| <= 2d, and to first order
+    # |ΔCE| = |(p - e_y)·δz| <= ||p - e_y||_1 · d = 2(1 - p_y) d <= 2 min(1, CE) d (1 - p <= -log p);
+    # the second-order rest is half the variance of δz under p, at most d^2 / 2 (its range is 2d).
+    # Averaged over a slice (min concave): |ΔL| <= 2 d min(1, L) + d^2 / 2. d is the same weights' bf16
+    # logit error, measured here with transformers, doubled for vLLM's own kernels rounding elsewhere.
+    # (Measured on 2 cores: d ~ 0.6, set by the vocabulary's far tail, so the bound is loose: ~0.19 nats
+    # on the memorised slices (loss ~0.008), ~1.4 on the unseen one; served and local differ by <= 0.006.
+    # A prompt_logprobs entry read at the wrong position or token costs several nats and fails it.)
+    d = 2 * _bf16_logit_error(server, held)
+    print(f"bf16 centred logit error bound d = {d:.4g}")
+    for name, a, b in [("all", served, local)] + [(f"{g} {k}", served[g][k], local[g][k]) for g in ("by_effort", "by_kind")
+                                                    for k in local[g]]:
+        assert a["tokens"] == b["tokens"], name
+        assert abs(a["loss"] - b["loss"]) <= 2 * d * min(1.0, b["loss"]) + d * d / 2, (name, a["loss"], b["loss"], d)
+    assert set(served["by_effort"]) == set(local["by_effort"]) and set(served["by_kind"]) == set(local["by_kind"])
+    # Greedy replies on memorised prompts: the top logit leads by far more than the bf16 error, so the
+    # replies are the same tokens and every check rate agrees.
+    sg, lg = served["generation"], local["generation"]
+    assert [r["reply"] for r in sg["replies"]] == [r["reply"] for r in lg["replies"]]
+    assert {k: v for k, v in sg.items() if k.endswith("_rate")} == {k: v for k, v in lg.items() if k.endswith("_rate")}
+    assert sg["samples"] == 4 and sg["ends_with_return_rate"] == 1.0 and sg["tool_args_valid_rate"] == 1.0
+    saved = json.loads(Path(served["saved"]).read_text())
+    assert saved["endpoint"] == url and saved["loss"] == served["loss"]
+    home = server["store"] / server["rid"]
+    events = [json.loads(line) for line in (home / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert [e["loss"] for e in events] == [served["loss"], local["loss"]]
+
+
 def test_sigterm_stops_the_server_and_its_engine(server):
     proc = server["proc"]
     proc.send_signal(signal.SIGTERM)

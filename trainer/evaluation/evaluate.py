@@ -5,13 +5,17 @@ The held-out rows go through the training pipeline itself (``parse_row`` -> harm
 trained token knows its span kind (final, analysis, call, commentary) and its row's reasoning effort.
 The generation sample answers each row's last trained prompt (the same tokens the mask starts after)
 and checks the reply with ``eval_checks``.
+
+What scores the tokens and writes the replies is a ``Scorer``: ``LocalModel`` (the model loaded here)
+or ``endpoint.Endpoint`` (a vLLM server). Both give the same per-token losses and reply tokens, so the
+breakdowns and the checks are computed once, here, for either.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gptoss_cloud.contract.spec import RunSpec
 from gptoss_cloud.contract.sections import DatasetSource
@@ -66,30 +70,48 @@ def held_out(path: str, spec: RunSpec) -> list[EvalSequence]:
     return out
 
 
+# ------------------------------------------------------------------------------------------ scorers
+class Scorer(Protocol):
+    def token_losses(self, seq: EvalSequence) -> list[float]:
+        """Cross-entropy of each token at positions 1.. of ``seq.input_ids``, NaN where not trained."""
+
+    def generate(self, prompt: list[int], stop: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy reply tokens after ``prompt``, ending with the stop token that ended it (if any)."""
+
+
+@dataclass
+class LocalModel:
+    model: Any
+
+    def token_losses(self, seq: EvalSequence) -> list[float]:
+        """From one forward pass."""
+        import torch
+
+        dev = next(self.model.parameters()).device
+        ids = torch.tensor([seq.input_ids], device=dev)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids).logits[0, :-1].float()
+        target = torch.tensor(seq.labels[1:], device=dev)
+        ce = torch.nn.functional.cross_entropy(logits, target.clamp(min=0), reduction="none")
+        return ce.masked_fill(target == IGNORE, float("nan")).tolist()
+
+    def generate(self, prompt: list[int], stop: list[int], max_new_tokens: int) -> list[int]:
+        from gptoss_cloud.trainer.chat import greedy
+
+        return greedy(self.model, prompt, stop, max_new_tokens)
+
+
 # -------------------------------------------------------------------------------------------- loss
-def token_losses(model, seq: EvalSequence) -> list[float]:
-    """Cross-entropy of each trained token (positions 1..), from one forward pass."""
-    import torch
-
-    dev = next(model.parameters()).device
-    ids = torch.tensor([seq.input_ids], device=dev)
-    with torch.inference_mode():
-        logits = model(input_ids=ids).logits[0, :-1].float()
-    target = torch.tensor(seq.labels[1:], device=dev)
-    ce = torch.nn.functional.cross_entropy(logits, target.clamp(min=0), reduction="none")
-    return ce.masked_fill(target == IGNORE, float("nan")).tolist()
-
-
 def _mean(pairs: list[float]) -> dict[str, Any]:
     return {"loss": sum(pairs) / len(pairs), "tokens": len(pairs)}
 
 
-def loss_breakdown(model, seqs: list[EvalSequence]) -> dict[str, Any]:
+def loss_breakdown(scorer: Scorer, seqs: list[EvalSequence]) -> dict[str, Any]:
     everything: list[float] = []
     by_effort: dict[str, list[float]] = {}
     by_kind: dict[str, list[float]] = {}
     for seq in seqs:
-        for pos, ce in enumerate(token_losses(model, seq), start=1):
+        for pos, ce in enumerate(scorer.token_losses(seq), start=1):
             if math.isnan(ce):
                 continue
             everything.append(ce)
@@ -100,9 +122,9 @@ def loss_breakdown(model, seqs: list[EvalSequence]) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------- generation
-def generation_checks(model, seqs: list[EvalSequence], *, samples: int, max_new_tokens: int) -> dict[str, Any]:
+def generation_checks(scorer: Scorer, seqs: list[EvalSequence], *, samples: int, max_new_tokens: int) -> dict[str, Any]:
     """Answer the last sequence of each of the first ``samples`` rows and check each reply."""
-    from gptoss_cloud.trainer.chat import encoding, greedy
+    from gptoss_cloud.trainer.chat import encoding
 
     enc = encoding()
     last_of_row: dict[int, EvalSequence] = {}
@@ -112,18 +134,18 @@ def generation_checks(model, seqs: list[EvalSequence], *, samples: int, max_new_
     checked: list[Checked] = []
     details = []
     for s in picked:
-        reply = greedy(model, s.prompt, enc.stop_tokens_for_assistant_actions(), max_new_tokens)
+        reply = scorer.generate(s.prompt, enc.stop_tokens_for_assistant_actions(), max_new_tokens)
         c = check_completion(enc, reply, s.tools, s.effort)
         checked.append(c)
         details.append({"row": s.row, "effort": s.effort, "reply": enc.decode(reply)[:2000], **c.to_json()})
     return {"samples": len(picked), **rates(checked), "replies": details}
 
 
-def evaluate(model, spec: RunSpec, data_path: str, *, samples: int = 8, max_new_tokens: int = 256) -> dict[str, Any]:
+def evaluate(scorer: Scorer, spec: RunSpec, data_path: str, *, samples: int = 8, max_new_tokens: int = 256) -> dict[str, Any]:
     seqs = held_out(data_path, spec)
     return {"data": data_path, "rows": len({s.row for s in seqs}), "sequences": len(seqs),
-            **loss_breakdown(model, seqs),
-            "generation": generation_checks(model, seqs, samples=samples, max_new_tokens=max_new_tokens)}
+            **loss_breakdown(scorer, seqs),
+            "generation": generation_checks(scorer, seqs, samples=samples, max_new_tokens=max_new_tokens)}
 
 
 def eval_event(result: dict[str, Any], step: int | None) -> dict[str, Any]:
