@@ -23,7 +23,7 @@ host allocator keeps the pinned blocks for the next step.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ class OffloadStats:
     kept: int = 0
     kept_parameters: int = 0
     reused: int = 0  # saves of a tensor already copied
+    offloaded_shapes: list = field(default_factory=list)  # (shape, dtype) of each copy, in packing order
 
 
 def is_parameter_storage(t: torch.Tensor) -> bool:
@@ -76,6 +77,7 @@ class offload_saved_tensors(torch.autograd.graph.saved_tensors_hooks):
             host.copy_(t, non_blocking=pin)
             stats.offloaded += 1
             stats.offloaded_bytes += nbytes
+            stats.offloaded_shapes.append((tuple(t.shape), t.dtype))
             packed = (t.device, host)
             copied[key] = (weakref.ref(t), packed)
             return packed

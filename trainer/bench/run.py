@@ -124,15 +124,15 @@ def parse_variant(text: str, opts: BenchOptions, on_gpu: bool) -> Variant:
             overrides[key] = kv[key] == "yes"
     if "moe_tile" in kv:
         overrides["moe_tile"] = int(kv["moe_tile"])
-    problem = long_context_problem(overrides.get("recompute", opts.recompute), overrides.get("act_offload", False),
-                                   overrides.get("moe_tile", 0))
-    if problem:
-        raise ValueError(f"--variant {text!r}: {problem}")
     if "base" in kv:
         overrides["base_format"] = kv["base"]
     for key in ("recompute", "dequant", "lora_experts", "optim", "masters"):
         if key in kv:
             overrides[key] = kv[key]
+    problem = long_context_problem(overrides.get("recompute", opts.recompute), overrides.get("act_offload", False),
+                                   overrides.get("moe_tile", 0))
+    if problem:
+        raise ValueError(f"--variant {text!r}: {problem}")
     if overrides.get("masters") == "bf16" and overrides.get("optim", "adamw") == "adamw":
         raise ValueError(f"--variant {text!r}: masters=bf16 needs optim=adamw_8bit (stochastic rounding)")
     if overrides.get("lora_experts", "no") != "no":
