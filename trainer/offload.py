@@ -7,7 +7,8 @@ layer's input (layers x tokens x hidden x 2 bytes: 138 KB per token for 20b) plu
 while no checkpoint's own hooks are active: torch's non-reentrant checkpoint saves a region's inputs
 through ``_CheckpointFrame.save_inputs`` (``torch._C._autograd._make_saved_tensor``, a SavedVariable,
 which applies the default saved-tensor hooks) *before* it pushes its ``_checkpoint_hook``
-(torch/utils/checkpoint.py, ``_checkpoint_without_reentrant_generator``, torch 2.13); inside a region
+(torch/utils/checkpoint.py, ``_checkpoint_without_reentrant_generator``, torch 2.13; earlier versions
+saved them through the autograd Function ``_NoopSaveInputs``, also outside those hooks); inside a region
 the checkpoint's hooks are on top of the stack and win. So one ``saved_tensors_hooks`` context around
 the whole forward catches the layer inputs and the head's tensors and nothing inside the layers, and
 backward (outside the context) unpacks them one layer at a time, as the recomputation asks for them.
