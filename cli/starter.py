@@ -58,10 +58,12 @@ parallelism:
   cpu_offload: false
   activation_checkpointing: auto   # off when the run fits without recomputation (faster), else on
   # cpu_threads: auto        # host threads per rank for the offloaded optimizer step; auto: this rank's share
+  # activation_offload: false   # long sequences: checkpointed layer inputs in pinned host memory
 
 kernels:                     # auto: the fast paths on GPU, the eager references on CPU
   # experts_compile: true    # compile the fused experts' SwiGLU into one kernel each way (GPU)
   # mxfp4_dequant: auto      # MXFP4 experts: auto | torch | triton | gemm (decoded inside the GEMM)
+  # moe_tile_tokens: 32768   # long sequences: the experts over token tiles, each recomputed in backward
 
 checkpoint:
   # every_steps: 200

@@ -92,11 +92,16 @@ class CausalLMWithChunkedLoss(nn.Module):
 
     base_model_prefix = "decoder"
 
-    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024, router_aux: bool = False):
+    def __init__(self, lm: nn.Module, chunk_tokens: int = 1024, router_aux: bool = False, activation_offload: bool = False):
         super().__init__()
         self.lm = lm
         self.chunk_tokens = chunk_tokens
         self.router_aux = router_aux
+        # parallelism.activation_offload: what autograd saves outside the recomputed layers waits for
+        # backward in host memory (trainer/offload.py); ``offload_stats`` says what the last forward moved.
+        self.activation_offload = activation_offload
+        self.offload_min_bytes: int | None = None  # None: offload.MIN_OFFLOAD_BYTES (tests lower it)
+        self.offload_stats = None
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -117,6 +122,17 @@ class CausalLMWithChunkedLoss(nn.Module):
         return self.causal_lm.get_output_embeddings()
 
     def forward(self, input_ids, position_ids, targets, attention_masks: dict):
+        if not (self.activation_offload and torch.is_grad_enabled()):
+            return self._forward(input_ids, position_ids, targets, attention_masks)
+        from gptoss_cloud.trainer.offload import MIN_OFFLOAD_BYTES, offload_saved_tensors
+
+        hooks = offload_saved_tensors(MIN_OFFLOAD_BYTES if self.offload_min_bytes is None else self.offload_min_bytes)
+        with hooks:
+            out = self._forward(input_ids, position_ids, targets, attention_masks)
+        self.offload_stats = hooks.stats
+        return out
+
+    def _forward(self, input_ids, position_ids, targets, attention_masks: dict):
         out = self.decoder(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_masks,
             use_cache=False, output_router_logits=self.router_aux,

@@ -54,11 +54,13 @@ def resolve_implementations(kernels: KernelsSection, device_type: str) -> tuple[
 def configure_experts_(model: nn.Module, kernels: KernelsSection) -> int:
     """Hand ``kernels.mxfp4_dequant`` and ``kernels.experts_compile`` to every experts module of ``model``
     (transformers' dense ``GptOssExperts`` and ``Mxfp4Experts``): the expert kernels read them there, at
-    each call, instead of from anywhere global. Returns how many modules were set."""
-    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    each call, instead of from anywhere global. ``kernels.moe_tile_tokens`` tiles the experts' call in
+    each MoE block (``kernels.tiled_experts``). Returns how many experts modules were set."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts, GptOssMLP
 
-    from gptoss_cloud.trainer.kernels.experts import COMPILE_ATTR
+    from gptoss_cloud.trainer.kernels.experts import COMPILE_ATTR, FUSED_IMPL
     from gptoss_cloud.trainer.kernels.experts_mxfp4 import Mxfp4Experts
+    from gptoss_cloud.trainer.kernels.tiled_experts import tile_mlp_
 
     n = 0
     for mod in model.modules():
@@ -67,6 +69,14 @@ def configure_experts_(model: nn.Module, kernels: KernelsSection) -> int:
             if isinstance(mod, Mxfp4Experts):
                 mod.dequant = kernels.mxfp4_dequant
             n += 1
+        elif isinstance(mod, GptOssMLP):
+            tile = kernels.moe_tile_tokens
+            experts = mod.experts
+            if tile is not None and not isinstance(experts, Mxfp4Experts) and experts.config._experts_implementation != FUSED_IMPL:
+                raise ValueError(f"kernels.moe_tile_tokens tiles the fused and MXFP4 experts, but these run "
+                                 f"{experts.config._experts_implementation!r}: set kernels.experts: fused "
+                                 "(or model.base_format: mxfp4), or leave moe_tile_tokens unset")
+            tile_mlp_(mod, tile)
     return n
 
 
@@ -257,10 +267,13 @@ def recompute_ops() -> list:
 def resolve_recompute(spec, device: torch.device, shape: ModelShape | None = None) -> bool:
     """``parallelism.activation_checkpointing`` for this device: ``auto`` asks the planner, with this
     GPU's memory, whether the run fits without recomputation (then off: a third fewer FLOPs per token);
-    CPU runs keep every activation (tiny models, host memory)."""
+    CPU runs keep every activation (tiny models, host memory). ``parallelism.activation_offload`` offloads
+    the checkpointed layer inputs, so with it ``auto`` means on."""
     ac = spec.parallelism.activation_checkpointing
     if ac != "auto":
         return bool(ac)
+    if spec.parallelism.activation_offload:
+        return True
     if device.type != "cuda":
         return False
     from gptoss_cloud.contract.plan.memory import recompute_on, with_settings

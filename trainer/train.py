@@ -133,7 +133,8 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
     lm = M.apply_method(hf, spec.method)
     if M.compile_enabled(spec.kernels, info.device.type):
         M.compile_layers(lm)
-    module = LM.CausalLMWithChunkedLoss(lm, spec.kernels.loss_chunk_tokens, router_aux=coef is not None)
+    module = LM.CausalLMWithChunkedLoss(lm, spec.kernels.loss_chunk_tokens, router_aux=coef is not None,
+                                        activation_offload=spec.parallelism.activation_offload)
     on_meta = any(p.device.type == "meta" for p in module.parameters())
     pretrained_meta = on_meta and not M.is_random(spec.model)
 

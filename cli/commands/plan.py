@@ -70,10 +70,16 @@ def plan(
 
 def longest_line(ls) -> str:
     if ls.tokens is None:
-        return f"longest data.max_seq_len: not even {ls.step:,} tokens fit {ls.gpu_capacity_gib:.1f} GiB per GPU"
-    return (f"longest data.max_seq_len that fits: {ls.tokens:,} tokens ({ls.gpu_total_gib:.1f} of "
-            f"{ls.gpu_capacity_gib:.1f} GiB per GPU, layers {'recomputed' if ls.recompute else 'not recomputed'}; "
-            f"a projection)")
+        line = f"longest data.max_seq_len: not even {ls.step:,} tokens fit {ls.gpu_capacity_gib:.1f} GiB per GPU"
+    else:
+        line = (f"longest data.max_seq_len that fits: {ls.tokens:,} tokens ({ls.gpu_total_gib:.1f} of "
+                f"{ls.gpu_capacity_gib:.1f} GiB per GPU, layers {'recomputed' if ls.recompute else 'not recomputed'}; "
+                f"a projection)")
+    if ls.long_context_settings:
+        with_lc = f"{ls.with_long_context:,} tokens" if ls.with_long_context else "nothing fits"
+        settings = ", ".join(f"{k}: {str(v).lower()}" for k, v in ls.long_context_settings.items())
+        line += f"\nwith {settings} (docs/long-context.md): {with_lc}"
+    return line
 
 
 def serving_table(sp):

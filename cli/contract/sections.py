@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from gptoss_cloud.contract.datafields import check_property_mappings, role_names
 
@@ -210,10 +210,20 @@ class ParallelismSection(Section):
         "auto", description="host threads per rank for the offloaded optimizer step (cpu_offload; 1-1024). auto: this "
         "rank's share of the cores it may use (affinity capped by a container's CPU limit, / LOCAL_WORLD_SIZE)")
 
+    activation_offload: bool = Field(False, description="keep the checkpointed layer inputs (and what else autograd "
+        "saves outside the layers; never parameters) in pinned host memory until backward (docs/long-context.md); "
+        "needs activation_checkpointing: true or auto (auto then turns it on)")
     @field_validator("cpu_threads", mode="before")
     @classmethod
     def _threads_no_bool(cls, v):
         return _auto_or_count(v, "cpu_threads", 1024)
+
+    @model_validator(mode="after")
+    def _offload_needs_recompute(self) -> "ParallelismSection":
+        if self.activation_offload and self.activation_checkpointing is False:
+            raise ValueError("parallelism.activation_offload keeps the checkpointed layer inputs on the host: it needs "
+                             "activation_checkpointing: true or auto, not false")
+        return self
 
 
 # -------------------------------------------------------------------------------------------- kernels
@@ -235,6 +245,10 @@ class KernelsSection(Section):
         "auto", description="how MXFP4 experts (model.base_format: mxfp4) are decoded on a GPU: auto (the Triton "
         "dequantiser when Triton is installed, else torch ops), torch, triton, or gemm (decoded inside the grouped "
         "GEMM by a Triton kernel; slower today, docs/experts.md)")
+    # StrictInt: YAML's yes/no would otherwise pass as a tile of 1 or 0 tokens.
+    moe_tile_tokens: Union[None, Annotated[StrictInt, Field(ge=1, le=MAX_SEQ_LEN)]] = Field(None, description="fused and "
+        "MXFP4 experts over tiles of this many tokens, each recomputed in backward: the MoE working set is one tile's "
+        "(docs/long-context.md); unset: the whole sequence at once")
 
 
 # ---------------------------------------------------------------------------------------- checkpoint

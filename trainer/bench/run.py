@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from gptoss_cloud.trainer.bench.variants import Setup, Variant
+from gptoss_cloud.contract.sections import MAX_SEQ_LEN
+
+from gptoss_cloud.trainer.bench.variants import Setup, Variant, long_context_problem
 
 REPORT_VERSION = 2  # 2: FLOPs per row, for the recomputation each variant ran
 # The reference's best configuration on GPU (issue 8); on CPU flex/grouped_mm are not what a user
@@ -95,7 +97,9 @@ VARIANT_KEYS = {"experts": ("eager", "grouped_mm", "fused"), "attention": ("eage
                 # LoRA r on the experts too (method.lora.experts): of every layer, or of the layers named.
                 "lora_experts": ("no", "all", "N+N+..."),
                 # optim.name / optim.master_weights of our stack: optim=adamw_8bit,masters=bf16
-                "optim": ("adamw", "adamw_8bit"), "masters": ("fp32", "bf16")}
+                "optim": ("adamw", "adamw_8bit"), "masters": ("fp32", "bf16"),
+                # parallelism.activation_offload / kernels.moe_tile_tokens (docs/long-context.md): act_offload=yes,moe_tile=32768
+                "act_offload": ("yes", "no"), "moe_tile": ("N",)}
 
 
 def parse_variant(text: str, opts: BenchOptions, on_gpu: bool) -> Variant:
@@ -109,18 +113,26 @@ def parse_variant(text: str, opts: BenchOptions, on_gpu: bool) -> Variant:
         if key == "lora_experts" and value not in ("no", "all") and expert_layers(value) is None:
             raise ValueError(f"--variant {text!r}: lora_experts must be no, all or layer numbers joined by '+' "
                              f"(e.g. 0+12+24), got {value!r}")
-        if key != "lora_experts" and value not in VARIANT_KEYS[key]:
+        if key == "moe_tile" and not (value.isdigit() and int(value) <= MAX_SEQ_LEN):
+            raise ValueError(f"--variant {text!r}: moe_tile must be a number of tokens up to {MAX_SEQ_LEN} (0: off), got {value!r}")
+        if key not in ("lora_experts", "moe_tile") and value not in VARIANT_KEYS[key]:
             raise ValueError(f"--variant {text!r}: {key} must be one of {', '.join(VARIANT_KEYS[key])}, got {value!r}")
         kv[key] = value
     overrides = {}
-    for key in ("offload", "compile"):
+    for key in ("offload", "compile", "act_offload"):
         if key in kv:
             overrides[key] = kv[key] == "yes"
+    if "moe_tile" in kv:
+        overrides["moe_tile"] = int(kv["moe_tile"])
     if "base" in kv:
         overrides["base_format"] = kv["base"]
     for key in ("recompute", "dequant", "lora_experts", "optim", "masters"):
         if key in kv:
             overrides[key] = kv[key]
+    problem = long_context_problem(overrides.get("recompute", opts.recompute), overrides.get("act_offload", False),
+                                   overrides.get("moe_tile", 0))
+    if problem:
+        raise ValueError(f"--variant {text!r}: {problem}")
     if overrides.get("masters") == "bf16" and overrides.get("optim", "adamw") == "adamw":
         raise ValueError(f"--variant {text!r}: masters=bf16 needs optim=adamw_8bit (stochastic rounding)")
     if overrides.get("lora_experts", "no") != "no":
@@ -154,7 +166,11 @@ def ours_variant(opts: BenchOptions, on_gpu: bool, experts: str | None = None, a
         notes.append("cpu offload")
     if (ov := overrides or {}).get("optim", "adamw") != "adamw" or ov.get("masters", "fp32") != "fp32":
         notes.append(f"{ov.get('optim', 'adamw')}, {ov.get('masters', 'fp32')} masters")
-    if (le := (overrides or {}).get("lora_experts", "no")) != "no":
+    if (ov := overrides or {}).get("act_offload"):
+        notes.append("activations offloaded")
+    if ov.get("moe_tile"):
+        notes.append(f"MoE tiles of {ov['moe_tile']:,}")
+    if (le := ov.get("lora_experts", "no")) != "no":
         notes.append("LoRA on experts" + ("" if le == "all" else f" of layers {le.replace('+', ', ')}"))
     name = f"ours ({experts} + {attention}{''.join(', ' + n for n in notes)})"
     return Variant(name, "ours", experts, attention, tuple(sorted((overrides or {}).items())))

@@ -44,6 +44,8 @@ OVERRIDES = {
     "lora_experts": ("no", "all", "N+N+..."),  # LoRA on the experts of every layer / of the layers named
     "optim": ("adamw", "adamw_8bit"),  # optim.name
     "masters": ("fp32", "bf16"),  # optim.master_weights
+    "act_offload": (True, False),  # parallelism.activation_offload (with recomputation)
+    "moe_tile": ("N",),  # kernels.moe_tile_tokens: the experts over tiles of N tokens (0: off)
 }
 
 
@@ -91,6 +93,8 @@ class Setup:
     lora_experts: str = "no"  # LoRA on experts too: "no", "all", or layer numbers joined by "+"
     optim: str = "adamw"  # optim.name of our stack (the reference keeps torch's fp32 AdamW)
     masters: str = "fp32"  # optim.master_weights of our stack
+    act_offload: bool = False  # parallelism.activation_offload: checkpointed layer inputs in pinned host memory
+    moe_tile: int = 0  # kernels.moe_tile_tokens (0: the whole sequence at once)
 
     def shape(self) -> ModelShape:
         return shape_for(self.model, layers=self.layers)
@@ -163,9 +167,11 @@ def plan_spec(setup: Setup, variant: Variant, gpus: int, gpu_type: str = "H100",
         "data": {"max_seq_len": setup.seq},
         "method": {"kind": setup.method, "lora": lora_dict(setup)},
         "optim": {"micro_batch_size": 1, "grad_accum": 1, "name": setup.optim, "master_weights": setup.masters},
-        "parallelism": {"nodes": 1, "gpus_per_node": gpus, "cpu_offload": setup.offload, "activation_checkpointing": ac},
+        "parallelism": {"nodes": 1, "gpus_per_node": gpus, "cpu_offload": setup.offload, "activation_checkpointing": ac,
+                        "activation_offload": setup.act_offload},
         "kernels": {"experts": variant.experts, "attention": "eager" if variant.attention == "eager" else "flex",
-                    "loss_chunk_tokens": setup.loss_chunk_tokens, "compile": "auto" if setup.compile is None else setup.compile},
+                    "loss_chunk_tokens": setup.loss_chunk_tokens, "compile": "auto" if setup.compile is None else setup.compile,
+                    "moe_tile_tokens": setup.moe_tile or None},
         "cluster": {"gpu_type": gpu_type, **({"gpu_memory_gib": gpu_memory_gib} if gpu_memory_gib else {})},
     })
 
@@ -177,6 +183,15 @@ def recompute_policy(setup: Setup, variant: Variant, info: DistInfo) -> str:
     from gptoss_cloud.trainer import model as M
 
     return "full" if M.resolve_recompute(plan_spec(setup, variant, info.world_size), info.device) else "none"
+
+
+def long_context_problem(recompute: str, act_offload: bool, moe_tile: int) -> str | None:
+    """Why ``act_offload`` / ``moe_tile`` cannot run with this recomputation policy (None: they can)."""
+    if recompute == "selective" and (act_offload or moe_tile):
+        return "act_offload and moe_tile need recompute full or auto (selective keeps the GEMM outputs they exist to drop)"
+    if recompute == "none" and act_offload:
+        return "act_offload offloads the checkpointed layer inputs: it needs recompute full or auto"
+    return None
 
 
 def random_fill_(module: nn.Module, seed: int) -> None:
@@ -273,12 +288,15 @@ def build_ours(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
     sharded = info.distributed
     hf = M.create_model(config, dtype, "meta" if sharded else info.device, seed=setup.seed, base_format=setup.base_format)
     recompute = recompute_policy(setup, variant, info)
-    M.configure_experts_(hf, KernelsSection(mxfp4_dequant=setup.dequant))  # gemm: decoded inside the grouped GEMM
+    if problem := long_context_problem(recompute, setup.act_offload, setup.moe_tile):
+        raise ValueError(problem)
+    # gemm: decoded inside the grouped GEMM; moe_tile: the experts over token tiles (tiled_experts.py)
+    M.configure_experts_(hf, KernelsSection(mxfp4_dequant=setup.dequant, moe_tile_tokens=setup.moe_tile or None))
     M.enable_recompute(hf, recompute)
     lm = M.apply_method(hf, method_section(setup))
     if info.device.type == "cuda" if setup.compile is None else setup.compile:
         M.compile_layers(lm)
-    module = LM.CausalLMWithChunkedLoss(lm, setup.loss_chunk_tokens)
+    module = LM.CausalLMWithChunkedLoss(lm, setup.loss_chunk_tokens, activation_offload=setup.act_offload)
     optim = OptimSection(lr=1e-5, warmup_steps=0, schedule="constant", max_grad_norm=1.0, max_steps=1_000_000,
                          micro_batch_size=1, grad_accum=1, seed=setup.seed, name=setup.optim,
                          master_weights=setup.masters)

@@ -34,6 +34,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gptoss_cloud.contract.errors import PlanError
+# The activation terms and their constants (BACKWARD_LAYER_FACTOR, COMPILED_*_FACTOR, ...) live there.
+from gptoss_cloud.contract.plan.activations import (
+    activation_components, eager_attention_bytes, long_context_settings, offloaded_host_bytes,
+)
 from gptoss_cloud.contract.plan.disk import checkpoint_bytes
 from gptoss_cloud.contract.plan.gpus import host_capacity_gib, gpu_info
 from gptoss_cloud.contract.plan.optim_bytes import label, trainable_bytes
@@ -44,8 +48,6 @@ from gptoss_cloud.contract.spec import RunSpec
 
 # ---- assumptions (calibrate against docs/benchmarks.md) -------------------------------------
 LOGITS_BYTES_PER_ELEM = BF16 + FP32 + FP32  # chunk logits, fp32 upcast for the loss, fp32 gradient
-EAGER_ATTN_SCORE_TENSORS = 2.5             # s x s bf16 tensors alive at the peak of an eager layer's backward
-BACKWARD_LAYER_FACTOR = 2.0                # a layer's backward holds its activations and their gradients
 ALLOCATOR_OVERHEAD = 1.05                  # torch caching allocator: reserved / allocated at the peak (1 GPU: 1.02-1.07)
 # FSDP2 full fine-tuning: all-gather and reduce-scatter buffers of many sizes on two streams fragment
 # the cache (2 x H100 reserved 1.31-1.32x what was allocated for 20b at 6 layers, 1.69x for 120b at
@@ -61,13 +63,6 @@ ALLOCATOR_OVERHEAD_SHARDED_FULL = 1.16
 OFFLOAD_FULL_UNIT_BYTES = (8.0, 10.0)      # bytes per unit parameter: constant + per-1/world term
 OFFLOAD_LORA_UNIT_BYTES = (4.0, 2.0)       # frozen bf16 shard copied in + all-gathered current and prefetched (not measured)
 ALLOCATOR_OVERHEAD_OFFLOAD = 1.0           # the buffers above are what the cache holds
-# Compiled decoder layers (kernels.compile, on by default on GPUs) save fewer tensors than eager ones:
-# the partitioner recomputes cheap elementwise ops in backward instead of saving their outputs, and
-# fused kernels need fewer temporaries. 20b LoRA on H100/H200: the saved activations of all layers
-# 0.61-0.70 of eager's (4,096 tokens), one recomputed layer's working set 0.35-0.64 (4K and 64K).
-LORA_EXPERT_WORKING_COPIES = 3             # LoRA on experts: W + B·A, B·A and the gradient of W + B·A, per layer
-COMPILED_SAVED_FACTOR = 0.70
-COMPILED_RECOMPUTE_FACTOR = 0.50
 CUDA_CONTEXT_GIB = 0.6                     # CUDA context + cuBLAS workspaces, outside torch's reserved memory
 NCCL_GIB = 1.0                             # NCCL communicator buffers when world > 1
 GPU_HEADROOM = 0.95                        # plan to use at most this fraction of a GPU's memory
@@ -80,20 +75,6 @@ ASSUMED_MFU = 0.25                         # achieved / peak bf16 FLOPs, recompu
 
 
 # ---------------------------------------------------------------------------------- activations
-def layer_activation_bytes(shape: ModelShape, tokens: int) -> float:
-    """Saved tensors of one decoder layer for ``tokens`` tokens (bf16; router in fp32)."""
-    h, i, k, e = shape.hidden_size, shape.intermediate_size, shape.num_experts_per_tok, shape.num_local_experts
-    q, kv = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
-    # norms in/out x2, residual adds x2; q,k,v; attention output x2 (before/after o_proj input);
-    # MoE: top-k permuted inputs, gate_up output, activation, down output.
-    per_token = BF16 * (6 * h + 2 * q + 2 * kv + k * (2 * h + 3 * i)) + FP32 * (shape.num_attention_heads + e + k)
-    return per_token * tokens
-
-
-def eager_attention_bytes(shape: ModelShape, micro_batch: int, seq: int) -> float:
-    return EAGER_ATTN_SCORE_TENSORS * BF16 * micro_batch * shape.num_attention_heads * seq * (seq + 1)
-
-
 def compiled_layers(spec: RunSpec) -> bool:
     """Whether decoder layers run under torch.compile: ``auto`` compiles on GPUs, which is what plans are for."""
     return spec.kernels.compile is not False
@@ -183,26 +164,7 @@ def _gpu_components(shape: ModelShape, spec: RunSpec) -> dict[str, float]:
     if full and not offload:
         out["layer gradient buffers (bf16 + fp32 reduce)"] = biggest * (BF16 + FP32)
 
-    # Activations.
-    layer = layer_activation_bytes(shape, tokens)
-    compiled = compiled_layers(spec)
-    if recompute_on(spec, shape):
-        out["checkpointed layer inputs"] = shape.num_hidden_layers * tokens * shape.hidden_size * BF16
-        out["one layer recomputed + its grads"] = layer * BACKWARD_LAYER_FACTOR * (COMPILED_RECOMPUTE_FACTOR if compiled else 1.0)
-    else:  # + the gradient working set of one layer
-        out["activations (all layers)"] = (shape.num_hidden_layers * layer + layer) * (COMPILED_SAVED_FACTOR if compiled else 1.0)
-    lora = spec.method.lora
-    if not full and lora.experts:
-        # peft adapts the 3-D expert weights through a parametrization: every access builds W + B·A
-        # whole (the layer's gathered bf16 experts), backward builds its gradient too. Recomputed
-        # layers hold that for one layer at a time; otherwise each adapted layer keeps its W + B·A.
-        # From the mechanism, not yet measured on a GPU.
-        w = shape.num_local_experts * shape.expert_params * BF16
-        adapted = len(lora.expert_layers) if lora.expert_layers is not None else shape.num_hidden_layers
-        if recompute_on(spec, shape):
-            out["LoRA experts: W + B·A, B·A and its gradient (one layer)"] = LORA_EXPERT_WORKING_COPIES * w
-        else:
-            out["LoRA experts: W + B·A kept per adapted layer"] = adapted * w + (LORA_EXPERT_WORKING_COPIES - 1) * w
+    out.update(activation_components(shape, spec, recompute_on(spec, shape), compiled_layers(spec)))
     if attention_kind(spec) == "eager":
         out["eager attention scores (one layer)"] = eager_attention_bytes(shape, b, s)
     chunk = min(spec.kernels.loss_chunk_tokens, tokens)
@@ -228,6 +190,8 @@ def _host_components(shape: ModelShape, spec: RunSpec) -> dict[str, float]:
         out["weight loading (one copy, MXFP4 experts)"] = experts * MXFP4_BYTES_PER_EXPERT_PARAM + (shape.total_params - experts) * BF16
     else:
         out["weight loading (one bf16 copy)"] = shape.total_params * BF16
+    if p.activation_offload:
+        out["offloaded activations (pinned, layer inputs + head)"] = offloaded_host_bytes(shape, spec) * p.gpus_per_node
     if spec.checkpoint.async_save:
         out["async checkpoint staging"] = checkpoint_bytes(shape, spec) / p.nodes
     out["processes"] = HOST_PER_PROCESS_GIB * GiB * p.gpus_per_node
@@ -249,6 +213,8 @@ def recompute_on(spec: RunSpec, shape: ModelShape | None = None) -> bool:
     ac = spec.parallelism.activation_checkpointing
     if ac != "auto":
         return bool(ac)
+    if spec.parallelism.activation_offload:  # what it offloads are the checkpointed layer inputs
+        return True
     return not memory_plan(_with(spec, parallelism__activation_checkpointing=False), shape, suggest=False).fits
 
 
@@ -262,6 +228,7 @@ def settings_of(spec: RunSpec, shape: ModelShape | None = None) -> dict[str, Any
         "cpu_offload": p.cpu_offload, "optimizer": label(spec.optim),
         "reshard_after_forward": p.reshard_after_forward, "attention": spec.kernels.attention,
         "loss_chunk_tokens": spec.kernels.loss_chunk_tokens,
+        "activation_offload": p.activation_offload, "moe_tile_tokens": spec.kernels.moe_tile_tokens,
         "lora_r": spec.method.lora.r if spec.method.kind == "lora" else None,
     }
 
@@ -329,6 +296,12 @@ def suggestions(spec: RunSpec, shape: ModelShape, max_nodes: int = 64) -> list[s
         say("kernels.attention: auto (fused attention)", mp)
     if not p.cpu_offload and (mp := fits(_with(spec, parallelism__cpu_offload=True))):
         say("parallelism.cpu_offload: true", mp)
+    # Long sequences: the layer inputs to the host, the experts over token tiles (docs/long-context.md).
+    for key, value in long_context_settings(spec).items():
+        if mp := fits(_with(spec, **{key: value})):
+            say(f"{key.replace('__', '.')}: {str(value).lower()}", mp)
+    if len(both := long_context_settings(spec)) == 2 and (mp := fits(_with(spec, **both))):
+        say(" + ".join(f"{k.replace('__', '.')}: {str(v).lower()}" for k, v in both.items()), mp)
     for nodes in range(p.nodes + 1, max_nodes + 1):
         if mp := fits(_with(spec, parallelism__nodes=nodes)):
             say(f"--nodes {nodes} ({nodes * p.gpus_per_node} GPUs)", mp)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
+from gptoss_cloud.contract.plan.activations import long_context_settings
 from gptoss_cloud.contract.plan.cost import TimePlan, time_plan
 from gptoss_cloud.contract.plan.disk import DiskPlan, disk_plan
 from gptoss_cloud.contract.plan.memory import MemoryPlan, _with, memory_plan, recompute_on
@@ -35,6 +36,10 @@ class LongestSeq:
     gpu_capacity_gib: float
     recompute: bool | None       # whether layers are recomputed at that length
     step: int
+    # The longest with what the spec lacks of activation offload and MoE tiles switched on, and those
+    # settings ("parallelism.activation_offload": True, ...); None / {} when the spec has both.
+    with_long_context: int | None = None
+    long_context_settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,15 +48,26 @@ class LongestSeq:
 def longest_seq(spec: RunSpec, shape: ModelShape | None = None, *, step: int = 1024, limit: int = MAX_SEQ_LEN) -> LongestSeq:
     """The longest ``data.max_seq_len`` (a multiple of ``step``, at most ``limit``) whose GPU memory plan
     fits, with everything else as the spec says (``activation_checkpointing: auto`` switches on as the
-    sequence grows). A planner projection: measured long-context rows are in docs/benchmarks.md."""
+    sequence grows). A planner projection: measured long-context rows are in docs/benchmarks.md.
+    ``with_long_context`` is the same search with activation offload and MoE tiles on (docs/long-context.md)."""
     shape = resolve_shape(spec, shape)
+    found = _longest(spec, shape, step, limit)
+    extra = long_context_settings(spec)
+    if extra:
+        found.long_context_settings = {k.replace("__", "."): v for k, v in extra.items()}
+        found.with_long_context = _longest(_with(spec, **extra), shape, step, limit).tokens
+    return found
 
+
+def _longest(spec: RunSpec, shape: ModelShape, step: int, limit: int) -> LongestSeq:
     def plan_at(n: int) -> MemoryPlan:
         return memory_plan(_with(spec, data__max_seq_len=n * step), shape, suggest=False)
 
     def fits(n: int) -> bool:
         mp = plan_at(n)
-        return mp.gpu_total_gib <= mp.gpu_capacity_gib
+        # Offloaded activations grow the host's share with the length too; otherwise it does not depend on it.
+        host_ok = not spec.parallelism.activation_offload or mp.host_total_gib <= mp.host_capacity_gib
+        return mp.gpu_total_gib <= mp.gpu_capacity_gib and host_ok
 
     cap = plan_at(1).gpu_capacity_gib
     if not fits(1):
