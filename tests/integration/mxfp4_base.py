@@ -73,7 +73,8 @@ def load_base(folder: Path):
     return load_merged(folder)
 
 
-def lora_run(home: Path, base: Path, *, expert_layers: list[int] | None = None, merge_format: str = "auto", seed: int = 1):
+def lora_run(home: Path, base: Path, *, expert_layers: list[int] | None = None, merge_format: str = "auto", seed: int = 1,
+             spec: dict | None = None):
     """A LoRA checkpoint over ``base`` (attention and router; the experts of ``expert_layers`` too), its
     adapter nudged away from zero so the merge changes what it targets. Returns the trained model."""
     from peft import LoraConfig, get_peft_model
@@ -90,8 +91,8 @@ def lora_run(home: Path, base: Path, *, expert_layers: list[int] | None = None, 
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     lora = {"experts": bool(expert_layers), "expert_layers": expert_layers, "router": True}
-    spec = RunSpec.model_validate({"method": {"kind": "lora", "lora": lora},
-                                   "output": {"merge_format": merge_format}})
+    spec = RunSpec.model_validate({"method": {"kind": "lora", "lora": lora}, "output": {"merge_format": merge_format},
+                                   **(spec or {})})
     ck = Checkpointer(spec.checkpoint, str(home), spec=spec, record_metrics=False)
     ck.save(1, {"model": model})
     ck.close()

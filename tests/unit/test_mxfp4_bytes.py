@@ -80,3 +80,15 @@ def test_quantising_a_dense_tensor_is_canonical_except_where_its_max_rounds_down
     assert torch.equal((s1.int() - s2.int())[differs], torch.ones(int(differs.sum()), dtype=torch.int32))
     again = quantize_mxfp4(dequantize_mxfp4(b2, s2, torch.float32))
     assert torch.equal(again[0], b2) and torch.equal(again[1], s2)
+
+
+def test_the_exports_sliced_quantiser_writes_the_bytes_of_the_whole_tensor_quantiser():
+    """Groups never straddle a slice (each is 32 input features of one output row), so slicing is exact."""
+    from gptoss_cloud.trainer.kernels.mxfp4 import quantize_expert_weight
+    from gptoss_cloud.trainer.merge.mxfp4 import quantize_in_chunks
+
+    w = torch.randn(3, 64, 40, generator=torch.Generator().manual_seed(14))  # (experts, in, out)
+    whole = quantize_expert_weight(w)
+    for max_elems in (1, 64 * 7, 1 << 22):  # one row, 7 rows (40 is no multiple of 7), whole experts
+        sliced = quantize_in_chunks(w, max_elems=max_elems)
+        assert torch.equal(sliced[0], whole[0]) and torch.equal(sliced[1], whole[1])

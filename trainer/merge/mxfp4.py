@@ -11,7 +11,8 @@ float32. ``config.json`` declares the published ``quantization_config`` block, s
 
 An expert weight that no adapter touched, over a base that holds it in MXFP4, is copied byte for byte
 (its blocks and scales are the base's); every other expert weight is quantised with
-``kernels.mxfp4.quantize_expert_weight`` from the merged weight in the dtype the run computed in.
+``kernels.mxfp4.quantize_mxfp4`` (as ``quantize_expert_weight`` does, in slices) from the merged weight
+in the dtype the run computed in.
 Streaming: one expert tensor is quantised at a time, and its scales wait only until the writer asks
 for them (they follow their blocks in the plan).
 """
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 
 from gptoss_cloud.contract.errors import GptossError
-from gptoss_cloud.trainer.kernels.mxfp4 import GROUP, quantize_expert_weight
+from gptoss_cloud.trainer.kernels.mxfp4 import GROUP, quantize_mxfp4
 from gptoss_cloud.trainer.merge.base import BaseWeights
 
 # The block openai/gpt-oss-20b and -120b declare in config.json (their published config; the copy in
@@ -59,6 +60,20 @@ def packed_entries(name: str, shape: tuple, where: str) -> list[Entry]:
                           f"MXFP4 shares one scale among {GROUP} of them", hint="merge with --format bf16")
     return [(name + "_blocks", (e, cout, cin // GROUP, GROUP // 2), torch.uint8),
             (name + "_scales", (e, cout, cin // GROUP), torch.uint8)]
+
+
+def quantize_in_chunks(w: torch.Tensor, max_elems: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_expert_weight``, a slice of one expert's output features at a time, into preallocated
+    outputs: the quantiser's temporaries (float copies, int64 codes: ~30 bytes a weight) then exist for
+    ~4 M weights, never for a whole expert tensor (120b: 2.1 G weights per layer and projection)."""
+    e, cin, cout = w.shape
+    blocks = torch.empty(e, cout, cin // GROUP, GROUP // 2, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(e, cout, cin // GROUP, dtype=torch.uint8, device=w.device)
+    rows = max(1, max_elems // cin)
+    for i in range(e):
+        for r0 in range(0, cout, rows):
+            blocks[i, r0:r0 + rows], scales[i, r0:r0 + rows] = quantize_mxfp4(w[i, :, r0:r0 + rows].transpose(0, 1))
+    return blocks, scales
 
 
 class Mxfp4Layout:
@@ -99,7 +114,7 @@ class Mxfp4Layout:
             if suffix not in PACKED or not is_expert_weight(dense):
                 t = get(name)
                 return t.to(self.dtype) if t.is_floating_point() else t
-            blocks, scales = self.base.packed(dense) if dense in self.copied else quantize_expert_weight(get(dense))
+            blocks, scales = self.base.packed(dense) if dense in self.copied else quantize_in_chunks(get(dense))
             mine, other = (blocks, scales) if suffix == "_blocks" else (scales, blocks)
             self._pending[dense + PACKED[suffix == "_blocks"]] = other.contiguous()
             return mine.contiguous()
