@@ -308,14 +308,18 @@ def _train(spec: RunSpec, run_id: str, home: str, *, datasets: Any, checkpointer
         "versions": {"torch": torch.__version__, "transformers": _version("transformers"), "peft": _version("peft")},
     }
     if info.is_main and spec.output.merge and not isinstance(checkpointer, NoCheckpoints):
-        # Streams the final published checkpoint tensor by tensor into <home>/merged (host memory bounded
-        # by a few tensors, never the model), so 120b merges where it trained.
-        from gptoss_cloud.trainer.merge.export import merge
+        # Streams the final published checkpoint tensor by tensor into <home>/merged and/or merged-mxfp4, as
+        # output.merge_format resolves (host memory bounded by a few tensors, never the model), so 120b
+        # merges where it trained.
+        from gptoss_cloud.contract.runs import merged_key
+        from gptoss_cloud.trainer.merge.export import merge_run
 
-        res = merge(home, join(home, "merged"))
-        summary["merged"], summary["merge"] = res.out, res.stats()  # wall time, bytes written, peak host memory
-        if metrics:
-            metrics.on_merge(res.stats())
+        done = merge_run(home, lambda fmt, _: join(home, merged_key(fmt)), merge_format=spec.output.merge_format)
+        summary["merged"], summary["merge"] = done[0].out, done[0].stats()  # wall time, bytes written, peak host memory
+        summary["merged_formats"] = {res.format: res.out for res in done}
+        for res in done:
+            if metrics:
+                metrics.on_merge(res.stats())
     if info.is_main and checkpointer.events:
         summary["checkpoints"] = checkpointer.events  # each save's timings and bytes (also in metrics.jsonl)
     if info.is_main:

@@ -122,7 +122,7 @@ def test_full_merge_defaults_to_the_dtype_the_run_computed_in(tmp_path):
 MEASURE = r"""
 import sys, tempfile, pathlib
 import torch
-from gptoss_cloud.trainer.merge import base as mb, export as m
+from gptoss_cloud.trainer.merge import base as mb, export as m, sink as ms
 
 def rss(field):
     for line in open("/proc/self/status"):
@@ -132,7 +132,7 @@ def rss(field):
 home, out = sys.argv[1], sys.argv[2]
 with tempfile.TemporaryDirectory() as tmp:
     src = mb.Source(home, pathlib.Path(tmp))
-    sink = m._Sink(out, pathlib.Path(tmp))
+    sink = ms.Sink(out, pathlib.Path(tmp))
     src.load([next(iter(src.model_entries()))])  # warm up DCP's code paths before measuring
     before = rss("VmRSS")
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS

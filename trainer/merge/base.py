@@ -101,11 +101,49 @@ class BaseWeights:
         if name + "_blocks" in self.where:  # published checkpoints keep experts in MXFP4
             from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-            blocks = self._handles[self.where[name + "_blocks"]].get_tensor(name + "_blocks")
-            scales = self._handles[self.where[name + "_scales"]].get_tensor(name + "_scales")
             # transformers dequantizes straight into the (experts, in, out) layout its GptOssExperts uses
-            return convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+            return convert_moe_packed_tensors(*self.packed(name), dtype=dtype)
         raise GptossError(f"base weights in {self.folder} have no tensor {name!r}")
+
+    def location(self, name: str) -> str:
+        """The file holding ``name`` (dense, or its MXFP4 blocks), for messages."""
+        return str(self.folder / self.where.get(name, self.where.get(name + "_blocks", "?")))
+
+    def is_packed(self, name: str) -> bool:
+        """Whether the base holds the expert weight ``name`` in MXFP4 (``name_blocks`` + ``name_scales``)."""
+        return name not in self.where and name + "_blocks" in self.where
+
+    def packed_shapes(self, name: str) -> tuple[tuple, tuple]:
+        """The stored shapes of ``name``'s blocks and scales, checked against each other without reading them:
+        uint8 both, blocks (..., groups, 16) and scales (..., groups)."""
+        b, s = name + "_blocks", name + "_scales"
+        if s not in self.where:
+            raise GptossError(f"{self.folder / self.where[b]}: {b} has no {s} beside it in the base weights")
+        sl = {k: self._handles[self.where[k]].get_slice(k) for k in (b, s)}
+        shape = {k: tuple(int(d) for d in sl[k].get_shape()) for k in (b, s)}
+        files = f"{b} in {self.folder / self.where[b]}, {s} in {self.folder / self.where[s]}"
+        if sl[b].get_dtype() != "U8" or sl[s].get_dtype() != "U8":
+            raise GptossError(f"MXFP4 blocks and scales must be uint8: {b} is {sl[b].get_dtype()}, {s} is {sl[s].get_dtype()} ({files})")
+        if len(shape[b]) < 2 or shape[b][-1] != 16 or shape[b][:-1] != shape[s]:
+            raise GptossError(f"MXFP4 {b} {shape[b]} does not match {s} {shape[s]}: blocks must be (..., groups, 16) "
+                              f"over scales (..., groups) ({files})")
+        return shape[b], shape[s]
+
+    def packed(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert weight ``name`` as the base stores it: (blocks, scales), bytes untouched."""
+        self.packed_shapes(name)
+        get = lambda k: self._handles[self.where[k]].get_tensor(k)  # noqa: E731
+        return get(name + "_blocks"), get(name + "_scales")
+
+
+def declares_mxfp4(folder: Path) -> bool:
+    """Whether a base folder's config declares MXFP4 weights, as the published checkpoints do
+    (``quantization_config.quant_method: mxfp4``)."""
+    try:
+        q = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    return isinstance(q, dict) and q.get("quant_method") == "mxfp4"
 
 
 def resolve_base(home: str, model_name: str | None, base: str | None, cache: Path, signed: bool = False) -> Path | None:

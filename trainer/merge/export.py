@@ -6,10 +6,12 @@ into the base weights one decoder layer at a time, by peft itself (its merge han
 Peak host memory is about one decoder layer (LoRA) or one tensor (full), never the whole model.
 
 The output: ``model-0000i-of-0000n.safetensors`` (at most 5 GB each) with
-``model.safetensors.index.json``, ``config.json`` (architectures exactly ``["GptOssForCausalLM"]``, no
-``quantization_config``), ``generation_config.json`` and the tokenizer with its chat template (copied
-from the base, or generated from the harmony vocabulary for random/tiny bases). It goes to a local
-folder or straight to S3 (one shard is staged locally at a time).
+``model.safetensors.index.json``, ``config.json`` (architectures exactly ``["GptOssForCausalLM"]``),
+``generation_config.json`` and the tokenizer with its chat template (copied from the base, or generated
+from the harmony vocabulary for random/tiny bases). It goes to a local folder or straight to S3 (one
+shard is staged locally at a time). Two formats (``output.merge_format``, ``merge --format``): ``bf16``
+(dense, no ``quantization_config``) and ``mxfp4`` (the experts packed as the published checkpoints
+pack them: ``merge/mxfp4.py``); ``merge_run`` writes each resolved one from one read of the source.
 
 Every merge is measured (``MergeResult``): ``wall_s``, ``bytes_written`` (every output file) and
 ``peak_rss_bytes``, the host memory high-water mark — of the merge itself where Linux lets the process
@@ -30,16 +32,16 @@ from typing import Callable
 
 import torch
 
-from gptoss_cloud.contract.outputs import entries as output_entries
-from gptoss_cloud.contract.outputs import publish as publish_output
-from gptoss_cloud.contract.outputs import replace_local
+from gptoss_cloud.contract.runs import MERGE_FORMATS, merge_formats
 from gptoss_cloud.contract.shapes import EOS_TOKEN_IDS, HUB_IDS, PAD_TOKEN_ID
-from gptoss_cloud.contract.store.objects import is_remote, join, open_store
+from gptoss_cloud.contract.store.objects import join
 
 from gptoss_cloud.trainer.checkpoint import shards as st
 from gptoss_cloud.trainer.checkpoint.stats import GiB, PeakRss
-from gptoss_cloud.trainer.checkpoint.manifest import CheckpointError, signing_key
-from gptoss_cloud.trainer.merge.base import BaseWeights, Source, resolve_base
+from gptoss_cloud.trainer.checkpoint.manifest import CheckpointError
+from gptoss_cloud.trainer.merge.base import BaseWeights, Source, declares_mxfp4, resolve_base
+from gptoss_cloud.trainer.merge.mxfp4 import Mxfp4Layout, quantization_config
+from gptoss_cloud.trainer.merge.sink import Sink, write_adapter, write_model
 
 log = logging.getLogger("gptoss_cloud.merge")
 SHARD_BYTES = 5 * 10**9
@@ -63,19 +65,15 @@ class MergeResult:
     peak_rss_bytes: int | None = None
     peak_rss_scope: str | None = None  # "section": this merge's own peak; "process": the process's lifetime peak
     rss_start_bytes: int | None = None  # resident set when the merge started
+    format: str = "bf16"  # bf16 | mxfp4 (contract.runs.MERGE_FORMATS)
 
     def stats(self) -> dict:
         """The measurements, as recorded in metrics.jsonl and summary.json."""
         gib = lambda b: round(b / GiB, 3) if b is not None else None  # noqa: E731
         return {"wall_s": self.wall_s, "bytes_written": self.bytes_written, "peak_rss_gib": gib(self.peak_rss_bytes),
                 "peak_rss_scope": self.peak_rss_scope, "rss_start_gib": gib(self.rss_start_bytes),
-                "tensors": self.tensors, "model_bytes": self.total_bytes, "out": self.out, "step": self.step}
-
-
-# ------------------------------------------------------------------------------------- the source
-
-
-# ----------------------------------------------------------------------------------------- the base
+                "tensors": self.tensors, "model_bytes": self.total_bytes, "out": self.out, "step": self.step,
+                "format": self.format}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -121,101 +119,111 @@ def generation_config(cfg: dict) -> dict:
     return {"bos_token_id": 199998 if vocab > 199998 else None, "eos_token_id": eos, "pad_token_id": pad, "do_sample": True}
 
 
-class _Sink:
-    """Where output files go: the local folder itself, or S3 through a one-file staging folder."""
-
-    def __init__(self, out: str, stage: Path):
-        self.remote = is_remote(out)
-        self.store = open_store(out)
-        self.dir = stage / "out" if self.remote else Path(out)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.written: list[str] = []
-        self.entries: dict[str, dict] = {}
-        self.bytes = 0
-
-    def path(self, name: str) -> Path:
-        return self.dir / name
-
-    def done(self, name: str) -> None:
-        self.bytes += (self.dir / name).stat().st_size
-        self.entries.update(output_entries(self.dir, [name]))  # hashed here, before it leaves this machine
-        if self.remote:
-            self.store.upload_file(self.dir / name, name)
-            (self.dir / name).unlink()
-        self.written.append(name)
-
-    def publish(self) -> None:
-        """The folder's manifest, last: signed with the checkpoint key when one is set."""
-        if self.remote:
-            publish_output(self.store, self.entries, signing_key())
-        else:
-            replace_local(self.dir, self.entries, signing_key())
-
-
-def _write_model(sink: _Sink, entries, get: Callable[[str], torch.Tensor], shard_bytes: int) -> list[str]:
-    shards = st.plan_shards(entries, shard_bytes)
-    names = st.shard_names(len(shards))
-    for shard, fname in zip(shards, names):
-        st.write_shard(sink.path(fname), shard, get)
-        sink.done(fname)
-    st.write_index(sink.path("model.safetensors.index.json"), shards, names)
-    sink.done("model.safetensors.index.json")
-    return names
-
-
 # --------------------------------------------------------------------------------------------- merge
-def merge(ref: str, out: str, *, base: str | None = None, dtype: str | None = None, shard_bytes: int = SHARD_BYTES,
-          adapter_out: str | None = None, verify: bool = False) -> MergeResult:
-    """Merge the checkpoint ``ref`` (a run home or .../checkpoints/step-N) into a servable folder ``out``."""
-    t0 = time.perf_counter()
-    rss = PeakRss().start()
+def merge(ref: str, out: str, *, fmt: str = "bf16", base: str | None = None, dtype: str | None = None,
+          shard_bytes: int = SHARD_BYTES, adapter_out: str | None = None, verify: bool = False) -> MergeResult:
+    """Merge the checkpoint ``ref`` (a run home or .../checkpoints/step-N) into a servable folder ``out``
+    in one format (bf16 or mxfp4)."""
+    if fmt not in MERGE_FORMATS:
+        raise CheckpointError(f"merge format {fmt!r}: merge writes one of {', '.join(MERGE_FORMATS)} (merge_run writes several)")
+    (res,) = merge_run(ref, lambda *_: out, merge_format=fmt, base=base, dtype=dtype, shard_bytes=shard_bytes,
+                       adapter_out=adapter_out, verify=verify)
+    return res
+
+
+def merge_run(ref: str, out_for: Callable[[str, tuple[str, ...]], str], *, merge_format: str | None = None, base: str | None = None,
+              dtype: str | None = None, shard_bytes: int = SHARD_BYTES, adapter_out: str | None = None,
+              verify: bool = False) -> list[MergeResult]:
+    """Merge ``ref`` once per format ``merge_format`` resolves to (None: the run's ``output.merge_format``),
+    format ``f`` of ``formats`` into folder ``out_for(f, formats)``. The checkpoint and base are fetched once; each format is
+    measured on its own (its wall time and its own peak host memory)."""
+    if merge_format not in (None, "auto", "both", *MERGE_FORMATS):
+        raise CheckpointError(f"merge format {merge_format!r}: use bf16, mxfp4, both or auto")
+    t0, rss = time.perf_counter(), PeakRss().start()
     with tempfile.TemporaryDirectory(prefix="gptoss-merge-") as tmp:
-        tmp = Path(tmp)
-        src = Source(ref, tmp / "ckpt")
-        cfg_text = src.text("config.json")
+        job = _Job(ref, base, dtype, Path(tmp))
+        results, formats = [], job.formats(merge_format)
+        for i, fmt in enumerate(formats):
+            if i:
+                t0, rss = time.perf_counter(), PeakRss().start()
+            results.append(job.write(fmt, out_for(fmt, formats), t0, rss, shard_bytes, adapter=adapter_out if i == 0 else False,
+                                     verify=verify))
+        return results
+
+
+def default_adapter_out(out: str) -> str:
+    """Where a LoRA merge into ``out`` keeps the adapter: ``<home>/adapter`` beside ``merged[-mxfp4]``."""
+    out = out.rstrip("/").removesuffix("-mxfp4")
+    return join(out.rsplit("/", 1)[0], "adapter") if out.endswith("/merged") else out + "-adapter"
+
+
+class _Job:
+    """One checkpoint opened for merging: its spec, config, base weights; ``write`` makes one folder."""
+
+    def __init__(self, ref: str, base: str | None, dtype: str | None, tmp: Path):
         from gptoss_cloud.contract.spec import spec_from_yaml_text
 
-        spec = spec_from_yaml_text(src.text("spec.yaml"), f"{src.where}/spec.yaml") if src.text("spec.yaml") else None
-        adapter_cfg = src.text("adapter_config.json")
-        method = "lora" if adapter_cfg else "full"
-        sink = _Sink(out, tmp)
-        base_dir = None
-        if method == "lora" or cfg_text is None:
-            base_dir = resolve_base(src.home, spec.model.name if spec else None, base, tmp, signed=src.signed)
-        if cfg_text is None and base_dir is None:
+        self.tmp, self.user_dtype = tmp, dtype
+        self.src = src = Source(ref, tmp / "ckpt")
+        cfg_text = src.text("config.json")
+        self.spec = spec_from_yaml_text(src.text("spec.yaml"), f"{src.where}/spec.yaml") if src.text("spec.yaml") else None
+        self.adapter_cfg = src.text("adapter_config.json")
+        self.method = "lora" if self.adapter_cfg else "full"
+        self.base_dir = None
+        if self.method == "lora" or cfg_text is None:
+            self.base_dir = resolve_base(src.home, self.spec.model.name if self.spec else None, base, tmp, signed=src.signed)
+        if cfg_text is None and self.base_dir is None:
             raise CheckpointError(f"{src.where}: no config.json in the checkpoint and no base model to take it from")
-        cfg = json.loads(cfg_text) if cfg_text else json.loads((base_dir / "config.json").read_text())
-        dtype = dtype or declared_dtype(cfg)
-        if method == "full":
-            res = _merge_full(src, sink, cfg, dtype, shard_bytes)
+        if self.method == "lora" and self.base_dir is None:
+            raise CheckpointError(f"{src.where}: a LoRA checkpoint needs its base weights",
+                                  hint="pass --base FOLDER|s3://… (random-init runs keep theirs in <run>/base/)")
+        self.cfg = json.loads(cfg_text) if cfg_text else json.loads((self.base_dir / "config.json").read_text())
+        self.dtype = dtype or declared_dtype(self.cfg)
+        self.base = BaseWeights(self.base_dir) if self.method == "lora" else None
+
+    def formats(self, merge_format: str | None) -> tuple[str, ...]:
+        """``output.merge_format`` (or the one asked for) resolved for this checkpoint (contract.runs.merge_formats)."""
+        if merge_format is None:
+            merge_format = self.spec.output.merge_format if self.spec else "auto"
+        adapter = json.loads(self.adapter_cfg) if self.adapter_cfg else {}
+        experts = self.method == "full" or any(".experts." in f".{t}" for t in adapter.get("target_parameters") or ())
+        # A random-init base kept in MXFP4 (model.base_format: mxfp4) holds packed experts without declaring them.
+        base_mxfp4 = self.base is not None and (declares_mxfp4(self.base_dir) or any(k.endswith("_blocks") for k in self.base.where))
+        return merge_formats(merge_format, experts_trained=experts, base_mxfp4=base_mxfp4,
+                             qat=self.spec.method.qat if self.spec else "none")
+
+    def write(self, fmt: str, out: str, t0: float, rss: PeakRss, shard_bytes: int, adapter: str | None | bool,
+              verify: bool) -> MergeResult:
+        src = self.src
+        sink = Sink(out, self.tmp / fmt)
+        layout = Mxfp4Layout(_DT[self.user_dtype] if self.user_dtype else torch.bfloat16, self.base) if fmt == "mxfp4" else None
+        if self.method == "full":
+            res = _merge_full(src, sink, self.cfg, self.dtype, shard_bytes, layout)
         else:
-            if base_dir is None:
-                raise CheckpointError(f"{src.where}: a LoRA checkpoint needs its base weights",
-                                      hint="pass --base FOLDER|s3://… (random-init runs keep theirs in <run>/base/)")
-            res = _merge_lora(src, sink, cfg, json.loads(adapter_cfg), BaseWeights(base_dir), dtype, shard_bytes)
-            ad_out = adapter_out or (join(out.rsplit("/", 1)[0], "adapter") if out.rstrip("/").endswith("/merged")
-                                     else out.rstrip("/") + "-adapter")
-            _write_adapter(src, json.loads(adapter_cfg), ad_out, tmp)
-            res.adapter_out = ad_out
-        out_dtype = _DT.get(dtype) if dtype else res.dtype
-        final_cfg = servable_config(cfg, out_dtype)
+            res = _merge_lora(src, sink, self.cfg, json.loads(self.adapter_cfg), self.base, self.dtype, shard_bytes, layout)
+            if adapter is not False:  # once per run: the first format's merge writes it
+                res.adapter_out = adapter or default_adapter_out(out)
+                write_adapter(src, json.loads(self.adapter_cfg), res.adapter_out, self.tmp / f"{fmt}-adapter")
+        final_cfg = servable_config(self.cfg, layout.dtype if layout else (_DT.get(self.dtype) if self.dtype else res.dtype))
+        if layout:
+            final_cfg["quantization_config"] = quantization_config()
         for name, body in (("config.json", final_cfg), ("generation_config.json", generation_config(final_cfg))):
             sink.path(name).write_text(json.dumps(body, indent=2))
             sink.done(name)
-        _write_tokenizer(sink, base_dir or published_tokenizer_dir(spec), cfg)
+        _write_tokenizer(sink, self.base_dir or published_tokenizer_dir(self.spec), self.cfg)
         sink.publish()
-        result = MergeResult(out=out, step=src.step, method=method, tensors=res.tensors, total_bytes=res.total,
+        result = MergeResult(out=out, step=src.step, method=self.method, tensors=res.tensors, total_bytes=res.total,
                              shards=res.shards, adapter_out=res.adapter_out, files=list(sink.written),
-                             bytes_written=sink.bytes, rss_start_bytes=rss.start_rss)
+                             bytes_written=sink.bytes, rss_start_bytes=rss.start_rss, format=fmt)
         # Measured before --verify, which loads the whole model on purpose.
         result.wall_s = round(time.perf_counter() - t0, 3)
         result.peak_rss_bytes, result.peak_rss_scope = rss.peak(), rss.scope
-        log.info("merged step %d into %s: %.2f GiB written in %.1fs, peak host memory %.2f GiB (%s)", src.step, out,
-                 sink.bytes / GiB, result.wall_s, result.peak_rss_bytes / GiB, result.peak_rss_scope)
+        log.info("merged step %d into %s (%s): %.2f GiB written in %.1fs, peak host memory %.2f GiB (%s)", src.step,
+                 out, fmt, sink.bytes / GiB, result.wall_s, result.peak_rss_bytes / GiB, result.peak_rss_scope)
         if verify:
             from gptoss_cloud.trainer.merge.verify import verify_merged  # it reads this module's sink and adapter writer
 
-            result.max_abs_logit_diff = verify_merged(out, src, base_dir, adapter_cfg, tmp)
+            result.max_abs_logit_diff = verify_merged(out, src, self.base_dir, self.adapter_cfg, self.tmp)
         return result
 
 
@@ -228,7 +236,8 @@ class _Written:
     adapter_out: str | None = None
 
 
-def _merge_full(src: Source, sink: _Sink, cfg: dict, dtype: str | None, shard_bytes: int) -> _Written:
+def _merge_full(src: Source, sink: Sink, cfg: dict, dtype: str | None, shard_bytes: int,
+                layout: Mxfp4Layout | None = None) -> _Written:
     ent = src.model_entries()
     want = _DT.get(dtype) if dtype else None
     entries = [(hf_name(k), shape, want or dt) for k, (shape, dt) in ent.items()]
@@ -238,7 +247,9 @@ def _merge_full(src: Source, sink: _Sink, cfg: dict, dtype: str | None, shard_by
         t = src.load([by_hf[name]])[by_hf[name]]
         return t.to(want) if want else t
 
-    shards = _write_model(sink, entries, get, shard_bytes)
+    if layout:  # every weight of a full fine-tune trained: the experts are quantised
+        entries, get = layout.plan(entries, adapted=lambda _: True, where=lambda _: src.where), layout.getter(get)
+    shards = write_model(sink, entries, get, shard_bytes)
     out_dtype = want or next(iter(ent.values()))[1]
     return _Written(len(entries), sum(st.nbytes(s, d) for _, s, d in entries), shards, out_dtype)
 
@@ -255,8 +266,19 @@ def _meta_peft_model(cfg: dict, adapter_cfg: dict):
     return model
 
 
-def _merge_lora(src: Source, sink: _Sink, cfg: dict, adapter_cfg: dict, base: BaseWeights, dtype: str | None,
-                shard_bytes: int) -> _Written:
+def _adapted(model) -> set[str]:
+    """The base weights (transformers names) an adapter changes: its modules' weights and its target_parameters."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out = set()
+    for n, mod in model.named_modules():
+        if isinstance(mod, BaseTunerLayer) and mod.lora_A:
+            out.add(f"{hf_name(n)}.{getattr(mod, 'parameter_name', None) or 'weight'}")
+    return out
+
+
+def _merge_lora(src: Source, sink: Sink, cfg: dict, adapter_cfg: dict, base: BaseWeights, dtype: str | None,
+                shard_bytes: int, layout: Mxfp4Layout | None = None) -> _Written:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     model = _meta_peft_model(cfg, adapter_cfg)
@@ -274,6 +296,10 @@ def _merge_lora(src: Source, sink: _Sink, cfg: dict, adapter_cfg: dict, base: Ba
                 continue
             entries.append((hf_name(n), tuple(p.shape), out_dtype))
             owner[hf_name(n)] = prefix
+    if layout:
+        changed = _adapted(model)
+        entries = layout.plan(entries, adapted=changed.__contains__, where=base.location)
+    skip = layout.copied if layout else set()  # their bytes come straight from the base: never dequantised
     cache: dict[str, torch.Tensor] = {}
     current = [None]
 
@@ -287,7 +313,7 @@ def _merge_lora(src: Source, sink: _Sink, cfg: dict, adapter_cfg: dict, base: Ba
                     if full not in lora_keys:
                         raise CheckpointError(f"{src.where}: adapter weight {full} missing from the checkpoint")
                     lora[full] = p
-                else:
+                elif hf_name(n) not in skip:
                     p.copy_(base.get(hf_name(n), work_dtype))
             if lora:
                 loaded = src.load(sorted(lora))
@@ -298,7 +324,7 @@ def _merge_lora(src: Source, sink: _Sink, cfg: dict, adapter_cfg: dict, base: Ba
                     sub.merge()
         cache.clear()
         for n, p in mod.named_parameters(prefix=prefix):
-            if "lora_" not in n:
+            if "lora_" not in n and hf_name(n) not in skip:
                 cache[hf_name(n)] = p.detach().to(out_dtype)
         mod.to_empty(device="meta")  # free the layer
         current[0] = prefix
@@ -312,23 +338,8 @@ def _merge_lora(src: Source, sink: _Sink, cfg: dict, adapter_cfg: dict, base: Ba
 
     for prefix, mod in groups:  # every module starts on meta; parameters are typed for the merge
         mod.to(work_dtype)
-    shards = _write_model(sink, entries, get, shard_bytes)
+    shards = write_model(sink, entries, layout.getter(get) if layout else get, shard_bytes)
     return _Written(len(entries), sum(st.nbytes(s, d) for _, s, d in entries), shards, out_dtype)
-
-
-def _write_adapter(src: Source, adapter_cfg: dict, out: str, tmp: Path) -> None:
-    """The adapter on its own, in peft's format (adapter_model.safetensors + adapter_config.json)."""
-    from safetensors.torch import save_file
-
-    keys = sorted(src.model_entries())
-    tensors = src.load(keys)  # adapters are small: all at once
-    renamed = {k.replace(".default.", ".").replace(".default", ""): v.contiguous() for k, v in tensors.items()}
-    sink = _Sink(out, tmp / "adapter")
-    save_file(renamed, str(sink.path("adapter_model.safetensors")), metadata={"format": "pt"})
-    sink.done("adapter_model.safetensors")
-    sink.path("adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
-    sink.done("adapter_config.json")
-    sink.publish()
 
 
 def published_tokenizer_dir(spec) -> Path | None:
@@ -350,7 +361,7 @@ def published_tokenizer_dir(spec) -> Path | None:
         return None
 
 
-def _write_tokenizer(sink: _Sink, base_dir: Path | None, cfg: dict) -> None:
+def _write_tokenizer(sink: Sink, base_dir: Path | None, cfg: dict) -> None:
     copied = []
     if base_dir is not None:
         for name in TOKENIZER_FILES:
@@ -367,8 +378,5 @@ def _write_tokenizer(sink: _Sink, base_dir: Path | None, cfg: dict) -> None:
         shutil.move(str(stage / name), sink.path(name))
         sink.done(name)
     shutil.rmtree(stage, ignore_errors=True)
-
-
-# -------------------------------------------------------------------------------------------- verify
 
 

@@ -1,4 +1,9 @@
-"""Check a merged folder against the training model: the same logits on harmony prompts, within a stated tolerance."""
+"""Check a merged folder against the training model: the same logits on harmony prompts, within a stated tolerance.
+
+An MXFP4 folder is compared with the training-time model whose expert weights are ``dequant(quant(w))``:
+what the export writes, whether it quantised them or copied the base's bytes (a copied tensor is
+``dequant(b)`` and requantising it gives ``b`` back, ``kernels.mxfp4``), so only the bf16 rounding of the
+other tensors remains, as for a bf16 merge."""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ from gptoss_cloud.contract.outputs import open_output
 from gptoss_cloud.contract.store.objects import is_remote, open_store
 from gptoss_cloud.trainer.checkpoint.manifest import CheckpointError
 from gptoss_cloud.trainer.merge.base import Source
-from gptoss_cloud.trainer.merge.export import _write_adapter, hf_name, log
+from gptoss_cloud.trainer.merge.export import hf_name, log
+from gptoss_cloud.trainer.merge.sink import write_adapter
 
 
 def harmony_prompts(vocab: int) -> list[list[int]]:
@@ -35,8 +41,11 @@ def verify_merged(out: str, src: Source, base_dir: Path | None, adapter_cfg: str
         local = tmp / "verify"
         s = open_store(out)
         download_prefix(s, "", local, where=out, manifest=open_output(s, signed_spec=src.signed))
-    merged = GptOssForCausalLM.from_pretrained(str(local), dtype=torch.float32, attn_implementation="eager").eval()
-    ref = _training_model(src, base_dir, adapter_cfg, merged.config).eval()
+    merged = load_merged(local)
+    ref = _training_model(src, base_dir, adapter_cfg, merged.config)
+    if json.loads((local / "config.json").read_text()).get("quantization_config"):  # dequantised: the model's config no longer says
+        ref = as_exported_mxfp4(ref.merge_and_unload() if adapter_cfg else ref)
+    ref = ref.eval()
     worst = 0.0
     with torch.no_grad():
         for ids in harmony_prompts(merged.config.vocab_size):
@@ -51,6 +60,27 @@ def verify_merged(out: str, src: Source, base_dir: Path | None, adapter_cfg: str
     return worst
 
 
+def load_merged(folder: Path):
+    """A merged folder in transformers, fp32 on the CPU. An MXFP4 folder's experts are dequantised by
+    transformers' own Mxfp4 integration (``Mxfp4Config(dequantize=True)``: no hub kernels)."""
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    cfg = json.loads((folder / "config.json").read_text())
+    kw = {"quantization_config": Mxfp4Config(dequantize=True)} if cfg.get("quantization_config") else {}
+    return GptOssForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager", **kw).eval()
+
+
+def as_exported_mxfp4(model):
+    """``model`` with every expert weight replaced by dequant(quant(w)), in place: the MXFP4 export's experts."""
+    from gptoss_cloud.trainer.kernels.mxfp4 import dequantize_expert_weight, quantize_expert_weight
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+                p.copy_(dequantize_expert_weight(*quantize_expert_weight(p), dtype=p.dtype))
+    return model
+
+
 def _training_model(src: Source, base_dir: Path | None, adapter_cfg: str | None, config):
     """The model as training saw it, built independently of the merge path (for --verify)."""
     from transformers import GptOssForCausalLM
@@ -63,7 +93,7 @@ def _training_model(src: Source, base_dir: Path | None, adapter_cfg: str | None,
         return model
     from peft import PeftModel
 
-    base = GptOssForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, attn_implementation="eager")
+    base = load_merged(base_dir)  # a published base's MXFP4 experts dequantised
     ad = Path(tempfile.mkdtemp(prefix="gptoss-verify-adapter-"))
-    _write_adapter(src, json.loads(adapter_cfg), str(ad), ad)
+    write_adapter(src, json.loads(adapter_cfg), str(ad), ad)
     return PeftModel.from_pretrained(base, str(ad))
