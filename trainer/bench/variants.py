@@ -44,6 +44,7 @@ OVERRIDES = {
     "lora_experts": ("no", "all", "N+N+..."),  # LoRA on the experts of every layer / of the layers named
     "optim": ("adamw", "adamw_8bit"),  # optim.name
     "masters": ("fp32", "bf16"),  # optim.master_weights
+    "qat": ("none", "mxfp4"),  # method.qat
 }
 
 
@@ -91,6 +92,7 @@ class Setup:
     lora_experts: str = "no"  # LoRA on experts too: "no", "all", or layer numbers joined by "+"
     optim: str = "adamw"  # optim.name of our stack (the reference keeps torch's fp32 AdamW)
     masters: str = "fp32"  # optim.master_weights of our stack
+    qat: str = "none"  # method.qat of our stack: mxfp4 fake-quantises the trained experts in the forward
 
     def shape(self) -> ModelShape:
         return shape_for(self.model, layers=self.layers)
@@ -150,7 +152,7 @@ def lora_dict(setup: Setup) -> dict:
 def method_section(setup: Setup):
     from gptoss_cloud.contract.sections import LoraSection, MethodSection
 
-    return MethodSection(kind=setup.method, lora=LoraSection(**lora_dict(setup)))
+    return MethodSection(kind=setup.method, lora=LoraSection(**lora_dict(setup)), qat=setup.qat)
 
 
 def plan_spec(setup: Setup, variant: Variant, gpus: int, gpu_type: str = "H100", gpu_memory_gib: float | None = None):
@@ -161,7 +163,7 @@ def plan_spec(setup: Setup, variant: Variant, gpus: int, gpu_type: str = "H100",
     return RunSpec.model_validate({
         "model": {"name": setup.model, "init": "random", "layers": setup.layers, "base_format": setup.base_format},
         "data": {"max_seq_len": setup.seq},
-        "method": {"kind": setup.method, "lora": lora_dict(setup)},
+        "method": {"kind": setup.method, "lora": lora_dict(setup), "qat": setup.qat},
         "optim": {"micro_batch_size": 1, "grad_accum": 1, "name": setup.optim, "master_weights": setup.masters},
         "parallelism": {"nodes": 1, "gpus_per_node": gpus, "cpu_offload": setup.offload, "activation_checkpointing": ac},
         "kernels": {"experts": variant.experts, "attention": "eager" if variant.attention == "eager" else "flex",
