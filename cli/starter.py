@@ -38,6 +38,7 @@ method:
     experts: false           # also adapt the experts (gate_up_proj / down_proj)
     # expert_layers: [0, 1]  # only these layers' experts
     router: false
+  # qat: mxfp4               # train the experts as the MXFP4 export writes them (needs full or lora.experts)
 
 optim:
   lr: 0.0002

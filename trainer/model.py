@@ -244,14 +244,29 @@ def check_method_fits_base(model: nn.Module, method: MethodSection) -> None:
 
 
 def apply_method(model: nn.Module, method: MethodSection) -> nn.Module:
-    """LoRA through peft (returns the PeftModel; base weights frozen) or full fine-tuning (all trainable)."""
+    """LoRA through peft (returns the PeftModel; base weights frozen) or full fine-tuning (all trainable);
+    ``method.qat`` on top."""
     check_method_fits_base(model, method)
     if method.kind == "full":
         model.requires_grad_(True)
-        return model
-    from peft import get_peft_model
+    else:
+        from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(method, model.config.num_hidden_layers))
+        model = get_peft_model(model, lora_config(method, model.config.num_hidden_layers))
+    if method.qat == "mxfp4":
+        enable_qat_(model)
+    return model
+
+
+def enable_qat_(model: nn.Module) -> str:
+    """``method.qat: mxfp4``: the experts forward sees its expert matrices as the MXFP4 export will write
+    them (after peft's LoRA delta), with straight-through gradients (kernels/qat.py), whichever experts
+    implementation the config names. Returns the implementation's new name."""
+    from gptoss_cloud.trainer.kernels.qat import qat_implementation
+
+    config = hf_model(model).config
+    config._experts_implementation = qat_implementation(config._experts_implementation)
+    return config._experts_implementation
 
 
 def recompute_ops() -> list:

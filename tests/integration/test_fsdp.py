@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 SHAPE = replace(TINY, vocab_size=512, sliding_window=4)
 TIMEOUT_S = 60
-METHODS = ("lora", "full")  # a hung rank fails the test fast instead of after torch's 30-minute default
+METHODS = ("lora", "full", "full-qat")  # full-qat: method.qat: mxfp4 (the rounding must see gathered weights)
 
 
 Sample = PackedSample  # the data pipeline's own packed row
@@ -70,7 +70,8 @@ def _one_step(method: str, distributed: bool, out: Path, rank: int = 0):
     info = init_distributed(TIMEOUT_S)
     cfg = M.build_config(SHAPE, "eager", "eager")
     hf = M.create_model(cfg, torch.float32, seed=0)
-    lm = M.apply_method(hf, MethodSection(kind=method, lora={"r": 4, "alpha": 8}))
+    kind, _, qat = method.partition("-")
+    lm = M.apply_method(hf, MethodSection(kind=kind, lora={"r": 4, "alpha": 8}, qat="mxfp4" if qat else "none"))
     torch.manual_seed(1)
     if method == "lora":  # non-zero B so the first step's gradients reach every adapter weight
         for n, p in lm.named_parameters():
@@ -160,6 +161,8 @@ def test_fsdp2_two_ranks_match_one_process(results, method):
     assert set(got["grads"]) == set(ref["grads"]) and ref["grads"]
     if method == "lora":
         assert all("lora_" in k for k in ref["grads"])
+    if method == "full-qat":  # the rounding was on: another loss than the plain full fine-tune's
+        assert ref["loss"] != torch.load(results / "ref-full.pt")["loss"]
     for k, v in ref["before"].items():
         assert torch.equal(got["before"][k], v), k
     grad_atol = 1e-6 * ref["grad_norm"]

@@ -218,6 +218,24 @@ def test_optimizer_variant_of_ours_trains_and_is_planned(tmp_path):
     assert [x["status"] for x in r["results"]] == ["ok", "ok"], r["results"]
 
 
+def test_qat_is_a_variant_of_ours_for_full_and_lora_on_experts(tmp_path):
+    """qat=mxfp4: method.qat for the build and the planner; beside the plain step on CPU, same shape."""
+    from gptoss_cloud.trainer.bench.variants import method_section, plan_spec
+
+    opts = tiny(method="full", variant_specs=["qat=none", "qat=mxfp4"], baseline=False)
+    vs = B.variants(opts, on_gpu=False)
+    assert [v.name for v in vs] == ["ours (eager + eager)", "ours (eager + eager, mxfp4 QAT)"]
+    eff = vs[1].apply(opts.setup())
+    assert method_section(eff).qat == plan_spec(eff, vs[1], 1).method.qat == "mxfp4"
+    lora = B.parse_variant("lora_experts=all,qat=mxfp4", tiny(), False)
+    assert method_section(lora.apply(tiny().setup())).qat == "mxfp4"
+    r = B.run_benchmark(opts, runner=B.run_in_process)
+    plain, qat = r["results"]
+    assert plain["status"] == qat["status"] == "ok"
+    assert plain["trainable_params"] == qat["trainable_params"]  # the same model; only the forward differs
+    assert plain["losses"][0] != qat["losses"][0]  # the first forward already sees the rounded experts
+
+
 def test_profiled_cpu_bench_reports_where_the_step_goes(tmp_path):
     r = B.run_benchmark(tiny(profile=True, variant_specs=["recompute=selective"]), runner=B.run_in_process)
     prof = r["results"][0]["profile"]
@@ -242,6 +260,9 @@ def test_profiled_cpu_bench_reports_where_the_step_goes(tmp_path):
     (dict(method="full", variant_specs=["lora_experts=0"]), "lora_experts needs --method lora"),
     (dict(variant_specs=["masters=bf16"]), "masters=bf16 needs optim=adamw_8bit"),
     (dict(variant_specs=["optim=adamw_4bit"]), "optim must be one of adamw, adamw_8bit"),
+    (dict(variant_specs=["qat=mxfp4"]), "qat quantises trained experts: use --method full or lora_experts=all"),
+    (dict(method="full", variant_specs=["qat=mxfp4,base=mxfp4"]), "qat cannot train experts kept in MXFP4"),
+    (dict(variant_specs=["qat=int4"]), "qat must be one of none, mxfp4"),
 ])
 def test_bad_options_are_refused_before_anything_is_built(kw, msg):
     with pytest.raises(ValueError, match=msg):

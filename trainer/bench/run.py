@@ -99,7 +99,9 @@ VARIANT_KEYS = {"experts": ("eager", "grouped_mm", "fused"), "attention": ("eage
                 # optim.name / optim.master_weights of our stack: optim=adamw_8bit,masters=bf16
                 "optim": ("adamw", "adamw_8bit"), "masters": ("fp32", "bf16"),
                 # parallelism.activation_offload / kernels.moe_tile_tokens (docs/long-context.md): act_offload=yes,moe_tile=32768
-                "act_offload": ("yes", "no"), "moe_tile": ("N",)}
+                "act_offload": ("yes", "no"), "moe_tile": ("N",),
+                # method.qat: MXFP4 fake quantisation of the trained experts (full, or lora_experts)
+                "qat": ("none", "mxfp4")}
 
 
 def parse_variant(text: str, opts: BenchOptions, on_gpu: bool) -> Variant:
@@ -126,7 +128,7 @@ def parse_variant(text: str, opts: BenchOptions, on_gpu: bool) -> Variant:
         overrides["moe_tile"] = int(kv["moe_tile"])
     if "base" in kv:
         overrides["base_format"] = kv["base"]
-    for key in ("recompute", "dequant", "lora_experts", "optim", "masters"):
+    for key in ("recompute", "dequant", "lora_experts", "optim", "masters", "qat"):
         if key in kv:
             overrides[key] = kv[key]
     problem = long_context_problem(overrides.get("recompute", opts.recompute), overrides.get("act_offload", False),
@@ -140,6 +142,11 @@ def parse_variant(text: str, opts: BenchOptions, on_gpu: bool) -> Variant:
             raise ValueError(f"--variant {text!r}: lora_experts needs --method lora")
         if overrides.get("base_format", opts.base_format) == "mxfp4":
             raise ValueError(f"--variant {text!r}: lora_experts cannot adapt experts kept in MXFP4 (base=mxfp4)")
+    if overrides.get("qat", "none") != "none":
+        if opts.method == "lora" and overrides.get("lora_experts", "no") == "no":
+            raise ValueError(f"--variant {text!r}: qat quantises trained experts: use --method full or lora_experts=all")
+        if overrides.get("base_format", opts.base_format) == "mxfp4":
+            raise ValueError(f"--variant {text!r}: qat cannot train experts kept in MXFP4 (base=mxfp4)")
     return ours_variant(opts, on_gpu, kv.get("experts"), kv.get("attention"), overrides)
 
 
@@ -172,6 +179,8 @@ def ours_variant(opts: BenchOptions, on_gpu: bool, experts: str | None = None, a
         notes.append(f"MoE tiles of {ov['moe_tile']:,}")
     if (le := ov.get("lora_experts", "no")) != "no":
         notes.append("LoRA on experts" + ("" if le == "all" else f" of layers {le.replace('+', ', ')}"))
+    if (ov := overrides or {}).get("qat", "none") != "none":
+        notes.append(f"{ov['qat']} QAT")
     name = f"ours ({experts} + {attention}{''.join(', ' + n for n in notes)})"
     return Variant(name, "ours", experts, attention, tuple(sorted((overrides or {}).items())))
 

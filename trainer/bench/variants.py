@@ -46,6 +46,7 @@ OVERRIDES = {
     "masters": ("fp32", "bf16"),  # optim.master_weights
     "act_offload": (True, False),  # parallelism.activation_offload (with recomputation)
     "moe_tile": ("N",),  # kernels.moe_tile_tokens: the experts over tiles of N tokens (0: off)
+    "qat": ("none", "mxfp4"),  # method.qat
 }
 
 
@@ -95,6 +96,7 @@ class Setup:
     masters: str = "fp32"  # optim.master_weights of our stack
     act_offload: bool = False  # parallelism.activation_offload: checkpointed layer inputs in pinned host memory
     moe_tile: int = 0  # kernels.moe_tile_tokens (0: the whole sequence at once)
+    qat: str = "none"  # method.qat of our stack: mxfp4 fake-quantises the trained experts in the forward
 
     def shape(self) -> ModelShape:
         return shape_for(self.model, layers=self.layers)
@@ -154,7 +156,7 @@ def lora_dict(setup: Setup) -> dict:
 def method_section(setup: Setup):
     from gptoss_cloud.contract.sections import LoraSection, MethodSection
 
-    return MethodSection(kind=setup.method, lora=LoraSection(**lora_dict(setup)))
+    return MethodSection(kind=setup.method, lora=LoraSection(**lora_dict(setup)), qat=setup.qat)
 
 
 def plan_spec(setup: Setup, variant: Variant, gpus: int, gpu_type: str = "H100", gpu_memory_gib: float | None = None):
@@ -165,7 +167,7 @@ def plan_spec(setup: Setup, variant: Variant, gpus: int, gpu_type: str = "H100",
     return RunSpec.model_validate({
         "model": {"name": setup.model, "init": "random", "layers": setup.layers, "base_format": setup.base_format},
         "data": {"max_seq_len": setup.seq},
-        "method": {"kind": setup.method, "lora": lora_dict(setup)},
+        "method": {"kind": setup.method, "lora": lora_dict(setup), "qat": setup.qat},
         "optim": {"micro_batch_size": 1, "grad_accum": 1, "name": setup.optim, "master_weights": setup.masters},
         "parallelism": {"nodes": 1, "gpus_per_node": gpus, "cpu_offload": setup.offload, "activation_checkpointing": ac,
                         "activation_offload": setup.act_offload},
