@@ -24,11 +24,11 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from gptoss_cloud.contract import safe_yaml
 from gptoss_cloud.contract.envnames import ENV_ALIASES, PREFIX, override_path, setting_named_by, settings_in, without_settings
+from gptoss_cloud.contract.deploy_sections import ClusterSection, ServeSection
 from gptoss_cloud.contract.errors import SpecError
 from gptoss_cloud.contract.promoted import PromoteSection
 from gptoss_cloud.contract.sections import (
     CheckpointSection,
-    ClusterSection,
     DataSection,
     KernelsSection,
     MethodSection,
@@ -37,7 +37,6 @@ from gptoss_cloud.contract.sections import (
     OutputSection,
     ParallelismSection,
     Section,
-    ServeSection,
 )
 
 SPEC_VERSION = 1

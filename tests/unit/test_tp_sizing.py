@@ -12,7 +12,7 @@ from gptoss_cloud.contract.plan.vllm_memory import (
     GiB, checkpoint_bytes, dense_bytes_per_gpu, expert_bytes_per_gpu, expert_intermediate_per_rank, in_flight_tokens,
     kv_bytes_per_sequence, weight_bytes_per_gpu,
 )
-from gptoss_cloud.contract.sections import ServeSection
+from gptoss_cloud.contract.deploy_sections import ServeSection
 from gptoss_cloud.contract.shapes import GPT_OSS_20B, GPT_OSS_120B, TINY
 
 H100, H200 = 80, 141          # the catalog's GiB (contract/plan/gpus.py)

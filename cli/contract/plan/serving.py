@@ -23,7 +23,7 @@ from gptoss_cloud.contract.errors import GptossError
 from gptoss_cloud.contract.plan.vllm_memory import (
     FORMATS, GiB, checkpoint_bytes, in_flight_tokens, kv_bytes_per_sequence, weight_bytes_per_gpu,
 )
-from gptoss_cloud.contract.sections import ServeSection
+from gptoss_cloud.contract.deploy_sections import ServeSection
 from gptoss_cloud.contract.shapes import ModelShape
 
 PER_GPU_OVERHEAD_GIB = 4.0   # CUDA graphs, sampler and activation buffers, NCCL workspaces
