@@ -113,6 +113,10 @@ def test_every_step_parses_through_its_program_without_running(suite, step, tmp_
             assert all(Path(REPO, a).exists() for a in config.args if not a.startswith("-"))
         finally:
             config._ensure_unconfigure()
+    elif run[2] == "gptoss_cloud.trainer.bench.export":
+        from gptoss_cloud.trainer.bench import export as X
+
+        X.build_parser().parse_args([S._fill(a, suite, tmp_path) for a in run[3:]])  # exits on a bad flag
     else:
         assert run[2] == "gptoss_cloud.trainer.bench.runs", f"{suite.name}/{step.name}: a new module; check its parser here"
         args = R.build_parser().parse_args([S._fill(a, suite, tmp_path) for a in run[3:]])

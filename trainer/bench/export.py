@@ -69,14 +69,25 @@ def build(folder: Path, model_name: str, lora_experts: bool, device: str) -> Pat
     return home
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dir", type=Path)
-    p.add_argument("--model", default="20b", help="a preset shape (20b, 120b, tiny)")
-    p.add_argument("--formats", default="mxfp4,bf16", help="comma-separated: mxfp4, bf16")
+    p.add_argument("--model", default="20b", choices=("20b", "120b", "tiny"), help="a preset shape")
+    p.add_argument("--formats", default="mxfp4,bf16", type=_formats, help="comma-separated: mxfp4, bf16")
     p.add_argument("--lora-experts", action="store_true", help="adapt the experts too (the export requantises them)")
     p.add_argument("--device", default=None, help="where to build the random model (default: cuda if available)")
-    a = p.parse_args(argv)
+    return p
+
+
+def _formats(text: str) -> str:
+    bad = [f for f in text.split(",") if f not in ("mxfp4", "bf16")]
+    if bad or not text:
+        raise argparse.ArgumentTypeError(f"--formats {text!r}: comma-separated mxfp4 and/or bf16")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     import torch
 
     from gptoss_cloud.trainer.checkpoint.stats import GiB, rss_bytes
