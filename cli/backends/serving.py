@@ -73,14 +73,22 @@ def pick_tp(spec: RunSpec, shape: ModelShape, notes: list[str], fmt: str = "bf16
     return s.tp
 
 
-def _base_config(store) -> dict | None:
-    """The run's own base/ config.json (random-init runs keep their base there), bounded like every store read."""
-    if not store.exists("base/config.json"):
+def _base_json(store, key: str) -> dict | None:
+    """A small JSON file of the run's own base/ (random-init runs keep their base there), bounded like every store read."""
+    if not store.exists(key):
         return None
     try:
-        return json.loads(store.read_range("base/config.json", 0, 1 << 20))
+        doc = json.loads(store.read_range(key, 0, 16 << 20))
     except ValueError:
         return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _base_description(store) -> tuple[dict | None, tuple[str, ...]]:
+    """The run's base/ config.json and the tensor names of its index, for ``merged.base_is_mxfp4``."""
+    index = _base_json(store, "base/model.safetensors.index.json") or {}
+    weight_map = index.get("weight_map")
+    return _base_json(store, "base/config.json"), tuple(weight_map) if isinstance(weight_map, dict) else ()
 
 
 def serve_format(spec: RunSpec, store, step: int | None) -> tuple[str, bool]:
@@ -88,7 +96,7 @@ def serve_format(spec: RunSpec, store, step: int | None) -> tuple[str, bool]:
     found = published_format(store, step, spec.serve.format)
     if found is not None:
         return found, True
-    return merge_format_for(spec, _base_config(store)), False
+    return merge_format_for(spec, *_base_description(store)), False
 
 
 def resolve_target(run_ref: str, store_uri: str, overrides: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> tuple[rs.ServeTarget, list[str]]:

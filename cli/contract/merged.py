@@ -49,20 +49,27 @@ def experts_trained(spec) -> bool:
     return spec.method.kind == "full" or spec.method.lora.experts
 
 
-def base_is_mxfp4(spec, base_config: dict | None = None) -> bool:
-    """Whether the run's base holds its experts in MXFP4: its config.json when known (a run's ``base/``), else
-    the published GPT-OSS checkpoints are and random-init bases are not."""
-    if base_config is not None:
-        return is_mxfp4_config(base_config)
+def holds_mxfp4(config: dict | None, tensor_names=()) -> bool:
+    """Whether a checkpoint holds its experts in MXFP4: its config declares it (the published checkpoints), or
+    its tensors are packed (``*_blocks``: a random-init base kept with ``model.base_format: mxfp4`` is written
+    that way without declaring it). The merge and serving both decide with this."""
+    return (config is not None and is_mxfp4_config(config)) or any(n.endswith("_blocks") for n in tensor_names)
+
+
+def base_is_mxfp4(spec, base_config: dict | None = None, tensor_names=()) -> bool:
+    """Whether the run's base holds its experts in MXFP4: ``holds_mxfp4`` of its config.json and tensor names when
+    known (a run's ``base/``), else the published GPT-OSS checkpoints are and random-init bases are not."""
+    if base_config is not None or tensor_names:
+        return holds_mxfp4(base_config, tensor_names)
     return spec.model.init != "random" and spec.model.name in HUB_IDS
 
 
-def merge_format_for(spec, base_config: dict | None = None) -> str:
+def merge_format_for(spec, base_config: dict | None = None, base_tensors=()) -> str:
     """The one format serving merges into when nothing is published: ``serve.format`` when it names one, else
     what ``output.merge_format`` resolves to for this run, MXFP4 first."""
     if spec.serve.format != "auto":
         return spec.serve.format
     written = merge_formats(spec.output.merge_format, experts_trained=experts_trained(spec), qat=spec.method.qat,
-                            base_mxfp4=base_is_mxfp4(spec, base_config))
+                            base_mxfp4=base_is_mxfp4(spec, base_config, base_tensors))
     return next(f for f in SERVE_PREFERENCE if f in written)
 

@@ -36,3 +36,16 @@ def test_qat_needs_trainable_experts():
         RunSpec.model_validate({"method": {"kind": "lora", "qat": "mxfp4"}})
     assert RunSpec.model_validate({"method": {"kind": "lora", "qat": "mxfp4", "lora": {"experts": True}}}).method.qat == "mxfp4"
     assert RunSpec.model_validate({"method": {"kind": "full", "qat": "mxfp4"}}).method.qat == "mxfp4"
+
+
+def test_one_rule_says_whether_a_base_holds_mxfp4():
+    from gptoss_cloud.contract.merged import base_is_mxfp4, holds_mxfp4
+
+    published = {"quantization_config": {"quant_method": "mxfp4"}}
+    packed = ["model.layers.0.mlp.experts.gate_up_proj_blocks", "model.layers.0.mlp.experts.gate_up_proj_scales"]
+    assert holds_mxfp4(published)                   # the published checkpoints declare it
+    assert holds_mxfp4({}, packed)                  # a random base kept in MXFP4 only packs it
+    assert not holds_mxfp4({}, ["model.layers.0.mlp.experts.gate_up_proj"])
+    assert not holds_mxfp4(None)
+    lora = RunSpec.model_validate({"model": {"name": "tiny"}, "method": {"kind": "lora"}})
+    assert base_is_mxfp4(lora, {}, packed) and not base_is_mxfp4(lora)   # known base/ first, else the preset rule

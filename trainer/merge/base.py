@@ -136,14 +136,13 @@ class BaseWeights:
         return get(name + "_blocks"), get(name + "_scales")
 
 
-def declares_mxfp4(folder: Path) -> bool:
-    """Whether a base folder's config declares MXFP4 weights, as the published checkpoints do
-    (``quantization_config.quant_method: mxfp4``)."""
+def base_config(folder: Path) -> dict | None:
+    """A base folder's config.json, or None when it has none that parses (``merged.holds_mxfp4`` reads it)."""
     try:
-        q = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+        cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(q, dict) and q.get("quant_method") == "mxfp4"
+        return None
+    return cfg if isinstance(cfg, dict) else None
 
 
 def resolve_base(home: str, model_name: str | None, base: str | None, cache: Path, signed: bool = False) -> Path | None:

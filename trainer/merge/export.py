@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from gptoss_cloud.contract.merged import holds_mxfp4
 from gptoss_cloud.contract.runs import MERGE_FORMATS, merge_formats
 from gptoss_cloud.contract.shapes import EOS_TOKEN_IDS, HUB_IDS, PAD_TOKEN_ID
 from gptoss_cloud.contract.store.objects import join
@@ -39,7 +40,7 @@ from gptoss_cloud.contract.store.objects import join
 from gptoss_cloud.trainer.checkpoint import shards as st
 from gptoss_cloud.trainer.checkpoint.stats import GiB, PeakRss
 from gptoss_cloud.trainer.checkpoint.manifest import CheckpointError
-from gptoss_cloud.trainer.merge.base import BaseWeights, Source, declares_mxfp4, resolve_base
+from gptoss_cloud.trainer.merge.base import BaseWeights, Source, base_config, resolve_base
 from gptoss_cloud.trainer.merge.mxfp4 import Mxfp4Layout, quantization_config
 from gptoss_cloud.trainer.merge.sink import Sink, write_adapter, write_model
 
@@ -187,8 +188,7 @@ class _Job:
             merge_format = self.spec.output.merge_format if self.spec else "auto"
         adapter = json.loads(self.adapter_cfg) if self.adapter_cfg else {}
         experts = self.method == "full" or any(".experts." in f".{t}" for t in adapter.get("target_parameters") or ())
-        # A random-init base kept in MXFP4 (model.base_format: mxfp4) holds packed experts without declaring them.
-        base_mxfp4 = self.base is not None and (declares_mxfp4(self.base_dir) or any(k.endswith("_blocks") for k in self.base.where))
+        base_mxfp4 = self.base is not None and holds_mxfp4(base_config(self.base_dir), self.base.where)
         return merge_formats(merge_format, experts_trained=experts, base_mxfp4=base_mxfp4,
                              qat=self.spec.method.qat if self.spec else "none")
 
