@@ -62,17 +62,25 @@ def packed_entries(name: str, shape: tuple, where: str) -> list[Entry]:
             (name + "_scales", (e, cout, cin // GROUP), torch.uint8)]
 
 
-def quantize_in_chunks(w: torch.Tensor, max_elems: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_in_chunks(w: torch.Tensor, max_elems: int = 1 << 22, device: torch.device | str | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_expert_weight``, a slice of one expert's output features at a time, into preallocated
     outputs: the quantiser's temporaries (float copies, int64 codes: ~30 bytes a weight) then exist for
-    ~4 M weights, never for a whole expert tensor (120b: 2.1 G weights per layer and projection)."""
+    ~4 M weights, never for a whole expert tensor (120b: 2.1 G weights per layer and projection).
+
+    ``device`` is where the slices are quantised (default: a CUDA GPU when there is one, else ``w``'s device);
+    the codes land on ``w``'s device. Every operation of the quantiser is exact (power-of-two scaling,
+    comparisons, bit operations), so the bytes are the same on every device (tests/gpu/test_mxfp4_export_gpu.py);
+    a merge on a training node with a GPU quantises there instead of on the host's cores."""
     e, cin, cout = w.shape
+    dev = torch.device(device) if device is not None else (torch.device("cuda") if torch.cuda.is_available() else w.device)
     blocks = torch.empty(e, cout, cin // GROUP, GROUP // 2, dtype=torch.uint8, device=w.device)
     scales = torch.empty(e, cout, cin // GROUP, dtype=torch.uint8, device=w.device)
     rows = max(1, max_elems // cin)
     for i in range(e):
         for r0 in range(0, cout, rows):
-            blocks[i, r0:r0 + rows], scales[i, r0:r0 + rows] = quantize_mxfp4(w[i, :, r0:r0 + rows].transpose(0, 1))
+            b, s = quantize_mxfp4(w[i, :, r0:r0 + rows].to(dev, non_blocking=False).transpose(0, 1))
+            blocks[i, r0:r0 + rows], scales[i, r0:r0 + rows] = b.to(w.device), s.to(w.device)
     return blocks, scales
 
 
