@@ -18,6 +18,14 @@ Each command group is a module of ``commands/`` imported below. The house, and w
     the memory formula                 contract/plan/memory.py: memory_plan
     the checkpoint size                contract/plan/disk.py: checkpoint_bytes
     the fit check of a submit          backends/base.py: plan_note
+    the GPUs vLLM needs to serve       contract/plan/serving.py: size_tp
+    what vLLM allocates per GPU        contract/plan/vllm_memory.py: weight_bytes_per_gpu, kv_bytes_per_sequence
+    which merged folder is served      contract/merged.py: published_format, merge_format_for, holds_mxfp4
+    the MXFP4 export layout            ../trainer/merge/mxfp4.py: Mxfp4Layout, quantize_in_chunks
+    quantisation-aware training        ../trainer/kernels/qat.py: fake_quantize_mxfp4, qat_forward
+    activation offload                 ../trainer/offload.py: offload_saved_tensors
+    the MoE over token tiles           ../trainer/kernels/tiled_experts.py: tile_mlp_
+    evaluation through a server        ../trainer/evaluation/endpoint.py: Endpoint
 """
 
 from __future__ import annotations
