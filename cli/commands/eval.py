@@ -29,6 +29,7 @@ def eval_run(
     endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="evaluate through this vLLM OpenAI server (the URL `serve` prints) instead of loading the model here")] = None,
     api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help=f"with --endpoint: the environment variable holding its API key (default: {DEFAULT_KEY_ENV} when set)")] = None,
     timeout: Annotated[Optional[float], typer.Option("--timeout", min=1, help="with --endpoint: seconds to wait for each answer (default 300)")] = None,
+    concurrency: Annotated[Optional[int], typer.Option("--concurrency", min=1, max=64, help="with --endpoint: requests in flight at once, batched by vLLM (default 8); the numbers do not depend on it")] = None,
     output: Annotated[str, typer.Option("-o", "--output", help="table | json")] = "table",
     store: StoreOpt = None,
 ) -> None:
@@ -39,8 +40,8 @@ def eval_run(
 
     if output not in ("table", "json"):
         raise SpecError(f"-o/--output must be table or json, not {output!r}")
-    if endpoint is None and (api_key_env is not None or timeout is not None):
-        raise SpecError("--api-key-env and --timeout apply to an --endpoint: give the endpoint too")
+    if endpoint is None and (api_key_env is not None or timeout is not None or concurrency is not None):
+        raise SpecError("--api-key-env, --timeout and --concurrency apply to an --endpoint: give the endpoint too")
     if endpoint is not None and checkpoint is not None:
         raise SpecError("--checkpoint and --endpoint: a checkpoint is merged and evaluated here, an endpoint evaluates "
                         "the model its server was started with; give one of them")
@@ -56,6 +57,8 @@ def eval_run(
         client = Endpoint(base_url(endpoint), api_key=_api_key(api_key_env))
         if timeout is not None:
             client.timeout_s = timeout
+        if concurrency is not None:
+            client.concurrency = concurrency
     res = run_eval(run_id, home, spec, data, checkpoint=checkpoint, samples=samples, max_new_tokens=max_new_tokens,
                    endpoint=client)
     if output == "json":

@@ -11,6 +11,7 @@ import http.server
 import json
 import math
 import threading
+import time
 
 import pytest
 from support import free_port
@@ -216,6 +217,7 @@ def test_no_answer_within_the_timeout_is_not_retried(stub):
 @pytest.mark.parametrize("args,says", [
     (["--endpoint", URL, "--checkpoint", "3"], "--checkpoint and --endpoint"),
     (["--api-key-env", "SOME_KEY"], "apply to an --endpoint"),
+    (["--concurrency", "4"], "apply to an --endpoint"),
     (["--endpoint", URL, "--api-key-env", "GPTOSS_TEST_UNSET_KEY"], "--api-key-env GPTOSS_TEST_UNSET_KEY: the variable is not set or empty"),
 ])
 def test_the_command_refuses_flags_that_do_not_go_together(tmp_path, monkeypatch, args, says):
@@ -228,3 +230,40 @@ def test_the_command_refuses_flags_that_do_not_go_together(tmp_path, monkeypatch
     (home / "spec.yaml").write_text(RunSpec().to_yaml())
     r = CliRunner().invoke(app, ["eval", str(home), "--data", str(tmp_path / "held.jsonl"), *args])
     assert r.exit_code != 0 and says in str(r.exception)
+
+
+# ------------------------------------------------------------------------------------ concurrency
+class _Slow:
+    """A scorer whose calls take a while and report how many ran at once."""
+
+    def __init__(self, concurrency: int, fail_at: int | None = None):
+        self.concurrency, self.fail_at = concurrency, fail_at
+        self.lock, self.now, self.most = threading.Lock(), 0, 0
+
+    def call(self, x: int) -> int:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(0.02 * (1 + (7 * x) % 3))   # finish out of order
+        with self.lock:
+            self.now -= 1
+        if x == self.fail_at:
+            raise EndpointError(f"item {x} failed")
+        return x * x
+
+
+def test_calls_overlap_up_to_the_concurrency_and_results_keep_their_order():
+    from gptoss_cloud.trainer.evaluation.evaluate import each
+
+    items = list(range(12))
+    serial, parallel = _Slow(1), _Slow(4)
+    assert each(serial, serial.call, items) == each(parallel, parallel.call, items) == [x * x for x in items]
+    assert serial.most == 1 and 1 < parallel.most <= 4
+
+
+def test_a_failing_call_is_raised():
+    from gptoss_cloud.trainer.evaluation.evaluate import each
+
+    scorer = _Slow(4, fail_at=5)
+    with pytest.raises(EndpointError, match="item 5 failed"):
+        each(scorer, scorer.call, list(range(8)))

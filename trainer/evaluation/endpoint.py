@@ -44,6 +44,8 @@ from gptoss_cloud.trainer.data.harmony import IGNORE
 from gptoss_cloud.trainer.evaluation.evaluate import EvalSequence
 
 REQUEST_TIMEOUT_S = 300.0
+DEFAULT_CONCURRENCY = 8   # requests in flight: enough for vLLM to batch, few enough for a shared server
+MAX_CONCURRENCY = 64
 RETRY_S = 60.0
 TRANSIENT_STATUS = frozenset({502, 503, 504})
 # Answer size limits: a fixed allowance plus what each prompt or generated token can take (a prompt
@@ -111,6 +113,7 @@ class Endpoint:
     model: str | None = None                          # the served model name, from served_model()
     timeout_s: float = REQUEST_TIMEOUT_S
     retry_s: float = RETRY_S
+    concurrency: int = DEFAULT_CONCURRENCY            # requests in flight at once (vLLM batches them)
 
     # ---- transport ------------------------------------------------------------------------------
     def _once(self, path: str, body: dict | None, limit: int) -> bytes:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from gptoss_cloud.contract.spec import RunSpec
 from gptoss_cloud.contract.sections import DatasetSource
@@ -101,6 +101,19 @@ class LocalModel:
         return greedy(self.model, prompt, stop, max_new_tokens)
 
 
+def each(scorer: Scorer, fn: Callable[[Any], Any], items: list) -> list:
+    """``[fn(x) for x in items]``, with up to ``scorer.concurrency`` calls in flight (a server batches them; the
+    local model has none and runs them in turn). Results come back in ``items``' order, so every sum over them
+    is the same whatever the concurrency; the first failure is raised once the calls in flight have ended."""
+    workers = min(int(getattr(scorer, "concurrency", 1) or 1), len(items))
+    if workers <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eval") as pool:
+        return list(pool.map(fn, items))
+
+
 # -------------------------------------------------------------------------------------------- loss
 def _mean(pairs: list[float]) -> dict[str, Any]:
     return {"loss": sum(pairs) / len(pairs), "tokens": len(pairs)}
@@ -110,8 +123,8 @@ def loss_breakdown(scorer: Scorer, seqs: list[EvalSequence]) -> dict[str, Any]:
     everything: list[float] = []
     by_effort: dict[str, list[float]] = {}
     by_kind: dict[str, list[float]] = {}
-    for seq in seqs:
-        for pos, ce in enumerate(scorer.token_losses(seq), start=1):
+    for seq, losses in zip(seqs, each(scorer, scorer.token_losses, seqs)):
+        for pos, ce in enumerate(losses, start=1):
             if math.isnan(ce):
                 continue
             everything.append(ce)
@@ -133,8 +146,9 @@ def generation_checks(scorer: Scorer, seqs: list[EvalSequence], *, samples: int,
     picked = list(last_of_row.values())[:samples]
     checked: list[Checked] = []
     details = []
-    for s in picked:
-        reply = scorer.generate(s.prompt, enc.stop_tokens_for_assistant_actions(), max_new_tokens)
+    stop = enc.stop_tokens_for_assistant_actions()
+    replies = each(scorer, lambda s: scorer.generate(s.prompt, stop, max_new_tokens), picked)
+    for s, reply in zip(picked, replies):
         c = check_completion(enc, reply, s.tools, s.effort)
         checked.append(c)
         details.append({"row": s.row, "effort": s.effort, "reply": enc.decode(reply)[:2000], **c.to_json()})
