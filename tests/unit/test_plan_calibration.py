@@ -40,6 +40,20 @@ def test_20b_lora_plan_within_15_percent_of_h100(report):
     assert abs(planned - measured) / measured <= 0.15, f"planned {planned:.1f} GiB vs measured {measured:.1f} GiB"
 
 
+def _kind(report: dict) -> str:
+    """``bench`` (gptoss-cloud bench: options, results), ``export`` (trainer.bench.export: merges), or ``?``."""
+    if "options" in report and "results" in report:
+        return "bench"
+    if "merges" in report and "model" in report:
+        return "export"
+    return "?"
+
+
+def test_every_report_is_one_the_benchmarks_page_knows():
+    for path in sorted((REPO / "docs" / "benchmarks").glob("*.json")):
+        assert _kind(json.loads(path.read_text())) != "?", f"{path.name}: neither a bench nor an export report"
+
+
 def _bench_rows():
     """Every measured row of ours in docs/benchmarks/*.json with what the planner predicts for it."""
     from dataclasses import fields
@@ -50,6 +64,8 @@ def _bench_rows():
     known = {f.name for f in fields(B.BenchOptions)}
     for path in sorted((REPO / "docs" / "benchmarks").glob("*.json")):
         r = json.loads(path.read_text())
+        if _kind(r) != "bench":
+            continue
         # Reports written before recomputation, compilation and the dequantiser were options ran full
         # recomputation, no compilation and the torch dequantiser.
         o = {"recompute": "full", "dequant": "torch", "compile": False, **r["options"]}
