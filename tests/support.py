@@ -20,6 +20,22 @@ def shared_path(*parts: str) -> Path:
     return p
 
 
+def vllm_python() -> str:
+    """The python of the vLLM CPU build's own virtualenv (GPTOSS_VLLM_PYTHON, built by scripts/vllm_env.sh).
+    Missing, a developer's run skips the real-vLLM tests with the command that builds it; CI fails instead:
+    .ci/run builds it before pytest, so a missing one there is a broken CI, never a skip."""
+    import pytest
+
+    py = os.environ.get("GPTOSS_VLLM_PYTHON")
+    if py and Path(py).is_file():
+        return py
+    why = (f"GPTOSS_VLLM_PYTHON={py!r} is not a python" if py else "GPTOSS_VLLM_PYTHON is not set") + \
+          ": build the vLLM environment with `export GPTOSS_VLLM_PYTHON=$(scripts/vllm_env.sh)`"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(why + " (.ci/run does this before pytest)")
+    pytest.skip(why)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,6 +4,7 @@ peak host memory by far less than the checkpoint's size (loading it whole would 
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 import json
 import subprocess
 import sys
@@ -57,20 +58,26 @@ def run(code: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_merge_peak_memory_stays_far_below_the_checkpoint(tmp_path):
+def wide_checkpoint(tmp_path, spec: RunSpec) -> tuple[Path, int, int]:
+    """A published step-1 checkpoint of ``wide_model`` under ``tmp_path/run`` (and the tokenizer cache the merge
+    copies from): (run home, checkpoint bytes, bytes of its largest fp32 tensor)."""
     from gptoss_cloud.trainer.hf_tokenizer import write_tokenizer
 
     write_tokenizer(tmp_path / "tok")  # the merge copies the generated tokenizer from this on-disk cache
     home = tmp_path / "run"
     model = wide_model()
     biggest = max(p.numel() * 4 for p in model.parameters())
-    spec = RunSpec.model_validate({"checkpoint": {"every_steps": 1}})
     ck = Checkpointer(spec.checkpoint, str(home), spec=spec, record_metrics=False)
     ck.save(1, {"model": model})
     ck.close()
     del model, ck
     gc.collect()
     ckpt = sum(p.stat().st_size for p in (home / "checkpoints" / "step-1").glob("*.distcp"))
+    return home, ckpt, biggest
+
+
+def test_merge_peak_memory_stays_far_below_the_checkpoint(tmp_path):
+    home, ckpt, biggest = wide_checkpoint(tmp_path, RunSpec.model_validate({"checkpoint": {"every_steps": 1}}))
     assert ckpt > 200 * 2**20 and biggest < 26 * 2**20
 
     base = run(BASELINE)

@@ -112,25 +112,11 @@ def test_the_mxfp4_export_streams_like_the_bf16_merge(tmp_path):
     """Exporting a ~230 MB fp32 checkpoint to MXFP4 raises the merging process's peak about as much as the
     bf16 merge does, plus the quantiser's work on one tensor, and by far less than the checkpoint (loading
     it whole would add all of it)."""
-    import gc
-
-    from test_merge_memory import BASELINE, HWM, run, wide_model
+    from test_merge_memory import BASELINE, HWM, run, wide_checkpoint
 
     from gptoss_cloud.contract.spec import RunSpec
-    from gptoss_cloud.trainer.checkpoint.checkpointer import Checkpointer
-    from gptoss_cloud.trainer.hf_tokenizer import write_tokenizer
 
-    write_tokenizer(tmp_path / "tok")
-    home = tmp_path / "run"
-    spec = RunSpec.model_validate({"method": {"kind": "full"}})
-    model = wide_model()
-    largest = max(p.numel() * 4 for p in model.parameters())
-    ck = Checkpointer(spec.checkpoint, str(home), spec=spec, record_metrics=False)
-    ck.save(1, {"model": model})
-    ck.close()
-    del ck, model
-    gc.collect()
-    ckpt = sum(p.stat().st_size for p in (home / "checkpoints" / "step-1").glob("*.distcp"))
+    home, ckpt, largest = wide_checkpoint(tmp_path, RunSpec.model_validate({"method": {"kind": "full"}}))
     code = HWM + """
 import json, sys
 from gptoss_cloud.trainer.merge.export import merge

@@ -29,6 +29,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from mxfp4_base import SHAPE, lora_run, write_published_base  # noqa: E402
+from support import vllm_python  # noqa: E402
 
 from gptoss_cloud.trainer.merge.export import merge  # noqa: E402
 
@@ -62,16 +63,6 @@ moe.create_weights(layer, num_experts=E, hidden_size=H, intermediate_size_per_pa
 params = {n: [list(p.shape), str(p.dtype).removeprefix("torch.")] for n, p in layer.named_parameters()}
 print(json.dumps({"method": method, "stored": stored, "mapped": mapped, "params": params}))
 """
-
-
-def vllm_python() -> str:
-    py = os.environ.get("GPTOSS_VLLM_PYTHON")
-    if py and pathlib.Path(py).is_file():
-        return py
-    why = f"GPTOSS_VLLM_PYTHON={py!r} is not a python" if py else "GPTOSS_VLLM_PYTHON is not set"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(why + " (.ci/run builds the vLLM environment before pytest)")
-    pytest.skip(why + ": export GPTOSS_VLLM_PYTHON=$(scripts/vllm_env.sh)")
 
 
 def _probe(folder: pathlib.Path) -> dict:

@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from support import REPO, free_port
+from support import REPO, free_port, vllm_python
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(2400)]
 
@@ -32,17 +32,6 @@ TOOL_Q = "Weather in Oslo?"
 KEY_ENV = "E2E_VLLM_KEY"
 KEY = "e2e-key-7d1f0c"
 STARTUP_S = 900
-
-
-def vllm_python() -> str:
-    py = os.environ.get("GPTOSS_VLLM_PYTHON")
-    if py and Path(py).is_file():
-        return py
-    why = (f"GPTOSS_VLLM_PYTHON={py!r} is not a python" if py else "GPTOSS_VLLM_PYTHON is not set") + \
-          ": build the vLLM environment with `export GPTOSS_VLLM_PYTHON=$(scripts/vllm_env.sh)`"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(why + " (.ci/run does this before pytest)")   # CI must never skip the real-vLLM test
-    pytest.skip(why)
 
 
 def sample_rows(*questions: str) -> list[dict]:

@@ -16,7 +16,7 @@ import pytest
 
 from gptoss_cloud.contract.plan.vllm_memory import KV_BLOCK_TOKENS, expert_intermediate_per_rank, kv_bytes_per_sequence
 from gptoss_cloud.contract.shapes import GPT_OSS_20B, GPT_OSS_120B
-from test_vllm_serve import vllm_python
+from support import vllm_python
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
