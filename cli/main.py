@@ -25,6 +25,7 @@ Each command group is a module of ``commands/`` imported below. The house, and w
     quantisation-aware training        ../trainer/kernels/qat.py: fake_quantize_mxfp4, qat_forward
     activation offload                 ../trainer/offload.py: offload_saved_tensors
     the MoE over token tiles           ../trainer/kernels/tiled_experts.py: tile_mlp_
+    experts as several FSDP2 units     ../trainer/kernels/expert_units.py: split_experts_, join_unit_entries
     evaluation through a server        ../trainer/evaluation/endpoint.py: Endpoint
 """
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gptoss_cloud.contract.sections import ParallelismSection
+from gptoss_cloud.trainer.kernels.expert_units import UNIT_CLASS, prefetch_units_
 
 DECODER_LAYER = "GptOssDecoderLayer"
 
@@ -106,7 +107,8 @@ def make_accelerator(par: ParallelismSection, info: DistInfo, bf16: bool, ram_ef
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2,
         auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=[DECODER_LAYER],
+        # parallelism.expert_units > 1: each layer's experts are further units (trainer/kernels/expert_units.py).
+        transformer_cls_names_to_wrap=[DECODER_LAYER] + ([UNIT_CLASS] if par.expert_units > 1 else []),
         reshard_after_forward=par.reshard_after_forward,
         cpu_offload=CPUOffloadPolicy(pin_memory=info.device.type == "cuda") if par.cpu_offload else False,
         mixed_precision_policy=mp,
@@ -128,4 +130,6 @@ def shard_model(model: nn.Module, accelerator) -> nn.Module:
     """fully_shard each decoder layer, the embedding, the output head and the root (accelerate's FSDP2 path)."""
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-    return fsdp2_prepare_model(accelerator, model)
+    model = fsdp2_prepare_model(accelerator, model)
+    prefetch_units_(model)
+    return model

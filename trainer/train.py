@@ -23,6 +23,7 @@ from gptoss_cloud.contract.store.objects import is_remote, join, open_store
 
 from gptoss_cloud.trainer import causal_lm as LM
 from gptoss_cloud.trainer import model as M
+from gptoss_cloud.trainer.kernels.expert_units import join_unit_tensors, split_experts_
 from gptoss_cloud.trainer.loop import CheckpointHooks, Loop, NoCheckpoints, make_optimizer
 from gptoss_cloud.trainer.metrics import Metrics
 from gptoss_cloud.trainer.optim import master_dtype
@@ -127,6 +128,7 @@ def build_module(spec: RunSpec, info: DistInfo, home: str):
                                   f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         M.reset_rotary_buffers_(hf)
     M.configure_experts_(hf, spec.kernels)
+    split_experts_(hf, spec.parallelism.expert_units)
     M.enable_recompute(hf, recompute_policy(spec, info, shape))
     if spec.parallelism.cpu_offload:
         offload_host_threads(info, spec.parallelism.cpu_threads)
@@ -188,7 +190,7 @@ def save_result(module, spec: RunSpec, info: DistInfo, home: str, *, checkpointe
         full = {k: v.detach().cpu() for k, v in module.state_dict().items()}
     if not info.is_main:
         return None
-    sd = {k[len("lm."):]: v for k, v in full.items() if k.startswith("lm.")}
+    sd = join_unit_tensors({k[len("lm."):]: v for k, v in full.items() if k.startswith("lm.")})
     lm = module.lm
     key = "adapter" if spec.method.kind == "lora" else "merged"
     with tempfile.TemporaryDirectory(prefix=f"gptoss-{key}-") as tmp:

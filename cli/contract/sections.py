@@ -214,6 +214,12 @@ class ParallelismSection(Section):
     activation_offload: bool = Field(False, description="keep the checkpointed layer inputs (and what else autograd "
         "saves outside the layers; never parameters) in pinned host memory until backward (docs/long-context.md); "
         "needs activation_checkpointing: true or auto (auto then turns it on)")
+    # 1: a decoder layer is one FSDP2 unit. N: each layer's experts are N more units of E/N experts, so
+    # FSDP2's gather and gradient buffers are a unit's size, not a layer's (trainer/kernels/expert_units.py).
+    expert_units: int = Field(1, ge=1, le=128, description="FSDP2 units per layer's experts: N splits them into N "
+        "units of experts/N experts each, so the gathered weights and the gradient buffers are 1/N of a layer's "
+        "experts (one host read of N row counts per layer call); for dense experts (full fine-tuning or LoRA off "
+        "the experts, bf16 base); N must divide the experts (20b: 32, 120b: 128)")
     @field_validator("cpu_threads", mode="before")
     @classmethod
     def _threads_no_bool(cls, v):

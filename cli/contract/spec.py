@@ -89,6 +89,23 @@ class RunSpec(Section):
         return self.parallelism.nodes * self.parallelism.gpus_per_node
 
     @model_validator(mode="after")
+    def _expert_units_on_dense_experts(self) -> "RunSpec":
+        units = self.parallelism.expert_units
+        if units == 1:
+            return self
+        clash = [what for what, on in (
+            ("model.base_format: mxfp4 (packed experts are buffers, not FSDP2 parameters)", self.model.base_format == "mxfp4"),
+            ("method.lora.experts: true (peft adapts the experts module itself)", self.method.kind == "lora" and self.method.lora.experts),
+            (f"method.qat: {self.method.qat}", self.method.qat != "none"),
+            ("kernels.moe_tile_tokens", self.kernels.moe_tile_tokens is not None),
+            (f"kernels.experts: {self.kernels.experts} (split experts run the fused path)", self.kernels.experts in ("eager", "grouped_mm")),
+        ) if on]
+        if clash:
+            raise ValueError(f"parallelism.expert_units: {units} splits dense bf16 experts into FSDP2 units; it does not "
+                             f"combine with {'; '.join(clash)}. Set expert_units: 1 or drop those settings")
+        return self
+
+    @model_validator(mode="after")
     def _pod_env_names_no_setting(self) -> "RunSpec":
         # The pods train this spec as written: a variable there that reads like a setting would either
         # be refused by the trainer after scheduling, or (worse) be believed to have changed something.

@@ -53,10 +53,11 @@ def test_the_planner_counts_the_optimizer_in_memory_and_checkpoints():
 
 def test_configurations_of_120b_full_on_two_h100_nodes():
     rows = configurations(spec())
-    keys = [(r.name, r.master_weights, r.cpu_offload, r.recompute) for r in rows]
-    assert len(set(keys)) == len(keys) == 8
+    keys = [(r.name, r.master_weights, r.cpu_offload, r.recompute, r.expert_units) for r in rows]
+    # 3 optimizers x recomputation x the experts whole or in 8 units, and 2 offload rows (experts whole)
+    assert len(set(keys)) == len(keys) == 14
     assert sum(r.fastest for r in rows) == 1 and fastest(rows).fits
-    no_offload = {(r.name, r.master_weights): r.gpu_gib for r in rows if not r.cpu_offload and r.recompute}
+    no_offload = {(r.name, r.master_weights): r.gpu_gib for r in rows if not r.cpu_offload and r.recompute and r.expert_units == 1}
     assert no_offload[("adamw", "fp32")] > no_offload[("adamw_8bit", "fp32")] > no_offload[("adamw_8bit", "bf16")]
     # The host step and the copies are what make offload slow: every offload row is slower than every
     # row without it.
@@ -86,7 +87,7 @@ def test_plan_command_prints_the_configurations():
     r = CliRunner(env={"COLUMNS": "200"}).invoke(app, args)
     assert "Configurations on 2 x 8 H100" in r.stdout and "fastest that fits" in r.stdout, r.output
     d = json.loads(CliRunner().invoke(app, args + ["-o", "json"]).stdout)
-    assert len(d["configurations"]) == 8 and sum(c["fastest"] for c in d["configurations"]) == 1
+    assert len(d["configurations"]) == 14 and sum(c["fastest"] for c in d["configurations"]) == 1
 
 
 # ------------------------------------------------------------------------------------------ optimizer
@@ -143,6 +144,7 @@ def test_submit_runs_the_fastest_configuration_that_fits_and_says_so():
     assert (chosen.optim.name, chosen.optim.master_weights, chosen.parallelism.cpu_offload) == \
            (best.name, best.master_weights, best.cpu_offload)
     assert chosen.parallelism.activation_checkpointing is best.recompute
+    assert chosen.parallelism.expert_units == best.expert_units
     assert memory_plan(chosen).fits
     assert note.startswith(f"configuration: {best.optimizer}, cpu_offload {str(best.cpu_offload).lower()}")
     assert "the fastest that fits 2 x 8 H100" in note and "Set optim.name" in note

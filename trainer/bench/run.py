@@ -101,7 +101,9 @@ VARIANT_KEYS = {"experts": ("eager", "grouped_mm", "fused"), "attention": ("eage
                 # parallelism.activation_offload / kernels.moe_tile_tokens (docs/long-context.md): act_offload=yes,moe_tile=32768
                 "act_offload": ("yes", "no"), "moe_tile": ("N",),
                 # method.qat: MXFP4 fake quantisation of the trained experts (full, or lora_experts)
-                "qat": ("none", "mxfp4")}
+                "qat": ("none", "mxfp4"),
+                # parallelism.expert_units: each layer's experts as N FSDP2 units (N divides the experts)
+                "expert_units": ("N",)}
 
 
 def parse_variant(text: str, opts: BenchOptions, on_gpu: bool) -> Variant:
@@ -117,15 +119,18 @@ def parse_variant(text: str, opts: BenchOptions, on_gpu: bool) -> Variant:
                              f"(e.g. 0+12+24), got {value!r}")
         if key == "moe_tile" and not (value.isdigit() and int(value) <= MAX_SEQ_LEN):
             raise ValueError(f"--variant {text!r}: moe_tile must be a number of tokens up to {MAX_SEQ_LEN} (0: off), got {value!r}")
-        if key not in ("lora_experts", "moe_tile") and value not in VARIANT_KEYS[key]:
+        if key == "expert_units" and not (value.isdigit() and 1 <= int(value) <= 128):
+            raise ValueError(f"--variant {text!r}: expert_units must be a number of units from 1 to 128, got {value!r}")
+        if key not in ("lora_experts", "moe_tile", "expert_units") and value not in VARIANT_KEYS[key]:
             raise ValueError(f"--variant {text!r}: {key} must be one of {', '.join(VARIANT_KEYS[key])}, got {value!r}")
         kv[key] = value
     overrides = {}
     for key in ("offload", "compile", "act_offload"):
         if key in kv:
             overrides[key] = kv[key] == "yes"
-    if "moe_tile" in kv:
-        overrides["moe_tile"] = int(kv["moe_tile"])
+    for key in ("moe_tile", "expert_units"):
+        if key in kv:
+            overrides[key] = int(kv[key])
     if "base" in kv:
         overrides["base_format"] = kv["base"]
     for key in ("recompute", "dequant", "lora_experts", "optim", "masters", "qat"):
@@ -181,6 +186,8 @@ def ours_variant(opts: BenchOptions, on_gpu: bool, experts: str | None = None, a
         notes.append("LoRA on experts" + ("" if le == "all" else f" of layers {le.replace('+', ', ')}"))
     if (ov := overrides or {}).get("qat", "none") != "none":
         notes.append(f"{ov['qat']} QAT")
+    if ov.get("expert_units", 1) != 1:
+        notes.append(f"experts in {ov['expert_units']} units")
     name = f"ours ({experts} + {attention}{''.join(', ' + n for n in notes)})"
     return Variant(name, "ours", experts, attention, tuple(sorted((overrides or {}).items())))
 

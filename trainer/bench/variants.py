@@ -47,6 +47,7 @@ OVERRIDES = {
     "act_offload": (True, False),  # parallelism.activation_offload (with recomputation)
     "moe_tile": ("N",),  # kernels.moe_tile_tokens: the experts over tiles of N tokens (0: off)
     "qat": ("none", "mxfp4"),  # method.qat
+    "expert_units": ("N",),  # parallelism.expert_units: each layer's experts as N FSDP2 units
 }
 
 
@@ -97,6 +98,7 @@ class Setup:
     act_offload: bool = False  # parallelism.activation_offload: checkpointed layer inputs in pinned host memory
     moe_tile: int = 0  # kernels.moe_tile_tokens (0: the whole sequence at once)
     qat: str = "none"  # method.qat of our stack: mxfp4 fake-quantises the trained experts in the forward
+    expert_units: int = 1  # parallelism.expert_units (trainer/kernels/expert_units.py)
 
     def shape(self) -> ModelShape:
         return shape_for(self.model, layers=self.layers)
@@ -170,7 +172,7 @@ def plan_spec(setup: Setup, variant: Variant, gpus: int, gpu_type: str = "H100",
         "method": {"kind": setup.method, "lora": lora_dict(setup), "qat": setup.qat},
         "optim": {"micro_batch_size": 1, "grad_accum": 1, "name": setup.optim, "master_weights": setup.masters},
         "parallelism": {"nodes": 1, "gpus_per_node": gpus, "cpu_offload": setup.offload, "activation_checkpointing": ac,
-                        "activation_offload": setup.act_offload},
+                        "activation_offload": setup.act_offload, "expert_units": setup.expert_units},
         "kernels": {"experts": variant.experts, "attention": "eager" if variant.attention == "eager" else "flex",
                     "loss_chunk_tokens": setup.loss_chunk_tokens, "compile": "auto" if setup.compile is None else setup.compile,
                     "moe_tile_tokens": setup.moe_tile or None},
@@ -277,9 +279,9 @@ def build_ours(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
     device (``random_fill_``) rather than on the host, which would take minutes for 20b.
     """
     from gptoss_cloud.contract.sections import KernelsSection, OptimSection, ParallelismSection
-
     from gptoss_cloud.trainer import causal_lm as LM
     from gptoss_cloud.trainer import model as M
+    from gptoss_cloud.trainer.kernels.expert_units import split_experts_
     from gptoss_cloud.trainer.loop import Loop, make_optimizer
     from gptoss_cloud.trainer.optim import master_dtype
     from gptoss_cloud.trainer.parallel import make_accelerator, shard_model
@@ -294,6 +296,7 @@ def build_ours(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
         raise ValueError(problem)
     # gemm: decoded inside the grouped GEMM; moe_tile: the experts over token tiles (tiled_experts.py)
     M.configure_experts_(hf, KernelsSection(mxfp4_dequant=setup.dequant, moe_tile_tokens=setup.moe_tile or None))
+    split_experts_(hf, setup.expert_units)
     M.enable_recompute(hf, recompute)
     lm = M.apply_method(hf, method_section(setup))
     if info.device.type == "cuda" if setup.compile is None else setup.compile:
@@ -307,7 +310,7 @@ def build_ours(setup: Setup, variant: Variant, info: DistInfo) -> Prepared:
         for p in module.parameters():
             if p.requires_grad and p.dtype != masters:
                 p.data = p.data.to(masters)
-        par = ParallelismSection(gpus_per_node=info.world_size, cpu_offload=setup.offload)
+        par = ParallelismSection(gpus_per_node=info.world_size, cpu_offload=setup.offload, expert_units=setup.expert_units)
         acc = make_accelerator(par, info, bf16=info.device.type == "cuda" and dtype == torch.bfloat16,
                                bf16_masters=masters == torch.bfloat16)
         module = shard_model(module, acc)

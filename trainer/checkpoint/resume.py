@@ -140,7 +140,7 @@ class Resuming:
             manifest = read_manifest(ckpts, step, self.key)
             fetch = self._fetcher(ckpts, step, folder, manifest, where)
             fetch([".metadata"])
-            safe_load_metadata((folder / ".metadata").read_bytes(), f"{where}/.metadata")
+            metadata = safe_load_metadata((folder / ".metadata").read_bytes(), f"{where}/.metadata")
             same_world = manifest.world_size == self.world
             if same_world:  # this rank vouches for its own shards: verified whole, before any rank reads them
                 fetch(sorted(rel for rel in manifest.files if rel.startswith(f"__{self.rank}_") and rel.endswith(".distcp")))
@@ -152,6 +152,7 @@ class Resuming:
             failure = (ckpt_faults.kind(e), _reason(e))
         if (failure := self._agree(failure)) is not None:
             return failure
+        _same_expert_units(metadata.state_dict_metadata, state.get("model"), where)
         if manifest.world_size != self.world:
             log.warning("resharding checkpoint %s from %d to %d processes", where, manifest.world_size, self.world)
         if self.spec_hash and manifest.spec_hash and manifest.spec_hash != self.spec_hash and self.rank == 0:
@@ -188,3 +189,20 @@ class Resuming:
 
     def _fetcher(self, ckpts, step: int, folder: Path, manifest: Manifest, where: str):
         return make_fetcher(ckpts, step, folder, manifest, where, threads=self.threads)
+
+
+def _same_expert_units(saved: Iterable[str], model, where: str) -> None:
+    """A checkpoint holds a layer's experts as the FSDP2 units it was trained with (parallelism.expert_units):
+    resuming under another split is a spec change, not a damaged checkpoint, so it stops the run here (on
+    every rank alike, before any tensor is read) and every checkpoint stays published."""
+    from gptoss_cloud.contract.errors import GptossError
+    from gptoss_cloud.trainer.kernels.expert_units import SplitExperts, unit_key
+
+    if model is None:
+        return
+    keys = [unit_key(k.removeprefix("model.")) for k in saved]
+    was = 1 + max((k[1] for k in keys if k), default=0)
+    now = max((len(m.units) for m in model.modules() if isinstance(m, SplitExperts)), default=1)
+    if was != now:
+        raise GptossError(f"{where} was trained with parallelism.expert_units: {was}, this run has {now}",
+                          hint=f"set parallelism.expert_units: {was} to resume it (the checkpoint is kept)")

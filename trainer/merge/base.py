@@ -53,21 +53,36 @@ class Source:
         return (self.folder / rel).read_text()
 
     def model_entries(self) -> dict[str, tuple[tuple, torch.dtype]]:
+        """The checkpoint's model tensors by transformers name: (shape, dtype). Experts trained in
+        several FSDP2 units (``parallelism.expert_units``) are listed joined, as one tensor per name."""
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        from gptoss_cloud.trainer.kernels.expert_units import join_unit_entries
 
         # The loop trains a wrapper holding the model as ``lm``: names are given without that prefix.
         self._dcp_key = {k[len("model."):].removeprefix("lm."): k[len("model."):]
                          for k in self.metadata.state_dict_metadata if k.startswith("model.")}
-        return {k[len("model."):].removeprefix("lm."): (tuple(m.size), m.properties.dtype)
-                for k, m in self.metadata.state_dict_metadata.items()
-                if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+        stored = {k[len("model."):].removeprefix("lm."): (tuple(m.size), m.properties.dtype)
+                  for k, m in self.metadata.state_dict_metadata.items()
+                  if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+        try:
+            joined, self._parts = join_unit_entries(stored)
+        except ValueError as e:
+            raise CheckpointError(f"{self.where}: {e}") from None
+        self._stored = stored
+        return joined
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        ent = self.model_entries()
-        sd = {"model": {self._dcp_key[n]: torch.empty(ent[n][0], dtype=ent[n][1]) for n in names}}
+        self.model_entries()
+        stored = [p for n in names for p in self._parts.get(n, [n])]
+        missing = [n for n in stored if n not in self._stored]
+        if missing:
+            raise CheckpointError(f"{self.where}: no tensor {missing[0]} in the checkpoint")
+        sd = {"model": {self._dcp_key[n]: torch.empty(self._stored[n][0], dtype=self._stored[n][1]) for n in stored}}
         dcp.load(sd, storage_reader=FetchingReader(str(self.folder), self.fetch, self.where),
                  planner=SafeLoadPlanner(allow_partial_load=True), no_dist=True)
-        return {n: sd["model"][self._dcp_key[n]] for n in names}
+        got = {n: sd["model"][self._dcp_key[n]] for n in stored}
+        return {n: torch.cat([got.pop(p) for p in self._parts[n]]) if n in self._parts else got.pop(n) for n in names}
 
 
 class BaseWeights:

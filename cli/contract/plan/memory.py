@@ -150,11 +150,23 @@ def _gpu_components(shape: ModelShape, spec: RunSpec) -> dict[str, float]:
     # FSDP2 unsharded buffers. One rank without offload has nothing to gather.
     biggest = max(shape.layer_params, shape.embedding_params)
     root = shape.total_params - shape.num_hidden_layers * shape.layer_params  # the root unit: embedding, head, final norm
+    units = p.expert_units
+    if units > 1:
+        # A layer is its attention/router/norms unit plus `units` expert units, called one after the other
+        # inside it: the layer's own unit, the running expert unit and the prefetched next one are gathered
+        # at once, and a gradient buffer is the biggest unit's (trainer/kernels/expert_units.py).
+        experts_layer = shape.num_local_experts * shape.expert_params
+        unit, rest = experts_layer / units, shape.layer_params - experts_layer
+        biggest = max(unit, rest, shape.embedding_params)
     if offload:
         const, per_rank = OFFLOAD_FULL_UNIT_BYTES if full else OFFLOAD_LORA_UNIT_BYTES
         out["offload copy buffers (root unit + a layer)"] = (root + shape.layer_params) * (const + per_rank / world)
     elif world > 1:
-        if p.reshard_after_forward:
+        if p.reshard_after_forward and units > 1:
+            out[f"all-gather buffers (a layer's own unit + 2 of {units} expert units, bf16)"] = \
+                max(rest + 2 * unit, 2 * shape.embedding_params) * BF16
+            out["root unit kept gathered (embedding + head, bf16)"] = root * BF16
+        elif p.reshard_after_forward:
             out["all-gather buffers (2 layers, bf16)"] = 2 * biggest * BF16
             # FSDP2 does not reshard the root after forward (backward needs it at once): the embedding
             # and head stay gathered through the step, beside the layers' buffers.
@@ -162,7 +174,8 @@ def _gpu_components(shape: ModelShape, spec: RunSpec) -> dict[str, float]:
         else:
             out["unsharded weights (no reshard, bf16)"] = shape.total_params * BF16
     if full and not offload:
-        out["layer gradient buffers (bf16 + fp32 reduce)"] = biggest * (BF16 + FP32)
+        what = "layer" if units == 1 else "unit"
+        out[f"{what} gradient buffers (bf16 + fp32 reduce)"] = biggest * (BF16 + FP32)
 
     out.update(activation_components(shape, spec, recompute_on(spec, shape), compiled_layers(spec)))
     if attention_kind(spec) == "eager":
@@ -207,6 +220,22 @@ def allocator_overhead(spec: RunSpec) -> float:
     return ALLOCATOR_OVERHEAD
 
 
+def expert_units_option(spec: RunSpec, shape: ModelShape) -> int | None:
+    """The expert split worth trying for ``spec`` (None: none applies): sharded full fine-tuning without
+    offload, where a layer's gather and gradient buffers are the transient peak. The fewest units (a power
+    of two dividing the experts) at which no expert unit is bigger than the embedding, FSDP2's other big
+    unit: more would shrink nothing that sets the peak."""
+    p = spec.parallelism
+    if spec.method.kind != "full" or p.cpu_offload or spec.world_size < 2 or p.expert_units != 1 or spec.method.qat != "none" \
+            or spec.kernels.moe_tile_tokens is not None or spec.kernels.experts in ("eager", "grouped_mm"):
+        return None
+    experts_layer = shape.num_local_experts * shape.expert_params
+    units = 2
+    while units < shape.num_local_experts and experts_layer / units > shape.embedding_params:
+        units *= 2
+    return units if shape.num_local_experts % units == 0 else None
+
+
 def recompute_on(spec: RunSpec, shape: ModelShape | None = None) -> bool:
     """Whether decoder layers are recomputed in backward. ``auto`` keeps every activation when the plan
     without recomputation fits (a third fewer FLOPs per token for LoRA), and recomputes otherwise."""
@@ -229,6 +258,7 @@ def settings_of(spec: RunSpec, shape: ModelShape | None = None) -> dict[str, Any
         "reshard_after_forward": p.reshard_after_forward, "attention": spec.kernels.attention,
         "loss_chunk_tokens": spec.kernels.loss_chunk_tokens,
         "activation_offload": p.activation_offload, "moe_tile_tokens": spec.kernels.moe_tile_tokens,
+        "expert_units": p.expert_units,
         "lora_r": spec.method.lora.r if spec.method.kind == "lora" else None,
     }
 
@@ -294,6 +324,8 @@ def suggestions(spec: RunSpec, shape: ModelShape, max_nodes: int = 64) -> list[s
         say("parallelism.activation_checkpointing: true", mp)
     if spec.kernels.attention == "eager" and (mp := fits(_with(spec, kernels__attention="auto"))):
         say("kernels.attention: auto (fused attention)", mp)
+    if (units := expert_units_option(spec, shape)) and (mp := fits(_with(spec, parallelism__expert_units=units))):
+        say(f"parallelism.expert_units: {units}", mp)
     if not p.cpu_offload and (mp := fits(_with(spec, parallelism__cpu_offload=True))):
         say("parallelism.cpu_offload: true", mp)
     # Long sequences: the layer inputs to the host, the experts over token tiles (docs/long-context.md).
