@@ -39,6 +39,17 @@ def _memory(device: torch.device) -> dict:
     }
 
 
+def _progress(what: str, t_start: float, rank: DistInfo, device: torch.device) -> None:
+    """One line on stderr per finished phase (rank 0): a variant stopped at its timeout still shows how far
+    it got and what memory it had reached, since the parent keeps the partial log."""
+    if rank.rank != 0:
+        return
+    mem = _memory(device)
+    peaks = "" if mem["peak_reserved_gib"] is None else (
+        f"; peak allocated {mem['peak_allocated_gib']:.1f} GiB, reserved {mem['peak_reserved_gib']:.1f} GiB")
+    print(f"[bench] {what} done at {time.perf_counter() - t_start:.1f} s{peaks}", file=sys.stderr, flush=True)
+
+
 def free_memory(device: torch.device) -> None:
     """Drop cached blocks and peak counters so the next variant in this process starts clean."""
     gc.collect()
@@ -64,10 +75,11 @@ def measure_variant(
     prepared = None
     phase = "build"
     try:
-        t0 = time.perf_counter()
+        t_start = t0 = time.perf_counter()
         prepared = prepare(setup, variant, rank)
         _sync(rank.device)
         result["build_s"] = time.perf_counter() - t0
+        _progress("build", t_start, rank, rank.device)
         result.update(trainable_params=prepared.trainable_params, total_params=prepared.total_params,
                       tokens_per_step=prepared.tokens_per_step, recompute=prepared.recompute)
         for i in range(warmup + steps):
@@ -80,6 +92,7 @@ def measure_variant(
             if i >= warmup:
                 result["step_times_s"].append(dt)
             result["losses"].append(float(loss))
+            _progress(f"{phase} ({dt:.1f} s)", t_start, rank, rank.device)
         from torch._dynamo.utils import counters
 
         result["compiled_graphs"] = int(counters["stats"].get("unique_graphs", 0))
