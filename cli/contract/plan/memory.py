@@ -226,14 +226,19 @@ def expert_units_option(spec: RunSpec, shape: ModelShape) -> int | None:
     of two dividing the experts) at which no expert unit is bigger than the embedding, FSDP2's other big
     unit: more would shrink nothing that sets the peak."""
     p = spec.parallelism
-    if spec.method.kind != "full" or p.cpu_offload or spec.world_size < 2 or p.expert_units != 1 or spec.method.qat != "none" \
-            or spec.kernels.moe_tile_tokens is not None or spec.kernels.experts in ("eager", "grouped_mm"):
+    if spec.method.kind != "full" or p.cpu_offload or spec.world_size < 2 or p.expert_units != 1:
         return None
     experts_layer = shape.num_local_experts * shape.expert_params
     units = 2
     while units < shape.num_local_experts and experts_layer / units > shape.embedding_params:
         units *= 2
-    return units if shape.num_local_experts % units == 0 else None
+    if shape.num_local_experts % units:
+        return None
+    try:  # what the split does not combine with is RunSpec's rule (spec.py: _expert_units_on_dense_experts)
+        _with(spec, parallelism__expert_units=units)
+    except ValueError:
+        return None
+    return units
 
 
 def recompute_on(spec: RunSpec, shape: ModelShape | None = None) -> bool:
